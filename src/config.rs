@@ -1,0 +1,412 @@
+//! `herd.toml`: the servers of a herd, their links, Places and the limits, checked as a whole
+//! at start-up. Every problem is one line that names it; README.md lists every key.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::places::Api;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub log_dir: PathBuf,
+    pub servers: Vec<ServerConfig>,
+    pub places: PlacesConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub neighbors: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlacesConfig {
+    pub api: Api,
+    /// The URL as configured, for messages.
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+    pub ca_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub timeout: Duration,
+    pub pool_size: usize,
+    pub max_body_bytes: usize,
+    pub field_mask: String,
+}
+
+/// Every buffer's limit (SPEC.md section 7); README.md says what crossing each one does.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_line_bytes: usize,
+    pub idle_timeout: Duration,
+    pub client_output_bytes: usize,
+    pub pending_replies: usize,
+    pub max_connections: usize,
+    pub peer_output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_line_bytes: 4096,
+            idle_timeout: Duration::from_secs(300),
+            client_output_bytes: 4 << 20,
+            pending_replies: 64,
+            max_connections: 16384,
+            peer_output_bytes: 16 << 20,
+        }
+    }
+}
+
+pub const LEGACY_URL: &str = "https://maps.googleapis.com/maps/api/place/nearbysearch/json";
+pub const NEW_URL: &str = "https://places.googleapis.com/v1/places:searchNearby";
+pub const DEFAULT_FIELD_MASK: &str = "places.id,places.displayName,places.formattedAddress,places.location,places.types,places.rating,places.userRatingCount,places.businessStatus";
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read configuration {}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses configuration text; relative paths in it are relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        let mut top: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message().trim()))?;
+        let log_dir = base.join(take_str(&mut top, "log_dir", "")?.unwrap_or("logs".into()));
+        let servers = match top.remove("server") {
+            Some(Value::Array(list)) => list
+                .into_iter()
+                .map(parse_server)
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(_) => return Err("`server` must be an array of [[server]] tables".into()),
+            None => return Err("no [[server]] table: a herd needs at least one server".into()),
+        };
+        let places = parse_places(take_table(&mut top, "places")?, base)?;
+        let limits = parse_limits(take_table(&mut top, "limits")?)?;
+        no_unknown_keys(&top, "")?;
+        check_herd(&servers)?;
+        Ok(Config {
+            log_dir,
+            servers,
+            places,
+            limits,
+        })
+    }
+
+    pub fn server(&self, name: &str) -> Result<&ServerConfig, String> {
+        self.servers.iter().find(|s| s.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.servers.iter().map(|s| s.name.as_str()).collect();
+            format!(
+                "no server named {name:?} in the configuration (it has {})",
+                names.join(", ")
+            )
+        })
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.log_dir.join(format!("{name}.log"))
+    }
+}
+
+fn parse_server(value: Value) -> Result<ServerConfig, String> {
+    let Value::Table(mut t) = value else {
+        return Err("each [[server]] must be a table".into());
+    };
+    let name = take_str(&mut t, "name", "server.")?.ok_or("a [[server]] has no `name`")?;
+    let at = format!("server {name:?}: ");
+    if name.is_empty() || name.bytes().any(crate::protocol::is_space) {
+        return Err(format!("{at}a name must be non-empty with no white space"));
+    }
+    let port = match t.remove("port") {
+        Some(Value::Integer(p)) => {
+            u16::try_from(p).map_err(|_| format!("{at}port {p} is not a TCP port"))?
+        }
+        Some(_) => return Err(format!("{at}`port` must be a number")),
+        None => return Err(format!("{at}no `port`")),
+    };
+    let host = take_str(&mut t, "host", &at)?.unwrap_or("127.0.0.1".into());
+    let neighbors = match t.remove("neighbors") {
+        None => Vec::new(),
+        Some(Value::Array(list)) => list
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(format!("{at}`neighbors` must be a list of names")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(format!("{at}`neighbors` must be a list of names")),
+    };
+    no_unknown_keys(&t, &at)?;
+    Ok(ServerConfig {
+        name,
+        host,
+        port,
+        neighbors,
+    })
+}
+
+/// Names unique, ports unique per host, and every link known and named on both sides.
+fn check_herd(servers: &[ServerConfig]) -> Result<(), String> {
+    let mut names = HashMap::new();
+    let mut addresses = HashSet::new();
+    for s in servers {
+        if names.insert(s.name.as_str(), s).is_some() {
+            return Err(format!("two servers are named {:?}", s.name));
+        }
+        if s.port != 0 && !addresses.insert((s.host.as_str(), s.port)) {
+            return Err(format!("two servers use port {} on {}", s.port, s.host));
+        }
+    }
+    for s in servers {
+        let mut seen = HashSet::new();
+        for n in &s.neighbors {
+            let Some(other) = names.get(n.as_str()) else {
+                return Err(format!(
+                    "server {:?} names an unknown neighbour {n:?}",
+                    s.name
+                ));
+            };
+            if n == &s.name {
+                return Err(format!("server {:?} names itself as a neighbour", s.name));
+            }
+            if !seen.insert(n) {
+                return Err(format!("server {:?} names neighbour {n:?} twice", s.name));
+            }
+            if !other.neighbors.contains(&s.name) {
+                return Err(format!(
+                    "the link {} - {n} is named on one side only: add {:?} to {n}'s neighbors",
+                    s.name, s.name
+                ));
+            }
+            if other.port == 0 {
+                return Err(format!(
+                    "server {n:?} has port 0 but neighbours must be able to dial it"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_places(mut t: Table, base: &Path) -> Result<PlacesConfig, String> {
+    let at = "places.";
+    let api = match take_str(&mut t, "api", at)?.as_deref() {
+        None | Some("legacy") => Api::Legacy,
+        Some("new") => Api::New,
+        Some(other) => {
+            return Err(format!(
+                "places.api is {other:?}: it must be \"legacy\" or \"new\""
+            ))
+        }
+    };
+    let default_url = if api == Api::Legacy {
+        LEGACY_URL
+    } else {
+        NEW_URL
+    };
+    let url = take_str(&mut t, "url", at)?.unwrap_or(default_url.into());
+    let (host, port, path) = split_https_url(&url)?;
+    let file = |t: &mut Table, key: &str| -> Result<Option<PathBuf>, String> {
+        Ok(take_str(t, key, at)?.map(|p| base.join(p)))
+    };
+    let ca_file = file(&mut t, "ca_file")?;
+    if let Some(ca) = &ca_file {
+        std::fs::metadata(ca)
+            .and_then(|_| std::fs::File::open(ca))
+            .map_err(|e| format!("places.ca_file {}: {e}", ca.display()))?;
+    }
+    let key_file = file(&mut t, "key_file")?;
+    let timeout = Duration::from_millis(take_uint(&mut t, "timeout_ms", at, 5000)? as u64);
+    let pool_size = take_uint(&mut t, "pool_size", at, 4)?.max(1);
+    let max_body_bytes = take_uint(&mut t, "max_body_bytes", at, 1 << 20)?;
+    let field_mask = take_str(&mut t, "field_mask", at)?.unwrap_or(DEFAULT_FIELD_MASK.into());
+    if field_mask.bytes().any(|b| b.is_ascii_control()) {
+        return Err("places.field_mask must be a single line".into());
+    }
+    no_unknown_keys(&t, at)?;
+    Ok(PlacesConfig {
+        api,
+        url,
+        host,
+        port,
+        path,
+        ca_file,
+        key_file,
+        timeout,
+        pool_size,
+        max_body_bytes,
+        field_mask,
+    })
+}
+
+/// Splits `https://host[:port]/path`.
+fn split_https_url(url: &str) -> Result<(String, u16, String), String> {
+    let bad = || format!("places.url {url:?} must look like https://host[:port]/path");
+    let rest = url.strip_prefix("https://").ok_or_else(bad)?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse::<u16>().map_err(|_| bad())?)
+        }
+        _ => (authority, 443),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty()
+        || path
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(bad());
+    }
+    let path = if path.is_empty() { "/" } else { path };
+    Ok((host.to_owned(), port, path.to_owned()))
+}
+
+fn parse_limits(mut t: Table) -> Result<Limits, String> {
+    let at = "limits.";
+    let d = Limits::default();
+    let ms = |d: Duration| d.as_millis() as usize;
+    let limits = Limits {
+        max_line_bytes: take_uint(&mut t, "max_line_bytes", at, d.max_line_bytes)?.max(64),
+        idle_timeout: Duration::from_millis(take_uint(
+            &mut t,
+            "idle_timeout_ms",
+            at,
+            ms(d.idle_timeout),
+        )? as u64),
+        client_output_bytes: take_uint(&mut t, "client_output_bytes", at, d.client_output_bytes)?,
+        pending_replies: take_uint(&mut t, "pending_replies", at, d.pending_replies)?.max(1),
+        max_connections: take_uint(&mut t, "max_connections", at, d.max_connections)?,
+        peer_output_bytes: take_uint(&mut t, "peer_output_bytes", at, d.peer_output_bytes)?,
+    };
+    no_unknown_keys(&t, at)?;
+    Ok(limits)
+}
+
+fn take_table(t: &mut Table, key: &str) -> Result<Table, String> {
+    match t.remove(key) {
+        None => Ok(Table::new()),
+        Some(Value::Table(inner)) => Ok(inner),
+        Some(_) => Err(format!("`{key}` must be a table ([{key}])")),
+    }
+}
+
+fn take_str(t: &mut Table, key: &str, at: &str) -> Result<Option<String>, String> {
+    match t.remove(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(format!("{at}{key} must be a string")),
+    }
+}
+
+fn take_uint(t: &mut Table, key: &str, at: &str, default: usize) -> Result<usize, String> {
+    match t.remove(key) {
+        None => Ok(default),
+        Some(Value::Integer(n)) => {
+            usize::try_from(n).map_err(|_| format!("{at}{key} must not be negative"))
+        }
+        Some(_) => Err(format!("{at}{key} must be a whole number")),
+    }
+}
+
+fn no_unknown_keys(t: &Table, at: &str) -> Result<(), String> {
+    match t.keys().next() {
+        Some(key) => Err(format!("unknown key {at}{key}")),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/herd"))
+    }
+
+    const PAIR: &str = "[[server]]\nname = \"A\"\nport = 1\nneighbors = [\"B\"]\n[[server]]\nname = \"B\"\nport = 2\nneighbors = [\"A\"]\n";
+
+    #[test]
+    fn defaults() {
+        let c = parse(PAIR).unwrap();
+        assert_eq!(c.log_dir, Path::new("/etc/herd/logs"));
+        assert_eq!(c.servers[1].host, "127.0.0.1");
+        assert_eq!(c.places.api, Api::Legacy);
+        assert_eq!(
+            (
+                c.places.host.as_str(),
+                c.places.port,
+                c.places.path.as_str()
+            ),
+            (
+                "maps.googleapis.com",
+                443,
+                "/maps/api/place/nearbysearch/json"
+            )
+        );
+        assert_eq!(c.limits.max_line_bytes, 4096);
+    }
+
+    #[test]
+    fn the_repository_herd_toml_loads() {
+        let c = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("herd.toml")).unwrap();
+        assert_eq!(c.servers.len(), 5);
+        assert_eq!(
+            c.server("Campbell").unwrap().neighbors,
+            ["Bailey", "Bona", "Jaquez"]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let one_sided = "[[server]]\nname = \"A\"\nport = 1\nneighbors = [\"B\"]\n[[server]]\nname = \"B\"\nport = 2\n";
+        assert!(parse(one_sided)
+            .unwrap_err()
+            .contains("A - B is named on one side only"));
+        let unknown = "[[server]]\nname = \"A\"\nport = 1\nneighbors = [\"C\"]\n";
+        assert!(parse(unknown)
+            .unwrap_err()
+            .contains("unknown neighbour \"C\""));
+        let dup_name = "[[server]]\nname = \"A\"\nport = 1\n[[server]]\nname = \"A\"\nport = 2\n";
+        assert!(parse(dup_name)
+            .unwrap_err()
+            .contains("two servers are named \"A\""));
+        let dup_port = "[[server]]\nname = \"A\"\nport = 1\n[[server]]\nname = \"B\"\nport = 1\n";
+        assert!(parse(dup_port).unwrap_err().contains("port 1"));
+        let typo = format!("{PAIR}[places]\ntimeout = 5\n");
+        assert!(parse(&typo)
+            .unwrap_err()
+            .contains("unknown key places.timeout"));
+        let url = format!("{PAIR}[places]\nurl = \"http://x/\"\n");
+        assert!(parse(&url).unwrap_err().contains("https://host"));
+        let ca = format!("{PAIR}[places]\nca_file = \"/nonexistent/ca.pem\"\n");
+        assert!(parse(&ca).unwrap_err().contains("/nonexistent/ca.pem"));
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            split_https_url("https://127.0.0.1:8443/v1/places:searchNearby").unwrap(),
+            ("127.0.0.1".into(), 8443, "/v1/places:searchNearby".into())
+        );
+        assert_eq!(
+            split_https_url("https://[::1]:9/x").unwrap(),
+            ("::1".into(), 9, "/x".into())
+        );
+        assert_eq!(
+            split_https_url("https://h").unwrap(),
+            ("h".into(), 443, "/".into())
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! An HTTP/1.1 response reader, fed bytes as they arrive (SPEC.md section 4, "Talking to Places").
+//!
+//! The head is parsed with `httparse`; the body is framed by `Content-Length`, by
+//! `Transfer-Encoding: chunked`, or by the end of the stream. Bytes may arrive in pieces of any
+//! size, so every step can stop in the middle and resume on the next [`ResponseReader::push`].
+
+/// A whole response.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// Whether the connection may carry another request.
+    pub keep_alive: bool,
+}
+
+/// What went wrong with a response; said in the `error_message` a client sees.
+pub type HttpError = String;
+
+/// Longest response head accepted, and most headers.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// Where a response is up to.
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the status line and headers.
+    Head,
+    /// Reading the body, framed as the head said.
+    Body {
+        status: u16,
+        keep_alive: bool,
+        framing: Framing,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// `Content-Length`: this many bytes still to come.
+    Length(usize),
+    /// `Transfer-Encoding: chunked`, at this point of the chunk grammar.
+    Chunked(Chunk),
+    /// No length: the body ends when the server closes.
+    UntilClose,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Expecting a `SIZE[;ext]\r\n` line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(usize),
+    /// Expecting the `\r\n` after a chunk's data.
+    DataEnd,
+    /// After the last (zero) chunk: trailer lines until an empty one.
+    Trailer,
+}
+
+/// Reads one response. Create one per request.
+#[derive(Debug)]
+pub struct ResponseReader {
+    /// Bytes received and not yet consumed.
+    pending: Vec<u8>,
+    body: Vec<u8>,
+    phase: Phase,
+    max_body_bytes: usize,
+}
+
+impl ResponseReader {
+    pub fn new(max_body_bytes: usize) -> ResponseReader {
+        ResponseReader {
+            pending: Vec::new(),
+            body: Vec::new(),
+            phase: Phase::Head,
+            max_body_bytes,
+        }
+    }
+
+    /// Whether any byte of the response has arrived (a keep-alive connection closed by the
+    /// server before answering is safe to retry; one closed mid-response is not).
+    pub fn started(&self) -> bool {
+        !self.pending.is_empty() || !matches!(self.phase, Phase::Head)
+    }
+
+    /// Takes the next bytes of the stream. `Ok(Some(..))` once the response is complete.
+    pub fn push(&mut self, data: &[u8]) -> Result<Option<Response>, HttpError> {
+        self.pending.extend_from_slice(data);
+        loop {
+            match self.phase {
+                Phase::Head => match self.parse_head()? {
+                    Some(phase) => self.phase = phase,
+                    None => return Ok(None),
+                },
+                Phase::Body {
+                    status,
+                    keep_alive,
+                    framing,
+                } => {
+                    let next = match framing {
+                        Framing::Length(left) => Some(self.take_body(left)?),
+                        Framing::UntilClose => {
+                            self.take_body(self.pending.len())?;
+                            None
+                        }
+                        Framing::Chunked(chunk) => self.step_chunked(chunk)?,
+                    };
+                    match next {
+                        Some(Framing::Length(0)) => {
+                            // Bytes past the end of the response mean the two sides disagree about
+                            // framing: do not reuse the connection.
+                            let keep_alive = keep_alive && self.pending.is_empty();
+                            return Ok(Some(self.finish(status, keep_alive)));
+                        }
+                        Some(framing) => {
+                            self.phase = Phase::Body {
+                                status,
+                                keep_alive,
+                                framing,
+                            };
+                            if self.stalled(framing) {
+                                return Ok(None);
+                            }
+                        }
+                        None => return Ok(None),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The server closed the stream. Completes a read-to-close body; anything else is cut short.
+    pub fn push_eof(&mut self) -> Result<Response, HttpError> {
+        match self.phase {
+            Phase::Body {
+                status,
+                framing: Framing::UntilClose,
+                ..
+            } => Ok(self.finish(status, false)),
+            Phase::Head if self.pending.is_empty() => {
+                Err("Places closed the connection without answering".into())
+            }
+            _ => Err("Places closed the connection in the middle of its answer".into()),
+        }
+    }
+
+    fn finish(&mut self, status: u16, keep_alive: bool) -> Response {
+        Response {
+            status,
+            body: std::mem::take(&mut self.body),
+            keep_alive,
+        }
+    }
+
+    /// Whether the chunked or length framing can make no progress with the bytes held.
+    fn stalled(&self, framing: Framing) -> bool {
+        match framing {
+            Framing::Length(_) | Framing::UntilClose => self.pending.is_empty(),
+            Framing::Chunked(Chunk::Data(_)) => self.pending.is_empty(),
+            Framing::Chunked(Chunk::DataEnd) => self.pending.len() < 2,
+            Framing::Chunked(Chunk::Size | Chunk::Trailer) => !self.pending.contains(&b'\n'),
+        }
+    }
+
+    fn parse_head(&mut self) -> Result<Option<Phase>, HttpError> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut head = httparse::Response::new(&mut headers);
+        let used = match head.parse(&self.pending) {
+            Ok(httparse::Status::Complete(used)) => used,
+            Ok(httparse::Status::Partial) if self.pending.len() > MAX_HEAD_BYTES => {
+                return Err(format!(
+                    "Places sent a response head over {MAX_HEAD_BYTES} bytes"
+                ));
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("Places sent a malformed HTTP response ({e})")),
+        };
+        let status = head.code.unwrap_or(0);
+        let mut keep_alive = head.version == Some(1);
+        let mut length = None;
+        let mut chunked = false;
+        for h in head.headers.iter() {
+            let value = String::from_utf8_lossy(h.value);
+            let value = value.trim();
+            if h.name.eq_ignore_ascii_case("content-length") {
+                length = Some(
+                    value
+                        .parse::<usize>()
+                        .map_err(|_| format!("Places sent a bad Content-Length {value:?}"))?,
+                );
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.to_ascii_lowercase().ends_with("chunked");
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                let value = value.to_ascii_lowercase();
+                if value.contains("close") {
+                    keep_alive = false;
+                } else if value.contains("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        }
+        self.pending.drain(..used);
+        if (100..200).contains(&status) {
+            return Ok(Some(Phase::Head)); // an interim response: the real one follows
+        }
+        let framing = if status == 204 || status == 304 {
+            Framing::Length(0)
+        } else if chunked {
+            Framing::Chunked(Chunk::Size)
+        } else if let Some(length) = length {
+            if length > self.max_body_bytes {
+                return Err(self.too_large());
+            }
+            Framing::Length(length)
+        } else {
+            keep_alive = false;
+            Framing::UntilClose
+        };
+        Ok(Some(Phase::Body {
+            status,
+            keep_alive,
+            framing,
+        }))
+    }
+
+    fn too_large(&self) -> HttpError {
+        format!(
+            "Places sent a body larger than {} bytes",
+            self.max_body_bytes
+        )
+    }
+
+    /// Moves up to `want` pending bytes into the body; returns the length framing still left.
+    fn take_body(&mut self, want: usize) -> Result<Framing, HttpError> {
+        let n = want.min(self.pending.len());
+        if self.body.len() + n > self.max_body_bytes {
+            return Err(self.too_large());
+        }
+        self.body.extend_from_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        Ok(Framing::Length(want - n))
+    }
+
+    /// One step of the chunked grammar. Returns the framing after it; `Length(0)` when the
+    /// response is complete.
+    fn step_chunked(&mut self, chunk: Chunk) -> Result<Option<Framing>, HttpError> {
+        let line_end = self.pending.iter().position(|&b| b == b'\n');
+        let next = match chunk {
+            Chunk::Size => {
+                let Some(end) = line_end else {
+                    return self.line_or_wait(chunk);
+                };
+                let line = String::from_utf8_lossy(&self.pending[..end]);
+                let size = line.split(';').next().unwrap_or("").trim();
+                let size = usize::from_str_radix(size, 16)
+                    .map_err(|_| format!("Places sent a bad chunk size {size:?}"))?;
+                self.pending.drain(..=end);
+                if size == 0 {
+                    Chunk::Trailer
+                } else if self.body.len().saturating_add(size) > self.max_body_bytes {
+                    return Err(self.too_large());
+                } else {
+                    Chunk::Data(size)
+                }
+            }
+            Chunk::Data(left) => match self.take_body(left)? {
+                Framing::Length(0) => Chunk::DataEnd,
+                Framing::Length(left) => Chunk::Data(left),
+                _ => unreachable!("take_body returns a length"),
+            },
+            Chunk::DataEnd => {
+                if self.pending.len() < 2 {
+                    return Ok(Some(Framing::Chunked(chunk)));
+                }
+                if &self.pending[..2] != b"\r\n" {
+                    return Err("Places sent a chunk without its line end".into());
+                }
+                self.pending.drain(..2);
+                Chunk::Size
+            }
+            Chunk::Trailer => {
+                let Some(end) = line_end else {
+                    return self.line_or_wait(chunk);
+                };
+                let empty = self.pending[..end].iter().all(|&b| b == b'\r');
+                self.pending.drain(..=end);
+                if empty {
+                    return Ok(Some(Framing::Length(0)));
+                }
+                Chunk::Trailer
+            }
+        };
+        Ok(Some(Framing::Chunked(next)))
+    }
+
+    /// A chunk-size or trailer line that has not fully arrived: wait, unless it is absurdly long.
+    fn line_or_wait(&self, chunk: Chunk) -> Result<Option<Framing>, HttpError> {
+        if self.pending.len() > 4096 {
+            return Err("Places sent a chunk line over 4096 bytes".into());
+        }
+        Ok(Some(Framing::Chunked(chunk)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `raw` in pieces of `step` bytes.
+    fn read(raw: &[u8], step: usize, eof: bool) -> Result<Response, HttpError> {
+        let mut r = ResponseReader::new(1 << 20);
+        for piece in raw.chunks(step) {
+            if let Some(done) = r.push(piece)? {
+                return Ok(done);
+            }
+        }
+        if eof {
+            return r.push_eof();
+        }
+        Err("incomplete".into())
+    }
+
+    #[test]
+    fn content_length_in_any_pieces() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        for step in [1, 2, 7, 100] {
+            let r = read(raw, step, false).unwrap();
+            assert_eq!(
+                (r.status, &r.body[..], r.keep_alive),
+                (200, &b"hello"[..], true)
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_in_any_pieces() {
+        let raw = b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nhel\r\n2\r\nlo\r\n0\r\nTrailer: 1\r\n\r\n";
+        for step in [1, 3, 1000] {
+            let r = read(raw, step, false).unwrap();
+            assert_eq!(
+                (r.status, &r.body[..], r.keep_alive),
+                (403, &b"hello"[..], true)
+            );
+        }
+    }
+
+    #[test]
+    fn read_to_close() {
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello";
+        let r = read(raw, 2, true).unwrap();
+        assert_eq!((&r.body[..], r.keep_alive), (&b"hello"[..], false));
+    }
+
+    #[test]
+    fn cut_short_and_too_large() {
+        assert!(read(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhello",
+            4,
+            true
+        )
+        .is_err());
+        assert!(read(b"", 4, true).is_err());
+        let mut r = ResponseReader::new(4);
+        assert!(r
+            .push(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            .is_err());
+        let mut r = ResponseReader::new(4);
+        assert!(r
+            .push(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n")
+            .is_err());
+        assert!(read(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", 4, false).is_err());
+    }
+
+    #[test]
+    fn interim_response_is_skipped() {
+        let raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(read(raw, 5, false).unwrap().body, b"ok");
+    }
+}

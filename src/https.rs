@@ -1,0 +1,632 @@
+//! HTTPS to Google Places, written by hand as state machines in the server's one poll loop:
+//! non-blocking connect, TLS with rustls, an HTTP/1.1 request, the response read by
+//! [`crate::http::ResponseReader`], and the connection kept alive for the next request.
+//!
+//! A [`PlacesPool`] has a fixed number of slots, each holding at most one connection:
+//!
+//! ```text
+//!            job queued, address known: connect()        WRITABLE, no socket error
+//!   Empty --------------------------------------> Connecting --------------------> Exchanging
+//!     ^  ^                                             |                          |   |
+//!     |  '--- refused, TLS error, deadline, EOF -------+--------------------------'   | response complete,
+//!     |                                                                               | keep-alive
+//!     '----- idle too long, or the server closed -------------- Idle <----------------'
+//!                                                                 '--- next job: request sent --> Exchanging
+//! ```
+//!
+//! Every job carries its own deadline, from the WHATSAT's arrival: queued, connecting, in the
+//! handshake or reading the body, a job past its deadline is answered with an `UNKNOWN_ERROR`
+//! body, so a client always hears back in time. DNS never blocks the loop: a helper thread
+//! resolves the host and wakes the loop through a [`mio::Waker`] (asyncio does the same with
+//! `getaddrinfo` in an executor).
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::Waker;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+use crate::config::PlacesConfig;
+use crate::http::ResponseReader;
+use crate::log::Log;
+use crate::places::{self, Api};
+use crate::reactor::{Registrar, Source};
+
+/// How long a kept-alive connection may sit unused before we close it ourselves.
+const IDLE_KEEP: Duration = Duration::from_secs(30);
+
+/// Builds the TLS configuration: the web's roots, plus the PEM file's if one is configured.
+pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect())
+            .map_err(|e| format!("places.ca_file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "places.ca_file {}: no certificate in it",
+                path.display()
+            ));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("places.ca_file {}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// One WHATSAT's request, from the moment it is made until it is answered.
+pub struct Job {
+    pub id: u64,
+    /// Whom to answer: the connection's slot and id. The pool only carries it.
+    pub owner: (usize, u64),
+    /// The stored AT record that starts the reply. The pool only carries it.
+    pub record: Box<[u8]>,
+    request: places::Request,
+    bound: usize,
+    started: Instant,
+    deadline: Instant,
+    /// Already retried once after a kept-alive connection turned out to be closed.
+    retried: bool,
+}
+
+/// A finished job: the reply body, Google's or an error in Google's vocabulary.
+pub struct Done {
+    pub owner: (usize, u64),
+    pub job: u64,
+    pub record: Box<[u8]>,
+    pub body: Vec<u8>,
+}
+
+/// A TCP connection with TLS on it.
+struct Tls {
+    stream: TcpStream,
+    tls: ClientConnection,
+    /// Connection number, for the log.
+    number: u64,
+}
+
+enum Slot {
+    Empty,
+    /// TCP connect in flight. The request already waits inside rustls, which sends it as soon
+    /// as the handshake allows.
+    Connecting {
+        conn: Tls,
+        job: Job,
+    },
+    /// TLS handshake, request and response in flight. `reused` if the connection served an
+    /// earlier request (then a close before any answer is worth one retry).
+    Exchanging {
+        conn: Tls,
+        job: Job,
+        response: ResponseReader,
+        reused: bool,
+    },
+    /// Kept alive for the next job.
+    Idle {
+        conn: Tls,
+        until: Instant,
+    },
+}
+
+/// Where the address of the Places host is.
+enum Address {
+    /// Not looked up yet, or the last look-up failed.
+    Unknown,
+    /// A helper thread is looking it up.
+    Resolving(Receiver<io::Result<Vec<SocketAddr>>>),
+    /// Known; `next` is the address to try next (a failing one moves it on).
+    Known { list: Vec<SocketAddr>, next: usize },
+}
+
+pub struct PlacesPool {
+    api: Api,
+    host: String,
+    port: u16,
+    path: String,
+    field_mask: String,
+    key: String,
+    timeout: Duration,
+    max_body_bytes: usize,
+    tls: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    address: Address,
+    waker: Arc<Waker>,
+    slots: Vec<Slot>,
+    queue: VecDeque<Job>,
+    next_job: u64,
+    connections_made: u64,
+    /// Finished jobs, for the loop to hand to their connections.
+    pub done: Vec<Done>,
+}
+
+impl PlacesPool {
+    pub fn new(
+        cfg: &PlacesConfig,
+        key: String,
+        tls: Arc<ClientConfig>,
+        waker: Arc<Waker>,
+    ) -> Result<PlacesPool, String> {
+        let server_name = ServerName::try_from(cfg.host.clone())
+            .map_err(|e| format!("places.url host {:?}: {e}", cfg.host))?;
+        let address = match cfg.host.parse::<IpAddr>() {
+            Ok(ip) => Address::Known {
+                list: vec![SocketAddr::new(ip, cfg.port)],
+                next: 0,
+            },
+            Err(_) => Address::Unknown,
+        };
+        Ok(PlacesPool {
+            api: cfg.api,
+            host: cfg.host.clone(),
+            port: cfg.port,
+            path: cfg.path.clone(),
+            field_mask: cfg.field_mask.clone(),
+            key,
+            timeout: cfg.timeout,
+            max_body_bytes: cfg.max_body_bytes,
+            tls,
+            server_name,
+            address,
+            waker,
+            slots: (0..cfg.pool_size).map(|_| Slot::Empty).collect(),
+            queue: VecDeque::new(),
+            next_job: 1,
+            connections_made: 0,
+            done: Vec::new(),
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Queues a request for `query`; returns the job's id. The loop calls [`Self::dispatch`]
+    /// at the end of the turn.
+    pub fn submit(
+        &mut self,
+        now: Instant,
+        owner: (usize, u64),
+        record: &[u8],
+        query: &places::Query,
+        log: &mut Log,
+    ) -> u64 {
+        let host = if self.port == 443 {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let request = places::build_request(
+            self.api,
+            &host,
+            &self.path,
+            &self.key,
+            &self.field_mask,
+            query,
+        );
+        let id = self.next_job;
+        self.next_job += 1;
+        log.event(
+            format_args!("places #{id}"),
+            format_args!("{}", request.summary),
+        );
+        self.queue.push_back(Job {
+            id,
+            owner,
+            record: record.into(),
+            request,
+            bound: query.bound,
+            started: now,
+            deadline: now + self.timeout,
+            retried: false,
+        });
+        id
+    }
+
+    /// When the pool next needs the loop without an event: the earliest job or idle deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        let slots = self.slots.iter().filter_map(|slot| match slot {
+            Slot::Empty => None,
+            Slot::Connecting { job, .. } | Slot::Exchanging { job, .. } => Some(job.deadline),
+            Slot::Idle { until, .. } => Some(*until),
+        });
+        // Jobs queue in arrival order with one timeout, so the first is the earliest.
+        slots.chain(self.queue.front().map(|j| j.deadline)).min()
+    }
+
+    /// Starts queued jobs on idle or empty slots, as far as they go.
+    pub fn dispatch(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
+        while let Some(job) = self.queue.pop_front() {
+            if job.deadline <= now {
+                self.fail(job, log, &self.timed_out());
+                continue;
+            }
+            if let Some(i) = self
+                .slots
+                .iter()
+                .position(|s| matches!(s, Slot::Idle { .. }))
+            {
+                let Slot::Idle { mut conn, .. } =
+                    std::mem::replace(&mut self.slots[i], Slot::Empty)
+                else {
+                    unreachable!("position found an idle slot")
+                };
+                if let Err(e) = conn.tls.writer().write_all(&job.request.bytes) {
+                    self.fail(job, log, &format!("cannot send the request: {e}"));
+                    continue;
+                }
+                self.slots[i] = Slot::Exchanging {
+                    conn,
+                    job,
+                    response: ResponseReader::new(self.max_body_bytes),
+                    reused: true,
+                };
+                self.pump(i, now, log);
+                continue;
+            }
+            let Some(i) = self.slots.iter().position(|s| matches!(s, Slot::Empty)) else {
+                self.queue.push_front(job);
+                return; // every slot is busy: the job waits for one
+            };
+            let addr = match &self.address {
+                Address::Known { list, next } => list[*next % list.len()],
+                Address::Resolving(_) => {
+                    self.queue.push_front(job);
+                    return;
+                }
+                Address::Unknown => {
+                    self.resolve(log);
+                    self.queue.push_front(job);
+                    return;
+                }
+            };
+            match self.connect(i, addr, registrar) {
+                Ok(mut conn) => {
+                    log.event(
+                        format_args!("places #{}", job.id),
+                        format_args!("connecting to {addr} (connection {})", conn.number),
+                    );
+                    match conn.tls.writer().write_all(&job.request.bytes) {
+                        Ok(()) => self.slots[i] = Slot::Connecting { conn, job },
+                        Err(e) => self.fail(job, log, &format!("cannot send the request: {e}")),
+                    }
+                }
+                Err(e) => {
+                    self.next_address();
+                    self.fail(job, log, &format!("cannot connect to {addr}: {e}"));
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self, slot: usize, addr: SocketAddr, registrar: &Registrar) -> io::Result<Tls> {
+        let tls = ClientConnection::new(self.tls.clone(), self.server_name.clone())
+            .map_err(io::Error::other)?;
+        let mut stream = TcpStream::connect(addr)?;
+        registrar.attach(&mut stream, Source::Places(slot))?;
+        // Requests are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+        self.connections_made += 1;
+        Ok(Tls {
+            stream,
+            tls,
+            number: self.connections_made,
+        })
+    }
+
+    /// Starts a look-up of the host on a helper thread; it wakes the loop when done.
+    fn resolve(&mut self, log: &mut Log) {
+        let (tx, rx) = mpsc::channel();
+        let (host, port, waker) = (self.host.clone(), self.port, self.waker.clone());
+        log.event(format_args!("places"), format_args!("resolving {host}"));
+        let spawned = std::thread::Builder::new()
+            .name("resolve".into())
+            .spawn(move || {
+                let result = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|addrs| addrs.collect::<Vec<_>>());
+                let _ = tx.send(result);
+                let _ = waker.wake();
+            });
+        self.address = match spawned {
+            Ok(_) => Address::Resolving(rx),
+            Err(e) => {
+                log.event(
+                    format_args!("places"),
+                    format_args!("cannot start a resolver thread: {e}"),
+                );
+                Address::Unknown
+            }
+        };
+    }
+
+    /// The waker fired: a look-up may have finished.
+    pub fn on_wake(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
+        let Address::Resolving(rx) = &self.address else {
+            return;
+        };
+        let result = match rx.try_recv() {
+            Ok(result) => result,
+            Err(TryRecvError::Empty) => return,
+            Err(TryRecvError::Disconnected) => Err(io::Error::other("resolver thread ended")),
+        };
+        match result {
+            Ok(list) if !list.is_empty() => {
+                log.event(
+                    format_args!("places"),
+                    format_args!("{} is {:?}", self.host, list),
+                );
+                self.address = Address::Known { list, next: 0 };
+                self.dispatch(now, registrar, log);
+            }
+            outcome => {
+                let why = match outcome {
+                    Err(e) => format!("cannot resolve {}: {e}", self.host),
+                    Ok(_) => format!("cannot resolve {}: no address", self.host),
+                };
+                self.address = Address::Unknown;
+                for job in std::mem::take(&mut self.queue) {
+                    self.fail(job, log, &why);
+                }
+            }
+        }
+    }
+
+    fn next_address(&mut self) {
+        if let Address::Known { list, next } = &mut self.address {
+            *next += 1;
+            if *next >= list.len() && self.host.parse::<IpAddr>().is_err() {
+                self.address = Address::Unknown; // every address failed: look the host up again
+            }
+        }
+    }
+
+    /// A readiness event on slot `i`'s socket.
+    pub fn on_ready(&mut self, i: usize, now: Instant, registrar: &Registrar, log: &mut Log) {
+        match &mut self.slots[i] {
+            Slot::Empty => {}
+            Slot::Connecting { conn, .. } => {
+                let outcome = match conn.stream.take_error() {
+                    Ok(Some(e)) | Err(e) => Err(e),
+                    Ok(None) => conn.stream.peer_addr().map(|_| ()),
+                };
+                match outcome {
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {} // still connecting
+                    Err(e) => {
+                        let Slot::Connecting { job, .. } =
+                            std::mem::replace(&mut self.slots[i], Slot::Empty)
+                        else {
+                            unreachable!()
+                        };
+                        self.next_address();
+                        let why = format!("cannot connect to {}:{}: {e}", self.host, self.port);
+                        self.fail(job, log, &why);
+                    }
+                    Ok(()) => {
+                        let Slot::Connecting { conn, job } =
+                            std::mem::replace(&mut self.slots[i], Slot::Empty)
+                        else {
+                            unreachable!()
+                        };
+                        self.slots[i] = Slot::Exchanging {
+                            conn,
+                            job,
+                            response: ResponseReader::new(self.max_body_bytes),
+                            reused: false,
+                        };
+                        self.pump(i, now, log);
+                    }
+                }
+            }
+            Slot::Exchanging { .. } => self.pump(i, now, log),
+            Slot::Idle { conn, .. } => {
+                // The server may close a kept-alive connection (or send a TLS alert); anything
+                // readable on an idle connection ends it.
+                let mut plain = Vec::new();
+                match conn.transfer(&mut plain) {
+                    Ok(false) if plain.is_empty() => {}
+                    _ => self.slots[i] = Slot::Empty,
+                }
+            }
+        }
+        self.dispatch(now, registrar, log);
+    }
+
+    /// Moves bytes for the exchange in slot `i` and finishes it when the response is whole.
+    fn pump(&mut self, i: usize, now: Instant, log: &mut Log) {
+        let Slot::Exchanging { conn, response, .. } = &mut self.slots[i] else {
+            return;
+        };
+        let mut plain = Vec::new();
+        let transferred = conn.transfer(&mut plain);
+        let outcome = match transferred {
+            Err(e) => Some(Err(e)),
+            Ok(eof) => match response.push(&plain) {
+                Err(e) => Some(Err(e)),
+                Ok(Some(done)) => Some(Ok(done)),
+                Ok(None) if eof => Some(response.push_eof()),
+                Ok(None) => None,
+            },
+        };
+        let Some(outcome) = outcome else {
+            return; // more to come
+        };
+        let Slot::Exchanging {
+            conn,
+            job,
+            response,
+            reused,
+        } = std::mem::replace(&mut self.slots[i], Slot::Empty)
+        else {
+            unreachable!()
+        };
+        match outcome {
+            Ok(resp) => {
+                let elapsed = now.saturating_duration_since(job.started).as_millis();
+                let body = match places::answer(self.api, &resp.body, job.bound) {
+                    Ok(answer) => {
+                        log.event(
+                            format_args!("places #{}", job.id),
+                            format_args!(
+                                "done: HTTP {}, status {}, {} bytes in {elapsed} ms",
+                                resp.status,
+                                answer.status,
+                                resp.body.len()
+                            ),
+                        );
+                        answer.body
+                    }
+                    Err(why) => {
+                        log.event(
+                            format_args!("places #{}", job.id),
+                            format_args!("failed: {why}"),
+                        );
+                        places::error_body("UNKNOWN_ERROR", &why)
+                    }
+                };
+                if resp.keep_alive {
+                    self.slots[i] = Slot::Idle {
+                        conn,
+                        until: now + IDLE_KEEP,
+                    };
+                }
+                self.finish(job, body);
+            }
+            // A kept-alive connection the server had already closed: try once more, afresh.
+            Err(_) if reused && !response.started() && !job.retried && job.deadline > now => {
+                log.event(
+                    format_args!("places #{}", job.id),
+                    format_args!("kept-alive connection was closed; retrying on a new one"),
+                );
+                self.queue.push_front(Job {
+                    retried: true,
+                    ..job
+                });
+            }
+            Err(why) => self.fail(job, log, &why),
+        }
+    }
+
+    /// Fires deadlines; safe to call when none has passed.
+    pub fn on_timeout(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
+        for i in 0..self.slots.len() {
+            let expired = match &self.slots[i] {
+                Slot::Connecting { job, .. } | Slot::Exchanging { job, .. } => job.deadline <= now,
+                Slot::Idle { until, .. } => *until <= now,
+                Slot::Empty => false,
+            };
+            if !expired {
+                continue;
+            }
+            match std::mem::replace(&mut self.slots[i], Slot::Empty) {
+                Slot::Connecting { job, .. } | Slot::Exchanging { job, .. } => {
+                    let why = self.timed_out();
+                    self.fail(job, log, &why);
+                }
+                _ => {} // an idle connection past its time: dropping it closes it
+            }
+        }
+        self.dispatch(now, registrar, log);
+    }
+
+    fn timed_out(&self) -> String {
+        format!(
+            "Places did not answer within {} ms",
+            self.timeout.as_millis()
+        )
+    }
+
+    fn fail(&mut self, job: Job, log: &mut Log, why: &str) {
+        log.event(
+            format_args!("places #{}", job.id),
+            format_args!("failed: {why}"),
+        );
+        let body = places::error_body("UNKNOWN_ERROR", why);
+        self.finish(job, body);
+    }
+
+    fn finish(&mut self, job: Job, body: Vec<u8>) {
+        self.done.push(Done {
+            owner: job.owner,
+            job: job.id,
+            record: job.record,
+            body,
+        });
+    }
+}
+
+impl Tls {
+    /// The TLS pump: writes what rustls has to send, then reads until the socket would block,
+    /// decrypting as it goes, and writes again (reading can make rustls want to answer, as in
+    /// the handshake). Plaintext goes to `plain`. Returns whether the stream has ended.
+    fn transfer(&mut self, plain: &mut Vec<u8>) -> Result<bool, String> {
+        self.write_tls()?;
+        let mut eof = false;
+        loop {
+            match self.tls.read_tls(&mut self.stream) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(_) => {
+                    self.tls
+                        .process_new_packets()
+                        .map_err(|e| format!("TLS with Places failed: {e}"))?;
+                    if self.read_plain(plain)? {
+                        eof = true;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("reading from Places failed: {e}")),
+            }
+        }
+        self.write_tls()?;
+        Ok(eof)
+    }
+
+    /// Drains decrypted bytes. `Ok(true)` when the server sent close_notify.
+    fn read_plain(&mut self, plain: &mut Vec<u8>) -> Result<bool, String> {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match self.tls.reader().read(&mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(n) => plain.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                // Closed without close_notify: the end of a read-to-close body is still the end.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(true),
+                Err(e) => return Err(format!("TLS with Places failed: {e}")),
+            }
+        }
+    }
+
+    fn write_tls(&mut self) -> Result<(), String> {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.stream) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("writing to Places failed: {e}")),
+            }
+        }
+        Ok(())
+    }
+}

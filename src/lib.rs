@@ -1,0 +1,37 @@
+//! # herd
+//!
+//! A proxy herd server: clients report locations with `IAMAT`, ask about places near a client
+//! with `WHATSAT` (answered through Google Places), and servers flood updates to each other.
+//! One process per server, one thread, one hand-written [`mio`] poll loop.
+//!
+//! ## Map of the code
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`server`] | the event loop: poll, dispatch, deadlines, end-of-turn writes |
+//! | [`reactor`] | tokens, socket registration and the timer heap |
+//! | [`conn`] | an accepted connection: line reader, output buffer, replies in order |
+//! | [`herd`] | what lines mean: IAMAT, WHATSAT, records from peers, the flood |
+//! | [`link`] | the link dialled to one neighbour: connect, greet, sync, backoff |
+//! | [`https`] | the Places connection pool: TCP, TLS with rustls, keep-alive, deadlines |
+//! | [`http`] | reading an HTTP/1.1 response: head, Content-Length, chunked, read-to-close |
+//! | [`places`] | Places requests and reply bodies: the results cut by splicing Google's text |
+//! | [`protocol`] | the client protocol as pure functions: fields, IAMAT, WHATSAT, AT lines |
+//! | [`store`] | the latest record of every client, and which record wins |
+//! | [`config`] | `herd.toml`, checked as a whole at start-up |
+//! | [`log`] | the per-server log file, buffered and written once per turn |
+//! | [`up`] | `herd up`: a whole herd as child processes |
+
+pub mod config;
+pub mod conn;
+pub mod herd;
+pub mod http;
+pub mod https;
+pub mod link;
+pub mod log;
+pub mod places;
+pub mod protocol;
+pub mod reactor;
+pub mod server;
+pub mod store;
+pub mod up;

@@ -1,0 +1,153 @@
+//! The `herd` command: `serve` one server, bring a whole herd `up`, or explain itself.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use herd::config::Config;
+use herd::server::Server;
+
+const USAGE: &str = "\
+herd: a proxy herd of location servers (UCLA CS131 protocol)
+
+Usage:
+  herd serve NAME [--config PATH]   run the server NAME of the configuration
+  herd up [--config PATH]           run every server of the configuration on this machine,
+                                    until Ctrl-C or SIGTERM
+  herd --help | --version
+
+Options:
+  -c, --config PATH   the configuration (default: ./herd.toml, else herd.toml beside
+                      this program)
+
+Environment:
+  GOOGLE_PLACES_API_KEY   the Google Places API key for WHATSAT (or set places.key_file);
+                          never taken from the command line
+  RUST_LOG                diagnostics on standard error (default: info)
+
+Exit codes: 0 stopped by SIGTERM or SIGINT; 1 run-time failure; 2 bad command line or
+configuration (the message names the problem).
+See README.md for the protocol, the configuration keys and the logs.";
+
+/// A failure and the exit code it ends the program with.
+struct Failure(u8, String);
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure(2, message.into())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(std::env::args().skip(1).collect()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, message)) => {
+            eprintln!("herd: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(args: Vec<String>) -> Result<(), Failure> {
+    let mut opts = getopts::Options::new();
+    opts.optopt("c", "config", "configuration file", "PATH");
+    opts.optflag("h", "help", "explain the commands");
+    opts.optflag("V", "version", "print the version");
+    let matches = opts
+        .parse(&args)
+        .map_err(|e| usage(format!("{e} (see herd --help)")))?;
+    if matches.opt_present("help") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    if matches.opt_present("version") {
+        println!("herd {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    let config_path = config_path(matches.opt_str("config"))?;
+    let load = || Config::load(&config_path).map_err(usage);
+    match matches.free.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["serve", name] => {
+            let config = load()?;
+            let key = api_key(&config).map_err(usage)?;
+            raise_descriptor_limit();
+            let mut server = Server::bind(&config, name, key).map_err(usage)?;
+            server.run().map_err(|e| Failure(1, e))
+        }
+        ["up"] => {
+            let config = load()?;
+            match herd::up::run(&config_path, &config) {
+                Ok(0) => Ok(()),
+                Ok(code) => Err(Failure(code as u8, "the herd stopped with an error".into())),
+                Err(e) => Err(Failure(1, e)),
+            }
+        }
+        [] => Err(usage("no command given (see herd --help)")),
+        _ => Err(usage(format!(
+            "unknown command line {:?} (see herd --help)",
+            matches.free.join(" ")
+        ))),
+    }
+}
+
+/// `--config`, else `./herd.toml`, else `herd.toml` beside the program.
+fn config_path(given: Option<String>) -> Result<PathBuf, Failure> {
+    if let Some(path) = given {
+        return Ok(PathBuf::from(path));
+    }
+    let here = Path::new("herd.toml");
+    if here.exists() {
+        return Ok(here.to_path_buf());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("herd.toml")));
+    match beside {
+        Some(path) if path.exists() => Ok(path),
+        _ => Err(usage(
+            "no herd.toml here or beside the program: give --config PATH",
+        )),
+    }
+}
+
+/// The key from `GOOGLE_PLACES_API_KEY`, else from `places.key_file`; `None` if neither is set.
+fn api_key(config: &Config) -> Result<Option<String>, String> {
+    if let Some(key) = std::env::var("GOOGLE_PLACES_API_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
+        return check_key(key.trim().to_owned()).map(Some);
+    }
+    let Some(path) = &config.places.key_file else {
+        return Ok(None);
+    };
+    let key = std::fs::read_to_string(path)
+        .map_err(|e| format!("places.key_file {}: {e}", path.display()))?;
+    check_key(key.trim().to_owned()).map(Some)
+}
+
+/// A key goes into a request line and a header: it must be one printable token.
+fn check_key(key: String) -> Result<String, String> {
+    if key
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'&' && b != b'#')
+    {
+        Ok(key)
+    } else {
+        Err("the Places API key has characters an API key cannot have".into())
+    }
+}
+
+/// Lifts the soft limit on open descriptors to the hard limit: every client is one.
+fn raise_descriptor_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

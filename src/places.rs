@@ -1,0 +1,393 @@
+//! Google Places as pure functions: the request a WHATSAT becomes, and the reply body made from
+//! Google's answer (SPEC.md section 4). The connection that carries them is [`crate::https`].
+//!
+//! The body is relayed as Google wrote it. Cutting the results array to the bound splices the raw
+//! text: the JSON is scanned for the byte offsets of the array's elements and the tail elements
+//! are left out, so every other byte (Google's indentation, key order, number formatting,
+//! escapes) is untouched. Re-serialising with serde_json would change all of those.
+
+use std::fmt::Write as _;
+
+use crate::protocol::Coordinate;
+
+/// Which Places API a server talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// Nearby Search (`maps/api/place/nearbysearch/json`), a GET with the key in the query.
+    Legacy,
+    /// Places API (New), a POST of JSON to `v1/places:searchNearby`.
+    New,
+}
+
+impl Api {
+    /// The key of the array that the bound cuts.
+    fn results_key(self) -> &'static str {
+        match self {
+            Api::Legacy => "results",
+            Api::New => "places",
+        }
+    }
+}
+
+/// Where a WHATSAT asks about: the client's location and the radius in metres.
+pub struct Query<'a> {
+    pub latitude: Coordinate<'a>,
+    pub longitude: Coordinate<'a>,
+    pub radius_m: &'a [u8],
+    pub bound: usize,
+}
+
+/// The HTTP request for one query, split so that the key is never part of what is logged.
+pub struct Request {
+    /// What the log may show: method and target without the key.
+    pub summary: String,
+    /// The whole request, key included.
+    pub bytes: Vec<u8>,
+}
+
+/// Builds the HTTP/1.1 request. `host` is the `Host` header value, `path` the URL's path.
+pub fn build_request(
+    api: Api,
+    host: &str,
+    path: &str,
+    key: &str,
+    field_mask: &str,
+    q: &Query,
+) -> Request {
+    let mut location = Vec::with_capacity(48);
+    q.latitude.write_plain(&mut location);
+    location.push(b',');
+    q.longitude.write_plain(&mut location);
+    let location = String::from_utf8_lossy(&location).into_owned();
+    let radius = String::from_utf8_lossy(q.radius_m);
+    let mut bytes = String::with_capacity(512);
+    let summary;
+    match api {
+        Api::Legacy => {
+            let target = format!("{path}?location={location}&radius={radius}");
+            summary = format!("GET {target}");
+            let _ = write!(
+                bytes,
+                "GET {target}&key={key} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: herd/{}\r\nAccept: application/json\r\n\r\n",
+                env!("CARGO_PKG_VERSION")
+            );
+        }
+        Api::New => {
+            let (lat, lng) = location.split_once(',').unwrap_or((&location, "0"));
+            let body = format!(
+                "{{\"locationRestriction\":{{\"circle\":{{\"center\":{{\"latitude\":{lat},\"longitude\":{lng}}},\"radius\":{radius}}}}},\"maxResultCount\":{}}}",
+                q.bound.max(1)
+            );
+            summary = format!("POST {path} {body}");
+            let _ = write!(
+                bytes,
+                "POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: herd/{}\r\nAccept: application/json\r\nContent-Type: application/json\r\nX-Goog-Api-Key: {key}\r\nX-Goog-FieldMask: {field_mask}\r\nContent-Length: {}\r\n\r\n{body}",
+                env!("CARGO_PKG_VERSION"),
+                body.len()
+            );
+        }
+    }
+    Request {
+        summary,
+        bytes: bytes.into_bytes(),
+    }
+}
+
+/// Google's answer, checked: the status it reports and the body cut to the bound.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The body's `status` (legacy), or `OK` / the error's `status` (New API).
+    pub status: String,
+    /// The reply body: cut, newline rules applied, no trailing newline.
+    pub body: Vec<u8>,
+}
+
+/// Makes the reply body from Google's raw body. `Err` carries what went wrong when the body is
+/// not JSON at all; the caller answers that with [`error_body`].
+pub fn answer(api: Api, raw: &[u8], bound: usize) -> Result<Answer, String> {
+    let parsed: serde_json::Value = serde_json::from_slice(raw)
+        .map_err(|e| format!("Places answered with a body that is not JSON ({e})"))?;
+    let status = match (api, &parsed) {
+        (Api::Legacy, v) => v
+            .get("status")
+            .and_then(|s| s.as_str())
+            .unwrap_or("")
+            .to_owned(),
+        (Api::New, v) => match v.get("error") {
+            Some(e) => e
+                .get("status")
+                .and_then(|s| s.as_str())
+                .unwrap_or("ERROR")
+                .to_owned(),
+            None => "OK".to_owned(),
+        },
+    };
+    let cut = match array_elements(raw, api.results_key()) {
+        Some(array) if array.elements.len() > bound => cut_array(raw, &array, bound),
+        _ => raw.to_vec(),
+    };
+    Ok(Answer {
+        status,
+        body: squeeze_newlines(&cut),
+    })
+}
+
+/// A body in Google's error vocabulary, for when Places could not be asked or gave no answer.
+pub fn error_body(status: &str, message: &str) -> Vec<u8> {
+    let message = serde_json::Value::String(message.to_owned()).to_string();
+    format!(
+        "{{\"html_attributions\" : [], \"results\" : [], \"status\" : \"{status}\", \"error_message\" : {message}}}"
+    )
+    .into_bytes()
+}
+
+/// Replaces every run of two or more newlines with one and drops trailing newlines.
+pub fn squeeze_newlines(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    for &b in text {
+        if !(b == b'\n' && out.last() == Some(&b'\n')) {
+            out.push(b);
+        }
+    }
+    while out.last() == Some(&b'\n') {
+        out.pop();
+    }
+    out
+}
+
+/// Byte offsets of a top-level array: `open` is the `[`, `close` the `]`, and each element's
+/// span excludes the white space and commas around it.
+#[derive(Debug)]
+struct ArraySpan {
+    open: usize,
+    close: usize,
+    elements: Vec<(usize, usize)>,
+}
+
+/// Keeps the first `keep` elements. What stood between the last kept element and the `]` is
+/// what stood between the array's last element and its `]`, so the layout stays Google's; an
+/// emptied array is written `[]`, as both Google styles write an empty array.
+fn cut_array(raw: &[u8], array: &ArraySpan, keep: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    match keep.checked_sub(1).map(|last| array.elements[last].1) {
+        Some(kept_end) => {
+            let (_, last_end) = array.elements[array.elements.len() - 1];
+            out.extend_from_slice(&raw[..kept_end]);
+            out.extend_from_slice(&raw[last_end..]);
+        }
+        None => {
+            out.extend_from_slice(&raw[..=array.open]);
+            out.extend_from_slice(&raw[array.close..]);
+        }
+    }
+    out
+}
+
+/// Finds the array under `key` in the top-level object of valid JSON `raw`.
+fn array_elements(raw: &[u8], key: &str) -> Option<ArraySpan> {
+    let mut scan = Scanner { raw, at: 0 };
+    scan.skip_space();
+    scan.expect(b'{')?;
+    loop {
+        scan.skip_space();
+        let name = scan.string()?;
+        scan.skip_space();
+        scan.expect(b':')?;
+        scan.skip_space();
+        if &raw[name.0 + 1..name.1 - 1] == key.as_bytes() && scan.peek()? == b'[' {
+            return scan.array();
+        }
+        scan.value()?;
+        scan.skip_space();
+        if scan.next()? != b',' {
+            return None;
+        }
+    }
+}
+
+/// A forward scanner over JSON text already known to be valid; it only finds boundaries.
+struct Scanner<'a> {
+    raw: &'a [u8],
+    at: usize,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.raw.get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let b = self.peek()?;
+        self.at += 1;
+        Some(b)
+    }
+
+    fn expect(&mut self, b: u8) -> Option<()> {
+        (self.next()? == b).then_some(())
+    }
+
+    fn skip_space(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    /// A string; returns its span including the quotes.
+    fn string(&mut self) -> Option<(usize, usize)> {
+        let start = self.at;
+        self.expect(b'"')?;
+        loop {
+            match self.next()? {
+                b'\\' => self.at += 1,
+                b'"' => return Some((start, self.at)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Any value; returns its span.
+    fn value(&mut self) -> Option<(usize, usize)> {
+        let start = self.at;
+        match self.peek()? {
+            b'"' => return self.string(),
+            b'[' | b'{' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek()? {
+                        b'"' => {
+                            self.string()?;
+                            continue;
+                        }
+                        b'[' | b'{' => depth += 1,
+                        b']' | b'}' => depth -= 1,
+                        _ => {}
+                    }
+                    self.at += 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+            }
+            _ => {
+                while !matches!(
+                    self.peek()?,
+                    b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r'
+                ) {
+                    self.at += 1;
+                }
+            }
+        }
+        Some((start, self.at))
+    }
+
+    /// An array at the cursor, with the spans of its elements.
+    fn array(&mut self) -> Option<ArraySpan> {
+        let open = self.at;
+        self.expect(b'[')?;
+        let mut elements = Vec::new();
+        loop {
+            self.skip_space();
+            if self.peek()? == b']' {
+                return Some(ArraySpan {
+                    open,
+                    close: self.at,
+                    elements,
+                });
+            }
+            elements.push(self.value()?);
+            self.skip_space();
+            if self.peek()? == b',' {
+                self.at += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::parse_location;
+
+    #[test]
+    fn cut_keeps_layout() {
+        let raw = b"{\n   \"a\" : [ 1, 2 ],\n   \"results\" : [\n      {\n         \"x\" : \"]}\\\"\"\n      },\n      {\n         \"x\" : 2\n      }\n   ],\n   \"status\" : \"OK\"\n}\n";
+        let one = answer(Api::Legacy, raw, 1).unwrap();
+        assert_eq!(one.status, "OK");
+        assert_eq!(
+            String::from_utf8(one.body).unwrap(),
+            "{\n   \"a\" : [ 1, 2 ],\n   \"results\" : [\n      {\n         \"x\" : \"]}\\\"\"\n      }\n   ],\n   \"status\" : \"OK\"\n}"
+        );
+        let none = answer(Api::Legacy, raw, 0).unwrap();
+        assert_eq!(
+            String::from_utf8(none.body).unwrap(),
+            "{\n   \"a\" : [ 1, 2 ],\n   \"results\" : [],\n   \"status\" : \"OK\"\n}"
+        );
+        let all = answer(Api::Legacy, raw, 2).unwrap();
+        assert_eq!(all.body, &raw[..raw.len() - 1]);
+    }
+
+    #[test]
+    fn new_api_cuts_places_and_reads_errors() {
+        let raw = b"{\n  \"places\": [\n    {\n      \"id\": \"a\"\n    },\n    {\n      \"id\": \"b\"\n    }\n  ]\n}\n";
+        let a = answer(Api::New, raw, 1).unwrap();
+        assert_eq!(a.status, "OK");
+        assert_eq!(
+            a.body,
+            b"{\n  \"places\": [\n    {\n      \"id\": \"a\"\n    }\n  ]\n}"
+        );
+        let e = answer(
+            Api::New,
+            b"{\"error\": {\"code\": 403, \"status\": \"PERMISSION_DENIED\"}}",
+            3,
+        )
+        .unwrap();
+        assert_eq!(e.status, "PERMISSION_DENIED");
+    }
+
+    #[test]
+    fn newlines_are_squeezed() {
+        assert_eq!(squeeze_newlines(b"{\n\n\n\"a\"\n}\n\n"), b"{\n\"a\"\n}");
+    }
+
+    #[test]
+    fn not_json_is_an_error() {
+        assert!(answer(Api::Legacy, b"<html>", 1).is_err());
+    }
+
+    #[test]
+    fn error_body_escapes_the_message() {
+        assert_eq!(
+            error_body("UNKNOWN_ERROR", "a \"b\""),
+            b"{\"html_attributions\" : [], \"results\" : [], \"status\" : \"UNKNOWN_ERROR\", \"error_message\" : \"a \\\"b\\\"\"}"
+        );
+    }
+
+    #[test]
+    fn requests_carry_plain_coordinates() {
+        let (latitude, longitude) = parse_location(b"+34.068930-118.445127").unwrap();
+        let q = Query {
+            latitude,
+            longitude,
+            radius_m: b"10000",
+            bound: 0,
+        };
+        let r = build_request(Api::Legacy, "maps.googleapis.com", "/p", "K", "", &q);
+        assert_eq!(
+            r.summary,
+            "GET /p?location=34.068930,-118.445127&radius=10000"
+        );
+        assert!(r.bytes.starts_with(b"GET /p?location=34.068930,-118.445127&radius=10000&key=K HTTP/1.1\r\nHost: maps.googleapis.com\r\n"));
+        let r = build_request(
+            Api::New,
+            "h",
+            "/v1/places:searchNearby",
+            "K",
+            "places.id",
+            &q,
+        );
+        let text = String::from_utf8(r.bytes).unwrap();
+        assert!(text.ends_with("\r\n\r\n{\"locationRestriction\":{\"circle\":{\"center\":{\"latitude\":34.068930,\"longitude\":-118.445127},\"radius\":10000}},\"maxResultCount\":1}"));
+        assert!(text.contains("\r\nX-Goog-Api-Key: K\r\nX-Goog-FieldMask: places.id\r\n"));
+        assert!(!r.summary.contains('K'));
+    }
+}

@@ -1,0 +1,166 @@
+//! Tokens, registration and timers: the only code that talks to `mio::Registry`, and the one
+//! place that knows what a [`Token`] means.
+//!
+//! Every socket is registered once, for both READABLE and WRITABLE, when it is created, and never
+//! re-registered. mio's readiness is edge-triggered: WRITABLE fires when a socket first becomes
+//! writable and then again only after a write has hit `WouldBlock` and the kernel has made room.
+//! So the interest costs nothing while output flows, and the loop never pays an `epoll_ctl` per
+//! reply to arm and disarm it (the trap "WRITABLE left on forever" belongs to level-triggered
+//! loops such as Redis's, where it would wake the loop on every turn).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+/// What a token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The listening socket.
+    Listener,
+    /// The [`mio::Waker`] that helper threads (DNS) use to wake the loop.
+    Waker,
+    /// SIGTERM or SIGINT.
+    Signals,
+    /// The link dialled to neighbour `i`.
+    Link(usize),
+    /// Slot `i` of the Places connection pool.
+    Places(usize),
+    /// Slot `i` of the accepted connections (clients and inbound peers).
+    Conn(usize),
+}
+
+/// The token layout: three fixed tokens, then one per neighbour, one per Places slot, and the
+/// accepted connections after them.
+#[derive(Debug, Clone, Copy)]
+pub struct Tokens {
+    links: usize,
+    places: usize,
+}
+
+const FIXED: usize = 3;
+
+impl Tokens {
+    pub fn new(links: usize, places: usize) -> Tokens {
+        Tokens { links, places }
+    }
+
+    pub fn token(&self, source: Source) -> Token {
+        Token(match source {
+            Source::Listener => 0,
+            Source::Waker => 1,
+            Source::Signals => 2,
+            Source::Link(i) => FIXED + i,
+            Source::Places(i) => FIXED + self.links + i,
+            Source::Conn(i) => FIXED + self.links + self.places + i,
+        })
+    }
+
+    pub fn source(&self, token: Token) -> Source {
+        match token.0 {
+            0 => Source::Listener,
+            1 => Source::Waker,
+            2 => Source::Signals,
+            t if t < FIXED + self.links => Source::Link(t - FIXED),
+            t if t < FIXED + self.links + self.places => Source::Places(t - FIXED - self.links),
+            t => Source::Conn(t - FIXED - self.links - self.places),
+        }
+    }
+}
+
+/// Registers sockets for the state machines that create them.
+pub struct Registrar<'a> {
+    registry: &'a Registry,
+    tokens: Tokens,
+}
+
+impl<'a> Registrar<'a> {
+    pub fn new(registry: &'a Registry, tokens: Tokens) -> Registrar<'a> {
+        Registrar { registry, tokens }
+    }
+
+    /// Registers a new socket for both readiness kinds, once (see the module docs).
+    pub fn attach(&self, stream: &mut TcpStream, source: Source) -> io::Result<()> {
+        self.registry.register(
+            stream,
+            self.tokens.token(source),
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+
+    /// Deregisters a socket about to be dropped.
+    pub fn detach(&self, stream: &mut TcpStream) {
+        // Closing the descriptor removes it from epoll anyway; a failure here changes nothing.
+        let _ = self.registry.deregister(stream);
+    }
+}
+
+/// Deadlines of the accepted connections, earliest first. An entry is a reminder, not a promise:
+/// when it comes due the loop asks the connection, which checks its own deadline and may ask to
+/// be reminded later. So nothing ever has to be removed from the heap (quinn-proto's timers work
+/// the same way: `handle_timeout(now)` is safe to call when nothing is due).
+#[derive(Default)]
+pub struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+}
+
+impl Timers {
+    /// Reminds the loop of connection `slot` (with id `id`, so a reused slot is told apart) at `at`.
+    pub fn remind(&mut self, at: Instant, slot: usize, id: u64) {
+        self.heap.push(Reverse((at, slot, id)));
+    }
+
+    pub fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Takes the next reminder that is due at `now`.
+    pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u64)> {
+        match self.heap.peek() {
+            Some(Reverse((at, _, _))) if *at <= now => {
+                self.heap.pop().map(|Reverse((_, slot, id))| (slot, id))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn tokens_round_trip() {
+        let t = Tokens::new(3, 4);
+        for s in [
+            Source::Listener,
+            Source::Waker,
+            Source::Signals,
+            Source::Link(0),
+            Source::Link(2),
+            Source::Places(0),
+            Source::Places(3),
+            Source::Conn(0),
+            Source::Conn(10_000),
+        ] {
+            assert_eq!(t.source(t.token(s)), s);
+        }
+    }
+
+    #[test]
+    fn timers_pop_in_order_and_only_when_due() {
+        let now = Instant::now();
+        let mut timers = Timers::default();
+        timers.remind(now + Duration::from_secs(2), 1, 1);
+        timers.remind(now + Duration::from_secs(1), 2, 2);
+        assert_eq!(timers.next(), Some(now + Duration::from_secs(1)));
+        assert_eq!(timers.pop_due(now), None);
+        assert_eq!(timers.pop_due(now + Duration::from_secs(3)), Some((2, 2)));
+        assert_eq!(timers.pop_due(now + Duration::from_secs(3)), Some((1, 1)));
+        assert_eq!(timers.pop_due(now + Duration::from_secs(3)), None);
+    }
+}

@@ -1,0 +1,439 @@
+//! The event loop: one thread, one `mio::Poll`, every socket of the server.
+//!
+//! [`Server::run`] turns the loop in four phases, after Redis's `aeProcessEvents`:
+//!
+//! 1. sleep in `poll` until an event or the earliest deadline;
+//! 2. read the clock once, then dispatch each event to the state machine its token names;
+//! 3. fire the deadlines that have passed (links to redial, Places jobs past their time, idle
+//!    clients);
+//! 4. [`Server::before_sleep`]: write what the turn produced, links first (a neighbour hears of
+//!    an update before the client that sent it), then clients, free the connections that
+//!    closed, and write the log.
+//!
+//! Handlers never free a connection in the middle of a batch of events: they mark it closed,
+//! and phase 4 frees it, so an event later in the same batch cannot find its slot reused.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::event::Event;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::config::Config;
+use crate::conn::{Conn, ConnState, Fill};
+use crate::herd::{whatsat_reply, Herd};
+use crate::https::{tls_config, PlacesPool};
+use crate::link::Link;
+use crate::log::Log;
+use crate::reactor::{Registrar, Source, Timers, Tokens};
+
+/// Size of the one read buffer shared by every connection.
+const READ_CHUNK: usize = 64 * 1024;
+/// A connection's unhandled input stops being read past this (it is waiting on Places, or
+/// sending faster than it reads); reading resumes when its lines are handled.
+const INPUT_HIGH_WATER: usize = 256 * 1024;
+
+pub struct Server {
+    poll: Poll,
+    tokens: Tokens,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    /// Kept alive for the helper threads that wake the loop.
+    _waker: Arc<Waker>,
+    conns: Vec<Option<Conn>>,
+    free_slots: Vec<usize>,
+    open_conns: usize,
+    next_conn_id: u64,
+    timers: Timers,
+    /// Connections with something to write or to decide, for the end of the turn.
+    dirty: Vec<usize>,
+    scratch: Vec<u8>,
+    herd: Herd,
+    stopping: bool,
+}
+
+impl Server {
+    /// Binds the server `name` of `config`, ready to run. Prints the line that says so.
+    pub fn bind(config: &Config, name: &str, key: Option<String>) -> Result<Server, String> {
+        let me = config.server(name)?;
+        let addr = resolve(&me.host, me.port)?;
+        let mut neighbour_addrs = Vec::new();
+        for n in &me.neighbors {
+            let other = config.server(n)?;
+            neighbour_addrs.push((n.clone(), resolve(&other.host, other.port)?));
+        }
+        let tls = tls_config(config.places.ca_file.as_deref())?;
+        let log_path = config.log_path(name);
+        let mut log = Log::open(&log_path)?;
+        let poll = Poll::new().map_err(|e| format!("cannot create the poll: {e}"))?;
+        let tokens = Tokens::new(neighbour_addrs.len(), config.places.pool_size);
+        let waker = Arc::new(
+            Waker::new(poll.registry(), tokens.token(Source::Waker))
+                .map_err(|e| format!("cannot create the waker: {e}"))?,
+        );
+        let places = key
+            .map(|key| PlacesPool::new(&config.places, key, tls, waker.clone()))
+            .transpose()?;
+        // mio sets SO_REUSEADDR, so a restarted server rebinds its port at once.
+        let mut listener =
+            TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        let mut signals =
+            Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot catch signals: {e}"))?;
+        let registry = poll.registry();
+        registry
+            .register(
+                &mut listener,
+                tokens.token(Source::Listener),
+                Interest::READABLE,
+            )
+            .and_then(|()| {
+                registry.register(
+                    &mut signals,
+                    tokens.token(Source::Signals),
+                    Interest::READABLE,
+                )
+            })
+            .map_err(|e| format!("cannot register with the poll: {e}"))?;
+        let now = Instant::now();
+        let links = neighbour_addrs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (n, a))| Link::new(n, i, a, now))
+            .collect();
+        log.set_time(SystemTime::now());
+        log.event(
+            format_args!("server {name}"),
+            format_args!("listening on {bound}"),
+        );
+        if places.is_none() {
+            log.event(
+                format_args!("server {name}"),
+                format_args!("no Places API key: WHATSAT answers REQUEST_DENIED"),
+            );
+        }
+        log.flush();
+        println!(
+            "{name} listening on {bound}, logging to {}",
+            log_path.display()
+        );
+        let _ = io::stdout().flush();
+        Ok(Server {
+            poll,
+            tokens,
+            listener: Some(listener),
+            signals,
+            _waker: waker,
+            conns: Vec::new(),
+            free_slots: Vec::new(),
+            open_conns: 0,
+            next_conn_id: 1,
+            timers: Timers::default(),
+            dirty: Vec::new(),
+            scratch: vec![0; READ_CHUNK],
+            herd: Herd::new(
+                name.to_owned(),
+                links,
+                places,
+                log,
+                config.limits.clone(),
+                now,
+            ),
+            stopping: false,
+        })
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub fn run(&mut self) -> Result<(), String> {
+        let mut events = Events::with_capacity(1024);
+        while !self.stopping {
+            let timeout = self
+                .next_deadline()
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(format!("poll failed: {e}"));
+                }
+            }
+            self.begin_turn();
+            for event in events.iter() {
+                self.dispatch(event);
+            }
+            self.fire_deadlines();
+            self.before_sleep();
+        }
+        self.shut_down();
+        Ok(())
+    }
+
+    /// Reads the clock, once for the whole turn.
+    fn begin_turn(&mut self) {
+        let wall = SystemTime::now();
+        self.herd.now = Instant::now();
+        self.herd.now_ns = wall
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        self.herd.log.set_time(wall);
+    }
+
+    /// The earliest deadline of anything: a link, the Places pool, a connection's reminder.
+    fn next_deadline(&self) -> Option<Instant> {
+        let links = self.herd.links.iter().filter_map(Link::deadline);
+        let places = self.herd.places.as_ref().and_then(PlacesPool::deadline);
+        links.chain(places).chain(self.timers.next()).min()
+    }
+
+    fn dispatch(&mut self, event: &Event) {
+        let registrar = Registrar::new(self.poll.registry(), self.tokens);
+        let herd = &mut self.herd;
+        match self.tokens.source(event.token()) {
+            Source::Listener => self.accept(),
+            Source::Signals => {
+                for signal in self.signals.pending() {
+                    herd.log.event(
+                        format_args!("server {}", herd.name),
+                        format_args!("signal {signal}: stopping"),
+                    );
+                    self.stopping = true;
+                }
+            }
+            Source::Waker => {
+                if let Some(pool) = &mut herd.places {
+                    pool.on_wake(herd.now, &registrar, &mut herd.log);
+                }
+                self.deliver_places();
+            }
+            Source::Link(i) => {
+                if let Some(link) = herd.links.get_mut(i) {
+                    link.on_ready(herd.now, &herd.name, &herd.store, &mut herd.log);
+                }
+            }
+            Source::Places(i) => {
+                if let Some(pool) = &mut herd.places {
+                    pool.on_ready(i, herd.now, &registrar, &mut herd.log);
+                }
+                self.deliver_places();
+            }
+            Source::Conn(slot) => {
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    self.read_conn(slot);
+                }
+                self.mark_dirty(slot); // WRITABLE too: the end of the turn writes what waits
+            }
+        }
+    }
+
+    /// Accepts every pending connection (edge-triggered: until `WouldBlock`).
+    fn accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        loop {
+            let (mut stream, addr) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors, most likely; the connections that wait are taken
+                    // when the next one arrives.
+                    self.herd
+                        .log
+                        .event(format_args!("server"), format_args!("accept failed: {e}"));
+                    return;
+                }
+            };
+            let id = self.next_conn_id;
+            self.next_conn_id += 1;
+            if self.open_conns >= self.herd.limits.max_connections {
+                let _ = stream.write(b"? server busy\n");
+                self.herd.log.event(
+                    format_args!("c{id}"),
+                    format_args!("refused from {addr}: {} connections open", self.open_conns),
+                );
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let slot = self.free_slots.pop().unwrap_or_else(|| {
+                self.conns.push(None);
+                self.conns.len() - 1
+            });
+            let registrar = Registrar::new(self.poll.registry(), self.tokens);
+            if let Err(e) = registrar.attach(&mut stream, Source::Conn(slot)) {
+                self.herd
+                    .log
+                    .event(format_args!("c{id}"), format_args!("cannot register: {e}"));
+                self.free_slots.push(slot);
+                continue;
+            }
+            self.herd
+                .log
+                .event(format_args!("c{id}"), format_args!("accepted from {addr}"));
+            self.conns[slot] = Some(Conn::new(id, stream, addr, self.herd.now));
+            self.open_conns += 1;
+            self.timers
+                .remind(self.herd.now + self.herd.limits.idle_timeout, slot, id);
+        }
+    }
+
+    /// Reads what connection `slot` sent and runs its lines, until its socket would block or
+    /// it must wait (on Places, or on a client that does not read its replies).
+    fn read_conn(&mut self, slot: usize) {
+        let registrar = Registrar::new(self.poll.registry(), self.tokens);
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        loop {
+            if conn.state != ConnState::Open {
+                return;
+            }
+            let fill = conn
+                .reader
+                .fill(&mut conn.stream, &mut self.scratch, INPUT_HIGH_WATER);
+            let before = conn.reader.buffered();
+            self.herd.process(conn, slot, &registrar);
+            conn.last_active = self.herd.now;
+            match fill {
+                // Handling made room: the socket may hold more, and will not say so again.
+                Ok(Fill::Full) if conn.reader.buffered() < before => continue,
+                Ok(_) => return,
+                Err(e) => {
+                    conn.set_state(ConnState::Closed(format!("read failed: {e}")));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, slot: usize) {
+        if let Some(Some(conn)) = self.conns.get_mut(slot) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    /// Hands finished Places jobs to their connections, which may then run more lines.
+    fn deliver_places(&mut self) {
+        let Some(pool) = &mut self.herd.places else {
+            return;
+        };
+        for done in std::mem::take(&mut pool.done) {
+            let (slot, id) = done.owner;
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if conn.id != id {
+                continue; // the client left; its slot now holds another
+            }
+            let reply = whatsat_reply(&done.record, &done.body);
+            self.herd.log.bytes(format_args!("c{id}"), '>', &reply);
+            conn.replies.complete(&mut conn.out, done.job, reply);
+            // Lines may wait behind the reply, and input behind a full buffer.
+            self.read_conn(slot);
+            self.mark_dirty(slot);
+        }
+    }
+
+    fn fire_deadlines(&mut self) {
+        let now = self.herd.now;
+        let registrar = Registrar::new(self.poll.registry(), self.tokens);
+        let herd = &mut self.herd;
+        for link in &mut herd.links {
+            link.on_timeout(now, &registrar, &mut herd.log);
+        }
+        if let Some(pool) = &mut herd.places {
+            if pool.deadline().is_some_and(|at| at <= now) {
+                pool.on_timeout(now, &registrar, &mut herd.log);
+            }
+        }
+        self.deliver_places();
+        while let Some((slot, id)) = self.timers.pop_due(now) {
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if conn.id != id {
+                continue;
+            }
+            let idle = self.herd.limits.idle_timeout;
+            let quiet_until = conn.last_active + idle;
+            if quiet_until <= now
+                && conn.replies.is_empty()
+                && !matches!(conn.role, crate::conn::Role::Peer(_))
+            {
+                conn.set_state(ConnState::Closed(format!(
+                    "idle for {} ms",
+                    idle.as_millis()
+                )));
+                self.mark_dirty(slot);
+            } else {
+                // Still busy, or active since: look again when it could next be idle.
+                let again = if quiet_until > now {
+                    quiet_until
+                } else {
+                    now + idle.max(Duration::from_millis(8)) / 8
+                };
+                self.timers.remind(again, slot, id);
+            }
+        }
+    }
+
+    /// End of the turn: links write first, then clients; closed connections are freed; the log
+    /// is written.
+    fn before_sleep(&mut self) {
+        let herd = &mut self.herd;
+        for link in &mut herd.links {
+            link.flush(herd.now, &herd.store, &mut herd.log);
+        }
+        let cap = herd.limits.client_output_bytes;
+        for slot in std::mem::take(&mut self.dirty) {
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            conn.dirty = false;
+            conn.flush(cap);
+            if let ConnState::Closed(reason) = &conn.state {
+                self.herd.log.event(
+                    format_args!("c{}", conn.id),
+                    format_args!("closed: {reason}"),
+                );
+                self.conns[slot] = None;
+                self.free_slots.push(slot);
+                self.open_conns -= 1;
+            }
+        }
+        self.herd.log.flush();
+    }
+
+    /// SIGTERM or SIGINT: stop accepting, write what is pending once, write the log.
+    fn shut_down(&mut self) {
+        self.listener = None;
+        let herd = &mut self.herd;
+        for link in &mut herd.links {
+            link.flush(herd.now, &herd.store, &mut herd.log);
+        }
+        for conn in self.conns.iter_mut().flatten() {
+            conn.flush(usize::MAX);
+        }
+        herd.log.event(
+            format_args!("server {}", herd.name),
+            format_args!("stopped"),
+        );
+        herd.log.flush();
+    }
+}
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    // Before the loop starts, so blocking here is allowed.
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {host}: no address"))
+}
