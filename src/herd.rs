@@ -65,7 +65,12 @@ impl Herd {
     /// has as many replies waiting on Places as it may, or is no longer open: the unread lines
     /// stay buffered, and the loop calls this again when a reply completes.
     pub fn process(&mut self, conn: &mut Conn, slot: usize, registrar: &Registrar) {
-        let max_line = self.limits.max_line_bytes;
+        // A record is a little longer than the IAMAT it answers (server name, time difference),
+        // so a peer's lines may be longer than a client's.
+        let max_line = match conn.role {
+            Role::Peer(_) => 2 * self.limits.max_line_bytes + 1024,
+            _ => self.limits.max_line_bytes,
+        };
         while conn.state == ConnState::Open && conn.replies.waiting() < self.limits.pending_replies
         {
             let Some(line) = conn.reader.next_line(max_line) else {

@@ -221,7 +221,7 @@ impl Server {
             }
             Source::Conn(slot) => {
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    self.read_conn(slot);
+                    self.read_conn(slot, event.is_read_closed() || event.is_error());
                 }
                 self.mark_dirty(slot); // WRITABLE too: the end of the turn writes what waits
             }
@@ -275,14 +275,17 @@ impl Server {
                 .event(format_args!("c{id}"), format_args!("accepted from {addr}"));
             self.conns[slot] = Some(Conn::new(id, stream, addr, self.herd.now));
             self.open_conns += 1;
-            self.timers
-                .remind(self.herd.now + self.herd.limits.idle_timeout, slot, id);
+            if !self.herd.limits.idle_timeout.is_zero() {
+                // No idle timeout when it is set to 0.
+                self.timers
+                    .remind(self.herd.now + self.herd.limits.idle_timeout, slot, id);
+            }
         }
     }
 
     /// Reads what connection `slot` sent and runs its lines, until its socket would block or
     /// it must wait (on Places, or on a client that does not read its replies).
-    fn read_conn(&mut self, slot: usize) {
+    fn read_conn(&mut self, slot: usize, until_eof: bool) {
         let registrar = Registrar::new(self.poll.registry(), self.tokens);
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
@@ -291,9 +294,12 @@ impl Server {
             if conn.state != ConnState::Open {
                 return;
             }
-            let fill = conn
-                .reader
-                .fill(&mut conn.stream, &mut self.scratch, INPUT_HIGH_WATER);
+            let fill = conn.reader.fill(
+                &mut conn.stream,
+                &mut self.scratch,
+                INPUT_HIGH_WATER,
+                until_eof,
+            );
             let before = conn.reader.buffered();
             self.herd.process(conn, slot, &registrar);
             conn.last_active = self.herd.now;
@@ -335,7 +341,7 @@ impl Server {
             self.herd.log.bytes(format_args!("c{id}"), '>', &reply);
             conn.replies.complete(&mut conn.out, done.job, reply);
             // Lines may wait behind the reply, and input behind a full buffer.
-            self.read_conn(slot);
+            self.read_conn(slot, false);
             self.mark_dirty(slot);
         }
     }
