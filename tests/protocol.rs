@@ -41,15 +41,7 @@ impl Lone {
 /// Starts "Bailey" on port 0 with no neighbours and `extra` appended to the configuration.
 fn lone_with(tag: &str, extra: &str) -> Lone {
     let dir = TestDir::new(tag);
-    let config = write_config(
-        &dir,
-        &[ServerSpec {
-            name: "Bailey",
-            port: 0,
-            neighbors: &[],
-        }],
-        extra,
-    );
+    let config = write_lone_config(&dir, extra);
     let server = spawn_server(&config, "Bailey", &[]);
     Lone { server, _dir: dir }
 }

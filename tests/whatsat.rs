@@ -88,15 +88,7 @@ impl Bailey {
     /// `api` is "legacy" or "new".
     fn start(fake: &FakePlaces, api: &str, timeout_ms: u64) -> Bailey {
         let dir = TestDir::new("whatsat");
-        let config = write_config(
-            &dir,
-            &[ServerSpec {
-                name: "Bailey",
-                port: 0,
-                neighbors: &[],
-            }],
-            &fake.places_toml(api, timeout_ms),
-        );
+        let config = write_lone_config(&dir, &fake.places_toml(api, timeout_ms));
         let server = spawn_server(&config, "Bailey", &[("GOOGLE_PLACES_API_KEY", KEY)]);
         let at_line = iamat(server.addr, KIWI);
         Bailey {

@@ -120,6 +120,17 @@ fn toml_string(s: &str) -> String {
     out
 }
 
+/// Writes a configuration of one server, "Bailey" on port 0 (any free port) with no
+/// neighbours, and `extra` appended.
+pub fn write_lone_config(dir: &TestDir, extra: &str) -> PathBuf {
+    let bailey = ServerSpec {
+        name: "Bailey",
+        port: 0,
+        neighbors: &[],
+    };
+    write_config(dir, &[bailey], extra)
+}
+
 /// Writes `<dir>/herd.toml` with `log_dir = "logs"`, the given servers, and `extra` appended
 /// verbatim (for example a `[places]` or `[limits]` table). Returns the configuration's path.
 pub fn write_config(dir: &TestDir, servers: &[ServerSpec], extra: &str) -> PathBuf {
