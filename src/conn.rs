@@ -27,6 +27,9 @@ pub struct LineReader {
     eof: bool,
     /// An event said the peer closed its side; the end of stream is yet to be read.
     hangup: bool,
+    /// The last fill stopped at the high-water mark, not at `WouldBlock`: the socket may hold
+    /// more, and the kernel will not say so again.
+    full: bool,
 }
 
 /// Why a fill stopped.
@@ -65,11 +68,13 @@ impl LineReader {
         hangup: bool,
     ) -> io::Result<Fill> {
         self.hangup |= hangup;
+        self.full = false;
         if self.eof {
             return Ok(Fill::Eof);
         }
         loop {
             if self.buffered() >= high_water {
+                self.full = true;
                 return Ok(Fill::Full);
             }
             match stream.read(scratch) {
@@ -106,6 +111,11 @@ impl LineReader {
 
     pub fn at_eof(&self) -> bool {
         self.eof
+    }
+
+    /// Whether the socket may hold bytes not read yet, which no event will announce.
+    pub fn is_full(&self) -> bool {
+        self.full
     }
 
     /// The next line, if a whole one is buffered (or the stream ended after a partial one).

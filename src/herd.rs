@@ -22,6 +22,10 @@ use crate::store::{Merge, Store};
 pub const NO_KEY_MESSAGE: &str =
     "This server has no Google Places API key: set GOOGLE_PLACES_API_KEY or places.key_file.";
 
+/// Lines stop being run while a connection has this much output unwritten (or a quarter of
+/// its cap, if that is less).
+pub const OUTPUT_HIGH_WATER: usize = 256 * 1024;
+
 pub struct Herd {
     pub name: String,
     pub store: Store,
@@ -62,8 +66,9 @@ impl Herd {
     }
 
     /// Runs the whole lines buffered in `conn` (slot `slot`). Stops early when the connection
-    /// has as many replies waiting on Places as it may, or is no longer open: the unread lines
-    /// stay buffered, and the loop calls this again when a reply completes.
+    /// has as many replies waiting on Places as it may, has [`OUTPUT_HIGH_WATER`] bytes of
+    /// output unwritten, or is no longer open: the unread lines stay buffered, and the loop
+    /// calls this again when a reply completes or the output has gone out.
     pub fn process(&mut self, conn: &mut Conn, slot: usize, registrar: &Registrar) {
         // A record is a little longer than the IAMAT it answers (server name, time difference),
         // so a peer's lines may be longer than a client's.
@@ -123,8 +128,10 @@ impl Herd {
                 line,
                 registrar,
             );
-            if conn.out.pending() > self.limits.client_output_bytes {
-                break; // the loop's flush closes it
+            if conn.out.pending() >= self.output_high_water() {
+                // Back-pressure: the rest waits until the client has read this (asyncio's
+                // drain()). The loop resumes when the output has gone out.
+                break;
             }
         }
         if conn.reader.at_eof() && conn.state == ConnState::Open && conn.reader.buffered() == 0 {
@@ -135,6 +142,11 @@ impl Herd {
             conn.set_state(ConnState::Draining(reason));
         }
         conn.reader.compact();
+    }
+
+    /// Output that stops a connection's lines from running: well below the cap that closes it.
+    fn output_high_water(&self) -> usize {
+        OUTPUT_HIGH_WATER.min(self.limits.client_output_bytes / 4)
     }
 
     fn neighbour(&self, name: &[u8]) -> Option<usize> {

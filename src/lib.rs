@@ -21,6 +21,7 @@
 //! | [`config`] | `herd.toml`, checked as a whole at start-up |
 //! | [`log`] | the per-server log file, buffered and written once per turn |
 //! | [`up`] | `herd up`: a whole herd as child processes |
+//! | [`load`] | `herd load`: a load generator that speaks the protocol, for benchmarks |
 
 pub mod config;
 pub mod conn;
@@ -28,6 +29,7 @@ pub mod herd;
 pub mod http;
 pub mod https;
 pub mod link;
+pub mod load;
 pub mod log;
 pub mod places;
 pub mod protocol;

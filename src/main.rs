@@ -13,6 +13,8 @@ Usage:
   herd serve NAME [--config PATH]   run the server NAME of the configuration
   herd up [--config PATH]           run every server of the configuration on this machine,
                                     until Ctrl-C or SIGTERM
+  herd load --addr HOST:PORT [...]  generate load against any server of this protocol and
+                                    print one line of JSON (herd load --help)
   herd --help | --version
 
 Options:
@@ -47,6 +49,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Vec<String>) -> Result<(), Failure> {
+    if args.first().map(String::as_str) == Some("load") {
+        return load(&args[1..]);
+    }
     let mut opts = getopts::Options::new();
     opts.optopt("c", "config", "configuration file", "PATH");
     opts.optflag("h", "help", "explain the commands");
@@ -86,6 +91,19 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
             matches.free.join(" ")
         ))),
     }
+}
+
+/// `herd load`: its own options, one line of JSON on standard output.
+fn load(args: &[String]) -> Result<(), Failure> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{}", herd::load::USAGE);
+        return Ok(());
+    }
+    let opts = herd::load::parse_args(args).map_err(usage)?;
+    raise_descriptor_limit(); // every connection of the load is one
+    let report = herd::load::run(&opts).map_err(|e| Failure(1, e))?;
+    println!("{}", report.to_json());
+    Ok(())
 }
 
 /// `--config`, else `./herd.toml`, else `herd.toml` beside the program.

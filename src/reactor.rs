@@ -1,4 +1,4 @@
-//! Tokens, registration and timers: the only code that talks to `mio::Registry`, and the one
+//! Tokens and registration: the only code that talks to `mio::Registry`, and the one
 //! place that knows what a [`Token`] means.
 //!
 //! Every socket is registered once, for both READABLE and WRITABLE, when it is created, and never
@@ -8,10 +8,7 @@
 //! reply to arm and disarm it (the trap "WRITABLE left on forever" belongs to level-triggered
 //! loops such as Redis's, where it would wake the loop on every turn).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io;
-use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -98,40 +95,9 @@ impl<'a> Registrar<'a> {
     }
 }
 
-/// Deadlines of the accepted connections, earliest first. An entry is a reminder, not a promise:
-/// when it comes due the loop asks the connection, which checks its own deadline and may ask to
-/// be reminded later. So nothing ever has to be removed from the heap (quinn-proto's timers work
-/// the same way: `handle_timeout(now)` is safe to call when nothing is due).
-#[derive(Default)]
-pub struct Timers {
-    heap: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-}
-
-impl Timers {
-    /// Reminds the loop of connection `slot` (with id `id`, so a reused slot is told apart) at `at`.
-    pub fn remind(&mut self, at: Instant, slot: usize, id: u64) {
-        self.heap.push(Reverse((at, slot, id)));
-    }
-
-    pub fn next(&self) -> Option<Instant> {
-        self.heap.peek().map(|Reverse((at, _, _))| *at)
-    }
-
-    /// Takes the next reminder that is due at `now`.
-    pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u64)> {
-        match self.heap.peek() {
-            Some(Reverse((at, _, _))) if *at <= now => {
-                self.heap.pop().map(|Reverse((_, slot, id))| (slot, id))
-            }
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn tokens_round_trip() {
@@ -149,18 +115,5 @@ mod tests {
         ] {
             assert_eq!(t.source(t.token(s)), s);
         }
-    }
-
-    #[test]
-    fn timers_pop_in_order_and_only_when_due() {
-        let now = Instant::now();
-        let mut timers = Timers::default();
-        timers.remind(now + Duration::from_secs(2), 1, 1);
-        timers.remind(now + Duration::from_secs(1), 2, 2);
-        assert_eq!(timers.next(), Some(now + Duration::from_secs(1)));
-        assert_eq!(timers.pop_due(now), None);
-        assert_eq!(timers.pop_due(now + Duration::from_secs(3)), Some((2, 2)));
-        assert_eq!(timers.pop_due(now + Duration::from_secs(3)), Some((1, 1)));
-        assert_eq!(timers.pop_due(now + Duration::from_secs(3)), None);
     }
 }

@@ -6,7 +6,7 @@
 //! 2. read the clock once, then dispatch each event to the state machine its token names;
 //! 3. fire the deadlines that have passed (links to redial, Places jobs past their time, idle
 //!    clients);
-//! 4. [`Server::before_sleep`]: write what the turn produced, links first (a neighbour hears of
+//! 4. `before_sleep`: write what the turn produced, links first (a neighbour hears of
 //!    an update before the client that sent it), then clients, free the connections that
 //!    closed, and write the log.
 //!
@@ -25,13 +25,16 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::Config;
-use crate::conn::{Conn, ConnState, Fill};
+use crate::conn::{Conn, ConnState, Fill, Role};
 use crate::herd::{whatsat_reply, Herd};
 use crate::https::{tls_config, PlacesPool};
 use crate::link::Link;
 use crate::log::Log;
-use crate::reactor::{Registrar, Source, Timers, Tokens};
+use crate::reactor::{Registrar, Source, Tokens};
 
+/// How often the connections are checked for idleness. A timer per connection would cost a heap
+/// entry per accept; one walk over 10,000 connections a second costs microseconds.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Size of the one read buffer shared by every connection.
 const READ_CHUNK: usize = 64 * 1024;
 /// A connection's unhandled input stops being read past this (it is waiting on Places, or
@@ -49,7 +52,8 @@ pub struct Server {
     free_slots: Vec<usize>,
     open_conns: usize,
     next_conn_id: u64,
-    timers: Timers,
+    /// When the connections are next checked for idleness.
+    sweep_at: Instant,
     /// Connections with something to write or to decide, for the end of the turn.
     dirty: Vec<usize>,
     scratch: Vec<u8>,
@@ -133,7 +137,7 @@ impl Server {
             free_slots: Vec::new(),
             open_conns: 0,
             next_conn_id: 1,
-            timers: Timers::default(),
+            sweep_at: now + SWEEP_INTERVAL,
             dirty: Vec::new(),
             scratch: vec![0; READ_CHUNK],
             herd: Herd::new(
@@ -185,7 +189,7 @@ impl Server {
     fn next_deadline(&self) -> Option<Instant> {
         let links = self.herd.links.iter().filter_map(Link::deadline);
         let places = self.herd.places.as_ref().and_then(PlacesPool::deadline);
-        links.chain(places).chain(self.timers.next()).min()
+        links.chain(places).chain([self.sweep_at]).min()
     }
 
     fn dispatch(&mut self, event: &Event) {
@@ -220,10 +224,11 @@ impl Server {
                 self.deliver_places();
             }
             Source::Conn(slot) => {
-                if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    self.read_conn(slot, event.is_read_closed() || event.is_error());
-                }
-                self.mark_dirty(slot); // WRITABLE too: the end of the turn writes what waits
+                // WRITABLE too: lines held back while the output was full may run now, and the
+                // end of the turn writes what waits.
+                let hangup = event.is_read_closed() || event.is_error();
+                self.service_conn(slot, event.is_readable(), hangup);
+                self.mark_dirty(slot);
             }
         }
     }
@@ -275,44 +280,43 @@ impl Server {
                 .event(format_args!("c{id}"), format_args!("accepted from {addr}"));
             self.conns[slot] = Some(Conn::new(id, stream, addr, self.herd.now));
             self.open_conns += 1;
-            if !self.herd.limits.idle_timeout.is_zero() {
-                // No idle timeout when it is set to 0.
-                self.timers
-                    .remind(self.herd.now + self.herd.limits.idle_timeout, slot, id);
-            }
         }
     }
 
     /// Reads what connection `slot` sent and runs its lines, until its socket would block or
-    /// it must wait (on Places, or on a client that does not read its replies).
-    fn read_conn(&mut self, slot: usize, until_eof: bool) {
+    /// it must wait: on Places, or on a client that has not read its replies yet. `readable`
+    /// when the kernel said there are bytes; `hangup` when it said the client closed its side.
+    /// Returns whether it left output to write.
+    fn service_conn(&mut self, slot: usize, readable: bool, hangup: bool) -> bool {
         let registrar = Registrar::new(self.poll.registry(), self.tokens);
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-            return;
+            return false;
         };
-        loop {
-            if conn.state != ConnState::Open {
-                return;
-            }
-            let fill = conn.reader.fill(
-                &mut conn.stream,
-                &mut self.scratch,
-                INPUT_HIGH_WATER,
-                until_eof,
-            );
+        let mut read = readable || hangup || conn.reader.is_full();
+        while conn.state == ConnState::Open {
+            let fill = if read {
+                conn.reader.fill(
+                    &mut conn.stream,
+                    &mut self.scratch,
+                    INPUT_HIGH_WATER,
+                    hangup,
+                )
+            } else {
+                Ok(Fill::Drained)
+            };
             let before = conn.reader.buffered();
             self.herd.process(conn, slot, &registrar);
-            conn.last_active = self.herd.now;
             match fill {
                 // Handling made room: the socket may hold more, and will not say so again.
-                Ok(Fill::Full) if conn.reader.buffered() < before => continue,
-                Ok(_) => return,
-                Err(e) => {
-                    conn.set_state(ConnState::Closed(format!("read failed: {e}")));
-                    return;
-                }
+                Ok(Fill::Full) if conn.reader.buffered() < before => read = true,
+                Ok(_) => break,
+                Err(e) => conn.set_state(ConnState::Closed(format!("read failed: {e}"))),
             }
         }
+        if read {
+            conn.last_active = self.herd.now;
+        }
+        conn.out.pending() > 0
     }
 
     fn mark_dirty(&mut self, slot: usize) {
@@ -341,7 +345,7 @@ impl Server {
             self.herd.log.bytes(format_args!("c{id}"), '>', &reply);
             conn.replies.complete(&mut conn.out, done.job, reply);
             // Lines may wait behind the reply, and input behind a full buffer.
-            self.read_conn(slot, false);
+            self.service_conn(slot, false, false);
             self.mark_dirty(slot);
         }
     }
@@ -359,32 +363,30 @@ impl Server {
             }
         }
         self.deliver_places();
-        while let Some((slot, id)) = self.timers.pop_due(now) {
-            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+        if self.sweep_at <= now {
+            self.sweep_at = now + SWEEP_INTERVAL;
+            self.close_idle(now);
+        }
+    }
+
+    /// Closes the client connections that have been quiet for the idle timeout (0: never) and
+    /// have nothing pending. Peer links are watched by their own side.
+    fn close_idle(&mut self, now: Instant) {
+        let idle = self.herd.limits.idle_timeout;
+        if idle.is_zero() {
+            return;
+        }
+        for slot in 0..self.conns.len() {
+            let Some(conn) = &mut self.conns[slot] else {
                 continue;
             };
-            if conn.id != id {
-                continue;
-            }
-            let idle = self.herd.limits.idle_timeout;
-            let quiet_until = conn.last_active + idle;
-            if quiet_until <= now
-                && conn.replies.is_empty()
-                && !matches!(conn.role, crate::conn::Role::Peer(_))
-            {
+            let quiet = now.saturating_duration_since(conn.last_active) >= idle;
+            if quiet && conn.replies.is_empty() && !matches!(conn.role, Role::Peer(_)) {
                 conn.set_state(ConnState::Closed(format!(
                     "idle for {} ms",
                     idle.as_millis()
                 )));
                 self.mark_dirty(slot);
-            } else {
-                // Still busy, or active since: look again when it could next be idle.
-                let again = if quiet_until > now {
-                    quiet_until
-                } else {
-                    now + idle.max(Duration::from_millis(8)) / 8
-                };
-                self.timers.remind(again, slot, id);
             }
         }
     }
@@ -396,24 +398,34 @@ impl Server {
         for link in &mut herd.links {
             link.flush(herd.now, &herd.store, &mut herd.log);
         }
-        let cap = herd.limits.client_output_bytes;
         for slot in std::mem::take(&mut self.dirty) {
-            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-                continue;
-            };
-            conn.dirty = false;
-            conn.flush(cap);
-            if let ConnState::Closed(reason) = &conn.state {
-                self.herd.log.event(
-                    format_args!("c{}", conn.id),
-                    format_args!("closed: {reason}"),
-                );
-                self.conns[slot] = None;
-                self.free_slots.push(slot);
-                self.open_conns -= 1;
-            }
+            // All written, but lines wait behind the back-pressure: no event will come for
+            // bytes already held, so run them now and write again.
+            while self.write_conn(slot) && self.service_conn(slot, false, false) {}
         }
         self.herd.log.flush();
+    }
+
+    /// Writes connection `slot`'s output, and frees it if it is done. Returns whether it has
+    /// written everything while lines it already holds are waiting to run.
+    fn write_conn(&mut self, slot: usize) -> bool {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        conn.dirty = false;
+        conn.flush(self.herd.limits.client_output_bytes);
+        if let ConnState::Closed(reason) = &conn.state {
+            self.herd.log.event(
+                format_args!("c{}", conn.id),
+                format_args!("closed: {reason}"),
+            );
+            self.conns[slot] = None;
+            self.free_slots.push(slot);
+            self.open_conns -= 1;
+            return false;
+        }
+        let held = conn.reader.buffered() > 0 || conn.reader.is_full();
+        conn.out.pending() == 0 && held && conn.state == ConnState::Open
     }
 
     /// SIGTERM or SIGINT: stop accepting, write what is pending once, write the log.

@@ -622,22 +622,36 @@ fn client_ids_need_not_be_utf8() {
 
 #[test]
 fn many_commands_on_one_connection_are_answered_in_order() {
-    const N: usize = 1000;
-    let s = lone("many");
+    pipelined_commands_are_all_answered(1000);
+}
+
+/// Far more output than a client may leave unread (here 100,000 bytes), sent while the client
+/// does not read at first: the server must hold back rather than disconnect, and resume by
+/// itself, with no new event, once the client reads.
+#[test]
+fn megabytes_of_pipelined_commands_are_all_answered() {
+    pipelined_commands_are_all_answered(50_000);
+}
+
+fn pipelined_commands_are_all_answered(n: usize) {
+    let n_minus_1 = n - 1;
+    let s = lone_with("many", "[limits]\nclient_output_bytes = 100000\n");
     let mut c = Client::connect(s.addr());
     let mut sent = Vec::new();
-    for i in 0..N {
+    for i in 0..n {
         sent.extend_from_slice(format!("IAMAT m{i} +1+1 {i}.5\n").as_bytes());
     }
-    sent.extend_from_slice(b"WHATSAT m999 10 5\n");
+    sent.extend_from_slice(format!("WHATSAT m{n_minus_1} 10 5\n").as_bytes());
     // Write on another thread so that neither side can block the other on full buffers.
     let mut writer = c.stream.try_clone().expect("cannot clone the stream");
     let sender = thread::spawn(move || {
         writer.write_all(&sent).expect("cannot send the commands");
         writer.shutdown(Shutdown::Write).expect("cannot half-close");
     });
+    // Let the server fill its output and the kernel's buffers before reading anything.
+    thread::sleep(Duration::from_millis(300));
     let mut last = Vec::new();
-    for i in 0..N {
+    for i in 0..n {
         last = assert_at(&c.read_line(), format!("m{i} +1+1 {i}.5").as_bytes());
     }
     assert_eq!(show(&c.read_whatsat_reply()), show(&no_key_reply(&last)));
