@@ -50,8 +50,8 @@ use crate::log::escape_into;
 
 /// The location every generated IAMAT reports: the spec's example, on UCLA's campus.
 const LOCATION: &[u8] = b"+34.068930-118.445127";
-/// Client ids are this prefix and a number: `load-0`, `load-1`, ...
-const CLIENT_PREFIX: &[u8] = b"load-";
+/// Client ids are a prefix and a number: `load-0`, `load-1`, ... unless `--id-prefix` says.
+const CLIENT_PREFIX: &str = "load-";
 /// Size of the one read buffer shared by every connection.
 const READ_CHUNK: usize = 64 * 1024;
 /// Events taken from the kernel per poll.
@@ -70,7 +70,7 @@ const ERROR_QUOTE_BYTES: usize = 200;
 // ---------------------------------------------------------------------------------------------
 
 /// What `herd load` was asked to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
     pub addr: SocketAddr,
     /// Connections open at once (one-shot: connections under way at once).
@@ -90,6 +90,13 @@ pub struct LoadOptions {
     pub radius_km: String,
     /// WHATSAT bound.
     pub bound: usize,
+    /// Client ids are this prefix and a number.
+    pub id_prefix: String,
+    /// Commands per second across all connections, sent on schedule whatever the replies do
+    /// (open loop); `None`: as fast as the connections' in-flight limits allow.
+    pub rate: Option<f64>,
+    /// Stop after this many load commands (the window closes when all are answered).
+    pub requests: Option<u64>,
 }
 
 /// Which commands make up the load.
@@ -124,6 +131,10 @@ Options:
                          starts, so that every WHATSAT asks about a known client)
   --radius KM            WHATSAT radius, sent as given (default 10)
   --bound N              WHATSAT bound (default 5)
+  --rate N               send N commands per second in all, on schedule whatever the replies
+                         do (open loop); default: as fast as -c and -p allow
+  --requests N           stop after N load commands; the window closes when all are answered
+  --id-prefix TEXT       client ids are TEXT0, TEXT1, ... (default load-)
 
 Every reply is checked against the command it answers. The JSON says:
   requests, per_second   valid replies completed in the measured window, and their rate
@@ -149,6 +160,9 @@ pub fn parse_args(args: &[String]) -> Result<LoadOptions, String> {
     opts.optopt("", "clients", "distinct client ids", "N");
     opts.optopt("", "radius", "WHATSAT radius", "KM");
     opts.optopt("", "bound", "WHATSAT bound", "N");
+    opts.optopt("", "rate", "commands per second in all", "N");
+    opts.optopt("", "requests", "stop after this many commands", "N");
+    opts.optopt("", "id-prefix", "what client ids start with", "TEXT");
     let m = opts
         .parse(args)
         .map_err(|e| format!("{e} (see herd load --help)"))?;
@@ -194,6 +208,12 @@ pub fn parse_args(args: &[String]) -> Result<LoadOptions, String> {
         // A space would add a field and turn every WHATSAT into a `?`.
         return Err(format!("--radius {radius_km:?}: one field, no white space"));
     }
+    let id_prefix = m
+        .opt_str("id-prefix")
+        .unwrap_or_else(|| CLIENT_PREFIX.into());
+    if id_prefix.bytes().any(crate::protocol::is_space) {
+        return Err(format!("--id-prefix {id_prefix:?}: no white space"));
+    }
     Ok(LoadOptions {
         addr: resolve(&addr)?,
         connections: positive("connections", 50)?,
@@ -205,6 +225,22 @@ pub fn parse_args(args: &[String]) -> Result<LoadOptions, String> {
         clients: positive("clients", default_clients)?,
         radius_km,
         bound: number("bound", 5)?,
+        id_prefix,
+        rate: match m.opt_str("rate") {
+            None => None,
+            Some(text) => match text.parse::<f64>() {
+                Ok(rate) if rate > 0.0 && rate.is_finite() => Some(rate),
+                _ => {
+                    return Err(format!(
+                        "--rate {text:?}: a number of commands per second above 0"
+                    ))
+                }
+            },
+        },
+        requests: match m.opt_str("requests") {
+            None => None,
+            Some(_) => Some(positive("requests", 1)? as u64),
+        },
     })
 }
 
@@ -297,6 +333,14 @@ struct Requests {
     whatsat_credit: u32,
     /// `" RADIUS BOUND\n"`, the end of every WHATSAT.
     whatsat_tail: Vec<u8>,
+    /// What every client id starts with.
+    prefix: Vec<u8>,
+    /// Load commands made (priming IAMATs not counted), and how many may be made at most.
+    load_made: u64,
+    limit: Option<u64>,
+    /// Commands per second across all connections, when paced, counted from `load_start`.
+    rate: Option<f64>,
+    load_start: Option<Instant>,
 }
 
 impl Requests {
@@ -316,6 +360,39 @@ impl Requests {
             made: 0,
             whatsat_credit: 0,
             whatsat_tail: format!(" {} {}\n", opts.radius_km, opts.bound).into_bytes(),
+            prefix: opts.id_prefix.clone().into_bytes(),
+            load_made: 0,
+            limit: opts.requests,
+            rate: opts.rate,
+            load_start: None,
+        }
+    }
+
+    /// Every command `--requests` allows has been made.
+    fn exhausted(&self) -> bool {
+        self.limit.is_some_and(|limit| self.load_made >= limit)
+    }
+
+    /// When a paced load may send its next command, if pacing holds it back now.
+    fn next_send_at(&self) -> Option<Instant> {
+        let (rate, start) = (self.rate?, self.load_start?);
+        Some(start + Duration::from_secs_f64(self.load_made as f64 / rate))
+    }
+
+    /// Whether the load may make another command at `now`: within `--requests`, and, when
+    /// paced, no ahead of `--rate` (open loop: the schedule does not wait for replies).
+    fn load_allowed(&mut self, now: Instant) -> bool {
+        if self.exhausted() {
+            return false;
+        }
+        match self.rate {
+            None => true,
+            Some(rate) => {
+                let start = *self.load_start.get_or_insert(now);
+                let due = now.saturating_duration_since(start).as_secs_f64() * rate;
+                // Commands are due at start, start + 1/rate, ...: floor(due) + 1 of them by now.
+                (self.load_made as f64) <= due
+            }
         }
     }
 
@@ -329,7 +406,11 @@ impl Requests {
     fn make(&mut self, sending: Sending, sent_at: Instant, line: &mut Vec<u8>) -> Option<Pending> {
         let (kind, client) = match sending {
             Sending::Primers => (Kind::Iamat, self.to_prime.next()?),
-            Sending::Load => (self.next_kind(), self.made % self.clients),
+            Sending::Load if !self.load_allowed(sent_at) => return None,
+            Sending::Load => {
+                self.load_made += 1;
+                (self.next_kind(), self.made % self.clients)
+            }
             Sending::Nothing => return None,
         };
         // The wall clock at `sent_at`, but at least 1 ns past the previous command's time (a
@@ -343,12 +424,12 @@ impl Requests {
         match kind {
             Kind::Iamat => {
                 line.extend_from_slice(b"IAMAT ");
-                write_iamat_fields(line, client, time_ns);
+                write_iamat_fields(line, &self.prefix, client, time_ns);
                 line.push(b'\n');
             }
             Kind::Whatsat => {
                 line.extend_from_slice(b"WHATSAT ");
-                write_client_id(line, client);
+                write_client_id(line, &self.prefix, client);
                 line.extend_from_slice(&self.whatsat_tail);
             }
         }
@@ -378,16 +459,16 @@ impl Requests {
 }
 
 /// `load-<client> LOCATION TIME`: the three fields of an IAMAT, which its reply must copy.
-fn write_iamat_fields(out: &mut Vec<u8>, client: u64, time_ns: u64) {
-    write_client_id(out, client);
+fn write_iamat_fields(out: &mut Vec<u8>, prefix: &[u8], client: u64, time_ns: u64) {
+    write_client_id(out, prefix, client);
     out.push(b' ');
     out.extend_from_slice(LOCATION);
     out.push(b' ');
     write_client_time(out, time_ns);
 }
 
-fn write_client_id(out: &mut Vec<u8>, client: u64) {
-    out.extend_from_slice(CLIENT_PREFIX);
+fn write_client_id(out: &mut Vec<u8>, prefix: &[u8], client: u64) {
+    out.extend_from_slice(prefix);
     write_decimal(out, client);
 }
 
@@ -433,15 +514,15 @@ enum Expect<'a> {
 }
 
 /// Writes into `buf` what the reply to `asked` must contain.
-fn expect_for<'a>(asked: &Pending, buf: &'a mut Vec<u8>) -> Expect<'a> {
+fn expect_for<'a>(asked: &Pending, prefix: &[u8], buf: &'a mut Vec<u8>) -> Expect<'a> {
     buf.clear();
     match asked.kind {
         Kind::Iamat => {
-            write_iamat_fields(buf, asked.client, asked.time_ns);
+            write_iamat_fields(buf, prefix, asked.client, asked.time_ns);
             Expect::Iamat(buf)
         }
         Kind::Whatsat => {
-            write_client_id(buf, asked.client);
+            write_client_id(buf, prefix, asked.client);
             Expect::Whatsat(buf)
         }
     }
@@ -901,6 +982,7 @@ impl Conn {
         tally: &mut Tally,
         scratch: &mut [u8],
         expect: &mut Vec<u8>,
+        prefix: &[u8],
     ) {
         loop {
             let (ConnState::Open(stream) | ConnState::HalfClosed(stream)) = &mut self.state else {
@@ -910,7 +992,7 @@ impl Conn {
                 Ok(0) => return self.on_end_of_stream(tally),
                 Ok(n) => {
                     self.input.extend_from_slice(&scratch[..n]);
-                    self.take_replies(now, counted, tally, expect);
+                    self.take_replies(now, counted, tally, expect, prefix);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -926,6 +1008,7 @@ impl Conn {
         counted: bool,
         tally: &mut Tally,
         expect: &mut Vec<u8>,
+        prefix: &[u8],
     ) {
         let mut at = 0;
         while at < self.input.len() {
@@ -937,7 +1020,7 @@ impl Conn {
                 at = self.input.len();
                 break;
             };
-            let Some((len, verdict)) = parse_reply(rest, expect_for(&asked, expect)) else {
+            let Some((len, verdict)) = parse_reply(rest, expect_for(&asked, prefix, expect)) else {
                 break; // incomplete: the rest is on its way
             };
             self.pending.pop_front();
@@ -953,7 +1036,7 @@ impl Conn {
                 Ok(()) => {}
                 Err(why) => tally.error(1, || {
                     let mut client = Vec::new();
-                    write_client_id(&mut client, asked.client);
+                    write_client_id(&mut client, prefix, asked.client);
                     format!(
                         "{why}: {} {} answered {}",
                         asked.kind.verb(),
@@ -1162,11 +1245,19 @@ impl<'a> Generator<'a> {
                 let result = result.clone();
                 return result.map(|window| self.tally.report(window));
             }
+            // A paced load wakes for its next command even if no socket does.
+            let paced = match self.phase.sending() {
+                Sending::Load if !self.requests.exhausted() => self.requests.next_send_at(),
+                _ => None,
+            };
             // A connection left dirty (a redial that failed) is retried at once.
             let timeout = match self.dirty.is_empty() {
                 true => self
                     .phase
                     .deadline()
+                    .into_iter()
+                    .chain(paced)
+                    .min()
                     .map(|at| at.saturating_duration_since(Instant::now())),
                 false => Some(Duration::ZERO),
             };
@@ -1180,6 +1271,9 @@ impl<'a> Generator<'a> {
                 self.dispatch(event, now);
             }
             let now = Instant::now();
+            if paced.is_some_and(|at| at <= now) {
+                self.mark_all_dirty(); // the schedule lets commands out: any connection may send
+            }
             self.end_turn(now);
             self.advance(now);
         }
@@ -1201,6 +1295,7 @@ impl<'a> Generator<'a> {
                         &mut self.tally,
                         &mut self.scratch,
                         &mut self.line,
+                        &self.requests.prefix,
                     );
                 }
             }
@@ -1287,6 +1382,7 @@ impl<'a> Generator<'a> {
     /// The timeline's transitions, all of them.
     fn next_phase(&mut self, now: Instant) -> Option<Phase> {
         let opts = self.opts;
+        let all_answered = self.all_answered();
         let tally = &mut self.tally;
         // Pipelined connections are not redialled: with none left, nothing more can happen.
         let stranded = !opts.one_shot && self.live == 0;
@@ -1325,18 +1421,20 @@ impl<'a> Generator<'a> {
                     tally.outstanding
                 ),
             )),
-            // The warm-up is over: the window opens.
-            Phase::WarmingUp { measure_from } if now >= *measure_from => Some(Phase::Measuring {
-                from: now,
-                cpu_from: cpu_time(),
-                until: now + opts.duration,
-            }),
+            // The warm-up is over (or --requests were all made and answered): the window opens.
+            Phase::WarmingUp { measure_from } if now >= *measure_from || all_answered => {
+                Some(Phase::Measuring {
+                    from: now,
+                    cpu_from: cpu_time(),
+                    until: now + opts.duration,
+                })
+            }
             // The window closes; no new commands.
             Phase::Measuring {
                 from,
                 cpu_from,
                 until,
-            } if now >= *until => Some(Phase::Draining {
+            } if now >= *until || all_answered => Some(Phase::Draining {
                 deadline: now + DRAIN_TIMEOUT,
                 window: Measured::close(*from, *cpu_from, now),
             }),
@@ -1357,6 +1455,11 @@ impl<'a> Generator<'a> {
             }
             _ => None,
         }
+    }
+
+    /// Every command `--requests` allows was made and answered.
+    fn all_answered(&self) -> bool {
+        self.requests.exhausted() && self.tally.outstanding == 0
     }
 
     fn mark_dirty(&mut self, slot: usize) {
@@ -1393,6 +1496,40 @@ mod tests {
         out.clear();
         write_decimal(&mut out, u64::MAX);
         assert_eq!(out, u64::MAX.to_string().as_bytes());
+    }
+
+    #[test]
+    fn a_paced_load_keeps_its_schedule_and_its_limit() {
+        let opts = parse_args(&args(
+            "--addr 127.0.0.1:1 --rate 1000 --requests 5 --id-prefix p-",
+        ))
+        .unwrap();
+        let now = Instant::now();
+        let mut requests = Requests::new(&opts, now, 1_000_000_000);
+        let mut line = Vec::new();
+        // At the start one command is due; the next 1 ms later (1000 a second).
+        assert!(requests.make(Sending::Load, now, &mut line).is_some());
+        assert!(line.starts_with(b"IAMAT p-0 "));
+        assert_eq!(requests.make(Sending::Load, now, &mut line), None);
+        assert_eq!(
+            requests.next_send_at(),
+            Some(now + Duration::from_millis(1))
+        );
+        // By 2.5 ms, the ones due at 1 ms and 2 ms: two more, not three.
+        let later = now + Duration::from_micros(2500);
+        assert!(requests.make(Sending::Load, later, &mut line).is_some());
+        assert!(requests.make(Sending::Load, later, &mut line).is_some());
+        assert_eq!(requests.make(Sending::Load, later, &mut line), None);
+        // Long after, only the five --requests allows were ever made.
+        let much_later = now + Duration::from_secs(1);
+        assert!(requests
+            .make(Sending::Load, much_later, &mut line)
+            .is_some());
+        assert!(requests
+            .make(Sending::Load, much_later, &mut line)
+            .is_some());
+        assert!(requests.exhausted());
+        assert_eq!(requests.make(Sending::Load, much_later, &mut line), None);
     }
 
     #[test]
@@ -1619,6 +1756,9 @@ mod tests {
                 clients: 10_000,
                 radius_km: "10".into(),
                 bound: 5,
+                id_prefix: CLIENT_PREFIX.into(),
+                rate: None,
+                requests: None,
             }
         );
         let opts = parse_args(&args(
@@ -1768,6 +1908,9 @@ mod tests {
             clients: 100,
             radius_km: "10".into(),
             bound: 5,
+            id_prefix: CLIENT_PREFIX.into(),
+            rate: None,
+            requests: None,
         };
         let one_shot = LoadOptions {
             mix: Mix::Iamat,
