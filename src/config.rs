@@ -12,6 +12,8 @@ use crate::places::Api;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub log_dir: PathBuf,
+    /// A file holding the herd secret, used when `HERD_SECRET` is not set.
+    pub secret_file: Option<PathBuf>,
     pub servers: Vec<ServerConfig>,
     pub places: PlacesConfig,
     pub limits: Limits,
@@ -84,6 +86,7 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message().trim()))?;
         let log_dir = base.join(take_str(&mut top, "log_dir", "")?.unwrap_or("logs".into()));
+        let secret_file = take_str(&mut top, "secret_file", "")?.map(|p| base.join(p));
         let servers = match top.remove("server") {
             Some(Value::Array(list)) => list
                 .into_iter()
@@ -98,6 +101,7 @@ impl Config {
         check_herd(&servers)?;
         Ok(Config {
             log_dir,
+            secret_file,
             servers,
             places,
             limits,

@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use crate::peer::Session;
+
 /// Buffers whose capacity outgrows this are freed once empty, so an idle connection holds no
 /// heap memory however busy it once was.
 const KEEP_CAPACITY: usize = 16 * 1024;
@@ -167,6 +169,11 @@ impl OutBuf {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// The buffer, to append to in place (a framed peer line is written straight into it).
+    pub fn tail(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
     /// Bytes not yet written.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.sent
@@ -251,13 +258,36 @@ impl Replies {
 }
 
 /// What the other end of an accepted connection turned out to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Nothing but blank lines yet: the first line decides.
     Undecided,
     Client,
-    /// The inbound link of neighbour `i`: records only, never a reply.
-    Peer(usize),
+    /// Neighbour `neighbour` greeted with its nonce `nd`; we answered with our challenge `na`
+    /// and wait, until `until`, for its proof.
+    Challenged {
+        neighbour: usize,
+        nd: Vec<u8>,
+        na: Vec<u8>,
+        until: Instant,
+    },
+    /// The inbound link of a neighbour: records and heartbeats in, heartbeats and `SYNC` out.
+    Peer(PeerSide),
+}
+
+/// An inbound link's state.
+pub struct PeerSide {
+    pub neighbour: usize,
+    /// With a herd secret: the keys and counters that every line is checked with.
+    pub session: Option<Session>,
+    pub last_sent: Instant,
+    /// Digests received in a row that differ from ours.
+    pub mismatches: u32,
+}
+
+impl Role {
+    pub fn is_peer(&self) -> bool {
+        matches!(self, Role::Peer(_) | Role::Challenged { .. })
+    }
 }
 
 /// Where an accepted connection is in its life.

@@ -8,10 +8,11 @@
 use std::time::Instant;
 
 use crate::config::Limits;
-use crate::conn::{Conn, ConnState, Line, Role};
+use crate::conn::{Conn, ConnState, Line, OutBuf, PeerSide, Replies, Role};
 use crate::https::PlacesPool;
-use crate::link::Link;
+use crate::link::{self, Link};
 use crate::log::Log;
+use crate::peer::{self, PeerLine, Secret, Session};
 use crate::places::{self, Query};
 use crate::protocol::{self, Command};
 use crate::reactor::Registrar;
@@ -28,6 +29,8 @@ pub const OUTPUT_HIGH_WATER: usize = 256 * 1024;
 
 pub struct Herd {
     pub name: String,
+    /// The herd secret, when peers must authenticate.
+    pub secret: Option<Secret>,
     pub store: Store,
     /// The links to the neighbours, in configuration order; a link's index is its neighbour's.
     pub links: Vec<Link>,
@@ -46,6 +49,7 @@ pub struct Herd {
 impl Herd {
     pub fn new(
         name: String,
+        secret: Option<Secret>,
         links: Vec<Link>,
         places: Option<PlacesPool>,
         log: Log,
@@ -54,6 +58,7 @@ impl Herd {
     ) -> Herd {
         Herd {
             name,
+            secret,
             store: Store::default(),
             links,
             places,
@@ -74,6 +79,7 @@ impl Herd {
         // so a peer's lines may be longer than a client's.
         let max_line = match conn.role {
             Role::Peer(_) => 2 * self.limits.max_line_bytes + 1024,
+            Role::Challenged { .. } => peer::MAX_HANDSHAKE_BYTES,
             _ => self.limits.max_line_bytes,
         };
         while conn.state == ConnState::Open && conn.replies.waiting() < self.limits.pending_replies
@@ -85,42 +91,48 @@ impl Herd {
                 Line::Complete(line) => line,
                 Line::TooLong(prefix) => {
                     self.log.bytes(format_args!("c{}", conn.id), '<', prefix);
-                    let mut reply = b"? ".to_vec();
-                    reply.extend_from_slice(prefix);
-                    reply.extend_from_slice(
-                        format!("... (line longer than {max_line} bytes)\n").as_bytes(),
-                    );
-                    self.log.bytes(format_args!("c{}", conn.id), '>', &reply);
-                    conn.replies.push(&mut conn.out, &reply);
-                    conn.set_state(ConnState::Draining(format!(
-                        "line longer than {max_line} bytes"
-                    )));
+                    if !conn.role.is_peer() {
+                        let mut reply = b"? ".to_vec();
+                        reply.extend_from_slice(prefix);
+                        reply.extend_from_slice(
+                            format!("... (line longer than {max_line} bytes)\n").as_bytes(),
+                        );
+                        self.log.bytes(format_args!("c{}", conn.id), '>', &reply);
+                        conn.replies.push(&mut conn.out, &reply);
+                    }
+                    conn.state = ConnState::Draining(format!("line longer than {max_line} bytes"));
                     break;
                 }
             };
-            match conn.role {
-                Role::Peer(from) => {
-                    self.peer_line(from, line);
-                    continue;
-                }
+            let outcome = match &mut conn.role {
+                Role::Client => Ok(false),
                 Role::Undecided => {
-                    if let Some(i) = protocol::parse_greeting(line).and_then(|n| self.neighbour(n))
-                    {
-                        self.log.bytes(format_args!("c{}", conn.id), '<', line);
-                        self.log.event(
-                            format_args!("c{}", conn.id),
-                            format_args!("is peer {}", self.links[i].name),
-                        );
-                        conn.role = Role::Peer(i);
-                        continue;
-                    }
-                    if !line.iter().all(|&b| protocol::is_space(b)) {
-                        conn.role = Role::Client;
+                    match self.greeting(conn.id, &mut conn.role, &mut conn.out, line) {
+                        Some(outcome) => outcome.map(|()| true),
+                        // Blank lines leave the question open; anything else makes a client.
+                        None if line.iter().all(|&b| protocol::is_space(b)) => Ok(true),
+                        None => {
+                            conn.role = Role::Client;
+                            Ok(false)
+                        }
                     }
                 }
-                Role::Client => {}
+                Role::Challenged { .. } => self.proof(conn.id, &mut conn.role, line).map(|()| true),
+                Role::Peer(side) => self.peer_line(side, &mut conn.out, line).map(|()| true),
+            };
+            match outcome {
+                Ok(true) => continue, // a peer's line: done
+                Ok(false) => {}
+                Err(why) => {
+                    // A peer that breaks the protocol or fails to authenticate loses its
+                    // connection; it redials and starts afresh.
+                    self.log
+                        .event(format_args!("c{}", conn.id), format_args!("{why}"));
+                    conn.state = ConnState::Closed(why);
+                    break;
+                }
             }
-            self.client_line(
+            let forged = self.client_line(
                 conn.id,
                 slot,
                 &mut conn.replies,
@@ -128,6 +140,12 @@ impl Herd {
                 line,
                 registrar,
             );
+            if forged {
+                // A client that speaks the peers' language is forging records: answered like
+                // any invalid command, then disconnected.
+                conn.state = ConnState::Draining("a client sent a peer's line".into());
+                break;
+            }
             if conn.out.pending() >= self.output_high_water() {
                 // Back-pressure: the rest waits until the client has read this (asyncio's
                 // drain()). The loop resumes when the output has gone out.
@@ -135,13 +153,26 @@ impl Herd {
             }
         }
         if conn.reader.at_eof() && conn.state == ConnState::Open && conn.reader.buffered() == 0 {
-            let reason = match conn.role {
-                Role::Peer(i) => format!("peer {} closed its link", self.links[i].name),
+            let reason = match &conn.role {
+                Role::Peer(side) => {
+                    format!("peer {} closed its link", self.links[side.neighbour].name)
+                }
                 _ => "end of stream".to_owned(),
             };
             conn.set_state(ConnState::Draining(reason));
         }
         conn.reader.compact();
+    }
+
+    /// The links, and what a link needs from the rest of the server, borrowed apart.
+    pub fn links_and_context(&mut self) -> (&mut [Link], link::Context<'_>) {
+        let cx = link::Context {
+            server: &self.name,
+            secret: self.secret.as_ref(),
+            store: &self.store,
+            log: &mut self.log,
+        };
+        (&mut self.links, cx)
     }
 
     /// Output that stops a connection's lines from running: well below the cap that closes it.
@@ -157,11 +188,11 @@ impl Herd {
         &mut self,
         id: u64,
         slot: usize,
-        replies: &mut crate::conn::Replies,
-        out: &mut crate::conn::OutBuf,
+        replies: &mut Replies,
+        out: &mut OutBuf,
         line: &[u8],
         registrar: &Registrar,
-    ) {
+    ) -> bool {
         self.log.bytes(format_args!("c{id}"), '<', line);
         match protocol::parse_command(line) {
             Command::Blank => {}
@@ -186,17 +217,16 @@ impl Herd {
                 }
                 None => self.invalid(id, replies, out, line),
             },
-            Command::Invalid => self.invalid(id, replies, out, line),
+            Command::Invalid => {
+                self.invalid(id, replies, out, line);
+                let verb = protocol::fields::<1>(line).map_or(&b""[..], |(f, _)| f[0]);
+                return matches!(verb, b"AT" | b"PEER" | b"PROOF" | b"CHALLENGE");
+            }
         }
+        false
     }
 
-    fn invalid(
-        &mut self,
-        id: u64,
-        replies: &mut crate::conn::Replies,
-        out: &mut crate::conn::OutBuf,
-        line: &[u8],
-    ) {
+    fn invalid(&mut self, id: u64, replies: &mut Replies, out: &mut OutBuf, line: &[u8]) {
         let mut reply = Vec::with_capacity(line.len() + 3);
         reply.extend_from_slice(b"? ");
         reply.extend_from_slice(line);
@@ -210,8 +240,8 @@ impl Herd {
         &mut self,
         id: u64,
         slot: usize,
-        replies: &mut crate::conn::Replies,
-        out: &mut crate::conn::OutBuf,
+        replies: &mut Replies,
+        out: &mut OutBuf,
         record: &[u8],
         w: &protocol::Whatsat,
         registrar: &Registrar,
@@ -243,21 +273,153 @@ impl Herd {
         pool.dispatch(self.now, registrar, &mut self.log);
     }
 
-    /// A line on neighbour `from`'s inbound link: a record to merge, and flood if it is news.
-    fn peer_line(&mut self, from: usize, line: &[u8]) {
-        let name = &self.links[from].name;
-        self.log.bytes(format_args!("peer {name}"), '<', line);
-        match protocol::parse_at_record(line) {
-            Some(record) => {
-                if self.store.merge(record.client, record.time_ns, line) == Merge::Stored {
-                    self.flood(line, Some(from));
+    /// The first line of a connection, if it is a neighbour's greeting: without a herd secret
+    /// the connection is that neighbour's link at once; with one, it is challenged. `None`
+    /// when the line is not a neighbour's greeting (then it is a client's command).
+    fn greeting(
+        &mut self,
+        id: u64,
+        role: &mut Role,
+        out: &mut OutBuf,
+        line: &[u8],
+    ) -> Option<Result<(), String>> {
+        let greeting = peer::parse_greeting(line)?;
+        let neighbour = self.neighbour(greeting.name)?;
+        self.log.bytes(format_args!("c{id}"), '<', line);
+        let name = &self.links[neighbour].name;
+        Some(match (&self.secret, greeting.nonce) {
+            (None, None) => {
+                self.log
+                    .event(format_args!("c{id}"), format_args!("is peer {name}"));
+                *role = Role::Peer(PeerSide {
+                    neighbour,
+                    session: None,
+                    last_sent: self.now,
+                    mismatches: 0,
+                });
+                Ok(())
+            }
+            (Some(secret), Some(nd)) => {
+                let Some(na): Option<Vec<u8>> = peer::nonce() else {
+                    return Some(Err("no randomness for a nonce".into()));
+                };
+                let proof = secret.proof(b"accept", greeting.name, self.name.as_bytes(), nd, &na);
+                let challenge = [&b"CHALLENGE "[..], &na, b" ", &proof].concat();
+                self.log.bytes(format_args!("c{id}"), '>', &challenge);
+                out.push(&challenge);
+                out.push(b"\n");
+                *role = Role::Challenged {
+                    neighbour,
+                    nd: nd.to_vec(),
+                    na,
+                    until: self.now + peer::HANDSHAKE_TIMEOUT,
+                };
+                Ok(())
+            }
+            (Some(_), None) => Err(format!(
+                "{name} greeted without authenticating, but this herd has a secret"
+            )),
+            (None, Some(_)) => Err(format!(
+                "{name} wants to authenticate, but this server has no herd secret"
+            )),
+        })
+    }
+
+    /// The line after our challenge: the neighbour's proof that it knows the secret.
+    fn proof(&mut self, id: u64, role: &mut Role, line: &[u8]) -> Result<(), String> {
+        let (
+            Role::Challenged {
+                neighbour, nd, na, ..
+            },
+            Some(secret),
+        ) = (&*role, &self.secret)
+        else {
+            return Err("no challenge to answer".into());
+        };
+        self.log.bytes(format_args!("c{id}"), '<', line);
+        let name = &self.links[*neighbour].name;
+        let valid = peer::parse_proof(line).is_some_and(|proof| {
+            secret.verify(
+                proof,
+                b"dial",
+                name.as_bytes(),
+                self.name.as_bytes(),
+                nd,
+                na,
+            )
+        });
+        if !valid {
+            return Err(format!("{name} failed to prove it knows the herd secret"));
+        }
+        self.log.event(
+            format_args!("c{id}"),
+            format_args!("is peer {name}, authenticated"),
+        );
+        *role = Role::Peer(PeerSide {
+            neighbour: *neighbour,
+            session: Some(Session::new(secret, nd, na, false)),
+            last_sent: self.now,
+            mismatches: 0,
+        });
+        Ok(())
+    }
+
+    /// A line on a neighbour's inbound link: a record to merge (and flood if it is news), a
+    /// heartbeat, or the digest of the neighbour's store.
+    fn peer_line(
+        &mut self,
+        side: &mut PeerSide,
+        out: &mut OutBuf,
+        line: &[u8],
+    ) -> Result<(), String> {
+        let from = side.neighbour;
+        self.log
+            .bytes(format_args!("peer {}", self.links[from].name), '<', line);
+        let payload = match &mut side.session {
+            Some(session) => session.open(line)?,
+            None => line,
+        };
+        match peer::parse_line(payload) {
+            Some(PeerLine::Record(record)) => match protocol::parse_at_record(record) {
+                Some(r) => {
+                    if self.store.merge(r.client, r.time_ns, record) == Merge::Stored {
+                        self.flood(record, Some(from));
+                    }
+                }
+                None => self.log.event(
+                    format_args!("peer {}", self.links[from].name),
+                    format_args!("ignored a line that is not a valid record"),
+                ),
+            },
+            Some(PeerLine::Ping) => {}
+            Some(PeerLine::Digest { count, digest }) => {
+                let ours = (self.store.len() as u64, self.store.digest());
+                if (count, digest) == ours {
+                    side.mismatches = 0;
+                    return Ok(());
+                }
+                side.mismatches += 1;
+                if side.mismatches >= peer::MISMATCHES_BEFORE_SYNC {
+                    // Still different: each side sends the other its whole store.
+                    side.mismatches = 0;
+                    self.log.event(
+                        format_args!("peer {}", self.links[from].name),
+                        format_args!(
+                            "stores differ ({count} records, {digest:016x}; here {}, {:016x}): resyncing both ways",
+                            ours.0, ours.1
+                        ),
+                    );
+                    peer::frame(side.session.as_mut(), b"SYNC", out.tail());
+                    side.last_sent = self.now;
+                    self.links[from].resync(&self.store);
                 }
             }
-            None => self.log.event(
-                format_args!("peer {name}"),
-                format_args!("ignored a line that is not a valid record"),
+            Some(PeerLine::Sync) | None => self.log.event(
+                format_args!("peer {}", self.links[from].name),
+                format_args!("ignored a line an inbound link does not carry"),
             ),
         }
+        Ok(())
     }
 
     /// Hands a record that changed the store to every link but the one it came from.

@@ -12,7 +12,8 @@
 //! | [`reactor`] | tokens, socket registration and the timer heap |
 //! | [`conn`] | an accepted connection: line reader, output buffer, replies in order |
 //! | [`herd`] | what lines mean: IAMAT, WHATSAT, records from peers, the flood |
-//! | [`link`] | the link dialled to one neighbour: connect, greet, sync, backoff |
+//! | [`link`] | the link dialled to one neighbour: connect, authenticate, sync, heartbeats, backoff |
+//! | [`peer`] | the peer protocol: greeting, challenge-response, sealed lines, verbs |
 //! | [`https`] | the Places connection pool: TCP, TLS with rustls, keep-alive, deadlines |
 //! | [`http`] | reading an HTTP/1.1 response: head, Content-Length, chunked, read-to-close |
 //! | [`places`] | Places requests and reply bodies: the results cut by splicing Google's text |
@@ -31,6 +32,7 @@ pub mod https;
 pub mod link;
 pub mod load;
 pub mod log;
+pub mod peer;
 pub mod places;
 pub mod protocol;
 pub mod reactor;

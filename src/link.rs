@@ -5,26 +5,30 @@
 //! deadline it waits for, so changing state cancels the old deadline:
 //!
 //! ```text
-//!            retry_at passed: connect()                 WRITABLE, no socket error
-//!   Down ---------------------------------> Connecting ---------------------------> Up
-//!    ^  <--------------------------------------'  deadline passed or refused          |
-//!    '----------------------------------------------------------------------------'
-//!            EOF, error, or output over its cap: backoff doubles, 50 ms up to 2 s
+//!          retry_at: connect()          connected: greeting     CHALLENGE verified: PROOF
+//!   Down ---------------------> Connecting -----------> Authenticating -----------------> Up
+//!    ^                              |     (no secret: straight to Up)  |                   |
+//!    '------------------------------+----------------------------------+-------------------'
+//!     refused, deadline passed, bad challenge, EOF, error, silent for 5 s, output over its cap:
+//!     backoff doubles, 50 ms up to 2 s
 //! ```
 //!
 //! Records go out only on this link; the neighbour's own records arrive on the connection it
-//! dialled to us (an inbound [`crate::conn::Conn`]). When the link comes up it first sends the
-//! greeting, then the whole store in batches (`sync`), then whatever is flooded.
+//! dialled to us (an inbound [`crate::conn::Conn`]). The neighbour writes back only heartbeats
+//! and `SYNC`. When the link comes up it sends the whole store, in batches (`sync`), then
+//! whatever is flooded; a heartbeat when it has been quiet for a second; and every three
+//! seconds the digest of the store, which the neighbour compares with its own (see
+//! [`crate::peer`]).
 
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::conn::OutBuf;
+use crate::conn::{Fill, LineReader, OutBuf};
 use crate::log::Log;
-use crate::protocol::{GREETING_VERB, PROTOCOL_VERSION};
+use crate::peer::{self, PeerLine, Secret, Session};
 use crate::reactor::{Registrar, Source};
 use crate::store::Store;
 
@@ -34,6 +38,8 @@ pub const MAX_RETRY: Duration = Duration::from_secs(2);
 /// The store is copied into a link's output only while less than this is waiting, so a sync
 /// of a large store neither stalls the loop nor trips the output cap.
 const SYNC_LOW_WATER: usize = 64 * 1024;
+/// Longest line a neighbour may write on this link (its lines are short: PING, SYNC, CHALLENGE).
+const MAX_LINE_BYTES: usize = 1024;
 
 /// The wait after `failures` failed attempts in a row.
 pub fn backoff(failures: u32) -> Duration {
@@ -42,6 +48,15 @@ pub fn backoff(failures: u32) -> Duration {
         .min(MAX_RETRY)
 }
 
+/// What an open link holds, whatever its state.
+struct Wire {
+    stream: TcpStream,
+    out: OutBuf,
+    reader: LineReader,
+}
+
+// One per neighbour, so the size of the largest state costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 enum LinkState {
     /// Waiting to redial.
     Down { retry_at: Instant },
@@ -50,14 +65,23 @@ enum LinkState {
         stream: TcpStream,
         deadline: Instant,
     },
-    /// Connected and greeted. `sync` is the position of the next record of the initial copy of
-    /// the store, up to `sync_end` (the store's size when the link came up; later records are
-    /// flooded anyway).
+    /// Greeting sent with our nonce `nd`; waiting for the neighbour's CHALLENGE.
+    Authenticating {
+        wire: Wire,
+        nd: Vec<u8>,
+        deadline: Instant,
+    },
+    /// Connected (and authenticated, with a secret). `sync` is the position of the next record
+    /// of the store being copied, up to `sync_end` (the store's size when the copy began;
+    /// later records are flooded anyway).
     Up {
-        stream: TcpStream,
-        out: OutBuf,
+        wire: Wire,
+        session: Option<Session>,
         sync: usize,
         sync_end: usize,
+        last_heard: Instant,
+        last_sent: Instant,
+        next_digest: Instant,
     },
 }
 
@@ -70,6 +94,14 @@ pub struct Link {
     /// Failed attempts since the link was last up.
     failures: u32,
     state: LinkState,
+}
+
+/// What the link needs from the server around it.
+pub struct Context<'a> {
+    pub server: &'a str,
+    pub secret: Option<&'a Secret>,
+    pub store: &'a Store,
+    pub log: &'a mut Log,
 }
 
 impl Link {
@@ -87,8 +119,19 @@ impl Link {
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
             LinkState::Down { retry_at } => Some(*retry_at),
-            LinkState::Connecting { deadline, .. } => Some(*deadline),
-            LinkState::Up { .. } => None,
+            LinkState::Connecting { deadline, .. } | LinkState::Authenticating { deadline, .. } => {
+                Some(*deadline)
+            }
+            LinkState::Up {
+                last_heard,
+                last_sent,
+                next_digest,
+                ..
+            } => Some(
+                (*last_heard + peer::DEAD_AFTER)
+                    .min(*last_sent + peer::HEARTBEAT_INTERVAL)
+                    .min(*next_digest),
+            ),
         }
     }
 
@@ -97,15 +140,49 @@ impl Link {
     }
 
     /// Fires whatever deadline has passed; safe to call when none has.
-    pub fn on_timeout(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
-        match &self.state {
-            LinkState::Down { retry_at } if *retry_at <= now => self.dial(now, registrar, log),
-            LinkState::Connecting { deadline, .. } if *deadline <= now => {
-                let why = format!("no answer within {} ms", PEER_CONNECT_TIMEOUT.as_millis());
-                self.go_down(now, log, &why);
+    pub fn on_timeout(&mut self, now: Instant, registrar: &Registrar, cx: &mut Context) {
+        let why = match &mut self.state {
+            LinkState::Down { retry_at } if *retry_at <= now => {
+                return self.dial(now, registrar, cx.log)
             }
-            _ => {}
-        }
+            LinkState::Connecting { deadline, .. } if *deadline <= now => {
+                format!("no answer within {} ms", PEER_CONNECT_TIMEOUT.as_millis())
+            }
+            LinkState::Authenticating { deadline, .. } if *deadline <= now => format!(
+                "no challenge within {} s: is the herd secret set on both?",
+                peer::HANDSHAKE_TIMEOUT.as_secs()
+            ),
+            LinkState::Up { last_heard, .. } if *last_heard + peer::DEAD_AFTER <= now => {
+                format!("silent for {} s", peer::DEAD_AFTER.as_secs())
+            }
+            LinkState::Up {
+                wire,
+                session,
+                sync,
+                sync_end,
+                last_sent,
+                next_digest,
+                ..
+            } => {
+                // The digest is sent once the copy of the store is through: before, the two
+                // stores are expected to differ.
+                if *next_digest <= now && sync >= sync_end {
+                    let line = peer::digest_line(cx.store.len(), cx.store.digest());
+                    send(wire, session, &line);
+                    *last_sent = now;
+                }
+                if *next_digest <= now {
+                    *next_digest = now + peer::DIGEST_INTERVAL;
+                }
+                if *last_sent + peer::HEARTBEAT_INTERVAL <= now {
+                    send(wire, session, b"PING");
+                    *last_sent = now;
+                }
+                return;
+            }
+            _ => return,
+        };
+        self.go_down(now, cx.log, &why);
     }
 
     fn dial(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
@@ -125,72 +202,176 @@ impl Link {
     }
 
     /// A readiness event on the link's socket.
-    pub fn on_ready(&mut self, now: Instant, server: &str, store: &Store, log: &mut Log) {
-        match &mut self.state {
-            LinkState::Down { .. } => {} // a late event for a socket already dropped
-            LinkState::Connecting { stream, .. } => {
-                // The connect has ended if the socket has an error or a peer address; neither
-                // means the event was spurious and the connect is still in flight.
-                let outcome = match stream.take_error() {
-                    Ok(Some(e)) | Err(e) => Err(e),
-                    Ok(None) => stream.peer_addr().map(|_| ()),
-                };
-                match outcome {
-                    Ok(()) => self.come_up(server, store, log),
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                    Err(e) => self.go_down(now, log, &e.to_string()),
-                }
+    pub fn on_ready(&mut self, now: Instant, scratch: &mut [u8], cx: &mut Context) {
+        if let LinkState::Connecting { stream, .. } = &mut self.state {
+            // The connect has ended if the socket has an error or a peer address; neither
+            // means the event was spurious and the connect is still in flight.
+            let outcome = match stream.take_error() {
+                Ok(Some(e)) | Err(e) => Err(e),
+                Ok(None) => stream.peer_addr().map(|_| ()),
+            };
+            match outcome {
+                Ok(()) => self.greet(now, cx),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => return self.go_down(now, cx.log, &e.to_string()),
             }
-            LinkState::Up { stream, .. } => {
-                // The neighbour never writes on this connection: a readable socket means it
-                // closed, or broke the protocol. Either way the link is rebuilt.
-                let mut scratch = [0u8; 512];
-                let why = loop {
-                    match stream.read(&mut scratch) {
-                        Ok(0) => break Some("closed by the neighbour".to_owned()),
-                        Ok(_) => break Some("the neighbour wrote on a send-only link".to_owned()),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => break Some(e.to_string()),
-                    }
-                };
-                if let Some(why) = why {
-                    self.go_down(now, log, &why);
-                }
-            }
+        }
+        if let Err(why) = self.read(now, scratch, cx) {
+            self.go_down(now, cx.log, &why);
         }
     }
 
-    fn come_up(&mut self, server: &str, store: &Store, log: &mut Log) {
-        let LinkState::Connecting { stream, .. } = std::mem::replace(
-            &mut self.state,
-            LinkState::Down {
-                retry_at: Instant::now(),
-            },
-        ) else {
+    /// Connected: sends the greeting; without a secret the link is up at once.
+    fn greet(&mut self, now: Instant, cx: &mut Context) {
+        let LinkState::Connecting { stream, .. } =
+            std::mem::replace(&mut self.state, LinkState::Down { retry_at: now })
+        else {
             return;
         };
-        let mut out = OutBuf::default();
-        let mut greeting = Vec::with_capacity(64);
-        greeting.extend_from_slice(GREETING_VERB);
-        greeting.push(b' ');
-        greeting.extend_from_slice(PROTOCOL_VERSION);
-        greeting.push(b' ');
-        greeting.extend_from_slice(server.as_bytes());
-        log.bytes(format_args!("link {}", self.name), '>', &greeting);
-        greeting.push(b'\n');
-        out.push(&greeting);
-        self.failures = 0;
-        log.event(
-            format_args!("link {}", self.name),
-            format_args!("up to {}; syncing {} records", self.addr, store.len()),
-        );
-        self.state = LinkState::Up {
+        let mut wire = Wire {
             stream,
-            out,
-            sync: 0,
-            sync_end: store.len(),
+            out: OutBuf::default(),
+            reader: LineReader::default(),
         };
+        let nd = match cx.secret {
+            Some(_) => match peer::nonce() {
+                Some(nd) => Some(nd),
+                None => return self.go_down(now, cx.log, "no randomness for a nonce"),
+            },
+            None => None,
+        };
+        let greeting = peer::greeting(cx.server, nd.as_deref());
+        cx.log
+            .bytes(format_args!("link {}", self.name), '>', &greeting);
+        send(&mut wire, &mut None, &greeting);
+        self.state = match nd {
+            Some(nd) => LinkState::Authenticating {
+                wire,
+                nd,
+                deadline: now + peer::HANDSHAKE_TIMEOUT,
+            },
+            None => self.come_up(now, wire, None, cx),
+        };
+    }
+
+    fn come_up(
+        &mut self,
+        now: Instant,
+        wire: Wire,
+        session: Option<Session>,
+        cx: &mut Context,
+    ) -> LinkState {
+        self.failures = 0;
+        cx.log.event(
+            format_args!("link {}", self.name),
+            format_args!(
+                "up to {}{}; syncing {} records",
+                self.addr,
+                if session.is_some() {
+                    ", authenticated"
+                } else {
+                    ""
+                },
+                cx.store.len()
+            ),
+        );
+        LinkState::Up {
+            wire,
+            session,
+            sync: 0,
+            sync_end: cx.store.len(),
+            last_heard: now,
+            last_sent: now,
+            next_digest: now + peer::DIGEST_INTERVAL,
+        }
+    }
+
+    /// Reads what the neighbour wrote: its challenge, heartbeats, and requests to resync.
+    fn read(&mut self, now: Instant, scratch: &mut [u8], cx: &mut Context) -> Result<(), String> {
+        let wire = match &mut self.state {
+            LinkState::Authenticating { wire, .. } | LinkState::Up { wire, .. } => wire,
+            _ => return Ok(()),
+        };
+        let fill = wire
+            .reader
+            .fill(&mut wire.stream, scratch, 4 * MAX_LINE_BYTES, false)
+            .map_err(|e| e.to_string())?;
+        while let Some(line) = self.next_line() {
+            self.on_line(now, &line, cx)?;
+        }
+        match fill {
+            Fill::Eof => Err("closed by the neighbour".into()),
+            Fill::Full => Err("the neighbour wrote too much".into()),
+            Fill::Drained => Ok(()),
+        }
+    }
+
+    fn next_line(&mut self) -> Option<Vec<u8>> {
+        let wire = match &mut self.state {
+            LinkState::Authenticating { wire, .. } | LinkState::Up { wire, .. } => wire,
+            _ => return None,
+        };
+        let line = match wire.reader.next_line(MAX_LINE_BYTES)? {
+            crate::conn::Line::Complete(line) => line.to_vec(),
+            crate::conn::Line::TooLong(_) => b"(an overlong line)".to_vec(),
+        };
+        wire.reader.compact();
+        Some(line)
+    }
+
+    fn on_line(&mut self, now: Instant, line: &[u8], cx: &mut Context) -> Result<(), String> {
+        cx.log.bytes(format_args!("link {}", self.name), '<', line);
+        match &mut self.state {
+            LinkState::Authenticating { nd, .. } => {
+                let secret = cx.secret.ok_or("no secret")?;
+                let (na, proof) = peer::parse_challenge(line)
+                    .ok_or("the neighbour did not answer with a challenge: is the herd secret set on both?")?;
+                let (me, them) = (cx.server.as_bytes(), self.name.as_bytes());
+                if !secret.verify(proof, b"accept", me, them, nd, na) {
+                    return Err("the neighbour's proof is wrong: the herd secrets differ".into());
+                }
+                let mut reply = b"PROOF ".to_vec();
+                reply.extend_from_slice(&secret.proof(b"dial", me, them, nd, na));
+                let session = Session::new(secret, nd, na, true);
+                let LinkState::Authenticating { mut wire, .. } =
+                    std::mem::replace(&mut self.state, LinkState::Down { retry_at: now })
+                else {
+                    return Ok(());
+                };
+                send(&mut wire, &mut None, &reply);
+                self.state = self.come_up(now, wire, Some(session), cx);
+                Ok(())
+            }
+            LinkState::Up {
+                session,
+                sync,
+                sync_end,
+                last_heard,
+                ..
+            } => {
+                let payload = match session {
+                    Some(session) => session.open(line)?,
+                    None => line,
+                };
+                *last_heard = now;
+                match peer::parse_line(payload) {
+                    Some(PeerLine::Ping) => {}
+                    Some(PeerLine::Sync) => {
+                        cx.log.event(
+                            format_args!("link {}", self.name),
+                            format_args!(
+                                "the neighbour asks for the whole store: syncing {} records",
+                                cx.store.len()
+                            ),
+                        );
+                        (*sync, *sync_end) = (0, cx.store.len());
+                    }
+                    _ => return Err("the neighbour sent a line a link does not carry".into()),
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     fn go_down(&mut self, now: Instant, log: &mut Log, why: &str) {
@@ -208,43 +389,65 @@ impl Link {
     /// Queues one record. A link that is not up drops it: the sync when it comes back up
     /// carries the whole store, so nothing queues without bound for a neighbour that is away.
     pub fn send(&mut self, now: Instant, line: &[u8], cap: usize, log: &mut Log) {
-        let LinkState::Up { out, .. } = &mut self.state else {
+        let LinkState::Up {
+            wire,
+            session,
+            last_sent,
+            ..
+        } = &mut self.state
+        else {
             return;
         };
         log.bytes(format_args!("link {}", self.name), '>', line);
-        out.push(line);
-        out.push(b"\n");
-        if out.pending() > cap {
+        send(wire, session, line);
+        *last_sent = now;
+        if wire.out.pending() > cap {
             let why = format!("over {cap} bytes unsent: the neighbour does not keep up");
             self.go_down(now, log, &why);
+        }
+    }
+
+    /// Copies the whole store to the neighbour again (the neighbour's digest kept differing).
+    pub fn resync(&mut self, store: &Store) {
+        if let LinkState::Up { sync, sync_end, .. } = &mut self.state {
+            (*sync, *sync_end) = (0, store.len());
         }
     }
 
     /// Copies the next batch of the store into the output, if the output has room, then writes.
     /// Called at the end of every turn.
     pub fn flush(&mut self, now: Instant, store: &Store, log: &mut Log) {
-        let LinkState::Up {
-            stream,
-            out,
-            sync,
-            sync_end,
-        } = &mut self.state
-        else {
-            return;
+        let (wire, session, sync, sync_end, last_sent) = match &mut self.state {
+            LinkState::Authenticating { wire, .. } => {
+                let result = wire.out.write_to(&mut wire.stream);
+                if let Err(e) = result {
+                    self.go_down(now, log, &format!("write failed: {e}"));
+                }
+                return;
+            }
+            LinkState::Up {
+                wire,
+                session,
+                sync,
+                sync_end,
+                last_sent,
+                ..
+            } => (wire, session, sync, sync_end, last_sent),
+            _ => return,
         };
         let result = loop {
-            while *sync < *sync_end && out.pending() < SYNC_LOW_WATER {
+            while *sync < *sync_end && wire.out.pending() < SYNC_LOW_WATER {
                 if let Some(record) = store.at(*sync) {
                     log.bytes(format_args!("link {}", self.name), '>', &record.line);
-                    out.push(&record.line);
-                    out.push(b"\n");
+                    send(wire, session, &record.line);
+                    *last_sent = now;
                 }
                 *sync += 1;
             }
-            let before = out.pending();
-            let result = out.write_to(stream);
+            let before = wire.out.pending();
+            let result = wire.out.write_to(&mut wire.stream);
             // Keep going while the kernel takes everything and the sync has more to send.
-            if result.is_err() || out.pending() != 0 || before == 0 || *sync >= *sync_end {
+            if result.is_err() || wire.out.pending() != 0 || before == 0 || *sync >= *sync_end {
                 break result;
             }
         };
@@ -252,6 +455,11 @@ impl Link {
             self.go_down(now, log, &format!("write failed: {e}"));
         }
     }
+}
+
+/// Frames one payload onto the wire's output.
+fn send(wire: &mut Wire, session: &mut Option<Session>, payload: &[u8]) {
+    peer::frame(session.as_mut(), payload, wire.out.tail());
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use herd::config::Config;
+use herd::peer::Secret;
 use herd::server::Server;
 
 const USAGE: &str = "\
@@ -24,6 +25,8 @@ Options:
 Environment:
   GOOGLE_PLACES_API_KEY   the Google Places API key for WHATSAT (or set places.key_file);
                           never taken from the command line
+  HERD_SECRET             the herd secret peers authenticate with (or set secret_file);
+                          herd up makes one for the herd it starts
   RUST_LOG                diagnostics on standard error (default: info)
 
 Exit codes: 0 stopped by SIGTERM or SIGINT; 1 run-time failure; 2 bad command line or
@@ -73,8 +76,9 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
         ["serve", name] => {
             let config = load()?;
             let key = api_key(&config).map_err(usage)?;
+            let secret = herd_secret(&config).map_err(usage)?;
             raise_descriptor_limit();
-            let mut server = Server::bind(&config, name, key).map_err(usage)?;
+            let mut server = Server::bind(&config, name, key, secret).map_err(usage)?;
             server.run().map_err(|e| Failure(1, e))
         }
         ["up"] => {
@@ -140,6 +144,27 @@ fn api_key(config: &Config) -> Result<Option<String>, String> {
     let key = std::fs::read_to_string(path)
         .map_err(|e| format!("places.key_file {}: {e}", path.display()))?;
     check_key(key.trim().to_owned()).map(Some)
+}
+
+/// The herd secret from `HERD_SECRET`, else from `secret_file`; `None` if neither is set (then
+/// peers identify by their greeting alone).
+fn herd_secret(config: &Config) -> Result<Option<Secret>, String> {
+    let text = match std::env::var("HERD_SECRET")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+    {
+        Some(text) => text,
+        None => match &config.secret_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("secret_file {}: {e}", path.display()))?,
+            None => return Ok(None),
+        },
+    };
+    let text = text.trim();
+    if text.len() < 16 {
+        return Err("the herd secret must be at least 16 characters".into());
+    }
+    Ok(Some(Secret::new(text.as_bytes())))
 }
 
 /// A key goes into a request line and a header: it must be one printable token.

@@ -277,17 +277,9 @@ pub fn parse_at_record(line: &[u8]) -> Option<AtRecord<'_>> {
     })
 }
 
-/// The greeting a dialling peer sends as its first line: `PEER herd/1 NAME`.
+/// The greeting a dialling peer sends as its first line: `PEER herd/1 NAME` (see [`crate::peer`]).
 pub const GREETING_VERB: &[u8] = b"PEER";
 pub const PROTOCOL_VERSION: &[u8] = b"herd/1";
-
-/// Returns the peer name if `line` is a well-formed greeting.
-pub fn parse_greeting(line: &[u8]) -> Option<&[u8]> {
-    match fields::<3>(line)? {
-        ([GREETING_VERB, PROTOCOL_VERSION, name], 3) => Some(name),
-        _ => None,
-    }
-}
 
 /// Which of two records of the same client wins: the later client time, and on equal time the
 /// bytewise larger line. A total order, so every server picks the same winner.
@@ -474,12 +466,5 @@ mod tests {
         assert!(is_newer(1, b"b", 1, b"a"));
         assert!(!is_newer(1, b"a", 1, b"a"));
         assert!(!is_newer(1, b"z", 2, b"a"));
-    }
-
-    #[test]
-    fn greeting() {
-        assert_eq!(parse_greeting(b"PEER herd/1 Bona"), Some(&b"Bona"[..]));
-        assert_eq!(parse_greeting(b"PEER herd/2 Bona"), None);
-        assert_eq!(parse_greeting(b"PEER herd/1 Bona x"), None);
     }
 }

@@ -30,6 +30,7 @@ use crate::herd::{whatsat_reply, Herd};
 use crate::https::{tls_config, PlacesPool};
 use crate::link::Link;
 use crate::log::Log;
+use crate::peer::{self, Secret};
 use crate::reactor::{Registrar, Source, Tokens};
 
 /// How often the connections are checked for idleness. A timer per connection would cost a heap
@@ -63,7 +64,12 @@ pub struct Server {
 
 impl Server {
     /// Binds the server `name` of `config`, ready to run. Prints the line that says so.
-    pub fn bind(config: &Config, name: &str, key: Option<String>) -> Result<Server, String> {
+    pub fn bind(
+        config: &Config,
+        name: &str,
+        key: Option<String>,
+        secret: Option<Secret>,
+    ) -> Result<Server, String> {
         let me = config.server(name)?;
         let addr = resolve(&me.host, me.port)?;
         let mut neighbour_addrs = Vec::new();
@@ -142,6 +148,7 @@ impl Server {
             scratch: vec![0; READ_CHUNK],
             herd: Herd::new(
                 name.to_owned(),
+                secret,
                 links,
                 places,
                 log,
@@ -195,6 +202,7 @@ impl Server {
     fn dispatch(&mut self, event: &Event) {
         let registrar = Registrar::new(self.poll.registry(), self.tokens);
         let herd = &mut self.herd;
+        let now = herd.now;
         match self.tokens.source(event.token()) {
             Source::Listener => self.accept(),
             Source::Signals => {
@@ -213,8 +221,9 @@ impl Server {
                 self.deliver_places();
             }
             Source::Link(i) => {
-                if let Some(link) = herd.links.get_mut(i) {
-                    link.on_ready(herd.now, &herd.name, &herd.store, &mut herd.log);
+                let (links, mut cx) = herd.links_and_context();
+                if let Some(link) = links.get_mut(i) {
+                    link.on_ready(now, &mut self.scratch, &mut cx);
                 }
             }
             Source::Places(i) => {
@@ -354,8 +363,9 @@ impl Server {
         let now = self.herd.now;
         let registrar = Registrar::new(self.poll.registry(), self.tokens);
         let herd = &mut self.herd;
-        for link in &mut herd.links {
-            link.on_timeout(now, &registrar, &mut herd.log);
+        let (links, mut cx) = herd.links_and_context();
+        for link in links {
+            link.on_timeout(now, &registrar, &mut cx);
         }
         if let Some(pool) = &mut herd.places {
             if pool.deadline().is_some_and(|at| at <= now) {
@@ -365,27 +375,48 @@ impl Server {
         self.deliver_places();
         if self.sweep_at <= now {
             self.sweep_at = now + SWEEP_INTERVAL;
-            self.close_idle(now);
+            self.sweep(now);
         }
     }
 
-    /// Closes the client connections that have been quiet for the idle timeout (0: never) and
-    /// have nothing pending. Peer links are watched by their own side.
-    fn close_idle(&mut self, now: Instant) {
+    /// Once a second: closes the clients quiet for the idle timeout (0: never) with nothing
+    /// pending, sends heartbeats on inbound peer links that have been quiet, and closes peer
+    /// links silent for too long or not authenticated in time.
+    fn sweep(&mut self, now: Instant) {
         let idle = self.herd.limits.idle_timeout;
-        if idle.is_zero() {
-            return;
-        }
         for slot in 0..self.conns.len() {
             let Some(conn) = &mut self.conns[slot] else {
                 continue;
             };
-            let quiet = now.saturating_duration_since(conn.last_active) >= idle;
-            if quiet && conn.replies.is_empty() && !matches!(conn.role, Role::Peer(_)) {
-                conn.set_state(ConnState::Closed(format!(
-                    "idle for {} ms",
-                    idle.as_millis()
-                )));
+            let quiet = now.saturating_duration_since(conn.last_active);
+            let close = match &mut conn.role {
+                Role::Peer(_) if quiet >= peer::DEAD_AFTER => {
+                    Some(format!("silent for {} s", peer::DEAD_AFTER.as_secs()))
+                }
+                Role::Peer(side)
+                    if now.saturating_duration_since(side.last_sent)
+                        >= peer::HEARTBEAT_INTERVAL =>
+                {
+                    peer::frame(side.session.as_mut(), b"PING", conn.out.tail());
+                    side.last_sent = now;
+                    self.mark_dirty(slot);
+                    None
+                }
+                Role::Peer(_) => None,
+                Role::Challenged { until, .. } if *until <= now => Some(format!(
+                    "did not authenticate within {} s",
+                    peer::HANDSHAKE_TIMEOUT.as_secs()
+                )),
+                Role::Challenged { .. } => None,
+                Role::Client | Role::Undecided => {
+                    (!idle.is_zero() && quiet >= idle && conn.replies.is_empty())
+                        .then(|| format!("idle for {} ms", idle.as_millis()))
+                }
+            };
+            if let Some(reason) = close {
+                if let Some(conn) = &mut self.conns[slot] {
+                    conn.set_state(ConnState::Closed(reason));
+                }
                 self.mark_dirty(slot);
             }
         }

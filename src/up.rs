@@ -27,6 +27,13 @@ pub fn run(config_path: &Path, config: &Config) -> Result<i32, String> {
     // Registered before any child exists, so no SIGCHLD is missed.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD])
         .map_err(|e| format!("cannot catch signals: {e}"))?;
+    // The servers of a local herd authenticate each other with a secret made for this run,
+    // unless one is configured.
+    let configured = std::env::var_os("HERD_SECRET").is_some() || config.secret_file.is_some();
+    let secret = match configured {
+        true => None,
+        false => Some(crate::peer::new_secret().ok_or("no randomness for the herd secret")?),
+    };
     let mut herd = Vec::new();
     for server in &config.servers {
         let mut command = Command::new(&exe);
@@ -37,6 +44,7 @@ pub fn run(config_path: &Path, config: &Config) -> Result<i32, String> {
             .arg(config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            .envs(secret.iter().map(|s| ("HERD_SECRET", s)))
             // Its own process group: a terminal's Ctrl-C reaches `up`, which stops the herd in order.
             .process_group(0);
         // SAFETY: prctl is async-signal-safe; it makes the kernel send SIGTERM to the child if
