@@ -22,8 +22,11 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub name: String,
+    /// Where neighbours dial this server.
     pub host: String,
     pub port: u16,
+    /// Where it listens, when not at `host:port` (behind a proxy or NAT, on all interfaces).
+    pub listen: Option<String>,
     pub neighbors: Vec<String>,
 }
 
@@ -39,6 +42,8 @@ pub struct PlacesConfig {
     pub key_file: Option<PathBuf>,
     pub timeout: Duration,
     pub pool_size: usize,
+    /// Most requests waiting for a connection; past it a WHATSAT is answered UNKNOWN_ERROR.
+    pub max_queue: usize,
     pub max_body_bytes: usize,
     pub field_mask: String,
 }
@@ -47,8 +52,15 @@ pub struct PlacesConfig {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_line_bytes: usize,
+    /// A line started must end within this (a client sending a byte at a time holds a
+    /// connection and a buffer; this bounds how long).
+    pub line_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Unread replies past this close the connection at once...
     pub client_output_bytes: usize,
+    /// ...and past this for `client_output_soft_time`.
+    pub client_output_soft_bytes: usize,
+    pub client_output_soft_time: Duration,
     pub pending_replies: usize,
     pub max_connections: usize,
     pub peer_output_bytes: usize,
@@ -58,8 +70,11 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_line_bytes: 4096,
+            line_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             client_output_bytes: 4 << 20,
+            client_output_soft_bytes: 1 << 20,
+            client_output_soft_time: Duration::from_secs(10),
             pending_replies: 64,
             max_connections: 16384,
             peer_output_bytes: 16 << 20,
@@ -140,6 +155,7 @@ fn parse_server(value: Value) -> Result<ServerConfig, String> {
         None => return Err(format!("{at}no `port`")),
     };
     let host = take_str(&mut t, "host", &at)?.unwrap_or("127.0.0.1".into());
+    let listen = take_str(&mut t, "listen", &at)?;
     let neighbors = match t.remove("neighbors") {
         None => Vec::new(),
         Some(Value::Array(list)) => list
@@ -156,6 +172,7 @@ fn parse_server(value: Value) -> Result<ServerConfig, String> {
         name,
         host,
         port,
+        listen,
         neighbors,
     })
 }
@@ -231,8 +248,9 @@ fn parse_places(mut t: Table, base: &Path) -> Result<PlacesConfig, String> {
             .map_err(|e| format!("places.ca_file {}: {e}", ca.display()))?;
     }
     let key_file = file(&mut t, "key_file")?;
-    let timeout = Duration::from_millis(take_uint(&mut t, "timeout_ms", at, 5000)? as u64);
+    let timeout = take_ms(&mut t, "timeout_ms", at, Duration::from_millis(5000))?;
     let pool_size = take_uint(&mut t, "pool_size", at, 4)?.max(1);
+    let max_queue = take_uint(&mut t, "max_queue", at, 1024)?;
     let max_body_bytes = take_uint(&mut t, "max_body_bytes", at, 1 << 20)?;
     let field_mask = take_str(&mut t, "field_mask", at)?.unwrap_or(DEFAULT_FIELD_MASK.into());
     if field_mask.bytes().any(|b| b.is_ascii_control()) {
@@ -249,6 +267,7 @@ fn parse_places(mut t: Table, base: &Path) -> Result<PlacesConfig, String> {
         key_file,
         timeout,
         pool_size,
+        max_queue,
         max_body_bytes,
         field_mask,
     })
@@ -280,22 +299,34 @@ fn split_https_url(url: &str) -> Result<(String, u16, String), String> {
 fn parse_limits(mut t: Table) -> Result<Limits, String> {
     let at = "limits.";
     let d = Limits::default();
-    let ms = |d: Duration| d.as_millis() as usize;
     let limits = Limits {
         max_line_bytes: take_uint(&mut t, "max_line_bytes", at, d.max_line_bytes)?.max(64),
-        idle_timeout: Duration::from_millis(take_uint(
-            &mut t,
-            "idle_timeout_ms",
-            at,
-            ms(d.idle_timeout),
-        )? as u64),
+        line_timeout: take_ms(&mut t, "line_timeout_ms", at, d.line_timeout)?,
+        idle_timeout: take_ms(&mut t, "idle_timeout_ms", at, d.idle_timeout)?,
         client_output_bytes: take_uint(&mut t, "client_output_bytes", at, d.client_output_bytes)?,
+        client_output_soft_bytes: take_uint(
+            &mut t,
+            "client_output_soft_bytes",
+            at,
+            d.client_output_soft_bytes,
+        )?,
+        client_output_soft_time: take_ms(
+            &mut t,
+            "client_output_soft_ms",
+            at,
+            d.client_output_soft_time,
+        )?,
         pending_replies: take_uint(&mut t, "pending_replies", at, d.pending_replies)?.max(1),
         max_connections: take_uint(&mut t, "max_connections", at, d.max_connections)?,
         peer_output_bytes: take_uint(&mut t, "peer_output_bytes", at, d.peer_output_bytes)?,
     };
     no_unknown_keys(&t, at)?;
     Ok(limits)
+}
+
+fn take_ms(t: &mut Table, key: &str, at: &str, default: Duration) -> Result<Duration, String> {
+    let ms = take_uint(t, key, at, default.as_millis() as usize)?;
+    Ok(Duration::from_millis(ms as u64))
 }
 
 fn take_table(t: &mut Table, key: &str) -> Result<Table, String> {

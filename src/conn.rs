@@ -115,6 +115,11 @@ impl LineReader {
         self.eof
     }
 
+    /// Whether all that is buffered is the start of a line whose end has not come yet.
+    pub fn waiting_for_newline(&self) -> bool {
+        self.buffered() > 0 && self.scanned == self.buffered()
+    }
+
     /// Whether the socket may hold bytes not read yet, which no event will announce.
     pub fn is_full(&self) -> bool {
         self.full
@@ -316,6 +321,10 @@ pub struct Conn {
     pub last_active: Instant,
     /// Already listed for the loop's end-of-turn write.
     pub dirty: bool,
+    /// Since when a started line has been waiting for its end (the line deadline).
+    pub partial_since: Option<Instant>,
+    /// Since when unread replies have been over the soft limit.
+    pub over_soft_since: Option<Instant>,
 }
 
 impl Conn {
@@ -331,6 +340,8 @@ impl Conn {
             state: ConnState::Open,
             last_active: now,
             dirty: false,
+            partial_since: None,
+            over_soft_since: None,
         }
     }
 

@@ -145,6 +145,7 @@ pub struct PlacesPool {
     key: String,
     timeout: Duration,
     max_body_bytes: usize,
+    max_queue: usize,
     tls: Arc<ClientConfig>,
     server_name: ServerName<'static>,
     address: Address,
@@ -182,6 +183,7 @@ impl PlacesPool {
             key,
             timeout: cfg.timeout,
             max_body_bytes: cfg.max_body_bytes,
+            max_queue: cfg.max_queue,
             tls,
             server_name,
             address,
@@ -227,7 +229,7 @@ impl PlacesPool {
             format_args!("places #{id}"),
             format_args!("{}", request.summary),
         );
-        self.queue.push_back(Job {
+        let job = Job {
             id,
             owner,
             record: record.into(),
@@ -236,7 +238,13 @@ impl PlacesPool {
             started: now,
             deadline: now + self.timeout,
             retried: false,
-        });
+        };
+        if self.queue.len() >= self.max_queue {
+            let why = format!("{} Places requests are already waiting", self.queue.len());
+            self.fail(job, log, &why);
+        } else {
+            self.queue.push_back(job);
+        }
         id
     }
 

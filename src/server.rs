@@ -15,13 +15,14 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::event::Event;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Waker};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::Config;
@@ -32,6 +33,7 @@ use crate::link::Link;
 use crate::log::Log;
 use crate::peer::{self, Secret};
 use crate::reactor::{Registrar, Source, Tokens};
+use crate::store::Store;
 
 /// How often the connections are checked for idleness. A timer per connection would cost a heap
 /// entry per accept; one walk over 10,000 connections a second costs microseconds.
@@ -59,6 +61,8 @@ pub struct Server {
     dirty: Vec<usize>,
     scratch: Vec<u8>,
     herd: Herd,
+    /// Where SIGUSR1 writes the store.
+    dump_path: PathBuf,
     stopping: bool,
 }
 
@@ -71,7 +75,10 @@ impl Server {
         secret: Option<Secret>,
     ) -> Result<Server, String> {
         let me = config.server(name)?;
-        let addr = resolve(&me.host, me.port)?;
+        let addr = match &me.listen {
+            Some(listen) => resolve_address(listen)?,
+            None => resolve(&me.host, me.port)?,
+        };
         let mut neighbour_addrs = Vec::new();
         for n in &me.neighbors {
             let other = config.server(n)?;
@@ -93,8 +100,8 @@ impl Server {
         let mut listener =
             TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let bound = listener.local_addr().map_err(|e| e.to_string())?;
-        let mut signals =
-            Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot catch signals: {e}"))?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])
+            .map_err(|e| format!("cannot catch signals: {e}"))?;
         let registry = poll.registry();
         registry
             .register(
@@ -155,6 +162,7 @@ impl Server {
                 config.limits.clone(),
                 now,
             ),
+            dump_path: config.log_dir.join(format!("{name}.store")),
             stopping: false,
         })
     }
@@ -207,6 +215,10 @@ impl Server {
             Source::Listener => self.accept(),
             Source::Signals => {
                 for signal in self.signals.pending() {
+                    if signal == SIGUSR1 {
+                        dump_store(&herd.store, &self.dump_path, &mut herd.log);
+                        continue;
+                    }
                     herd.log.event(
                         format_args!("server {}", herd.name),
                         format_args!("signal {signal}: stopping"),
@@ -325,6 +337,11 @@ impl Server {
         if read {
             conn.last_active = self.herd.now;
         }
+        // The line deadline runs from the first byte of a line whose end has not come.
+        conn.partial_since = match conn.reader.waiting_for_newline() {
+            true => conn.partial_since.or(Some(self.herd.now)),
+            false => None,
+        };
         conn.out.pending() > 0
     }
 
@@ -379,17 +396,31 @@ impl Server {
         }
     }
 
-    /// Once a second: closes the clients quiet for the idle timeout (0: never) with nothing
-    /// pending, sends heartbeats on inbound peer links that have been quiet, and closes peer
-    /// links silent for too long or not authenticated in time.
+    /// Once a second: closes the connections past a limit of time (a line not finished in
+    /// time, replies left unread over the soft limit too long, a client idle with nothing
+    /// pending, a peer link silent, a peer not authenticated in time), and sends heartbeats on
+    /// inbound peer links that have been quiet.
     fn sweep(&mut self, now: Instant) {
-        let idle = self.herd.limits.idle_timeout;
+        let limits = self.herd.limits.clone();
+        let idle = limits.idle_timeout;
+        let past = |since: Option<Instant>, limit: Duration| {
+            since.is_some_and(|at| now.saturating_duration_since(at) >= limit)
+        };
         for slot in 0..self.conns.len() {
             let Some(conn) = &mut self.conns[slot] else {
                 continue;
             };
             let quiet = now.saturating_duration_since(conn.last_active);
             let close = match &mut conn.role {
+                _ if past(conn.partial_since, limits.line_timeout) => Some(format!(
+                    "a line not finished within {} ms",
+                    limits.line_timeout.as_millis()
+                )),
+                _ if past(conn.over_soft_since, limits.client_output_soft_time) => Some(format!(
+                    "over {} bytes of replies unread for {} ms: the client does not read",
+                    limits.client_output_soft_bytes,
+                    limits.client_output_soft_time.as_millis()
+                )),
                 Role::Peer(_) if quiet >= peer::DEAD_AFTER => {
                     Some(format!("silent for {} s", peer::DEAD_AFTER.as_secs()))
                 }
@@ -445,6 +476,11 @@ impl Server {
         };
         conn.dirty = false;
         conn.flush(self.herd.limits.client_output_bytes);
+        conn.over_soft_since = match conn.out.pending() > self.herd.limits.client_output_soft_bytes
+        {
+            true => conn.over_soft_since.or(Some(self.herd.now)),
+            false => None,
+        };
         if let ConnState::Closed(reason) = &conn.state {
             self.herd.log.event(
                 format_args!("c{}", conn.id),
@@ -475,6 +511,44 @@ impl Server {
         );
         herd.log.flush();
     }
+}
+
+/// Writes every record, sorted, under a first line with their count and digest, so that the
+/// stores of a herd can be compared (`kill -USR1`, then compare the `.store` files). Written
+/// beside and renamed into place, so a reader never sees half a file. It blocks the loop for
+/// as long as the write takes: an operator's (or a test's) request, not a hot path.
+fn dump_store(store: &Store, path: &Path, log: &mut Log) {
+    let mut lines: Vec<&[u8]> = (0..store.len())
+        .filter_map(|i| store.at(i).map(|r| &*r.line))
+        .collect();
+    lines.sort_unstable();
+    let mut text = format!(
+        "# {} records, digest {:016x}\n",
+        store.len(),
+        store.digest()
+    )
+    .into_bytes();
+    for line in lines {
+        text.extend_from_slice(line);
+        text.push(b'\n');
+    }
+    let partial = path.with_extension("store.partial");
+    let outcome = std::fs::write(&partial, &text).and_then(|()| std::fs::rename(&partial, path));
+    let what = match outcome {
+        Ok(()) => format!("{} records written to {}", store.len(), path.display()),
+        Err(e) => format!("cannot write {}: {e}", path.display()),
+    };
+    log.event(format_args!("store"), format_args!("{what}"));
+}
+
+/// `HOST:PORT`, resolved (before the loop starts).
+fn resolve_address(address: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {address}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {address}: no address"))
 }
 
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
