@@ -345,6 +345,22 @@ impl Conn {
         }
     }
 
+    /// The state and role's names, for the trace.
+    pub fn state_name(&self) -> String {
+        let state = match self.state {
+            ConnState::Open => "Open",
+            ConnState::Draining(_) => "Draining",
+            ConnState::Closed(_) => "Closed",
+        };
+        let role = match self.role {
+            Role::Undecided => "Undecided",
+            Role::Client => "Client",
+            Role::Challenged { .. } => "Challenged",
+            Role::Peer(_) => "Peer",
+        };
+        format!("{state}/{role}")
+    }
+
     /// Moves to a new state; the loop logs the close when it frees the connection.
     pub fn set_state(&mut self, next: ConnState) {
         if !matches!(self.state, ConnState::Closed(_)) {

@@ -200,6 +200,16 @@ impl PlacesPool {
         self.slots.len()
     }
 
+    /// Each slot's state name, for the trace.
+    pub fn slot_states(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.slots.iter().map(|slot| match slot {
+            Slot::Empty => "Empty",
+            Slot::Connecting { .. } => "Connecting",
+            Slot::Exchanging { .. } => "Exchanging",
+            Slot::Idle { .. } => "Idle",
+        })
+    }
+
     /// Queues a request for `query`; returns the job's id. The loop calls [`Self::dispatch`]
     /// at the end of the turn.
     pub fn submit(

@@ -20,10 +20,13 @@
 //! | [`protocol`] | the client protocol as pure functions: fields, IAMAT, WHATSAT, AT lines |
 //! | [`store`] | the latest record of every client, and which record wins |
 //! | [`config`] | `herd.toml`, checked as a whole at start-up |
+//! | [`trace`] | `--trace`: what woke the loop, every state transition, how long it sleeps |
 //! | [`log`] | the per-server log file, buffered and written once per turn |
 //! | [`up`] | `herd up`: a whole herd as child processes |
+//! | [`client`] | `herd iamat`, `herd whatsat`, `herd send`: one command, its reply |
 //! | [`load`] | `herd load`: a load generator that speaks the protocol, for benchmarks |
 
+pub mod client;
 pub mod config;
 pub mod conn;
 pub mod herd;
@@ -38,4 +41,5 @@ pub mod protocol;
 pub mod reactor;
 pub mod server;
 pub mod store;
+pub mod trace;
 pub mod up;

@@ -135,6 +135,16 @@ impl Link {
         }
     }
 
+    /// The state's name, for the trace.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            LinkState::Down { .. } => "Down",
+            LinkState::Connecting { .. } => "Connecting",
+            LinkState::Authenticating { .. } => "Authenticating",
+            LinkState::Up { .. } => "Up",
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         matches!(self.state, LinkState::Up { .. })
     }

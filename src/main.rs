@@ -1,5 +1,6 @@
 //! The `herd` command: `serve` one server, bring a whole herd `up`, or explain itself.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -14,6 +15,11 @@ Usage:
   herd serve NAME [--config PATH]   run the server NAME of the configuration
   herd up [--config PATH]           run every server of the configuration on this machine,
                                     until Ctrl-C or SIGTERM
+  herd iamat SERVER CLIENT LOCATION  send IAMAT with the current time; print the reply
+  herd whatsat SERVER CLIENT RADIUS BOUND
+                                    send WHATSAT; print the reply
+  herd send SERVER 'LINE'           send any line; print the reply
+                                    (SERVER: a name in the configuration, or HOST:PORT)
   herd load --addr HOST:PORT [...]  generate load against any server of this protocol and
                                     print one line of JSON (herd load --help)
   herd --help | --version
@@ -21,6 +27,8 @@ Usage:
 Options:
   -c, --config PATH   the configuration (default: ./herd.toml, else herd.toml beside
                       this program)
+  -t, --trace         serve, up: print on standard error what the loop does, turn by turn:
+                      what woke it, every state transition (old -> new), how long it sleeps
 
 Environment:
   GOOGLE_PLACES_API_KEY   the Google Places API key for WHATSAT (or set places.key_file);
@@ -41,7 +49,6 @@ fn usage(message: impl Into<String>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(std::env::args().skip(1).collect()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, message)) => {
@@ -53,15 +60,19 @@ fn main() -> ExitCode {
 
 fn run(args: Vec<String>) -> Result<(), Failure> {
     if args.first().map(String::as_str) == Some("load") {
+        init_logging(false);
         return load(&args[1..]);
     }
     let mut opts = getopts::Options::new();
     opts.optopt("c", "config", "configuration file", "PATH");
     opts.optflag("h", "help", "explain the commands");
     opts.optflag("V", "version", "print the version");
+    opts.optflag("t", "trace", "print what the loop does, turn by turn");
     let matches = opts
         .parse(&args)
         .map_err(|e| usage(format!("{e} (see herd --help)")))?;
+    let trace = matches.opt_present("trace");
+    init_logging(trace);
     if matches.opt_present("help") {
         println!("{USAGE}");
         return Ok(());
@@ -70,11 +81,17 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
         println!("herd {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
-    let config_path = config_path(matches.opt_str("config"))?;
-    let load = || Config::load(&config_path).map_err(usage);
+    // The client commands need no configuration when given HOST:PORT.
+    let found = config_path(matches.opt_str("config"));
+    let config_path = found.as_ref().ok().cloned();
+    let load = || -> Result<(PathBuf, Config), Failure> {
+        let path = config_path.clone().ok_or_else(|| usage(NO_CONFIG))?;
+        let config = Config::load(&path).map_err(usage)?;
+        Ok((path, config))
+    };
     match matches.free.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["serve", name] => {
-            let config = load()?;
+            let (_, config) = load()?;
             let key = api_key(&config).map_err(usage)?;
             let secret = herd_secret(&config).map_err(usage)?;
             raise_descriptor_limit();
@@ -82,19 +99,69 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
             server.run().map_err(|e| Failure(1, e))
         }
         ["up"] => {
-            let config = load()?;
-            match herd::up::run(&config_path, &config) {
+            let (config_path, config) = load()?;
+            match herd::up::run(&config_path, &config, trace) {
                 Ok(0) => Ok(()),
                 Ok(code) => Err(Failure(code as u8, "the herd stopped with an error".into())),
                 Err(e) => Err(Failure(1, e)),
             }
         }
+        ["iamat", server, client, location] => talk(
+            server,
+            &herd::client::iamat_line(client, location),
+            &config_path,
+        ),
+        ["whatsat", server, client, radius, bound] => talk(
+            server,
+            &format!("WHATSAT {client} {radius} {bound}"),
+            &config_path,
+        ),
+        ["send", server, line] => talk(server, line, &config_path),
         [] => Err(usage("no command given (see herd --help)")),
         _ => Err(usage(format!(
             "unknown command line {:?} (see herd --help)",
             matches.free.join(" ")
         ))),
     }
+}
+
+/// Sends one line to `server` (a name in the configuration, or HOST:PORT) and prints the
+/// reply exactly as it came.
+fn talk(server: &str, line: &str, config_path: &Option<PathBuf>) -> Result<(), Failure> {
+    let config = match config_path {
+        Some(path) => Some(Config::load(path).map_err(usage)?),
+        None => None,
+    };
+    let addr = herd::client::server_address(server, config.as_ref()).map_err(usage)?;
+    let reply = herd::client::exchange(addr, line).map_err(|e| Failure(1, e))?;
+    std::io::stdout()
+        .write_all(&reply)
+        .and_then(|()| std::io::stdout().flush())
+        .map_err(|e| Failure(1, format!("cannot print the reply: {e}")))
+}
+
+/// Diagnostics on standard error (`RUST_LOG`, default info); with `--trace`, the loop's trace
+/// too, one plain line per step.
+fn init_logging(trace: bool) {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if trace {
+        builder.filter_module(herd::trace::TARGET, log::LevelFilter::Trace);
+    }
+    builder.format(|out, record| {
+        if record.target() == herd::trace::TARGET {
+            writeln!(out, "{}", record.args())
+        } else {
+            writeln!(
+                out,
+                "[{} {}] {}",
+                record.level(),
+                record.target(),
+                record.args()
+            )
+        }
+    });
+    builder.init();
 }
 
 /// `herd load`: its own options, one line of JSON on standard output.
@@ -109,6 +176,8 @@ fn load(args: &[String]) -> Result<(), Failure> {
     println!("{}", report.to_json());
     Ok(())
 }
+
+const NO_CONFIG: &str = "no herd.toml here or beside the program: give --config PATH";
 
 /// `--config`, else `./herd.toml`, else `herd.toml` beside the program.
 fn config_path(given: Option<String>) -> Result<PathBuf, Failure> {

@@ -34,6 +34,7 @@ use crate::log::Log;
 use crate::peer::{self, Secret};
 use crate::reactor::{Registrar, Source, Tokens};
 use crate::store::Store;
+use crate::trace::{self, trace_loop};
 
 /// How often the connections are checked for idleness. A timer per connection would cost a heap
 /// entry per accept; one walk over 10,000 connections a second costs microseconds.
@@ -170,24 +171,113 @@ impl Server {
     /// Runs until SIGTERM or SIGINT.
     pub fn run(&mut self) -> Result<(), String> {
         let mut events = Events::with_capacity(1024);
+        let mut turn: u64 = 0;
         while !self.stopping {
             let timeout = self
                 .next_deadline()
                 .map(|at| at.saturating_duration_since(Instant::now()));
+            if trace::enabled() {
+                let name = &self.herd.name;
+                match timeout {
+                    Some(t) => trace_loop!(
+                        "{name} sleep: up to {} ms (the next deadline)",
+                        t.as_millis()
+                    ),
+                    None => trace_loop!("{name} sleep: until an event"),
+                }
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(format!("poll failed: {e}"));
                 }
             }
             self.begin_turn();
-            for event in events.iter() {
-                self.dispatch(event);
+            turn += 1;
+            if trace::enabled() {
+                trace_loop!(
+                    "{} turn {turn}: woken by {}",
+                    self.herd.name,
+                    self.describe(&events)
+                );
             }
+            for event in events.iter() {
+                let source = self.tokens.source(event.token());
+                let before = trace::enabled().then(|| self.snapshot(Some(source)));
+                self.dispatch(event);
+                if let Some(before) = before {
+                    before.trace_changes(&self.herd.name, &self.snapshot(Some(source)));
+                }
+            }
+            let before = trace::enabled().then(|| self.snapshot(None));
             self.fire_deadlines();
             self.before_sleep();
+            if let Some(before) = before {
+                before.trace_changes(&self.herd.name, &self.snapshot(None));
+            }
         }
         self.shut_down();
         Ok(())
+    }
+
+    /// What woke the loop, for the trace: `c3 readable`, `link Bona writable`, ...
+    fn describe(&self, events: &Events) -> String {
+        let mut woke: Vec<String> = Vec::new();
+        for event in events.iter() {
+            let who = match self.tokens.source(event.token()) {
+                Source::Listener => "the listener".to_owned(),
+                Source::Waker => "the waker (a DNS answer)".to_owned(),
+                Source::Signals => "a signal".to_owned(),
+                Source::Link(i) => format!("link {}", self.herd.links[i].name),
+                Source::Places(i) => format!("places#{i}"),
+                Source::Conn(slot) => match &self.conns.get(slot) {
+                    Some(Some(conn)) => format!("c{}", conn.id),
+                    _ => format!("slot {slot} (freed)"),
+                },
+            };
+            let how = match (event.is_readable(), event.is_writable()) {
+                (true, true) => "readable+writable",
+                (true, false) => "readable",
+                (false, true) => "writable",
+                (false, false) => "closed",
+            };
+            woke.push(format!("{who} {how}"));
+        }
+        match woke.is_empty() {
+            true => "nothing: a deadline came".to_owned(),
+            false => woke.join(", "),
+        }
+    }
+
+    /// The states of `source`'s machines (with `None`: of the links, the Places slots and the
+    /// connections), for the trace to compare before and after a step.
+    fn snapshot(&self, source: Option<Source>) -> trace::Snapshot {
+        let mut states = Vec::new();
+        let links = self.herd.links.iter().enumerate();
+        for (i, link) in links.filter(|(i, _)| source.map_or(true, |s| s == Source::Link(*i))) {
+            states.push((
+                format!("link {} (#{i})", link.name),
+                link.state_name().to_owned(),
+            ));
+        }
+        if source.map_or(true, |s| matches!(s, Source::Places(_) | Source::Waker)) {
+            for (i, state) in self
+                .herd
+                .places
+                .iter()
+                .flat_map(|p| p.slot_states())
+                .enumerate()
+            {
+                states.push((format!("places#{i}"), state.to_owned()));
+            }
+        }
+        for (slot, conn) in self.conns.iter().enumerate() {
+            if let Some(conn) = conn {
+                if source.map_or(true, |s| s == Source::Conn(slot) || s == Source::Listener) {
+                    states.push((format!("c{}", conn.id), conn.state_name()));
+                }
+            }
+        }
+        trace::Snapshot(states)
     }
 
     /// Reads the clock, once for the whole turn.

@@ -22,7 +22,8 @@ struct Running {
 }
 
 /// Runs the herd until a signal; returns the exit code.
-pub fn run(config_path: &Path, config: &Config) -> Result<i32, String> {
+/// With `trace`, every server traces its loop (see [`crate::trace`]).
+pub fn run(config_path: &Path, config: &Config, trace: bool) -> Result<i32, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     // Registered before any child exists, so no SIGCHLD is missed.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD])
@@ -42,6 +43,7 @@ pub fn run(config_path: &Path, config: &Config) -> Result<i32, String> {
             .arg(&server.name)
             .arg("--config")
             .arg(config_path)
+            .args(trace.then_some("--trace"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .envs(secret.iter().map(|s| ("HERD_SECRET", s)))
