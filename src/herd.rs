@@ -11,7 +11,7 @@ use crate::config::Limits;
 use crate::conn::{Conn, ConnState, Line, OutBuf, PeerSide, Replies, Role};
 use crate::https::PlacesPool;
 use crate::link::{self, Link};
-use crate::log::Log;
+use crate::log::{Log, Who};
 use crate::peer::{self, PeerLine, Secret, Session};
 use crate::places::{self, Query};
 use crate::protocol::{self, Command};
@@ -90,14 +90,14 @@ impl Herd {
             let line = match line {
                 Line::Complete(line) => line,
                 Line::TooLong(prefix) => {
-                    self.log.bytes(format_args!("c{}", conn.id), '<', prefix);
+                    self.log.bytes(Who::Conn(conn.id), '<', prefix);
                     if !conn.role.is_peer() {
                         let mut reply = b"? ".to_vec();
                         reply.extend_from_slice(prefix);
                         reply.extend_from_slice(
                             format!("... (line longer than {max_line} bytes)\n").as_bytes(),
                         );
-                        self.log.bytes(format_args!("c{}", conn.id), '>', &reply);
+                        self.log.bytes(Who::Conn(conn.id), '>', &reply);
                         conn.replies.push(&mut conn.out, &reply);
                     }
                     conn.state = ConnState::Draining(format!("line longer than {max_line} bytes"));
@@ -193,7 +193,7 @@ impl Herd {
         line: &[u8],
         registrar: &Registrar,
     ) -> bool {
-        self.log.bytes(format_args!("c{id}"), '<', line);
+        self.log.bytes(Who::Conn(id), '<', line);
         match protocol::parse_command(line) {
             Command::Blank => {}
             Command::Iamat(iamat) => {
@@ -206,7 +206,7 @@ impl Herd {
                     self.flood(&at, None);
                 }
                 at.push(b'\n');
-                self.log.bytes(format_args!("c{id}"), '>', &at);
+                self.log.bytes(Who::Conn(id), '>', &at);
                 replies.push(out, &at);
                 self.line = at;
             }
@@ -231,7 +231,7 @@ impl Herd {
         reply.extend_from_slice(b"? ");
         reply.extend_from_slice(line);
         reply.push(b'\n');
-        self.log.bytes(format_args!("c{id}"), '>', &reply);
+        self.log.bytes(Who::Conn(id), '>', &reply);
         replies.push(out, &reply);
     }
 
@@ -251,7 +251,7 @@ impl Herd {
                 record,
                 &places::error_body("REQUEST_DENIED", NO_KEY_MESSAGE),
             );
-            self.log.bytes(format_args!("c{id}"), '>', &reply);
+            self.log.bytes(Who::Conn(id), '>', &reply);
             replies.push(out, &reply);
             return;
         };
@@ -285,7 +285,7 @@ impl Herd {
     ) -> Option<Result<(), String>> {
         let greeting = peer::parse_greeting(line)?;
         let neighbour = self.neighbour(greeting.name)?;
-        self.log.bytes(format_args!("c{id}"), '<', line);
+        self.log.bytes(Who::Conn(id), '<', line);
         let name = &self.links[neighbour].name;
         Some(match (&self.secret, greeting.nonce) {
             (None, None) => {
@@ -305,7 +305,7 @@ impl Herd {
                 };
                 let proof = secret.proof(b"accept", greeting.name, self.name.as_bytes(), nd, &na);
                 let challenge = [&b"CHALLENGE "[..], &na, b" ", &proof].concat();
-                self.log.bytes(format_args!("c{id}"), '>', &challenge);
+                self.log.bytes(Who::Conn(id), '>', &challenge);
                 out.push(&challenge);
                 out.push(b"\n");
                 *role = Role::Challenged {
@@ -336,7 +336,7 @@ impl Herd {
         else {
             return Err("no challenge to answer".into());
         };
-        self.log.bytes(format_args!("c{id}"), '<', line);
+        self.log.bytes(Who::Conn(id), '<', line);
         let name = &self.links[*neighbour].name;
         let valid = peer::parse_proof(line).is_some_and(|proof| {
             secret.verify(
@@ -373,8 +373,7 @@ impl Herd {
         line: &[u8],
     ) -> Result<(), String> {
         let from = side.neighbour;
-        self.log
-            .bytes(format_args!("peer {}", self.links[from].name), '<', line);
+        self.log.bytes(Who::Peer(&self.links[from].name), '<', line);
         let payload = match &mut side.session {
             Some(session) => session.open(line)?,
             None => line,

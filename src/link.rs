@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use crate::conn::{Fill, LineReader, OutBuf};
-use crate::log::Log;
+use crate::log::{Log, Who};
 use crate::peer::{self, PeerLine, Secret, Session};
 use crate::reactor::{Registrar, Source};
 use crate::store::Store;
@@ -251,8 +251,7 @@ impl Link {
             None => None,
         };
         let greeting = peer::greeting(cx.server, nd.as_deref());
-        cx.log
-            .bytes(format_args!("link {}", self.name), '>', &greeting);
+        cx.log.bytes(Who::Link(&self.name), '>', &greeting);
         send(&mut wire, &mut None, &greeting);
         self.state = match nd {
             Some(nd) => LinkState::Authenticating {
@@ -330,7 +329,7 @@ impl Link {
     }
 
     fn on_line(&mut self, now: Instant, line: &[u8], cx: &mut Context) -> Result<(), String> {
-        cx.log.bytes(format_args!("link {}", self.name), '<', line);
+        cx.log.bytes(Who::Link(&self.name), '<', line);
         match &mut self.state {
             LinkState::Authenticating { nd, .. } => {
                 let secret = cx.secret.ok_or("no secret")?;
@@ -408,7 +407,7 @@ impl Link {
         else {
             return;
         };
-        log.bytes(format_args!("link {}", self.name), '>', line);
+        log.bytes(Who::Link(&self.name), '>', line);
         send(wire, session, line);
         *last_sent = now;
         if wire.out.pending() > cap {
@@ -448,7 +447,7 @@ impl Link {
         let result = loop {
             while *sync < *sync_end && wire.out.pending() < SYNC_LOW_WATER {
                 if let Some(record) = store.at(*sync) {
-                    log.bytes(format_args!("link {}", self.name), '>', &record.line);
+                    log.bytes(Who::Link(&self.name), '>', &record.line);
                     send(wire, session, &record.line);
                     *last_sent = now;
                 }

@@ -57,9 +57,26 @@ impl Log {
         format_utc(&mut self.stamp, now);
     }
 
-    /// `STAMP WHO DIR BYTES`: a protocol line received (`<`) or sent (`>`), escaped.
-    pub fn bytes(&mut self, who: fmt::Arguments, dir: char, bytes: &[u8]) {
-        self.start(who);
+    /// `STAMP WHO DIR BYTES`: a protocol line received (`<`) or sent (`>`), escaped. The hot
+    /// path of logging (every line of every client), so nothing here goes through `fmt`.
+    pub fn bytes(&mut self, who: Who, dir: char, bytes: &[u8]) {
+        self.buf.extend_from_slice(self.stamp.as_bytes());
+        self.buf.push(b' ');
+        match who {
+            Who::Conn(id) => {
+                self.buf.push(b'c');
+                push_decimal(&mut self.buf, id);
+            }
+            Who::Link(name) => {
+                self.buf.extend_from_slice(b"link ");
+                self.buf.extend_from_slice(name.as_bytes());
+            }
+            Who::Peer(name) => {
+                self.buf.extend_from_slice(b"peer ");
+                self.buf.extend_from_slice(name.as_bytes());
+            }
+        }
+        self.buf.push(b' ');
         self.buf.push(dir as u8);
         self.buf.push(b' ');
         escape_into(&mut self.buf, bytes);
@@ -109,33 +126,85 @@ impl Log {
     }
 }
 
-/// Appends `bytes` with everything but printable ASCII escaped: `\n`, `\r`, `\t`, `\\`, `\xNN`.
-pub fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
-    if bytes
-        .iter()
-        .all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
-    {
-        out.extend_from_slice(bytes); // the common case: one copy
-        return;
+/// Whose line a protocol line is: an accepted connection's (`c7`), or a neighbour's on the
+/// link we dialled (`link Bona`) or on the one it dialled (`peer Bona`).
+#[derive(Debug, Clone, Copy)]
+pub enum Who<'a> {
+    Conn(u64),
+    Link(&'a str),
+    Peer(&'a str),
+}
+
+/// Appends `n` in decimal.
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
     }
-    for &b in bytes {
-        match b {
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `bytes` with everything but printable ASCII escaped: `\n`, `\r`, `\t`, `\\`, `\xNN`.
+/// Runs of printable bytes are copied whole: a reply's only escape is usually its final `\n`.
+pub fn escape_into(out: &mut Vec<u8>, mut bytes: &[u8]) {
+    while let Some(at) = first_to_escape(bytes) {
+        out.extend_from_slice(&bytes[..at]);
+        match bytes[at] {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
             b'\\' => out.extend_from_slice(b"\\\\"),
-            0x20..=0x7e => out.push(b),
-            _ => {
+            b => {
                 let hex = b"0123456789abcdef";
-                out.extend_from_slice(&[
+                let escaped = [
                     b'\\',
                     b'x',
                     hex[usize::from(b >> 4)],
                     hex[usize::from(b & 15)],
-                ]);
+                ];
+                out.extend_from_slice(&escaped);
             }
         }
+        bytes = &bytes[at + 1..];
     }
+    out.extend_from_slice(bytes);
+}
+
+/// The first byte that is not printable ASCII or is a backslash. Every logged line goes through
+/// here, so it looks at eight bytes at a time: the classic bit tricks below say, exactly,
+/// whether any byte of a word is below 0x20, has its top bit set, or equals 0x7f or `\`.
+fn first_to_escape(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let any_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGHS != 0;
+    let needs = |b: u8| !(0x20..0x7f).contains(&b) || b == b'\\';
+    let mut words = bytes.chunks_exact(8);
+    let mut at = 0;
+    for word in words.by_ref() {
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(word);
+        let w = u64::from_le_bytes(eight);
+        let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGHS != 0;
+        if below_space
+            || w & HIGHS != 0
+            || any_zero(w ^ (ONES * 0x7f))
+            || any_zero(w ^ (ONES * u64::from(b'\\')))
+        {
+            return word.iter().position(|&b| needs(b)).map(|i| at + i);
+        }
+        at += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&b| needs(b))
+        .map(|i| at + i)
 }
 
 /// Formats `t` as `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` (UTC).
@@ -182,6 +251,24 @@ mod tests {
     }
 
     #[test]
+    fn the_word_at_a_time_scan_finds_the_first_byte_to_escape() {
+        for b in 0u8..=255 {
+            for len in 1..20 {
+                for at in 0..len {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    let needs = !(0x20..0x7f).contains(&b) || b == b'\\';
+                    assert_eq!(
+                        first_to_escape(&bytes),
+                        needs.then_some(at),
+                        "{b:#x} at {at} of {len}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn client_bytes_cannot_forge_lines() {
         let mut out = Vec::new();
         escape_into(&mut out, b"a\nFAKE\\ \x1b[31m\xff");
@@ -192,7 +279,7 @@ mod tests {
     fn lines_have_stamp_who_and_direction() {
         let mut log = Log::discard();
         log.set_time(UNIX_EPOCH);
-        log.bytes(format_args!("c{}", 7), '<', b"IAMAT x");
+        log.bytes(Who::Conn(7), '<', b"IAMAT x");
         log.event(
             format_args!("link Bona"),
             format_args!("up to {}", "127.0.0.1:1"),

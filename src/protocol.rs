@@ -4,7 +4,7 @@
 //! Nothing here touches a socket or a clock: the caller passes the receive time in. Everything
 //! works on bytes, because a client id is any run of non-white-space bytes and need not be UTF-8.
 
-use std::fmt::Write as _;
+use crate::log::push_decimal;
 
 /// The six bytes SPEC.md section 2 counts as white space. `u8::is_ascii_whitespace` (and so
 /// `split_ascii_whitespace`) leaves out `\v`, which test clients do send.
@@ -232,15 +232,22 @@ pub fn write_at_line(out: &mut Vec<u8>, server: &str, received_ns: i128, iamat: 
     let abs = diff.unsigned_abs();
     out.extend_from_slice(b"AT ");
     out.extend_from_slice(server.as_bytes());
-    let mut number = String::with_capacity(32);
-    // Writing into a String cannot fail.
-    let _ = write!(
-        number,
-        " {sign}{}.{:09} ",
-        abs / 1_000_000_000,
-        abs % 1_000_000_000
-    );
-    out.extend_from_slice(number.as_bytes());
+    out.push(b' ');
+    out.push(sign as u8);
+    let (secs, nanos) = (abs / 1_000_000_000, (abs % 1_000_000_000) as u32);
+    match u64::try_from(secs) {
+        Ok(secs) => push_decimal(out, secs),
+        Err(_) => out.extend_from_slice(secs.to_string().as_bytes()), // beyond 584 billion years
+    }
+    out.push(b'.');
+    let mut digits = [b'0'; 9];
+    let mut rest = nanos;
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b' ');
     out.extend_from_slice(iamat.client);
     out.push(b' ');
     out.extend_from_slice(iamat.location);

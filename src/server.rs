@@ -30,7 +30,7 @@ use crate::conn::{Conn, ConnState, Fill, Role};
 use crate::herd::{whatsat_reply, Herd};
 use crate::https::{tls_config, PlacesPool};
 use crate::link::Link;
-use crate::log::Log;
+use crate::log::{Log, Who};
 use crate::peer::{self, Secret};
 use crate::reactor::{Registrar, Source, Tokens};
 use crate::store::Store;
@@ -458,7 +458,7 @@ impl Server {
                 continue; // the client left; its slot now holds another
             }
             let reply = whatsat_reply(&done.record, &done.body);
-            self.herd.log.bytes(format_args!("c{id}"), '>', &reply);
+            self.herd.log.bytes(Who::Conn(id), '>', &reply);
             conn.replies.complete(&mut conn.out, done.job, reply);
             // Lines may wait behind the reply, and input behind a full buffer.
             self.service_conn(slot, false, false);
