@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
-use crate::places::Api;
+use crate::places::{Api, Output};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -33,6 +33,7 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct PlacesConfig {
     pub api: Api,
+    pub output: Output,
     /// The URL as configured, for messages.
     pub url: String,
     pub host: String,
@@ -231,6 +232,15 @@ fn parse_places(mut t: Table, base: &Path) -> Result<PlacesConfig, String> {
             ))
         }
     };
+    let output = match take_str(&mut t, "output", at)?.as_deref() {
+        None | Some("google") => Output::AsSent,
+        Some("legacy") => Output::Legacy,
+        Some(other) => {
+            return Err(format!(
+                "places.output is {other:?}: it must be \"google\" or \"legacy\""
+            ))
+        }
+    };
     let default_url = if api == Api::Legacy {
         LEGACY_URL
     } else {
@@ -259,6 +269,7 @@ fn parse_places(mut t: Table, base: &Path) -> Result<PlacesConfig, String> {
     no_unknown_keys(&t, at)?;
     Ok(PlacesConfig {
         api,
+        output,
         url,
         host,
         port,

@@ -36,7 +36,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore};
 use crate::config::PlacesConfig;
 use crate::http::ResponseReader;
 use crate::log::Log;
-use crate::places::{self, Api};
+use crate::places::{self, Api, Output};
 use crate::reactor::{Registrar, Source};
 
 /// How long a kept-alive connection may sit unused before we close it ourselves.
@@ -138,6 +138,7 @@ enum Address {
 
 pub struct PlacesPool {
     api: Api,
+    output: Output,
     host: String,
     port: u16,
     path: String,
@@ -176,6 +177,7 @@ impl PlacesPool {
         };
         Ok(PlacesPool {
             api: cfg.api,
+            output: cfg.output,
             host: cfg.host.clone(),
             port: cfg.port,
             path: cfg.path.clone(),
@@ -498,7 +500,7 @@ impl PlacesPool {
         match outcome {
             Ok(resp) => {
                 let elapsed = now.saturating_duration_since(job.started).as_millis();
-                let body = match places::answer(self.api, &resp.body, job.bound) {
+                let body = match places::answer(self.api, self.output, &resp.body, job.bound) {
                     Ok(answer) => {
                         log.event(
                             format_args!("places #{}", job.id),

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod herd;
 pub mod http;
 pub mod https;
+pub mod legacy;
 pub mod link;
 pub mod load;
 pub mod log;

@@ -29,6 +29,16 @@ impl Api {
     }
 }
 
+/// What a reply body is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Google's body as Google sent it (cut to the bound, newlines squeezed).
+    AsSent,
+    /// With the New API, its answer turned into a legacy Nearby Search body, for clients written
+    /// for the legacy layout ([`crate::legacy`]). The same as `AsSent` with the legacy API.
+    Legacy,
+}
+
 /// Where a WHATSAT asks about: the client's location and the radius in metres.
 pub struct Query<'a> {
     pub latitude: Coordinate<'a>,
@@ -104,7 +114,7 @@ pub struct Answer {
 
 /// Makes the reply body from Google's raw body. `Err` carries what went wrong when the body is
 /// not JSON at all; the caller answers that with [`error_body`].
-pub fn answer(api: Api, raw: &[u8], bound: usize) -> Result<Answer, String> {
+pub fn answer(api: Api, output: Output, raw: &[u8], bound: usize) -> Result<Answer, String> {
     let parsed: serde_json::Value = serde_json::from_slice(raw)
         .map_err(|e| format!("Places answered with a body that is not JSON ({e})"))?;
     let status = match (api, &parsed) {
@@ -122,9 +132,12 @@ pub fn answer(api: Api, raw: &[u8], bound: usize) -> Result<Answer, String> {
             None => "OK".to_owned(),
         },
     };
-    let cut = match array_elements(raw, api.results_key()) {
-        Some(array) if array.elements.len() > bound => cut_array(raw, &array, bound),
-        _ => raw.to_vec(),
+    let cut = match (api, output) {
+        (Api::New, Output::Legacy) => crate::legacy::new_to_legacy(raw, bound)?,
+        _ => match array_elements(raw, api.results_key()) {
+            Some(array) if array.elements.len() > bound => cut_array(raw, &array, bound),
+            _ => raw.to_vec(),
+        },
     };
     Ok(Answer {
         status,
@@ -311,25 +324,25 @@ mod tests {
     #[test]
     fn cut_keeps_layout() {
         let raw = b"{\n   \"a\" : [ 1, 2 ],\n   \"results\" : [\n      {\n         \"x\" : \"]}\\\"\"\n      },\n      {\n         \"x\" : 2\n      }\n   ],\n   \"status\" : \"OK\"\n}\n";
-        let one = answer(Api::Legacy, raw, 1).unwrap();
+        let one = answer(Api::Legacy, Output::AsSent, raw, 1).unwrap();
         assert_eq!(one.status, "OK");
         assert_eq!(
             String::from_utf8(one.body).unwrap(),
             "{\n   \"a\" : [ 1, 2 ],\n   \"results\" : [\n      {\n         \"x\" : \"]}\\\"\"\n      }\n   ],\n   \"status\" : \"OK\"\n}"
         );
-        let none = answer(Api::Legacy, raw, 0).unwrap();
+        let none = answer(Api::Legacy, Output::AsSent, raw, 0).unwrap();
         assert_eq!(
             String::from_utf8(none.body).unwrap(),
             "{\n   \"a\" : [ 1, 2 ],\n   \"results\" : [],\n   \"status\" : \"OK\"\n}"
         );
-        let all = answer(Api::Legacy, raw, 2).unwrap();
+        let all = answer(Api::Legacy, Output::AsSent, raw, 2).unwrap();
         assert_eq!(all.body, &raw[..raw.len() - 1]);
     }
 
     #[test]
     fn new_api_cuts_places_and_reads_errors() {
         let raw = b"{\n  \"places\": [\n    {\n      \"id\": \"a\"\n    },\n    {\n      \"id\": \"b\"\n    }\n  ]\n}\n";
-        let a = answer(Api::New, raw, 1).unwrap();
+        let a = answer(Api::New, Output::AsSent, raw, 1).unwrap();
         assert_eq!(a.status, "OK");
         assert_eq!(
             a.body,
@@ -337,11 +350,31 @@ mod tests {
         );
         let e = answer(
             Api::New,
+            Output::AsSent,
             b"{\"error\": {\"code\": 403, \"status\": \"PERMISSION_DENIED\"}}",
             3,
         )
         .unwrap();
         assert_eq!(e.status, "PERMISSION_DENIED");
+    }
+
+    #[test]
+    fn new_api_answers_can_be_relayed_in_the_legacy_layout() {
+        let raw = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/places-fixtures/new_ok_5.json"
+        ))
+        .unwrap();
+        let expected = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/new_as_legacy_3.json"
+        ))
+        .unwrap();
+        let a = answer(Api::New, Output::Legacy, &raw, 3).unwrap();
+        assert_eq!(a.body, squeeze_newlines(&expected));
+        assert!(a
+            .body
+            .starts_with(b"{\n   \"html_attributions\" : [],\n   \"results\" : [\n"));
     }
 
     #[test]
@@ -351,7 +384,7 @@ mod tests {
 
     #[test]
     fn not_json_is_an_error() {
-        assert!(answer(Api::Legacy, b"<html>", 1).is_err());
+        assert!(answer(Api::Legacy, Output::AsSent, b"<html>", 1).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use herd::http::ResponseReader;
 use herd::peer::{self, Secret, Session};
-use herd::places::{self, Api};
+use herd::places::{self, Api, Output};
 use herd::protocol::{self, Command};
 use proptest::prelude::*;
 
@@ -164,7 +164,7 @@ proptest! {
     #[test]
     fn places_answers_keep_googles_bytes(bound in 0usize..25, mangle in any::<prop::sample::Index>()) {
         let raw = std::fs::read(fixture("legacy_ok_20.json")).unwrap();
-        let answer = places::answer(Api::Legacy, &raw, bound).unwrap();
+        let answer = places::answer(Api::Legacy, Output::AsSent, &raw, bound).unwrap();
         let body = String::from_utf8(answer.body).unwrap();
         // Everything before the results array is untouched.
         let head = "\"results\" : [";
@@ -176,7 +176,7 @@ proptest! {
         let mut damaged = raw.clone();
         let i = mangle.index(damaged.len());
         damaged[i] = b'{';
-        if let Ok(answer) = places::answer(Api::Legacy, &damaged, bound) {
+        if let Ok(answer) = places::answer(Api::Legacy, Output::AsSent, &damaged, bound) {
             prop_assert!(serde_json::from_slice::<serde_json::Value>(&damaged).is_ok());
             let _ = answer;
         }

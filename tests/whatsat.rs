@@ -87,8 +87,13 @@ struct Bailey {
 impl Bailey {
     /// `api` is "legacy" or "new".
     fn start(fake: &FakePlaces, api: &str, timeout_ms: u64) -> Bailey {
+        Bailey::start_with(&fake.places_toml(api, timeout_ms))
+    }
+
+    /// With `places`, the whole `[places]` table.
+    fn start_with(places: &str) -> Bailey {
         let dir = TestDir::new("whatsat");
-        let config = write_lone_config(&dir, &fake.places_toml(api, timeout_ms));
+        let config = write_lone_config(&dir, places);
         let server = spawn_server(&config, "Bailey", &[("GOOGLE_PLACES_API_KEY", KEY)]);
         let at_line = iamat(server.addr, KIWI);
         Bailey {
@@ -474,6 +479,25 @@ fn new_api_posts_search_nearby_and_cuts_places() {
         assert_new_request(&request, u64::from(bound));
     }
     assert_eq!(fake.requests().len(), 6, "one Places request per WHATSAT");
+    bailey.assert_key_absent();
+}
+
+/// `output = "legacy"`: the New API's answer reaches the client in the legacy layout, laid out
+/// as the fixtures' own generator lays it out (tests/data/make_new_as_legacy.py).
+#[test]
+fn new_api_answers_can_be_relayed_as_legacy_bodies() {
+    let fake = FakePlaces::start(Behaviour::Raw(fixture("new_ok_5.chunked.http")));
+    let places = fake.places_toml("new", 2000) + "output = \"legacy\"\n";
+    let mut bailey = Bailey::start_with(&places);
+    for bound in [1, 3, 5, 0] {
+        let body = newline_rules(&expected(&format!("new_as_legacy_{bound}.json")));
+        bailey.expect_body("new_ok_5.chunked.http as legacy", bound, &body);
+        let request = fake.requests().pop().expect("a request was made");
+        assert_new_request(&request, u64::from(bound));
+    }
+    fake.set(Behaviour::status(403, fixture("new_error_403.json")));
+    let body = newline_rules(&expected("new_as_legacy_error_403.json"));
+    bailey.expect_body("new_error_403.json as legacy", 5, &body);
     bailey.assert_key_absent();
 }
 
