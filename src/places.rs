@@ -115,26 +115,29 @@ pub struct Answer {
 /// Makes the reply body from Google's raw body. `Err` carries what went wrong when the body is
 /// not JSON at all; the caller answers that with [`error_body`].
 pub fn answer(api: Api, output: Output, raw: &[u8], bound: usize) -> Result<Answer, String> {
-    let parsed: serde_json::Value = serde_json::from_slice(raw)
+    // Checked, not built: a tree of Google's 40 KB body would cost more than the rest of the
+    // WHATSAT together. The scanner below finds what the reply needs.
+    // JSON is UTF-8, and IgnoredAny skips strings without looking at their bytes.
+    std::str::from_utf8(raw)
+        .map_err(|e| format!("Places answered with a body that is not UTF-8 ({e})"))?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(raw)
         .map_err(|e| format!("Places answered with a body that is not JSON ({e})"))?;
-    let status = match (api, &parsed) {
-        (Api::Legacy, v) => v
-            .get("status")
-            .and_then(|s| s.as_str())
-            .unwrap_or("")
-            .to_owned(),
-        (Api::New, v) => match v.get("error") {
-            Some(e) => e
-                .get("status")
-                .and_then(|s| s.as_str())
-                .unwrap_or("ERROR")
-                .to_owned(),
-            None => "OK".to_owned(),
-        },
+    let found = top_level(raw, api.results_key()).unwrap_or_default();
+    let text = |span: Option<(usize, usize)>, within: &[u8]| {
+        span.and_then(|(from, to)| serde_json::from_slice::<String>(&within[from..to]).ok())
+    };
+    let status = match (api, found.error) {
+        (Api::Legacy, _) => text(found.status, raw).unwrap_or_default(),
+        (Api::New, Some((from, to))) => {
+            let error = &raw[from..to];
+            let inner = top_level(error, "").and_then(|t| text(t.status, error));
+            inner.unwrap_or_else(|| "ERROR".into())
+        }
+        (Api::New, None) => "OK".to_owned(),
     };
     let cut = match (api, output) {
         (Api::New, Output::Legacy) => crate::legacy::new_to_legacy(raw, bound)?,
-        _ => match array_elements(raw, api.results_key()) {
+        _ => match found.array {
             Some(array) if array.elements.len() > bound => cut_array(raw, &array, bound),
             _ => raw.to_vec(),
         },
@@ -155,13 +158,17 @@ pub fn error_body(status: &str, message: &str) -> Vec<u8> {
 }
 
 /// Replaces every run of two or more newlines with one and drops trailing newlines.
-pub fn squeeze_newlines(text: &[u8]) -> Vec<u8> {
+pub fn squeeze_newlines(mut text: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len());
-    for &b in text {
-        if !(b == b'\n' && out.last() == Some(&b'\n')) {
-            out.push(b);
+    while let Some(at) = text.iter().position(|&b| b == b'\n') {
+        out.extend_from_slice(&text[..at]);
+        // An empty piece after a newline is a run of newlines: one is kept.
+        if at > 0 || out.last() != Some(&b'\n') {
+            out.push(b'\n');
         }
+        text = &text[at + 1..];
     }
+    out.extend_from_slice(text);
     while out.last() == Some(&b'\n') {
         out.pop();
     }
@@ -196,24 +203,45 @@ fn cut_array(raw: &[u8], array: &ArraySpan, keep: usize) -> Vec<u8> {
     out
 }
 
-/// Finds the array under `key` in the top-level object of valid JSON `raw`.
-fn array_elements(raw: &[u8], key: &str) -> Option<ArraySpan> {
+/// What the reply needs from the top level of Google's body, found in one pass.
+#[derive(Default)]
+struct TopLevel {
+    /// The results array (`results` or `places`), with its elements.
+    array: Option<ArraySpan>,
+    /// The spans of the `status` and `error` values.
+    status: Option<(usize, usize)>,
+    error: Option<(usize, usize)>,
+}
+
+/// Walks the top-level object of valid JSON `raw` once.
+fn top_level(raw: &[u8], array_key: &str) -> Option<TopLevel> {
+    let mut found = TopLevel::default();
     let mut scan = Scanner { raw, at: 0 };
     scan.skip_space();
     scan.expect(b'{')?;
     loop {
         scan.skip_space();
+        if scan.peek()? == b'}' {
+            return Some(found); // {}
+        }
         let name = scan.string()?;
+        let name = &raw[name.0 + 1..name.1 - 1];
         scan.skip_space();
         scan.expect(b':')?;
         scan.skip_space();
-        if &raw[name.0 + 1..name.1 - 1] == key.as_bytes() && scan.peek()? == b'[' {
-            return scan.array();
+        if name == array_key.as_bytes() && scan.peek()? == b'[' {
+            found.array = Some(scan.array()?);
+        } else {
+            let value = scan.value()?;
+            match name {
+                b"status" => found.status = Some(value),
+                b"error" => found.error = Some(value),
+                _ => {}
+            }
         }
-        scan.value()?;
         scan.skip_space();
         if scan.next()? != b',' {
-            return None;
+            return Some(found);
         }
     }
 }
@@ -245,15 +273,19 @@ impl Scanner<'_> {
         }
     }
 
-    /// A string; returns its span including the quotes.
+    /// A string; returns its span including the quotes. Jumps from one quote or backslash to
+    /// the next: most of Google's bytes are inside strings.
     fn string(&mut self) -> Option<(usize, usize)> {
         let start = self.at;
         self.expect(b'"')?;
         loop {
+            let skip = self.raw[self.at..]
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\')?;
+            self.at += skip;
             match self.next()? {
                 b'\\' => self.at += 1,
-                b'"' => return Some((start, self.at)),
-                _ => {}
+                _ => return Some((start, self.at)),
             }
         }
     }
@@ -266,14 +298,19 @@ impl Scanner<'_> {
             b'[' | b'{' => {
                 let mut depth = 0usize;
                 loop {
+                    // Indentation and numbers are skipped in one stride to the next bracket
+                    // or string.
+                    let skip = self.raw[self.at..]
+                        .iter()
+                        .position(|&b| matches!(b, b'"' | b'[' | b']' | b'{' | b'}'))?;
+                    self.at += skip;
                     match self.peek()? {
                         b'"' => {
                             self.string()?;
                             continue;
                         }
                         b'[' | b'{' => depth += 1,
-                        b']' | b'}' => depth -= 1,
-                        _ => {}
+                        _ => depth -= 1,
                     }
                     self.at += 1;
                     if depth == 0 {
@@ -293,7 +330,7 @@ impl Scanner<'_> {
         Some((start, self.at))
     }
 
-    /// An array at the cursor, with the spans of its elements.
+    /// An array at the cursor, with the spans of its elements; the cursor ends past its `]`.
     fn array(&mut self) -> Option<ArraySpan> {
         let open = self.at;
         self.expect(b'[')?;
@@ -301,9 +338,11 @@ impl Scanner<'_> {
         loop {
             self.skip_space();
             if self.peek()? == b']' {
+                let close = self.at;
+                self.at += 1;
                 return Some(ArraySpan {
                     open,
-                    close: self.at,
+                    close,
                     elements,
                 });
             }
@@ -385,6 +424,8 @@ mod tests {
     #[test]
     fn not_json_is_an_error() {
         assert!(answer(Api::Legacy, Output::AsSent, b"<html>", 1).is_err());
+        // Invalid UTF-8 inside a string is not JSON either.
+        assert!(answer(Api::Legacy, Output::AsSent, b"{\"status\" : \"O\xffK\"}", 1).is_err());
     }
 
     #[test]
