@@ -5,10 +5,10 @@
 //! This is plain blocking I/O on purpose: one request, one answer, nothing to multiplex.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::Config;
+use crate::config::{resolve, Config};
 
 /// How long to wait for the server to connect, and to answer (a WHATSAT waits on Places).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,23 +18,15 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn server_address(server: &str, config: Option<&Config>) -> Result<SocketAddr, String> {
     if let Some(config) = config {
         if let Ok(s) = config.server(server) {
-            return first_address(&format!("{}:{}", s.host, s.port));
+            return resolve(&s.host, Some(s.port));
         }
     }
     if server.contains(':') {
-        return first_address(server);
+        return resolve(server, None);
     }
     Err(format!(
         "{server:?} is neither a server of the configuration nor HOST:PORT"
     ))
-}
-
-fn first_address(address: &str) -> Result<SocketAddr, String> {
-    address
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {address}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve {address}: no address"))
 }
 
 /// `IAMAT CLIENT LOCATION NOW`, with the current time to the nanosecond.

@@ -373,6 +373,20 @@ fn no_unknown_keys(t: &Table, at: &str) -> Result<(), String> {
     }
 }
 
+/// The first address of `host` and `port`, or of `host` alone written `HOST:PORT`. Blocks: call
+/// it before a loop starts, never inside one.
+pub fn resolve(host: &str, port: Option<u16>) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let (addrs, shown) = match port {
+        Some(port) => ((host, port).to_socket_addrs(), format!("{host}:{port}")),
+        None => (host.to_socket_addrs(), host.to_owned()),
+    };
+    addrs
+        .map_err(|e| format!("cannot resolve {shown}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {shown}: no address"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

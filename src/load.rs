@@ -46,7 +46,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token};
 
 use crate::conn::OutBuf;
-use crate::log::escape_into;
+use crate::log::{escape_into, push_decimal};
 
 /// The location every generated IAMAT reports: the spec's example, on UCLA's campus.
 const LOCATION: &[u8] = b"+34.068930-118.445127";
@@ -469,12 +469,12 @@ fn write_iamat_fields(out: &mut Vec<u8>, prefix: &[u8], client: u64, time_ns: u6
 
 fn write_client_id(out: &mut Vec<u8>, prefix: &[u8], client: u64) {
     out.extend_from_slice(prefix);
-    write_decimal(out, client);
+    push_decimal(out, client);
 }
 
 /// POSIX seconds with nine decimals, `SECS.NNNNNNNNN`, as the spec's example client sends.
 fn write_client_time(out: &mut Vec<u8>, ns: u64) {
-    write_decimal(out, ns / 1_000_000_000);
+    push_decimal(out, ns / 1_000_000_000);
     out.push(b'.');
     let mut fraction = ns % 1_000_000_000;
     let mut digits = [b'0'; 9];
@@ -483,21 +483,6 @@ fn write_client_time(out: &mut Vec<u8>, ns: u64) {
         fraction /= 10;
     }
     out.extend_from_slice(&digits);
-}
-
-/// Appends `n` in decimal, without the allocation of `format!`.
-fn write_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[start..]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1494,7 +1479,7 @@ mod tests {
         write_client_time(&mut out, 5);
         assert_eq!(out, b"0.000000005");
         out.clear();
-        write_decimal(&mut out, u64::MAX);
+        push_decimal(&mut out, u64::MAX);
         assert_eq!(out, u64::MAX.to_string().as_bytes());
     }
 

@@ -14,7 +14,6 @@
 //! and phase 4 frees it, so an event later in the same batch cannot find its slot reused.
 
 use std::io::{self, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,7 +24,7 @@ use mio::{Events, Interest, Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::config::Config;
+use crate::config::{resolve, Config};
 use crate::conn::{Conn, ConnState, Fill, Role};
 use crate::herd::{whatsat_reply, Herd};
 use crate::https::{tls_config, PlacesPool};
@@ -77,13 +76,13 @@ impl Server {
     ) -> Result<Server, String> {
         let me = config.server(name)?;
         let addr = match &me.listen {
-            Some(listen) => resolve_address(listen)?,
-            None => resolve(&me.host, me.port)?,
+            Some(listen) => resolve(listen, None)?,
+            None => resolve(&me.host, Some(me.port))?,
         };
         let mut neighbour_addrs = Vec::new();
         for n in &me.neighbors {
             let other = config.server(n)?;
-            neighbour_addrs.push((n.clone(), resolve(&other.host, other.port)?));
+            neighbour_addrs.push((n.clone(), resolve(&other.host, Some(other.port))?));
         }
         let tls = tls_config(config.places.ca_file.as_deref())?;
         let log_path = config.log_path(name);
@@ -629,24 +628,4 @@ fn dump_store(store: &Store, path: &Path, log: &mut Log) {
         Err(e) => format!("cannot write {}: {e}", path.display()),
     };
     log.event(format_args!("store"), format_args!("{what}"));
-}
-
-/// `HOST:PORT`, resolved (before the loop starts).
-fn resolve_address(address: &str) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    address
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {address}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve {address}: no address"))
-}
-
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    // Before the loop starts, so blocking here is allowed.
-    (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve {host}: no address"))
 }
