@@ -219,7 +219,7 @@ impl Herd {
             },
             Command::Invalid => {
                 self.invalid(id, replies, out, line);
-                let verb = protocol::fields::<1>(line).map_or(&b""[..], |(f, _)| f[0]);
+                let verb = protocol::first_field(line);
                 return matches!(verb, b"AT" | b"PEER" | b"PROOF" | b"CHALLENGE");
             }
         }

@@ -27,6 +27,13 @@ pub fn fields<const N: usize>(line: &[u8]) -> Option<([&[u8]; N], usize)> {
     Some((out, count))
 }
 
+/// The first field of a line, however many follow (empty for a blank line).
+pub fn first_field(line: &[u8]) -> &[u8] {
+    line.split(|&b| is_space(b))
+        .find(|f| !f.is_empty())
+        .unwrap_or_default()
+}
+
 /// A parsed, valid `IAMAT`: the three client fields as the client sent them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Iamat<'a> {
@@ -439,6 +446,13 @@ mod tests {
         for bad in [&b"21"[..], b"-1", b"5.0", b"+5", b"100"] {
             assert_eq!(parse_bound(bad), None);
         }
+    }
+
+    #[test]
+    fn first_fields() {
+        assert_eq!(first_field(b" \x0bAT Bona +0.1 x +1+1 1"), b"AT");
+        assert_eq!(first_field(b"PEER"), b"PEER");
+        assert_eq!(first_field(b" \t"), b"");
     }
 
     #[test]

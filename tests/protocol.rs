@@ -754,30 +754,43 @@ fn valid_whatsats_are_answered_with_the_stored_at_line_and_a_body() {
 // ---------------------------------------------------------------------------------------------
 // Clients cannot inject; peers can
 
+/// A client that speaks the peers' language (`AT`, `PEER`) is forging records: it is answered
+/// like any invalid command, then disconnected; what it sent after is not run, and nothing is
+/// stored.
+fn assert_forgery_refused(addr: SocketAddr, line: &[u8]) {
+    let mut c = Client::connect(addr);
+    let mut sent = line.to_vec();
+    sent.extend_from_slice(b"\nIAMAT after-forgery +1+1 5\n");
+    c.send(&sent);
+    let mut expected = b"? ".to_vec();
+    expected.extend_from_slice(line);
+    expected.push(b'\n');
+    assert_eq!(
+        show(&c.read_to_end()),
+        show(&expected),
+        "the reply to a forged line, then the end"
+    );
+}
+
 #[test]
 fn clients_cannot_inject_at_records() {
     let s = lone("inject");
+    assert_forgery_refused(s.addr(), b"AT Bona +0.1 x +1+1 1.0");
+    assert_forgery_refused(s.addr(), b"AT Bona +0.100000000 x +1+1 1.0");
+    assert_forgery_refused(s.addr(), b"AT Bailey +0.100000000 x +1+1 1.0");
     let mut c = Client::connect(s.addr());
-    assert_invalid(&mut c, b"AT Bona +0.1 x +1+1 1.0");
-    assert_invalid(&mut c, b"AT Bona +0.100000000 x +1+1 1.0");
-    assert_invalid(&mut c, b"AT Bailey +0.100000000 x +1+1 1.0");
     assert_invalid(&mut c, b"WHATSAT x 10 5");
+    assert_invalid(&mut c, b"WHATSAT after-forgery 10 5");
 }
 
 #[test]
 fn a_greeting_from_a_server_that_is_not_a_neighbour_is_an_invalid_command() {
     let s = lone("greeting-stranger");
-    let mut c = Client::connect(s.addr());
-    assert_invalid(&mut c, b"PEER herd/1 Bona");
-    // The connection is a client's: its AT lines are refused, its IAMATs answered.
-    assert_invalid(&mut c, b"AT Bona +0.100000000 y +1+1 1.0");
-    assert_invalid(&mut c, b"WHATSAT y 10 5");
-    iamat(&mut c, b"z", b"+1+1", b"5");
-    assert_invalid(&mut c, b"PEER herd/1 Bona");
-
+    assert_forgery_refused(s.addr(), b"PEER herd/1 Bona");
     // A server is not its own neighbour.
+    assert_forgery_refused(s.addr(), b"PEER herd/1 Bailey");
     let mut c = Client::connect(s.addr());
-    assert_invalid(&mut c, b"PEER herd/1 Bailey");
+    assert_invalid(&mut c, b"WHATSAT after-forgery 10 5");
 }
 
 #[test]
@@ -785,19 +798,16 @@ fn a_greeting_after_another_command_is_an_invalid_command() {
     let (s, _bona) = bailey_with_neighbour_bona("greeting-late");
     let mut c = Client::connect(s.addr());
     iamat(&mut c, b"inj", b"+1+1", b"5");
-    assert_invalid(&mut c, b"PEER herd/1 Bona");
-    assert_invalid(&mut c, b"AT Bona +0.100000000 inj2 +1+1 1.0");
-    assert_invalid(&mut c, b"WHATSAT inj2 10 5");
+    c.send(b"PEER herd/1 Bona\nAT Bona +0.100000000 inj2 +1+1 1.0\n");
+    assert_eq!(show(&c.read_to_end()), show(b"? PEER herd/1 Bona\n"));
 
-    // A malformed greeting naming a neighbour makes a client connection too.
-    let mut c = Client::connect(s.addr());
-    assert_invalid(&mut c, b"PEER herd/2 Bona");
-    assert_invalid(&mut c, b"AT Bona +0.100000000 inj3 +1+1 1.0");
-    let mut c = Client::connect(s.addr());
-    assert_invalid(&mut c, b"PEER herd/1 Bona extra");
+    // A malformed greeting naming a neighbour is a client's line; a peer's verb, so forged.
+    assert_forgery_refused(s.addr(), b"PEER herd/2 Bona");
+    assert_forgery_refused(s.addr(), b"PEER herd/1 Bona extra");
+    // Verbs are case sensitive: `peer` is just an invalid command.
     let mut c = Client::connect(s.addr());
     assert_invalid(&mut c, b"peer herd/1 Bona");
-    assert_invalid(&mut c, b"WHATSAT inj3 10 5");
+    assert_invalid(&mut c, b"WHATSAT inj2 10 5");
 }
 
 #[test]

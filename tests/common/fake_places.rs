@@ -618,3 +618,161 @@ fn respond(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A Places that dribbles (added for the fault tests)
+
+/// How a [`DribblePlaces`] answers: these exact bytes (a whole HTTP response), written `step`
+/// bytes at a time with `pause` after each write, each write flushed in its own TLS record.
+#[derive(Clone, Debug)]
+pub struct Dribble {
+    pub response: Vec<u8>,
+    pub step: usize,
+    pub pause: Duration,
+}
+
+/// A fake Places over HTTPS, with its own CA in `ca_file()` like [`FakePlaces`], that answers
+/// every request by dribbling a response (the [`Dribble`] current when the request was read).
+/// Keep-alive once a response is through. Stops when dropped: every pause checks the stop flag.
+pub struct DribblePlaces {
+    shared: Arc<Shared>,
+    dribble: Arc<Mutex<Dribble>>,
+    addr: SocketAddr,
+    ca_file: PathBuf,
+    accept: Option<JoinHandle<()>>,
+    _dir: TestDir,
+}
+
+impl DribblePlaces {
+    pub fn start(dribble: Dribble) -> DribblePlaces {
+        let dir = TestDir::new("dribble-places");
+        let (ca_pem, issuer) = new_ca("herd dribble test CA");
+        let (cert, key) = new_server_cert(&issuer);
+        let ca_file = dir.join("places-ca.pem");
+        std::fs::write(&ca_file, ca_pem)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", ca_file.display()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .expect("cannot build the TLS server configuration");
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("listener has no address");
+        let shared = Arc::new(Shared {
+            behaviour: Mutex::new(Behaviour::Stall), // unused: the dribble answers
+            requests: Mutex::new(Vec::new()),
+            connections: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            sockets: Mutex::new(Vec::new()),
+        });
+        let dribble = Arc::new(Mutex::new(dribble));
+        let accept = {
+            let shared = Arc::clone(&shared);
+            let dribble = Arc::clone(&dribble);
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if shared.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(sock) = stream else { continue };
+                    let id = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                    match sock.try_clone() {
+                        Ok(clone) => lock(&shared.sockets).push(clone),
+                        Err(_) => continue,
+                    }
+                    let shared = Arc::clone(&shared);
+                    let config = Arc::clone(&config);
+                    let dribble = Arc::clone(&dribble);
+                    thread::spawn(move || {
+                        let _ = serve_dribbling(sock, id, &shared, config, &dribble);
+                    });
+                }
+            })
+        };
+        DribblePlaces {
+            shared,
+            dribble,
+            addr,
+            ca_file,
+            accept: Some(accept),
+            _dir: dir,
+        }
+    }
+
+    /// Answers the next requests this way.
+    pub fn set(&self, dribble: Dribble) {
+        *lock(&self.dribble) = dribble;
+    }
+
+    /// A `[places]` table for this fake, legacy API.
+    pub fn places_toml(&self, timeout_ms: u64) -> String {
+        let url = format!("https://127.0.0.1:{}{LEGACY_PATH}", self.addr.port());
+        format!(
+            "[places]\napi = \"legacy\"\nurl = {}\nca_file = {}\ntimeout_ms = {timeout_ms}\n",
+            toml_basic(&url),
+            toml_basic(&self.ca_file.to_string_lossy()),
+        )
+    }
+
+    /// Every request received so far, in order of arrival.
+    pub fn requests(&self) -> Vec<Request> {
+        lock(&self.shared.requests).clone()
+    }
+}
+
+impl Drop for DribblePlaces {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let woken = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).is_ok();
+        if let Some(accept) = self.accept.take() {
+            if woken {
+                let _ = accept.join();
+            }
+        }
+        for socket in lock(&self.shared.sockets).drain(..) {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn serve_dribbling(
+    mut sock: TcpStream,
+    id: usize,
+    shared: &Shared,
+    config: Arc<ServerConfig>,
+    dribble: &Mutex<Dribble>,
+) -> io::Result<()> {
+    sock.set_nodelay(true)?;
+    let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
+    while conn.is_handshaking() {
+        let (read, written) = conn.complete_io(&mut sock)?;
+        if read == 0 && written == 0 && conn.is_handshaking() {
+            return Ok(());
+        }
+    }
+    shared.handshakes.fetch_add(1, Ordering::SeqCst);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let Some((request, _)) = read_request(&mut conn, &mut sock, &mut buf, id)? else {
+            return Ok(());
+        };
+        let Dribble {
+            response,
+            step,
+            pause,
+        } = lock(dribble).clone();
+        lock(&shared.requests).push(request);
+        for part in response.chunks(step.max(1)) {
+            let mut stream = rustls::Stream::new(&mut conn, &mut sock);
+            stream.write_all(part)?;
+            stream.flush()?;
+            if !sleep_unless_stopped(shared, pause) {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -586,3 +586,56 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn show(bytes: &[u8]) -> String {
     bytes.escape_ascii().to_string()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signals and store dumps (added for the fault tests)
+
+impl ServerProc {
+    /// Sends `signal` (e.g. `libc::SIGSTOP`, `libc::SIGUSR1`) and returns at once. Does nothing
+    /// once the process has been reaped (its pid may then belong to another process).
+    pub fn signal(&self, signal: libc::c_int) {
+        if self.status.is_some() {
+            return;
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) has no memory-safety preconditions; the child is not reaped yet, so
+        // its pid cannot have been recycled.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+
+    /// `<log_dir>/<NAME>.store`, the file SIGUSR1 makes the server write.
+    pub fn store_path(&self) -> PathBuf {
+        self.log_path.with_file_name(format!("{}.store", self.name))
+    }
+}
+
+/// How long `dump_store` waits for the server to write its store.
+pub const DUMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's store as it writes it on SIGUSR1: `# N records, digest HEX`, then every stored
+/// AT line, sorted. The old file is removed first and the server writes the new one beside and
+/// renames it into place, so the file that appears is this request's, whole. Panics if it does
+/// not appear within 10 s (a stopped or dead server).
+pub fn dump_store(server: &ServerProc) -> String {
+    let path = server.store_path();
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => panic!("cannot remove {}: {e}", path.display()),
+    }
+    server.signal(libc::SIGUSR1);
+    let mut text = None;
+    let written = eventually(DUMP_TIMEOUT, || {
+        text = std::fs::read(&path).ok();
+        text.is_some()
+    });
+    assert!(
+        written,
+        "{} did not write {} within {DUMP_TIMEOUT:?} of SIGUSR1",
+        server.name,
+        path.display()
+    );
+    String::from_utf8_lossy(&text.expect("read")).into_owned()
+}

@@ -1,0 +1,2480 @@
+//! Fault tests (issue 4, item 5): the herd is broken on purpose and each test asserts the
+//! promise that must hold anyway.
+//!
+//! 1. a middle server killed with SIGKILL under steady updates, then restarted;
+//! 2. a link blackholed for 30 s by a proxy the test controls, then healed;
+//! 3. equal-time conflicting updates at both ends of the herd;
+//! 4. a neighbour stopped with SIGSTOP for 30 s under load; and a neighbour that heartbeats but
+//!    never reads, so that the peer output cap is what trips;
+//! 5. forged peer traffic on the client port, with and without a herd secret;
+//! 6. 900 connections dripping a byte a second, a client that never reads its WHATSAT
+//!    replies, and one connection over the limit;
+//! 7. a Places that stalls, dribbles, sends 5 MiB, presents a bad certificate or answers 429;
+//! 8. the API key in no log line, whatever fails (every test here also checks its own logs).
+//!
+//! Convergence is checked with the store dumps a server writes on SIGUSR1 (`dump_store`): every
+//! server's dump must be the same, and where the test knows what was acknowledged, exactly that.
+//! Every wait is bounded. The numbers the issue fixes (a dead link detected within 6 s, the
+//! herd converged within 5 s of the heal) are asserted as they are; elsewhere the bounds are
+//! generous, and the figures measured are printed (`-- --nocapture` shows them).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::fake_places::{Behaviour, Dribble, DribblePlaces, FakePlaces, Framing};
+use common::*;
+use herd::peer::{self, Secret, Session};
+
+/// The Places API key of every server here: distinctive, so that its absence from every log
+/// means something.
+const KEY: &str = "faultKEY-3b9d7e21c4a05f68";
+/// The herd secret of the herds that authenticate their links.
+const SECRET: &str = "fault-tests-herd-secret-4f1c9a";
+const LOCATION: &str = "+34.068930-118.445127";
+/// Places for the tests that do not exercise it: a closed loopback port, so that anything that
+/// does ask Places fails here, not on the Internet.
+const NO_PLACES: &str =
+    "[places]\nurl = \"https://127.0.0.1:9/maps/api/place/nearbysearch/json\"\ntimeout_ms = 2000\n";
+/// `HERD_SECRET` is always given, empty for "no secret", so that the environment the tests run
+/// in cannot leak one in.
+const WITH_SECRET: &[(&str, &str)] = &[("GOOGLE_PLACES_API_KEY", KEY), ("HERD_SECRET", SECRET)];
+const WITHOUT_SECRET: &[(&str, &str)] = &[("GOOGLE_PLACES_API_KEY", KEY), ("HERD_SECRET", "")];
+
+/// Issue 4: "a link silently blackholed ... for 30 seconds".
+const BLACKHOLE: Duration = Duration::from_secs(30);
+/// Issue 4: "the dead link is detected within six seconds".
+const DETECT_WITHIN: Duration = Duration::from_secs(6);
+/// Issue 4: "the herd converges within five seconds of the heal".
+const CONVERGE_AFTER_HEAL: Duration = Duration::from_secs(5);
+/// Issue 4: "a neighbour stopped with SIGSTOP for 30 seconds".
+const STOPPED: Duration = Duration::from_secs(30);
+/// The peer output cap of the SIGSTOP test, small. At 2000 updates a second the kernel's
+/// loopback socket buffers (4 MiB of send buffer) take the 5 s of floods before the stopped
+/// neighbour is found silent, so there the link drops as silent; the slow-reader test, whose
+/// neighbour heartbeats, is where the cap is what trips.
+const PEER_OUTPUT_BYTES: u64 = 1 << 20;
+/// `line_timeout_ms` of the slow-drip test.
+const LINE_TIMEOUT: Duration = Duration::from_secs(3);
+const DRIPPERS: usize = 900;
+/// A liveness bound, not a performance target: an IAMAT answered within this is "prompt".
+const PROMPT: Duration = Duration::from_secs(1);
+/// `places.timeout_ms` of the Places fault tests, and how late after it a reply may come.
+const PLACES_TIMEOUT: Duration = Duration::from_secs(2);
+const REPLY_MARGIN: Duration = Duration::from_millis(1500);
+/// Issue 4: "a few seconds after the restart every server holds the same latest record": a
+/// generous reading of "a few", for a loaded machine.
+const FEW_SECONDS: Duration = Duration::from_secs(10);
+/// The bound of other waits whose length the issue does not fix.
+const SETTLE: Duration = Duration::from_secs(20);
+
+const UNKNOWN_ERROR_PREFIX: &[u8] =
+    br#"{"html_attributions" : [], "results" : [], "status" : "UNKNOWN_ERROR", "error_message" : ""#;
+
+// ---------------------------------------------------------------------------------------------
+// Herds
+
+/// One `[[server]]` of a fault test's configuration.
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    name: &'static str,
+    /// Where neighbours dial it.
+    port: u16,
+    /// Where it listens, when not at `port` (a proxy in between).
+    listen: Option<u16>,
+    neighbors: &'static [&'static str],
+}
+
+const fn member(name: &'static str, port: u16, neighbors: &'static [&'static str]) -> Member {
+    Member {
+        name,
+        port,
+        listen: None,
+        neighbors,
+    }
+}
+
+/// The 2023 herd of SPEC section 1 on the given five ports.
+fn herd_2023(p: &[u16]) -> Vec<Member> {
+    vec![
+        member("Bailey", p[0], &["Bona", "Campbell"]),
+        member("Bona", p[1], &["Bailey", "Campbell", "Clark"]),
+        member("Campbell", p[2], &["Bailey", "Bona", "Jaquez"]),
+        member("Clark", p[3], &["Bona", "Jaquez"]),
+        member("Jaquez", p[4], &["Campbell", "Clark"]),
+    ]
+}
+
+fn write_herd_config(dir: &TestDir, members: &[Member], extra: &str) -> PathBuf {
+    let mut text = String::from("# Written by tests/faults.rs.\nlog_dir = \"logs\"\n");
+    for m in members {
+        text.push_str(&format!(
+            "\n[[server]]\nname = \"{}\"\nport = {}\n",
+            m.name, m.port
+        ));
+        if let Some(listen) = m.listen {
+            text.push_str(&format!("listen = \"127.0.0.1:{listen}\"\n"));
+        }
+        let neighbors: Vec<String> = m.neighbors.iter().map(|n| format!("\"{n}\"")).collect();
+        text.push_str(&format!("neighbors = [{}]\n", neighbors.join(", ")));
+    }
+    text.push('\n');
+    text.push_str(extra);
+    let path = dir.join("herd.toml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    path
+}
+
+/// Running servers of one configuration. Field order matters: the servers are killed before
+/// their directory is removed.
+struct Herd {
+    servers: Vec<ServerProc>,
+    config: PathBuf,
+    members: Vec<Member>,
+    env: &'static [(&'static str, &'static str)],
+    _dir: TestDir,
+}
+
+impl Herd {
+    fn index(&self, name: &str) -> usize {
+        self.servers
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no server {name} in this herd"))
+    }
+
+    fn get(&self, name: &str) -> &ServerProc {
+        &self.servers[self.index(name)]
+    }
+
+    fn all(&self) -> Vec<&ServerProc> {
+        self.servers.iter().collect()
+    }
+
+    /// Starts `name` again, on the same configuration (its old process must be gone).
+    fn restart(&mut self, name: &str) {
+        let i = self.index(name);
+        self.servers[i] = spawn_server(&self.config, name, self.env);
+    }
+}
+
+/// Writes the configuration `make` returns (with `extra` appended) in a new directory and
+/// starts the servers named in `run` (all, if empty). `free_ports` can race with other tests,
+/// and a server that loses its port exits; so a herd that fails to start is made again, on new
+/// ports, twice at most. `make` also returns whatever else the test needs per attempt (proxies).
+fn start_herd<T>(
+    tag: &str,
+    env: &'static [(&'static str, &'static str)],
+    extra: &str,
+    run: &[&str],
+    mut make: impl FnMut() -> (Vec<Member>, T),
+) -> (Herd, T) {
+    let mut attempt = 1;
+    loop {
+        let dir = TestDir::new(tag);
+        let (members, state) = make();
+        let config = write_herd_config(&dir, &members, extra);
+        let started = panic::catch_unwind(AssertUnwindSafe(|| {
+            members
+                .iter()
+                .filter(|m| run.is_empty() || run.contains(&m.name))
+                .map(|m| spawn_server(&config, m.name, env))
+                .collect::<Vec<_>>()
+        }));
+        match started {
+            Ok(servers) => {
+                let herd = Herd {
+                    servers,
+                    config,
+                    members,
+                    env,
+                    _dir: dir,
+                };
+                return (herd, state);
+            }
+            Err(_) if attempt < 3 => attempt += 1,
+            Err(failure) => panic::resume_unwind(failure),
+        }
+    }
+}
+
+/// Waits until every running server has dialled each running neighbour and accepted its link.
+fn wait_linked(herd: &Herd) {
+    for m in &herd.members {
+        let Some(server) = herd.servers.iter().find(|s| s.name == m.name) else {
+            continue;
+        };
+        for n in m.neighbors {
+            if !herd.servers.iter().any(|s| s.name == *n) {
+                continue;
+            }
+            for needle in [format!("link {n} up"), format!("is peer {n}")] {
+                assert!(
+                    server.wait_log(&needle, SETTLE),
+                    "{}'s log has no {needle:?} within {SETTLE:?}:\n{}",
+                    m.name,
+                    server.log()
+                );
+            }
+        }
+    }
+}
+
+/// The API key is in no log line and nothing a server printed.
+fn assert_key_absent(servers: &[&ServerProc]) {
+    for s in servers {
+        let log = s.log();
+        assert!(
+            !log.is_empty(),
+            "{} wrote no log at {}",
+            s.name,
+            s.log_path.display()
+        );
+        if let Some(line) = log.lines().find(|l| l.contains(KEY)) {
+            panic!("{}'s log shows the API key: {line}", s.name);
+        }
+        assert!(
+            !s.stdout().contains(KEY),
+            "{} printed the API key: {}",
+            s.name,
+            s.stdout()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store dumps and logs
+
+/// The records of a dump: every line but the `# N records, digest HEX` header.
+fn records(dump: &str) -> BTreeSet<String> {
+    dump.lines().skip(1).map(str::to_owned).collect()
+}
+
+/// What differs between dumps (and from `expected`), briefly, for a failure message.
+fn describe_dumps(dumps: &[(String, String)], expected: Option<&BTreeSet<String>>) -> String {
+    let reference = match expected {
+        Some(e) => e.clone(),
+        None => dumps.iter().flat_map(|(_, d)| records(d)).collect(),
+    };
+    let mut out = format!(
+        "{} ({} records):\n",
+        if expected.is_some() {
+            "expected"
+        } else {
+            "the union"
+        },
+        reference.len()
+    );
+    for (name, dump) in dumps {
+        let held = records(dump);
+        let missing: Vec<&String> = reference.difference(&held).take(3).collect();
+        let extra: Vec<&String> = held.difference(&reference).take(3).collect();
+        out.push_str(&format!(
+            "  {name}: {:?}; missing {} (e.g. {missing:?}); extra {} (e.g. {extra:?})\n",
+            dump.lines().next().unwrap_or(""),
+            reference.difference(&held).count(),
+            held.difference(&reference).count(),
+        ));
+    }
+    out
+}
+
+/// Dumps every server until all dumps are the same (and hold exactly `expected`, if given).
+/// Returns the time from `since` to the end of the first round of dumps that showed it (an
+/// upper bound of the time the herd took); panics after `limit`.
+fn await_converged(
+    servers: &[&ServerProc],
+    expected: Option<&BTreeSet<String>>,
+    since: Instant,
+    limit: Duration,
+    what: &str,
+) -> Duration {
+    loop {
+        let dumps: Vec<(String, String)> = servers
+            .iter()
+            .map(|s| (s.name.clone(), dump_store(s)))
+            .collect();
+        let same = dumps.windows(2).all(|w| w[0].1 == w[1].1);
+        let right = match expected {
+            Some(e) => records(&dumps[0].1) == *e,
+            None => true,
+        };
+        if same && right {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < limit,
+            "{what}: the stores are not the same within {limit:?} — {}",
+            describe_dumps(&dumps, expected)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls `server`'s log from byte `from` until a line contains `needle`; returns that line.
+fn await_log_line(server: &ServerProc, needle: &str, from: usize, limit: Duration) -> String {
+    let mut found = None;
+    let seen = eventually(limit, || {
+        let log = server.log_bytes();
+        let text = String::from_utf8_lossy(&log[from.min(log.len())..]).into_owned();
+        found = text.lines().find(|l| l.contains(needle)).map(str::to_owned);
+        found.is_some()
+    });
+    if !seen {
+        let log = server.log_bytes();
+        let text = String::from_utf8_lossy(&log[from.min(log.len())..]).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        panic!(
+            "{}'s log has no {needle:?} after byte {from} within {limit:?}; its last lines:\n{}",
+            server.name,
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        );
+    }
+    found.expect("seen")
+}
+
+/// The time stamp that starts a log line: `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` (RFC 3339, UTC).
+fn log_stamp(line: &str) -> SystemTime {
+    fn fail<T>(line: &str) -> T {
+        panic!("a log line without a time stamp: {line:?}")
+    }
+    let bad = || fail(line);
+    let stamp = line.split(' ').next().unwrap_or_default();
+    let b = stamp.as_bytes();
+    if b.len() != 27 || b[4] != b'-' || b[10] != b'T' || b[19] != b'.' || b[26] != b'Z' {
+        fail::<()>(line);
+    }
+    let num =
+        |r: std::ops::Range<usize>| -> i64 { stamp[r].parse().unwrap_or_else(|_| fail(line)) };
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    let (hh, mm, ss, us) = (num(11..13), num(14..16), num(17..19), num(20..26));
+    // Days from civil, after Howard Hinnant's algorithm.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(secs).unwrap_or_else(|_| bad()))
+        + Duration::from_micros(us as u64)
+}
+
+/// `later - earlier`, negative as a negative number of seconds.
+fn seconds_between(earlier: SystemTime, later: SystemTime) -> f64 {
+    match later.duration_since(earlier) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+#[test]
+fn log_stamps_parse() {
+    let t = log_stamp("2021-05-19T22:53:47.959498Z c7 < IAMAT x");
+    assert_eq!(t, UNIX_EPOCH + Duration::from_micros(1_621_464_827_959_498));
+    let leap = log_stamp("2000-02-29T00:00:00.000000Z link Bona up");
+    assert_eq!(leap, UNIX_EPOCH + Duration::from_secs(951_782_400));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// Joins a thread, passing its panic on.
+fn join<T>(handle: JoinHandle<T>) -> T {
+    match handle.join() {
+        Ok(value) => value,
+        Err(failure) => panic::resume_unwind(failure),
+    }
+}
+
+/// `IAMAT CLIENT LOCATION NOW` at `addr` (served by `server`), on its own connection; returns
+/// the AT line without its `\n`, after checking its shape.
+fn iamat_at(addr: SocketAddr, server: &str, client: &str) -> String {
+    let time = now_secs_string();
+    let reply = exchange(
+        addr,
+        format!("IAMAT {client} {LOCATION} {time}\n").as_bytes(),
+    );
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    assert!(
+        reply.starts_with(&format!("AT {server} "))
+            && reply.ends_with(&format!(" {client} {LOCATION} {time}\n"))
+            && reply.matches('\n').count() == 1,
+        "IAMAT {client} at {server} was answered {reply:?}"
+    );
+    reply.trim_end().to_owned()
+}
+
+/// One IAMAT on a connection the caller keeps; returns the AT line without its `\n`.
+fn iamat_on(c: &mut Client, server: &str, client: &str) -> String {
+    let time = now_secs_string();
+    c.send(format!("IAMAT {client} {LOCATION} {time}\n").as_bytes());
+    let reply = String::from_utf8_lossy(&c.read_line()).into_owned();
+    assert!(
+        reply.starts_with(&format!("AT {server} "))
+            && reply.ends_with(&format!(" {client} {LOCATION} {time}\n")),
+        "IAMAT {client} at {server} was answered {reply:?}"
+    );
+    reply.trim_end().to_owned()
+}
+
+/// The latest acknowledged record of each client: (its update number, its AT line).
+type Acked = BTreeMap<String, (u64, String)>;
+
+/// Steady updates: IAMATs one at a time on one connection per target server, round robin over
+/// the targets and the clients, with client times that strictly increase (one millisecond per
+/// update from the start), until stopped. Remembers, for each client, the AT line of its
+/// latest acknowledged update.
+struct Updater {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Acked>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Updater {
+    fn start(targets: Vec<(String, SocketAddr)>, clients: Vec<String>, pause: Duration) -> Updater {
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Mutex::new(Acked::new()));
+        let handle = {
+            let stop = Arc::clone(&stop);
+            let acked = Arc::clone(&shared);
+            thread::spawn(move || {
+                let base = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .expect("clock after 1970")
+                    .as_secs();
+                let mut conns: Vec<Client> =
+                    targets.iter().map(|(_, a)| Client::connect(*a)).collect();
+                let mut n: u64 = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let t = n as usize % targets.len();
+                    let client = &clients[n as usize % clients.len()];
+                    let time = format!("{}.{:09}", base + n / 1000, (n % 1000) * 1_000_000);
+                    conns[t].send(format!("IAMAT {client} {LOCATION} {time}\n").as_bytes());
+                    let reply = String::from_utf8_lossy(&conns[t].read_line()).into_owned();
+                    let server = &targets[t].0;
+                    assert!(
+                        reply.starts_with(&format!("AT {server} "))
+                            && reply.ends_with(&format!(" {client} {LOCATION} {time}\n")),
+                        "IAMAT {client} {time} at {server} was answered {reply:?}"
+                    );
+                    lock(&acked).insert(client.clone(), (n, reply.trim_end().to_owned()));
+                    n += 1;
+                    thread::sleep(pause);
+                }
+            })
+        };
+        Updater {
+            stop,
+            acked: shared,
+            handle: Some(handle),
+        }
+    }
+
+    /// What has been acknowledged so far.
+    fn snapshot(&self) -> Acked {
+        lock(&self.acked).clone()
+    }
+
+    fn stop(mut self) -> Acked {
+        self.stop.store(true, Ordering::SeqCst);
+        join(self.handle.take().expect("running"));
+        self.snapshot()
+    }
+}
+
+impl Drop for Updater {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn latest_records(acked: &Acked) -> BTreeSet<String> {
+    acked.values().map(|(_, line)| line.clone()).collect()
+}
+
+/// A client on its own connection that sends an IAMAT every `every` and times each answer,
+/// until stopped: the loop's liveness while something else is going on.
+struct Pinger {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Vec<Duration>>>,
+}
+
+impl Pinger {
+    fn start(addr: SocketAddr, server: &str, client: &str, every: Duration) -> Pinger {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let stop = Arc::clone(&stop);
+            let (server, client) = (server.to_owned(), client.to_owned());
+            thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                let mut rtts = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let sent = Instant::now();
+                    iamat_on(&mut c, &server, &client);
+                    rtts.push(sent.elapsed());
+                    thread::sleep(every);
+                }
+                rtts
+            })
+        };
+        Pinger {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops; returns every round trip, after checking there were some and all were prompt.
+    fn stop(mut self, what: &str) -> Vec<Duration> {
+        self.stop.store(true, Ordering::SeqCst);
+        let rtts = join(self.handle.take().expect("running"));
+        let max = rtts.iter().max().copied().unwrap_or_default();
+        assert!(!rtts.is_empty(), "{what}: no IAMAT was answered");
+        assert!(
+            max < PROMPT,
+            "{what}: an IAMAT took {max:?} to be answered (bound {PROMPT:?}); {} round trips",
+            rtts.len()
+        );
+        rtts
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn summary(rtts: &[Duration]) -> String {
+    let mut sorted = rtts.to_vec();
+    sorted.sort();
+    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
+    format!(
+        "{} IAMATs, p50 {:?}, max {:?}",
+        sorted.len(),
+        at(0.5),
+        at(1.0)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. kill -9 a middle server under steady updates
+
+#[test]
+fn a_killed_middle_server_restarts_and_every_server_holds_every_acknowledged_update() {
+    let (mut herd, ()) = start_herd("kill9", WITH_SECRET, NO_PLACES, &[], || {
+        (herd_2023(&free_ports(5)), ())
+    });
+    wait_linked(&herd);
+    // Updates go only to servers that stay up; Campbell, in the middle, is killed.
+    let targets = ["Bailey", "Bona", "Clark", "Jaquez"]
+        .iter()
+        .map(|n| (n.to_string(), herd.get(n).addr))
+        .collect();
+    let clients = (0..37).map(|i| format!("steady-{i}.cs.ucla.edu")).collect();
+    let updater = Updater::start(targets, clients, Duration::from_millis(5));
+    thread::sleep(Duration::from_secs(2));
+    let campbell = herd.index("Campbell");
+    herd.servers[campbell].kill(); // SIGKILL: no goodbye, no flush
+    thread::sleep(Duration::from_secs(2));
+    herd.restart("Campbell");
+    let restarted = Instant::now();
+    // The restarted Campbell catches up with everything acknowledged before it came back,
+    // while the updates go on.
+    let before = updater.snapshot();
+    let mut caught_up = None;
+    while restarted.elapsed() < Duration::from_secs(2) || caught_up.is_none() {
+        let held: BTreeMap<String, String> = records(&dump_store(&herd.servers[campbell]))
+            .into_iter()
+            .filter_map(|r| {
+                let f: Vec<&str> = r.split(' ').collect();
+                (f.len() == 6).then(|| (f[3].to_owned(), f[5].to_owned()))
+            })
+            .collect();
+        // Client times have the same width, so they compare as text.
+        let behind = before.iter().any(|(client, (_, line))| {
+            let time = line.rsplit(' ').next().unwrap_or_default();
+            match held.get(client) {
+                Some(t) => t.as_str() < time,
+                None => true,
+            }
+        });
+        if !behind && caught_up.is_none() {
+            caught_up = Some(restarted.elapsed());
+        }
+        assert!(
+            restarted.elapsed() < FEW_SECONDS,
+            "the restarted Campbell did not catch up within {FEW_SECONDS:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let acked = updater.stop();
+    let stopped = Instant::now();
+    let expected = latest_records(&acked);
+    let updates = acked.values().map(|(n, _)| n + 1).max().unwrap_or(0);
+    assert!(updates > 100, "only {updates} updates were acknowledged");
+    let took = await_converged(
+        &herd.all(),
+        Some(&expected),
+        restarted,
+        FEW_SECONDS,
+        "after Campbell's restart",
+    );
+    println!(
+        "kill -9: {updates} updates acknowledged for {} clients; the restarted Campbell held \
+         everything acknowledged before its restart {:?} after it; all five stores identical \
+         and holding every latest acknowledged record {took:?} after the restart (updates \
+         stopped {:?} after it)",
+        expected.len(),
+        caught_up.unwrap_or_default(),
+        stopped - restarted
+    );
+    assert_key_absent(&herd.all());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. a blackholed link
+
+/// A TCP proxy on 127.0.0.1 that the test controls. It forwards both ways to `target` until it
+/// is blackholed: then every connection stays open but no byte moves either way (they wait in
+/// the kernel's buffers, as in a partition where TCP keeps retransmitting), and new connections
+/// are accepted but not connected onward until the heal. Every thread stops when it is dropped.
+struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<ProxyShared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+struct ProxyShared {
+    target: Mutex<SocketAddr>,
+    blackholed: AtomicBool,
+    stop: AtomicBool,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// How often a proxy thread looks at its flags.
+const PROXY_TICK: Duration = Duration::from_millis(10);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Proxy {
+    /// A proxy on a port of its own; it forwards nowhere until `set_target`.
+    fn start() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
+        listener
+            .set_nonblocking(true)
+            .expect("cannot make the listener non-blocking");
+        let addr = listener.local_addr().expect("listener has no address");
+        let shared = Arc::new(ProxyShared {
+            target: Mutex::new(SocketAddr::from(([127, 0, 0, 1], 0))),
+            blackholed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+        });
+        let accept = {
+            let shared = Arc::clone(&shared);
+            thread::spawn(move || {
+                while !shared.stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((client, _)) => {
+                            let inner = Arc::clone(&shared);
+                            let handle = thread::spawn(move || proxy_connection(client, &inner));
+                            lock(&shared.threads).push(handle);
+                        }
+                        Err(_) => thread::sleep(PROXY_TICK),
+                    }
+                }
+            })
+        };
+        Proxy {
+            addr,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Forwards new connections to 127.0.0.1:`port`.
+    fn set_target(&self, port: u16) {
+        *lock(&self.shared.target) = SocketAddr::from(([127, 0, 0, 1], port));
+    }
+
+    fn blackhole(&self) {
+        self.shared.blackholed.store(true, Ordering::SeqCst);
+    }
+
+    fn heal(&self) {
+        self.shared.blackholed.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        loop {
+            let threads: Vec<JoinHandle<()>> = lock(&self.shared.threads).drain(..).collect();
+            if threads.is_empty() {
+                break;
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn proxy_connection(client: TcpStream, shared: &ProxyShared) {
+    let _ = client.set_nonblocking(false);
+    // Accepted in a blackhole: connected onward only when it heals.
+    while shared.blackholed.load(Ordering::SeqCst) {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        thread::sleep(PROXY_TICK);
+    }
+    let target = *lock(&shared.target);
+    let Ok(upstream) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+        return; // the client sees its connection closed, as if refused
+    };
+    let (Ok(client_w), Ok(upstream_r)) = (client.try_clone(), upstream.try_clone()) else {
+        return;
+    };
+    thread::scope(|s| {
+        s.spawn(|| pump(upstream_r, client_w, shared));
+        pump(client, upstream, shared);
+    });
+}
+
+/// Copies `from` to `to` while not blackholed; passes the end of stream on.
+fn pump(mut from: TcpStream, mut to: TcpStream, shared: &ProxyShared) {
+    let _ = from.set_read_timeout(Some(PROXY_TICK * 5));
+    let _ = to.set_write_timeout(Some(PROXY_TICK * 5));
+    let _ = to.set_nodelay(true);
+    let mut buf = vec![0u8; 16 * 1024];
+    let stopped = || shared.stop.load(Ordering::SeqCst);
+    while !stopped() {
+        if shared.blackholed.load(Ordering::SeqCst) {
+            thread::sleep(PROXY_TICK);
+            continue;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(_) => break,
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() && !stopped() {
+            match to.write(rest) {
+                Ok(0) => break,
+                Ok(k) => rest = &rest[k..],
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        if !rest.is_empty() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// Bailey and Bona, each behind a proxy: Bona dials Bailey through `to_bailey`, Bailey dials
+/// Bona through `to_bona`, clients reach each directly. Blackholing both proxies partitions the
+/// two completely, so the sides really diverge, and the heal has something to repair.
+#[test]
+fn a_blackholed_link_is_detected_within_6_s_and_the_herd_converges_within_5_s_of_the_heal() {
+    let (herd, proxies) = start_herd("blackhole", WITH_SECRET, NO_PLACES, &[], || {
+        // The proxies are bound first, so that the private ports cannot be theirs.
+        let (to_bailey, to_bona) = (Proxy::start(), Proxy::start());
+        let p = free_ports(2);
+        to_bailey.set_target(p[0]);
+        to_bona.set_target(p[1]);
+        let members = vec![
+            Member {
+                name: "Bailey",
+                port: to_bailey.port(),
+                listen: Some(p[0]),
+                neighbors: &["Bona"],
+            },
+            Member {
+                name: "Bona",
+                port: to_bona.port(),
+                listen: Some(p[1]),
+                neighbors: &["Bailey"],
+            },
+        ];
+        (members, [to_bailey, to_bona])
+    });
+    wait_linked(&herd);
+    let (bailey, bona) = (herd.get("Bailey"), herd.get("Bona"));
+    for s in [bailey, bona] {
+        assert!(
+            s.log().contains("authenticated"),
+            "{}'s link is not authenticated:\n{}",
+            s.name,
+            s.log()
+        );
+    }
+    // Updates at both sides, before and during the partition; the same clients on both sides,
+    // so that each side's latest records are partly the other's.
+    let targets = vec![
+        ("Bailey".to_owned(), bailey.addr),
+        ("Bona".to_owned(), bona.addr),
+    ];
+    let clients = (0..15).map(|i| format!("split-{i}.cs.ucla.edu")).collect();
+    let updater = Updater::start(targets, clients, Duration::from_millis(20));
+    thread::sleep(Duration::from_secs(1));
+
+    let marks = (bailey.log_bytes().len(), bona.log_bytes().len());
+    let blackholed_at = SystemTime::now();
+    for p in &proxies {
+        p.blackhole();
+    }
+    let blackholed = Instant::now();
+
+    // Detected on both sides, each within six seconds of the start, by the log's own clock.
+    let mut detections = Vec::new();
+    for (server, neighbour, mark) in [(bailey, "Bona", marks.0), (bona, "Bailey", marks.1)] {
+        let needle = format!("link {neighbour} down: silent for 5 s");
+        let line = await_log_line(server, &needle, mark, DETECT_WITHIN * 3);
+        let after = seconds_between(blackholed_at, log_stamp(&line));
+        assert!(
+            after <= DETECT_WITHIN.as_secs_f64(),
+            "{} detected the dead link {after:.3} s after the blackhole began (bound \
+             {DETECT_WITHIN:?}): {line}",
+            server.name
+        );
+        detections.push(format!("{} {after:.3} s", server.name));
+    }
+
+    thread::sleep(BLACKHOLE.saturating_sub(blackholed.elapsed()));
+    let acked = updater.stop();
+    let expected = latest_records(&acked);
+    // The partition was real: each side has records the other lacks.
+    let (west, east) = (records(&dump_store(bailey)), records(&dump_store(bona)));
+    assert!(
+        west != east && west != expected && east != expected,
+        "the stores did not diverge during the blackhole ({} and {} records)",
+        west.len(),
+        east.len()
+    );
+    for p in &proxies {
+        p.heal();
+    }
+    let healed = Instant::now();
+    let took = await_converged(
+        &[bailey, bona],
+        Some(&expected),
+        healed,
+        SETTLE,
+        "after the heal",
+    );
+    assert!(
+        took <= CONVERGE_AFTER_HEAL,
+        "the herd converged {took:?} after the heal (bound {CONVERGE_AFTER_HEAL:?})"
+    );
+    println!(
+        "blackhole: dead link detected by {}; blackhole {:?}; {} clients' latest records \
+         identical on both sides {took:?} after the heal",
+        detections.join(" and "),
+        healed - blackholed,
+        expected.len()
+    );
+    drop(proxies);
+    assert_key_absent(&herd.all());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. equal-time conflicting updates
+
+/// For each (server, neighbour, record) of `records`, how many times the server received that
+/// record on its inbound link from that neighbour (`peer NEIGHBOUR < RECORD` in its log).
+fn receptions(herd: &Herd, records: &[&str]) -> BTreeMap<(String, String, usize), usize> {
+    let mut counts = BTreeMap::new();
+    for s in &herd.servers {
+        for line in s.log().lines() {
+            // STAMP peer NAME < PAYLOAD
+            let mut parts = line.splitn(5, ' ');
+            let (_, who, name, dir, payload) = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+            );
+            if who != Some("peer") || dir != Some("<") {
+                continue;
+            }
+            let (Some(name), Some(payload)) = (name, payload) else {
+                continue;
+            };
+            if let Some(which) = records.iter().position(|r| *r == payload) {
+                *counts
+                    .entry((s.name.clone(), name.to_owned(), which))
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// Every log line that mentions `client`, over the whole herd.
+fn lines_about(herd: &Herd, client: &str) -> usize {
+    let needle = format!(" {client} ");
+    herd.servers
+        .iter()
+        .map(|s| s.log().lines().filter(|l| l.contains(&needle)).count())
+        .sum()
+}
+
+#[test]
+fn equal_time_conflicting_updates_at_both_ends_pick_one_winner_and_do_not_ping_pong() {
+    let (herd, ()) = start_herd("conflict", WITHOUT_SECRET, NO_PLACES, &[], || {
+        (herd_2023(&free_ports(5)), ())
+    });
+    wait_linked(&herd);
+    let client = "conflict.cs.ucla.edu";
+    let time = now_secs_string();
+    let barrier = Arc::new(Barrier::new(2));
+    // Bailey and Jaquez are the two ends of the herd (three hops apart).
+    let sides = [
+        ("Bailey", "+34.068930-118.445127"),
+        ("Jaquez", "-33.865143+151.209900"),
+    ];
+    let handles: Vec<JoinHandle<String>> = sides
+        .iter()
+        .map(|&(name, location)| {
+            let addr = herd.get(name).addr;
+            let barrier = Arc::clone(&barrier);
+            let line = format!("IAMAT {client} {location} {time}\n");
+            let tail = format!(" {client} {location} {time}\n");
+            thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                barrier.wait();
+                c.send(line.as_bytes());
+                let reply = String::from_utf8_lossy(&c.read_line()).into_owned();
+                assert!(
+                    reply.starts_with(&format!("AT {name} ")) && reply.ends_with(&tail),
+                    "{line:?} at {name} was answered {reply:?}"
+                );
+                reply.trim_end().to_owned()
+            })
+        })
+        .collect();
+    let replies: Vec<String> = handles.into_iter().map(join).collect();
+    // Same client time: the bytewise larger AT line wins ("AT Jaquez" > "AT Bailey").
+    let winner = replies.iter().max().expect("two").clone();
+    let loser = replies.iter().min().expect("two").clone();
+    assert!(winner.starts_with("AT Jaquez "), "winner {winner:?}");
+    let since = Instant::now();
+    let took = await_converged(
+        &herd.all(),
+        Some(&BTreeSet::from([winner.clone()])),
+        since,
+        SETTLE,
+        "after the conflicting updates",
+    );
+    // No ping-pong: once converged, nothing more about the client is sent or received, through
+    // more than one digest interval; and each server received each record at most once from
+    // each neighbour (a server floods a record only when it changes its store, which happens at
+    // most once per record).
+    let counts = receptions(&herd, &[&winner, &loser]);
+    let lines = lines_about(&herd, client);
+    thread::sleep(peer::DIGEST_INTERVAL + Duration::from_secs(1));
+    assert_eq!(
+        lines_about(&herd, client),
+        lines,
+        "the logs kept growing with {client}'s records after convergence"
+    );
+    assert_eq!(receptions(&herd, &[&winner, &loser]), counts);
+    for ((server, neighbour, which), n) in &counts {
+        assert!(
+            *n <= 1,
+            "{server} received {} from {neighbour} {n} times",
+            [&winner, &loser][*which]
+        );
+    }
+    // The winner reached every server but its own by a link.
+    for s in herd.servers.iter().filter(|s| s.name != "Jaquez") {
+        assert!(
+            counts
+                .keys()
+                .any(|(server, _, which)| *server == s.name && *which == 0),
+            "{} never received the winner from a neighbour: {counts:?}",
+            s.name
+        );
+    }
+    let total: usize = counts.values().sum();
+    println!(
+        "conflict: winner {winner:?} everywhere {took:?} after the replies; {total} receptions of \
+         the two records in all ({} of the loser), none after convergence",
+        counts
+            .iter()
+            .filter(|((_, _, w), _)| *w == 1)
+            .map(|(_, n)| n)
+            .sum::<usize>()
+    );
+    assert_key_absent(&herd.all());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. a neighbour stopped under load
+
+/// `herd load` as a child process, killed if it outlives the test.
+struct Load {
+    child: Option<Child>,
+    stdout: Option<JoinHandle<String>>,
+}
+
+impl Load {
+    /// `herd load --addr ADDR ARGS` (`args` split at white space).
+    fn start(addr: SocketAddr, args: &str) -> Load {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .arg("load")
+            .arg("--addr")
+            .arg(addr.to_string())
+            .args(args.split_whitespace())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start herd load");
+        let mut pipe = child.stdout.take().expect("piped");
+        let stdout = thread::spawn(move || {
+            let mut out = String::new();
+            let _ = pipe.read_to_string(&mut out);
+            out
+        });
+        Load {
+            child: Some(child),
+            stdout: Some(stdout),
+        }
+    }
+
+    /// Waits at most `limit` for the end; returns what it printed.
+    fn finish(mut self, limit: Duration) -> String {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(POLL_INTERVAL),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("herd load did not finish within {limit:?}");
+                }
+            }
+        };
+        let out = join(self.stdout.take().expect("reader"));
+        assert!(status.success(), "herd load exited {status}: {out}");
+        out
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// VmRSS of a process, in kB.
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+#[test]
+fn a_neighbour_stopped_for_30_s_under_load_costs_bounded_memory_and_the_herd_converges() {
+    let extra = format!("{NO_PLACES}\n[limits]\npeer_output_bytes = {PEER_OUTPUT_BYTES}\n");
+    let (herd, ()) = start_herd("sigstop", WITH_SECRET, &extra, &[], || {
+        (herd_2023(&free_ports(5)), ())
+    });
+    wait_linked(&herd);
+    let bona = herd.get("Bona");
+    // 2000 IAMATs a second at Bailey, a neighbour of Bona, for the whole stop and a little
+    // before and after; every update is flooded towards Bona by Bailey, Campbell and Clark.
+    const BEFORE: Duration = Duration::from_secs(3);
+    const AFTER: Duration = Duration::from_secs(3);
+    let window = (BEFORE + STOPPED + AFTER).as_millis().to_string();
+    let load = Load::start(
+        herd.get("Bailey").addr,
+        &format!("-c 8 -p 8 --rate 2000 --clients 2000 --warmup-ms 500 --duration-ms {window}"),
+    );
+    thread::sleep(BEFORE);
+    let others = ["Bailey", "Campbell", "Clark", "Jaquez"];
+    // The store is full by now (2000 clients at 2000 a second): what grows from here is what
+    // the stopped neighbour costs.
+    let baseline: Vec<u64> = others.iter().map(|n| rss_kb(herd.get(n).pid())).collect();
+    let marks: Vec<usize> = others
+        .iter()
+        .map(|n| herd.get(n).log_bytes().len())
+        .collect();
+    bona.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let mut peak = baseline.clone();
+    while stopped.elapsed() < STOPPED {
+        thread::sleep(Duration::from_secs(1).min(STOPPED.saturating_sub(stopped.elapsed())));
+        for (i, n) in others.iter().enumerate() {
+            peak[i] = peak[i].max(rss_kb(herd.get(n).pid()));
+        }
+    }
+    bona.signal(libc::SIGCONT);
+    let resumed = Instant::now();
+
+    // Bounded memory: at most twice the start, plus one peer output cap. What may grow is the
+    // output for the stopped neighbour (capped at peer_output_bytes, then the link is dropped)
+    // and allocator slack; the store itself is already full.
+    let mut figures = Vec::new();
+    for (i, n) in others.iter().enumerate() {
+        let bound = 2 * baseline[i] + PEER_OUTPUT_BYTES / 1024;
+        assert!(
+            peak[i] <= bound,
+            "{n}'s RSS reached {} kB while Bona was stopped (start {} kB, bound {bound} kB)",
+            peak[i],
+            baseline[i]
+        );
+        figures.push(format!("{n} {}→{} kB", baseline[i], peak[i]));
+    }
+    // Bona's neighbours dropped their links to it: over the output cap, or silent.
+    let mut drops = Vec::new();
+    for (i, n) in others.iter().enumerate() {
+        if !["Bailey", "Campbell", "Clark"].contains(n) {
+            continue;
+        }
+        let log = herd.get(n).log_bytes();
+        let text = String::from_utf8_lossy(&log[marks[i]..]).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.contains("link Bona down: over") || l.contains("link Bona down: silent"))
+            .unwrap_or_else(|| {
+                let about: Vec<&str> = text.lines().filter(|l| l.contains("Bona")).collect();
+                panic!(
+                    "{n} never dropped its link to the stopped Bona; its lines about Bona:\n{}",
+                    about[about.len().saturating_sub(20)..].join("\n")
+                )
+            });
+        drops.push(format!(
+            "{n}: {}",
+            line.split_once(' ').map_or(line, |(_, l)| l)
+        ));
+    }
+
+    let report = load.finish(AFTER + Duration::from_secs(20));
+    let json: serde_json::Value = serde_json::from_str(report.trim())
+        .unwrap_or_else(|e| panic!("herd load printed {report:?}: {e}"));
+    assert_eq!(
+        json["errors"].as_u64(),
+        Some(0),
+        "Bailey failed to answer some of the load: {report}"
+    );
+    let loaded = Instant::now();
+    let took = await_converged(&herd.all(), None, loaded, SETTLE, "after SIGCONT");
+    let count = records(&dump_store(bona)).len();
+    assert_eq!(
+        count, 2000,
+        "records in the converged stores: one per client of the load"
+    );
+    println!(
+        "sigstop: RSS start→peak {}; {}; load {} requests, {}/s; all five stores identical \
+         ({count} records) {took:?} after the load ended, {:?} after SIGCONT",
+        figures.join(", "),
+        drops.join("; "),
+        json["requests"],
+        json["per_second"],
+        resumed.elapsed()
+    );
+    assert_key_absent(&herd.all());
+}
+
+/// A neighbour Bona played by the test, without a herd secret: it accepts every link Bailey
+/// dials, reads its greeting, sends `PING` every half second so that the link never looks
+/// dead, and reads nothing more until `read_from_now_on`; from then on it keeps every AT record
+/// it receives. Every thread stops when it is dropped.
+struct SlowNeighbour {
+    shared: Arc<SlowShared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+struct SlowShared {
+    reading: AtomicBool,
+    stop: AtomicBool,
+    records: Mutex<BTreeSet<String>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl SlowNeighbour {
+    fn start(listener: TcpListener) -> SlowNeighbour {
+        listener.set_nonblocking(true).expect("non-blocking");
+        let shared = Arc::new(SlowShared {
+            reading: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            records: Mutex::new(BTreeSet::new()),
+            threads: Mutex::new(Vec::new()),
+        });
+        let accept = {
+            let shared = Arc::clone(&shared);
+            thread::spawn(move || {
+                while !shared.stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let inner = Arc::clone(&shared);
+                            let handle = thread::spawn(move || slow_link(stream, &inner));
+                            lock(&shared.threads).push(handle);
+                        }
+                        Err(_) => thread::sleep(PROXY_TICK),
+                    }
+                }
+            })
+        };
+        SlowNeighbour {
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    fn read_from_now_on(&self) {
+        self.shared.reading.store(true, Ordering::SeqCst);
+    }
+
+    fn records(&self) -> BTreeSet<String> {
+        lock(&self.shared.records).clone()
+    }
+}
+
+impl Drop for SlowNeighbour {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        let threads: Vec<JoinHandle<()>> = lock(&self.shared.threads).drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn slow_link(mut stream: TcpStream, shared: &SlowShared) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(PROXY_TICK * 5));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let mut pending: Vec<u8> = Vec::new();
+    let mut greeted = false;
+    let mut pinged = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !shared.stop.load(Ordering::SeqCst) {
+        if pinged.elapsed() >= Duration::from_millis(500) {
+            if stream.write_all(b"PING\n").is_err() {
+                return;
+            }
+            pinged = Instant::now();
+        }
+        if greeted && !shared.reading.load(Ordering::SeqCst) {
+            thread::sleep(PROXY_TICK);
+            continue;
+        }
+        // Until the greeting is through, one byte at a time: nothing past it is read early.
+        let want = if greeted { buf.len() } else { 1 };
+        match stream.read(&mut buf[..want]) {
+            Ok(0) => return,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return,
+        }
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line[..end]).into_owned();
+            if !greeted {
+                greeted = line == "PEER herd/1 Bailey";
+            } else if line.starts_with("AT ") {
+                lock(&shared.records).insert(line);
+            }
+        }
+    }
+}
+
+/// The cap on a link's unsent output, with a neighbour that is alive (it heartbeats) but does
+/// not read: the link is dropped at the cap, memory stays bounded, and once the neighbour reads
+/// again the resync on reconnect gives it everything, so nothing is lost.
+#[test]
+fn a_neighbour_that_heartbeats_but_never_reads_is_dropped_at_the_output_cap_and_resynced() {
+    const CAP: u64 = 256 << 10;
+    let extra = format!("{NO_PLACES}\n[limits]\npeer_output_bytes = {CAP}\n");
+    let (herd, bona) = start_herd("slow-reader", WITHOUT_SECRET, &extra, &["Bailey"], || {
+        let bona = TcpListener::bind("127.0.0.1:0").expect("cannot bind a port for Bona");
+        let bona_port = bona.local_addr().expect("address").port();
+        let members = vec![
+            member("Bailey", free_ports(1)[0], &["Bona"]),
+            member("Bona", bona_port, &["Bailey"]),
+        ];
+        (members, bona)
+    });
+    let bona = SlowNeighbour::start(bona);
+    let bailey = herd.get("Bailey");
+    assert!(
+        bailey.wait_log("link Bona up", SETTLE),
+        "Bailey never linked to Bona"
+    );
+    let baseline = rss_kb(bailey.pid());
+    // 20000 IAMATs a second for 6 s, each flooded to Bona: 2 MB a second, more than the
+    // kernel's socket buffers (a few MB on loopback) hold for long.
+    let load = Load::start(
+        bailey.addr,
+        "-c 8 -p 16 --rate 20000 --clients 2000 --warmup-ms 200 --duration-ms 6000",
+    );
+    let started = Instant::now();
+    let mut peak = baseline;
+    let needle = format!("link Bona down: over {CAP} bytes unsent");
+    let mut dropped = None;
+    while started.elapsed() < Duration::from_secs(7) {
+        peak = peak.max(rss_kb(bailey.pid()));
+        if dropped.is_none() && bailey.log().contains(&needle) {
+            dropped = Some(started.elapsed());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let report = load.finish(Duration::from_secs(20));
+    let line = await_log_line(bailey, &needle, 0, SETTLE);
+    // Twice the start, plus one cap: the store (2000 small records), the load's connections
+    // and the per-turn log buffer (1 MiB at most) fit in the start twice over; the link's
+    // output is the cap at most.
+    let bound = 2 * baseline + CAP / 1024;
+    assert!(
+        peak <= bound,
+        "Bailey's RSS reached {peak} kB (start {baseline} kB, bound {bound} kB)"
+    );
+    let json: serde_json::Value = serde_json::from_str(report.trim())
+        .unwrap_or_else(|e| panic!("herd load printed {report:?}: {e}"));
+    assert_eq!(
+        json["errors"].as_u64(),
+        Some(0),
+        "Bailey failed some of the load: {report}"
+    );
+    // Bona reads again: the resync of a later link brings it every latest record.
+    bona.read_from_now_on();
+    let resumed = Instant::now();
+    let expected = records(&dump_store(bailey));
+    let complete = eventually(SETTLE, || bona.records().is_superset(&expected));
+    let got = bona.records();
+    assert!(
+        complete,
+        "Bona never received {} of Bailey's {} latest records, e.g. {:?}",
+        expected.difference(&got).count(),
+        expected.len(),
+        expected.difference(&got).next()
+    );
+    println!(
+        "slow reader: link dropped at its cap {:?} into the load ({}); Bailey's RSS {baseline}→{peak} kB \
+         (bound {bound} kB); load {} requests; every one of {} latest records at Bona {:?} after \
+         it read again",
+        dropped.unwrap_or_default(),
+        line.split_once(' ').map_or("", |(_, l)| l),
+        json["requests"],
+        expected.len(),
+        resumed.elapsed()
+    );
+    assert_key_absent(&herd.all());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. forged peer traffic
+
+/// A client connection whose reads give up after 5 s.
+fn connect_quick(addr: SocketAddr) -> Client {
+    let c = Client::connect(addr);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("cannot set a read timeout");
+    c
+}
+
+/// A record as neighbour Bona would flood it.
+fn bona_record(client: &str) -> String {
+    format!(
+        "AT Bona +0.000000001 {client} {LOCATION} {}",
+        now_secs_string()
+    )
+}
+
+/// Greets Bailey at `addr` as its neighbour Bona with a fresh nonce, reads the CHALLENGE and
+/// checks that it proves the herd secret. Returns the connection and both nonces.
+fn greet(addr: SocketAddr, secret: &Secret) -> (Client, Vec<u8>, Vec<u8>) {
+    let nd = peer::nonce().expect("randomness");
+    let mut c = connect_quick(addr);
+    let mut greeting = peer::greeting("Bona", Some(&nd));
+    greeting.push(b'\n');
+    c.send(&greeting);
+    let line = c.read_line();
+    let (na, proof) = peer::parse_challenge(&line[..line.len() - 1])
+        .unwrap_or_else(|| panic!("the greeting was answered {}", show(&line)));
+    assert!(
+        secret.verify(proof, b"accept", b"Bona", b"Bailey", &nd, na),
+        "the server's CHALLENGE does not prove the herd secret: {}",
+        show(&line)
+    );
+    let na = na.to_vec();
+    (c, nd, na)
+}
+
+fn proof_line(secret: &Secret, nd: &[u8], na: &[u8]) -> Vec<u8> {
+    [
+        &b"PROOF "[..],
+        &secret.proof(b"dial", b"Bona", b"Bailey", nd, na),
+        b"\n",
+    ]
+    .concat()
+}
+
+/// `PAYLOAD SEQ TAG\n`.
+fn sealed(session: &mut Session, payload: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    peer::frame(Some(session), payload.as_bytes(), &mut out);
+    out
+}
+
+/// The clients of every record `server` holds.
+fn stored_clients(server: &ServerProc) -> BTreeSet<String> {
+    records(&dump_store(server))
+        .iter()
+        .filter_map(|r| r.split(' ').nth(3).map(str::to_owned))
+        .collect()
+}
+
+/// Waits until `server` holds `record`.
+fn await_stored(server: &ServerProc, record: &str) {
+    let held = eventually(Duration::from_secs(10), || {
+        records(&dump_store(server)).contains(record)
+    });
+    assert!(held, "{} never stored {record:?}", server.name);
+}
+
+/// Reads to the end of the stream (the server must close it) and checks that whatever came
+/// after the handshake was only the server's sealed heartbeats.
+fn expect_closed_after_pings(c: &mut Client, session: &mut Session, what: &str) {
+    let rest = c.read_to_end();
+    for line in rest.split_inclusive(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        assert_eq!(
+            session.open(line).map(<[u8]>::to_vec),
+            Ok(b"PING".to_vec()),
+            "{what}: the server sent {} before closing",
+            show(&rest)
+        );
+    }
+}
+
+/// Bailey, with neighbour Bona configured but not running: the test plays Bona, or a forger
+/// claiming to be Bona. Returns the herd and the one record Bailey holds (a client's).
+fn forgery_target(tag: &str, env: &'static [(&'static str, &'static str)]) -> (Herd, String) {
+    let (herd, ()) = start_herd(tag, env, NO_PLACES, &["Bailey"], || {
+        let p = free_ports(2);
+        let members = vec![
+            member("Bailey", p[0], &["Bona"]),
+            member("Bona", p[1], &["Bailey"]),
+        ];
+        (members, ())
+    });
+    let seed = iamat_at(herd.get("Bailey").addr, "Bailey", "seed.cs.ucla.edu");
+    (herd, seed)
+}
+
+/// No state change: the store holds exactly `expected`, none of the forged clients, and WHATSAT
+/// does not know them; the server still answers; its log says why each connection was closed.
+fn assert_unchanged(
+    bailey: &ServerProc,
+    expected: &BTreeSet<String>,
+    forged: &[String],
+    why: &[&str],
+) {
+    assert_eq!(
+        records(&dump_store(bailey)),
+        *expected,
+        "the store after the forgeries"
+    );
+    let held = stored_clients(bailey);
+    for client in forged {
+        assert!(!held.contains(client), "{client} was stored");
+    }
+    for client in forged.iter().take(3) {
+        let got = exchange(bailey.addr, format!("WHATSAT {client} 10 1\n").as_bytes());
+        assert_eq!(
+            show(&got),
+            show(format!("? WHATSAT {client} 10 1\n").as_bytes())
+        );
+    }
+    iamat_at(bailey.addr, "Bailey", "still-serving.cs.ucla.edu");
+    let log = bailey.log();
+    for why in why {
+        assert!(log.contains(why), "Bailey's log never says {why:?}:\n{log}");
+    }
+    assert_key_absent(&[bailey]);
+}
+
+/// A peer's line as a client's first line: `? LINE`, then the connection is closed, and the
+/// command after it in the same write is not run.
+#[test]
+fn peer_lines_from_a_client_are_answered_as_invalid_and_the_client_disconnected() {
+    let (herd, seed) = forgery_target("forged-client", WITH_SECRET);
+    let bailey = herd.get("Bailey");
+    let nonce = String::from_utf8(peer::nonce().expect("randomness")).expect("hex");
+    let first_lines = [
+        bona_record("forged-a0.cs.ucla.edu"),
+        format!("PROOF {}", "0".repeat(64)),
+        format!("CHALLENGE {} {}", "1".repeat(32), "2".repeat(64)),
+        format!("PEER herd/1 Mallory {nonce}"), // not a neighbour: a client's invalid command
+    ];
+    let mut forged = vec!["forged-a0.cs.ucla.edu".to_owned()];
+    let mut failures = Vec::new();
+    for (i, line) in first_lines.iter().enumerate() {
+        let mut c = connect_quick(bailey.addr);
+        let after = format!("after-a{i}.cs.ucla.edu");
+        c.send(format!("{line}\nIAMAT {after} {LOCATION} {}\n", now_secs_string()).as_bytes());
+        let want = (format!("? {line}\n").into_bytes(), true);
+        let got = read_until_end(&mut c);
+        if got != want {
+            failures.push(format!(
+                "first line {line:?}: want {}; got {}",
+                describe_end(&want),
+                describe_end(&got)
+            ));
+        }
+        forged.push(after);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_unchanged(
+        bailey,
+        &BTreeSet::from([seed]),
+        &forged,
+        &["closed: a client sent a peer's line"],
+    );
+}
+
+/// Everything read until the end of the stream or the read timeout, and whether the stream
+/// ended (a reset counts as the end).
+fn read_until_end(c: &mut Client) -> (Vec<u8>, bool) {
+    let mut out = c.buffered().to_vec();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match c.stream.read(&mut chunk) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (out, true),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+/// `(bytes, ended)` as a message.
+fn describe_end(got: &(Vec<u8>, bool)) -> String {
+    format!(
+        "{}{}",
+        show(&got.0),
+        if got.1 {
+            " then the end of the stream"
+        } else {
+            " and no end of stream within 5 s"
+        }
+    )
+}
+
+/// A greeting with a nonce, then a wrong PROOF: closed with nothing more said, and the sealed
+/// record sent after it not applied.
+#[test]
+fn a_wrong_proof_closes_the_connection_and_changes_nothing() {
+    let (herd, seed) = forgery_target("forged-proof", WITH_SECRET);
+    let bailey = herd.get("Bailey");
+    let secret = Secret::new(SECRET.as_bytes());
+    let wrong = Secret::new(b"not-the-herd-secret-at-all");
+    let mut forged = Vec::new();
+    for kind in [
+        "another secret",
+        "the challenge reflected",
+        "another name",
+        "not hex",
+    ] {
+        let (mut c, nd, na) = greet(bailey.addr, &secret);
+        let proof = match kind {
+            "another secret" => proof_line(&wrong, &nd, &na),
+            "the challenge reflected" => [
+                &b"PROOF "[..],
+                &secret.proof(b"accept", b"Bona", b"Bailey", &nd, &na),
+                b"\n",
+            ]
+            .concat(),
+            "another name" => [
+                &b"PROOF "[..],
+                &secret.proof(b"dial", b"Clark", b"Bailey", &nd, &na),
+                b"\n",
+            ]
+            .concat(),
+            _ => format!("PROOF {}\n", "z".repeat(64)).into_bytes(),
+        };
+        let client = format!("forged-b{}.cs.ucla.edu", forged.len());
+        let mut session = Session::new(&wrong, &nd, &na, true);
+        let line = sealed(&mut session, &bona_record(&client));
+        c.send(&[proof, line].concat());
+        let rest = c.read_to_end();
+        assert!(
+            rest.is_empty(),
+            "a PROOF made with {kind} was answered {}",
+            show(&rest)
+        );
+        forged.push(client);
+    }
+    assert_unchanged(
+        bailey,
+        &BTreeSet::from([seed]),
+        &forged,
+        &["Bona failed to prove it knows the herd secret"],
+    );
+}
+
+/// A proper handshake and a first sealed record (applied: the forger's sealing is right), then
+/// a forged line in the slot of the second, followed by a valid second line sealed by a twin of
+/// the session: the forged line closes the connection, so neither it nor the valid line after
+/// it is applied.
+#[test]
+fn a_forged_or_replayed_sealed_line_closes_the_link_and_changes_nothing() {
+    let (herd, seed) = forgery_target("forged-sealed", WITH_SECRET);
+    let bailey = herd.get("Bailey");
+    let addr = bailey.addr;
+    let secret = Secret::new(SECRET.as_bytes());
+    let wrong = Secret::new(b"not-the-herd-secret-at-all");
+    let mut expected = BTreeSet::from([seed]);
+    let mut forged_clients = vec!["honest-c1.cs.ucla.edu".to_owned()];
+    let mut previous: Option<(Vec<u8>, Vec<u8>)> = None;
+    let forgeries = [
+        "a flipped tag",
+        "an altered payload",
+        "no sequence number or tag",
+        "the first line replayed",
+        "a line sealed for another connection",
+        "a line sealed in the server's direction",
+        "a line sealed with a session of another secret",
+    ];
+    for (i, kind) in forgeries.iter().enumerate() {
+        let (mut c, nd, na) = greet(addr, &secret);
+        let mut session = Session::new(&secret, &nd, &na, true);
+        let mut twin = Session::new(&secret, &nd, &na, true);
+        let first_record = bona_record(&format!("first-c{i}.cs.ucla.edu"));
+        let first = sealed(&mut session, &first_record);
+        let _ = sealed(&mut twin, &first_record);
+        c.send(&[proof_line(&secret, &nd, &na), first.clone()].concat());
+        await_stored(bailey, &first_record);
+        expected.insert(first_record);
+
+        let forged_client = format!("forged-c{i}.cs.ucla.edu");
+        let forged_record = bona_record(&forged_client);
+        // A session of the given kind, advanced past its first line.
+        let advanced = |secret: &Secret, nd: &[u8], na: &[u8], dialler: bool| {
+            let mut s = Session::new(secret, nd, na, dialler);
+            let _ = sealed(&mut s, "PING");
+            s
+        };
+        let forged = match i {
+            0 => {
+                let mut line = sealed(&mut session, &forged_record);
+                let at = line.len() - 2; // the tag's last hex digit
+                line[at] = if line[at] == b'0' { b'1' } else { b'0' };
+                line
+            }
+            1 => {
+                let honest = sealed(&mut session, &bona_record("honest-c1.cs.ucla.edu"));
+                String::from_utf8(honest)
+                    .expect("ASCII")
+                    .replace("honest-c1", "forged-c1")
+                    .into_bytes()
+            }
+            2 => format!("{forged_record}\n").into_bytes(),
+            3 => first.clone(),
+            4 => {
+                let (pnd, pna) = previous.clone().expect("an earlier connection");
+                sealed(&mut advanced(&secret, &pnd, &pna, true), &forged_record)
+            }
+            5 => sealed(&mut advanced(&secret, &nd, &na, false), &forged_record),
+            _ => sealed(&mut advanced(&wrong, &nd, &na, true), &forged_record),
+        };
+        let after_client = format!("after-c{i}.cs.ucla.edu");
+        let after = sealed(&mut twin, &bona_record(&after_client));
+        c.send(&[forged, after].concat());
+        expect_closed_after_pings(&mut c, &mut session, kind);
+        forged_clients.push(forged_client);
+        forged_clients.push(after_client);
+        previous = Some((nd, na));
+    }
+    assert_unchanged(
+        bailey,
+        &expected,
+        &forged_clients,
+        &[
+            "a peer line with a wrong tag",
+            "a peer line out of sequence",
+        ],
+    );
+}
+
+/// A greeting without a nonce, when the server has a secret: closed with nothing said, and the
+/// record after it not applied.
+#[test]
+fn a_greeting_without_a_nonce_is_refused_when_the_herd_has_a_secret() {
+    let (herd, seed) = forgery_target("forged-greeting", WITH_SECRET);
+    let bailey = herd.get("Bailey");
+    let mut c = connect_quick(bailey.addr);
+    c.send(
+        format!(
+            "PEER herd/1 Bona\n{}\n",
+            bona_record("forged-d.cs.ucla.edu")
+        )
+        .as_bytes(),
+    );
+    let rest = c.read_to_end();
+    assert!(
+        rest.is_empty(),
+        "a greeting without a nonce was answered {}",
+        show(&rest)
+    );
+    assert_unchanged(
+        bailey,
+        &BTreeSet::from([seed]),
+        &["forged-d.cs.ucla.edu".to_owned()],
+        &["Bona greeted without authenticating, but this herd has a secret"],
+    );
+}
+
+#[test]
+fn without_a_secret_a_client_still_cannot_inject_records() {
+    let (herd, ()) = start_herd(
+        "forged-open",
+        WITHOUT_SECRET,
+        NO_PLACES,
+        &["Bailey"],
+        || {
+            let p = free_ports(2);
+            let members = vec![
+                member("Bailey", p[0], &["Bona"]),
+                member("Bona", p[1], &["Bailey"]),
+            ];
+            (members, ())
+        },
+    );
+    let bailey = herd.get("Bailey");
+    let before = dump_store(bailey);
+    let line = bona_record("injected.cs.ucla.edu");
+    let mut c = connect_quick(bailey.addr);
+    c.send(format!("IAMAT first.cs.ucla.edu {LOCATION} {}\n", now_secs_string()).as_bytes());
+    let first = c.read_line();
+    assert!(first.starts_with(b"AT Bailey "), "{}", show(&first));
+    c.send(format!("{line}\n").as_bytes());
+    let got = read_until_end(&mut c);
+    let want = (format!("? {line}\n").into_bytes(), true);
+    assert!(
+        got == want,
+        "an AT line from a client: want {}; got {}",
+        describe_end(&want),
+        describe_end(&got)
+    );
+    let got = exchange(bailey.addr, b"WHATSAT injected.cs.ucla.edu 10 1\n");
+    assert_eq!(show(&got), show(b"? WHATSAT injected.cs.ucla.edu 10 1\n"));
+    let after = records(&dump_store(bailey));
+    assert_eq!(
+        after.len(),
+        records(&before).len() + 1,
+        "the store holds {after:?}"
+    );
+    assert!(!stored_clients(bailey).contains("injected.cs.ucla.edu"));
+    assert_key_absent(&herd.all());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. hostile clients: slow drips, a client that never reads, one connection too many
+
+/// One connection sending a line a byte a second, never its end.
+struct Drip {
+    stream: TcpStream,
+    first_at: Instant,
+    last_at: Instant,
+    sent: usize,
+    closed_at: Option<Instant>,
+    received: usize,
+}
+
+const DRIP_LINE: &[u8] = b"IAMAT drip.cs.ucla.edu +34.068930-118.445127 1621464827.959498503";
+
+#[test]
+fn slow_drips_are_closed_at_the_line_deadline_while_a_client_is_answered_promptly() {
+    let extra = format!(
+        "{NO_PLACES}\n[limits]\nline_timeout_ms = {}\n",
+        LINE_TIMEOUT.as_millis()
+    );
+    let (herd, ()) = start_herd("slowloris", WITHOUT_SECRET, &extra, &[], || {
+        (vec![member("Bailey", free_ports(1)[0], &[])], ())
+    });
+    let bailey = herd.get("Bailey");
+    let pinger = Pinger::start(
+        bailey.addr,
+        "Bailey",
+        "prompt.cs.ucla.edu",
+        Duration::from_millis(100),
+    );
+    thread::sleep(Duration::from_millis(300));
+    let mut drips: Vec<Drip> = (0..DRIPPERS)
+        .map(|i| {
+            let mut stream = TcpStream::connect(bailey.addr)
+                .unwrap_or_else(|e| panic!("dripper {i} cannot connect: {e}"));
+            stream.set_nodelay(true).expect("TCP_NODELAY");
+            stream.write_all(&DRIP_LINE[..1]).expect("first byte");
+            stream.set_nonblocking(true).expect("non-blocking");
+            let now = Instant::now();
+            Drip {
+                stream,
+                first_at: now,
+                last_at: now,
+                sent: 1,
+                closed_at: None,
+                received: 0,
+            }
+        })
+        .collect();
+    let connected = Instant::now();
+    let give_up = connected + LINE_TIMEOUT + Duration::from_secs(15);
+    let mut buf = [0u8; 4096];
+    while drips.iter().any(|d| d.closed_at.is_none()) && Instant::now() < give_up {
+        let open: Vec<usize> = (0..drips.len())
+            .filter(|&i| drips[i].closed_at.is_none())
+            .collect();
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|&i| libc::pollfd {
+                fd: drips[i].stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures for the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
+        assert!(
+            ready >= 0,
+            "poll failed: {}",
+            std::io::Error::last_os_error()
+        );
+        let now = Instant::now();
+        for (k, fd) in fds.iter().enumerate() {
+            if fd.revents == 0 {
+                continue;
+            }
+            let d = &mut drips[open[k]];
+            loop {
+                match d.stream.read(&mut buf) {
+                    Ok(0) => {
+                        d.closed_at = Some(now);
+                        break;
+                    }
+                    Ok(n) => d.received += n,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        d.closed_at = Some(now); // reset: closed too
+                        break;
+                    }
+                }
+            }
+        }
+        for &i in &open {
+            let d = &mut drips[i];
+            if d.closed_at.is_some() || now.duration_since(d.last_at) < Duration::from_secs(1) {
+                continue;
+            }
+            match d.stream.write(&DRIP_LINE[d.sent % DRIP_LINE.len()..][..1]) {
+                Ok(_) => {
+                    d.sent += 1;
+                    d.last_at = now;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => d.closed_at = Some(now),
+            }
+        }
+    }
+    let rtts = pinger.stop("while 900 connections dripped");
+    let lives: Vec<Duration> = drips
+        .iter()
+        .map(|d| d.closed_at.map_or(Duration::MAX, |at| at - d.first_at))
+        .collect();
+    let still_open = lives.iter().filter(|l| **l == Duration::MAX).count();
+    assert_eq!(
+        still_open,
+        0,
+        "{still_open} of {DRIPPERS} dripping connections were still open {:?} after the last \
+         connected (line timeout {LINE_TIMEOUT:?})",
+        give_up - connected
+    );
+    let (shortest, longest) = (
+        *lives.iter().min().expect("some"),
+        *lives.iter().max().expect("some"),
+    );
+    assert!(
+        shortest >= LINE_TIMEOUT,
+        "a dripping connection was closed {shortest:?} after its first byte, before the line \
+         timeout {LINE_TIMEOUT:?}"
+    );
+    let bound = LINE_TIMEOUT + Duration::from_secs(2);
+    assert!(
+        longest <= bound,
+        "a dripping connection was closed only {longest:?} after its first byte (bound {bound:?})"
+    );
+    let bytes_back: usize = drips.iter().map(|d| d.received).sum();
+    let closes = bailey
+        .log()
+        .matches(&format!(
+            "closed: a line not finished within {} ms",
+            LINE_TIMEOUT.as_millis()
+        ))
+        .count();
+    assert_eq!(closes, DRIPPERS, "closes for the line deadline in the log");
+    println!(
+        "slowloris: {DRIPPERS} drips closed {shortest:?}..{longest:?} after their first byte \
+         ({} bytes sent to them); meanwhile {}",
+        bytes_back,
+        summary(&rtts)
+    );
+    assert_key_absent(&herd.all());
+}
+
+/// The connection id (`cN`) the server gave the connection from `local`.
+fn conn_id(server: &ServerProc, local: SocketAddr) -> String {
+    let line = await_log_line(
+        server,
+        &format!("accepted from {local}"),
+        0,
+        Duration::from_secs(10),
+    );
+    line.split(' ')
+        .nth(1)
+        .expect("STAMP cN accepted")
+        .to_owned()
+}
+
+#[test]
+fn a_client_that_pipelines_whatsats_and_never_reads_is_disconnected_at_its_cap() {
+    let fake = FakePlaces::start(
+        Behaviour::ok(fixture("legacy_ok_20.json")).delayed(Duration::from_millis(200)),
+    );
+    let extra = format!(
+        "{}\n[limits]\nclient_output_soft_bytes = 65536\nclient_output_soft_ms = 1000\n\
+         client_output_bytes = 1048576\n",
+        fake.places_toml("legacy", 5000)
+    );
+    let (herd, ()) = start_herd("never-reads", WITHOUT_SECRET, &extra, &[], || {
+        (vec![member("Bailey", free_ports(1)[0], &[])], ())
+    });
+    let bailey = herd.get("Bailey");
+    iamat_at(bailey.addr, "Bailey", "kiwi.cs.ucla.edu");
+    let pinger = Pinger::start(
+        bailey.addr,
+        "Bailey",
+        "reader.cs.ucla.edu",
+        Duration::from_millis(100),
+    );
+    // 2000 WHATSATs, each answered with about 36 kB, in one write; then nothing is read.
+    let mut hog = TcpStream::connect(bailey.addr).expect("connect");
+    hog.set_write_timeout(Some(READ_TIMEOUT)).expect("timeout");
+    hog.write_all("WHATSAT kiwi.cs.ucla.edu 10 20\n".repeat(2000).as_bytes())
+        .expect("the WHATSATs");
+    let sent = Instant::now();
+    let id = conn_id(bailey, hog.local_addr().expect("local address"));
+    let line = await_log_line(bailey, &format!("{id} closed: over "), 0, SETTLE);
+    let cut_after = sent.elapsed();
+    assert!(
+        line.contains("the client does not read"),
+        "the close says {line:?}"
+    );
+    // The socket sees the end: what the kernel already holds, then end of stream (or a reset).
+    hog.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match hog.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the cut-off client never saw the end ({got} bytes read): {e}"),
+        }
+    }
+    let rtts = pinger.stop("while a client did not read");
+    // Another client is unaffected: a whole WHATSAT reply.
+    let mut other = Client::connect(bailey.addr);
+    other.send(b"WHATSAT kiwi.cs.ucla.edu 10 1\n");
+    let reply = other.read_whatsat_reply();
+    assert!(reply.starts_with(b"AT Bailey "), "{}", show(&reply));
+    println!(
+        "never reads: cut off {cut_after:?} after sending ({}), {got} bytes were still \
+         readable; meanwhile {}",
+        line.split_once(" closed: ").map_or("", |(_, why)| why),
+        summary(&rtts)
+    );
+    assert_key_absent(&herd.all());
+}
+
+const MAX_CONNECTIONS: usize = 20;
+
+#[test]
+fn over_the_connection_limit_the_extra_client_is_refused_and_peer_links_stay_up() {
+    let extra = format!("{NO_PLACES}\n[limits]\nmax_connections = {MAX_CONNECTIONS}\n");
+    let (herd, ()) = start_herd("max-connections", WITHOUT_SECRET, &extra, &[], || {
+        let p = free_ports(3);
+        let members = vec![
+            member("Bailey", p[0], &["Bona", "Campbell"]),
+            member("Bona", p[1], &["Bailey", "Campbell"]),
+            member("Campbell", p[2], &["Bailey", "Bona"]),
+        ];
+        (members, ())
+    });
+    wait_linked(&herd);
+    let bailey = herd.get("Bailey");
+    // Bailey's two neighbours' inbound links are two of its connections: clients fill the rest.
+    let mut held: Vec<Client> = (0..MAX_CONNECTIONS - 2)
+        .map(|i| {
+            let mut c = Client::connect(bailey.addr);
+            iamat_on(&mut c, "Bailey", &format!("held-{i}.cs.ucla.edu"));
+            c
+        })
+        .collect();
+    let marks: Vec<usize> = herd.servers.iter().map(|s| s.log_bytes().len()).collect();
+    let full_since = Instant::now();
+    for _ in 0..3 {
+        let mut extra = connect_quick(bailey.addr);
+        let got = extra.read_to_end();
+        assert_eq!(show(&got), show(b"? server busy\n"), "the extra client");
+    }
+    assert!(
+        bailey.log().contains("refused from"),
+        "no refusal in the log"
+    );
+    // Updates still cross the herd both ways while Bailey is full.
+    let from_bailey = iamat_on(&mut held[0], "Bailey", "crossing-1.cs.ucla.edu");
+    let to_bailey = iamat_at(
+        herd.get("Campbell").addr,
+        "Campbell",
+        "crossing-2.cs.ucla.edu",
+    );
+    let servers = herd.all();
+    let everywhere = |record: &str| {
+        eventually(Duration::from_secs(10), || {
+            servers
+                .iter()
+                .all(|s| records(&dump_store(s)).contains(record))
+        })
+    };
+    assert!(everywhere(&from_bailey), "{from_bailey:?} did not cross");
+    assert!(everywhere(&to_bailey), "{to_bailey:?} did not cross");
+    // And no link went down, for longer than a dead link takes to be noticed.
+    thread::sleep((peer::DEAD_AFTER + Duration::from_secs(1)).saturating_sub(full_since.elapsed()));
+    for (s, mark) in herd.servers.iter().zip(&marks) {
+        let log = s.log_bytes();
+        let text = String::from_utf8_lossy(&log[*mark..]).into_owned();
+        if let Some(line) = text.lines().find(|l| {
+            l.contains(" down: ") || l.contains("closed its link") || l.contains("silent for")
+        }) {
+            panic!(
+                "{}'s peer link dropped while Bailey was full: {line}",
+                s.name
+            );
+        }
+    }
+    let from_bailey = iamat_on(&mut held[1], "Bailey", "crossing-3.cs.ucla.edu");
+    assert!(everywhere(&from_bailey), "{from_bailey:?} did not cross");
+    // A client that leaves makes room.
+    drop(held.pop());
+    let served = eventually(Duration::from_secs(5), || {
+        let got = exchange(
+            bailey.addr,
+            format!("IAMAT room.cs.ucla.edu {LOCATION} {}\n", now_secs_string()).as_bytes(),
+        );
+        got.starts_with(b"AT Bailey ")
+    });
+    assert!(served, "no room after a client left");
+    println!("max connections: 3 extra clients refused with `? server busy`, links up throughout");
+    assert_key_absent(&herd.all());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. a Places that misbehaves
+
+/// SPEC section 4's newline rules for a relayed body.
+fn newline_rules(body: &[u8]) -> Vec<u8> {
+    let mut out: Vec<u8> = Vec::with_capacity(body.len());
+    for &b in body {
+        if b == b'\n' && out.last() == Some(&b'\n') {
+            continue;
+        }
+        out.push(b);
+    }
+    while out.last() == Some(&b'\n') {
+        out.pop();
+    }
+    out
+}
+
+/// What a WHATSAT's body must be.
+enum Expect {
+    /// Google's error shape, said by the server: Places could not be asked or gave no answer.
+    UnknownError,
+    /// This body exactly (a relayed answer).
+    Body(Vec<u8>),
+}
+
+/// A server with a Places of its own, and kiwi's location reported to it.
+struct PlacesServer {
+    herd: Herd,
+    at_line: Vec<u8>,
+}
+
+impl PlacesServer {
+    fn start(tag: &str, places: &str) -> PlacesServer {
+        let (herd, ()) = start_herd(tag, WITHOUT_SECRET, places, &[], || {
+            (vec![member("Bailey", free_ports(1)[0], &[])], ())
+        });
+        let at = iamat_at(herd.get("Bailey").addr, "Bailey", "kiwi.cs.ucla.edu");
+        PlacesServer {
+            herd,
+            at_line: format!("{at}\n").into_bytes(),
+        }
+    }
+
+    /// One WHATSAT while another connection sends IAMATs: the reply must be well formed, be
+    /// `expect`, and come within the Places timeout and a margin; every IAMAT meanwhile must be
+    /// answered promptly. Returns the time the reply took.
+    fn whatsat(&self, what: &str, expect: &Expect) -> Duration {
+        let bailey = self.herd.get("Bailey");
+        let pinger = Pinger::start(
+            bailey.addr,
+            "Bailey",
+            "meanwhile.cs.ucla.edu",
+            Duration::from_millis(50),
+        );
+        let mut c = Client::connect(bailey.addr);
+        let asked = Instant::now();
+        c.send(b"WHATSAT kiwi.cs.ucla.edu 10 5\n");
+        let reply = c.read_whatsat_reply();
+        let took = asked.elapsed();
+        let rtts = pinger.stop(what);
+        assert!(
+            took <= PLACES_TIMEOUT + REPLY_MARGIN,
+            "{what}: the reply took {took:?} (timeout {PLACES_TIMEOUT:?})"
+        );
+        assert!(
+            reply.starts_with(&self.at_line) && reply.ends_with(b"\n\n"),
+            "{what}: a malformed reply {}",
+            show(&reply)
+        );
+        let body = &reply[self.at_line.len()..reply.len() - 2];
+        assert!(
+            !body.is_empty()
+                && !body.ends_with(b"\n")
+                && !body.windows(2).any(|w| w == b"\n\n")
+                && serde_json::from_slice::<serde_json::Value>(body).is_ok(),
+            "{what}: the body is not one JSON value under the newline rules: {}",
+            show(body)
+        );
+        match expect {
+            Expect::UnknownError => assert!(
+                body.starts_with(UNKNOWN_ERROR_PREFIX) && body.ends_with(b"\"}"),
+                "{what}: not an UNKNOWN_ERROR body: {}",
+                show(body)
+            ),
+            Expect::Body(want) => assert_eq!(show(body), show(want), "{what}: the body"),
+        }
+        // Nothing more on the connection: the reply was whole and single.
+        c.half_close();
+        assert_eq!(show(&c.read_to_end()), "", "{what}: bytes after the reply");
+        println!(
+            "places: {what}: well-formed reply in {took:?}; meanwhile {}",
+            summary(&rtts)
+        );
+        took
+    }
+}
+
+/// A JSON body of about `size` bytes, in Google's legacy shape.
+fn big_body(size: usize) -> Vec<u8> {
+    let mut body = br#"{"html_attributions" : [], "results" : ["#.to_vec();
+    let entry = format!(r#"{{"name" : "{}"}}"#, "x".repeat(1000));
+    while body.len() < size {
+        if !body.ends_with(b"[") {
+            body.push(b',');
+        }
+        body.extend_from_slice(entry.as_bytes());
+    }
+    body.extend_from_slice(br#"], "status" : "OK"}"#);
+    body
+}
+
+#[test]
+fn places_that_stalls_drops_sends_5_mib_or_answers_429_still_gets_every_whatsat_answered() {
+    let fake = FakePlaces::start(Behaviour::Stall);
+    let server = PlacesServer::start(
+        "places-faults",
+        &fake.places_toml("legacy", PLACES_TIMEOUT.as_millis() as u64),
+    );
+    let five_mib = big_body(5 << 20);
+    let throttled = fixture("legacy_over_query_limit.json");
+    let cases = [
+        ("a stall", Behaviour::Stall, Expect::UnknownError),
+        (
+            "a dropped connection",
+            Behaviour::Drop,
+            Expect::UnknownError,
+        ),
+        (
+            "a 5 MiB body with Content-Length",
+            Behaviour::ok(five_mib.clone()),
+            Expect::UnknownError,
+        ),
+        (
+            "a 5 MiB chunked body",
+            Behaviour::framed(five_mib.clone(), Framing::Chunked(vec![64 * 1024])),
+            Expect::UnknownError,
+        ),
+        (
+            "a 5 MiB body to the end of the stream",
+            Behaviour::framed(five_mib, Framing::Close),
+            Expect::UnknownError,
+        ),
+        (
+            "HTTP 429 with Google's OVER_QUERY_LIMIT body",
+            Behaviour::status(429, throttled.clone()),
+            Expect::Body(newline_rules(&throttled)),
+        ),
+        (
+            "HTTP 502 with an HTML page",
+            Behaviour::status(502, &b"<html><body>Bad Gateway</body></html>\n"[..]),
+            Expect::UnknownError,
+        ),
+    ];
+    for (what, behaviour, expect) in &cases {
+        fake.set(behaviour.clone());
+        let took = server.whatsat(what, expect);
+        if matches!(behaviour, Behaviour::Stall) {
+            assert!(
+                took + Duration::from_millis(100) >= PLACES_TIMEOUT,
+                "a stalled Places was given up after {took:?}, before the timeout"
+            );
+        }
+    }
+    // And Places that behaves again is answered normally.
+    fake.set(Behaviour::ok(fixture("legacy_zero_results.json")));
+    server.whatsat(
+        "a normal answer after the faults",
+        &Expect::Body(newline_rules(&fixture("legacy_zero_results.json"))),
+    );
+    assert!(
+        fake.requests().iter().all(|r| r.target.contains(KEY)),
+        "the requests did not carry the key"
+    );
+    assert_key_absent(&server.herd.all());
+}
+
+/// A whole HTTP response with this body and Content-Length.
+fn http_response(body: &[u8]) -> Vec<u8> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=UTF-8\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    [head.as_bytes(), body].concat()
+}
+
+#[test]
+fn places_that_dribbles_is_given_up_at_the_timeout_or_relayed_when_it_finishes_in_time() {
+    let ok = fixture("legacy_ok_20.json");
+    // 36 kB at 64 bytes every 50 ms would take half a minute.
+    let fake = DribblePlaces::start(Dribble {
+        response: http_response(&ok),
+        step: 64,
+        pause: Duration::from_millis(50),
+    });
+    let server = PlacesServer::start(
+        "places-dribble",
+        &fake.places_toml(PLACES_TIMEOUT.as_millis() as u64),
+    );
+    let took = server.whatsat("a dribble slower than the timeout", &Expect::UnknownError);
+    assert!(
+        took + Duration::from_millis(100) >= PLACES_TIMEOUT,
+        "a dribbling Places was given up after {took:?}, before the timeout"
+    );
+    // A small answer dribbled over about a second is still relayed whole.
+    let small = fixture("legacy_zero_results.json");
+    let response = http_response(&small);
+    let pause = Duration::from_millis(1000 / (response.len() as u64 / 16));
+    fake.set(Dribble {
+        response,
+        step: 16,
+        pause,
+    });
+    server.whatsat(
+        "a dribble that ends in time",
+        &Expect::Body(newline_rules(&small)),
+    );
+    assert_key_absent(&server.herd.all());
+}
+
+#[test]
+fn places_with_a_bad_certificate_gets_unknown_error() {
+    let fake = FakePlaces::start_untrusted(Behaviour::ok(fixture("legacy_ok_20.json")));
+    let server = PlacesServer::start(
+        "places-bad-cert",
+        &fake.places_toml("legacy", PLACES_TIMEOUT.as_millis() as u64),
+    );
+    server.whatsat("an untrusted certificate", &Expect::UnknownError);
+    assert!(
+        fake.requests().is_empty(),
+        "a request went past a bad certificate"
+    );
+    assert_key_absent(&server.herd.all());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. the API key never appears in a log
+
+/// The key from a file this time, and Places API (New), where it travels in a header: every
+/// failure the fake can produce, and the key in none of the log, stdout or replies. (Every test
+/// above also checks its own servers' logs for the key.)
+#[test]
+fn the_api_key_never_appears_in_any_log_whatever_fails() {
+    let fake = FakePlaces::start(Behaviour::Stall);
+    let dir = TestDir::new("key-file");
+    let key_file = dir.join("places.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).expect("key file");
+    let places = format!(
+        "{}key_file = \"{}\"\n",
+        fake.places_toml("new", PLACES_TIMEOUT.as_millis() as u64),
+        key_file.display()
+    );
+    static KEY_FROM_FILE: &[(&str, &str)] = &[("HERD_SECRET", "")];
+    let (herd, ()) = start_herd("key-never-logged", KEY_FROM_FILE, &places, &[], || {
+        (vec![member("Bailey", free_ports(1)[0], &[])], ())
+    });
+    let bailey = herd.get("Bailey");
+    iamat_at(bailey.addr, "Bailey", "kiwi.cs.ucla.edu");
+    let cases: Vec<(&str, Behaviour)> = vec![
+        ("a stall", Behaviour::Stall),
+        ("a dropped connection", Behaviour::Drop),
+        ("a 5 MiB body", Behaviour::ok(big_body(5 << 20))),
+        (
+            "a body that is not JSON",
+            Behaviour::ok(&b"<html>no</html>"[..]),
+        ),
+        (
+            "a 403 error body",
+            Behaviour::status(403, fixture("new_error_403.json")),
+        ),
+        ("HTTP 429", Behaviour::status(429, &b"{}"[..])),
+        (
+            "a malformed status line",
+            Behaviour::Raw(b"HTTP/1.1 two hundred\r\n\r\n".to_vec()),
+        ),
+        (
+            "a bad chunk size",
+            Behaviour::Raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec()),
+        ),
+        (
+            "a short body, then the end",
+            Behaviour::Raw(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{".to_vec(),
+            ),
+        ),
+        ("a good answer", Behaviour::ok(fixture("new_ok_5.json"))),
+    ];
+    let mut replies = Vec::new();
+    for (what, behaviour) in cases {
+        fake.set(behaviour);
+        let mut c = Client::connect(bailey.addr);
+        c.send(b"WHATSAT kiwi.cs.ucla.edu 10 5\n");
+        let reply = c.read_whatsat_reply();
+        assert!(
+            reply.starts_with(b"AT Bailey "),
+            "{what}: {}",
+            show(&reply[..reply.len().min(300)])
+        );
+        replies.push((what, reply));
+    }
+    let requests = fake.requests();
+    assert!(
+        !requests.is_empty()
+            && requests
+                .iter()
+                .all(|r| r.header("x-goog-api-key") == Some(KEY.as_bytes())),
+        "the requests did not carry the key from the file"
+    );
+    for (what, reply) in &replies {
+        assert!(
+            !reply.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+            "{what}: the reply shows the key"
+        );
+    }
+    assert_key_absent(&herd.all());
+    let failures = bailey.log().matches("failed: ").count();
+    println!(
+        "api key: {} WHATSATs against a failing Places ({failures} failures logged), key in no \
+         log line, reply or output",
+        replies.len()
+    );
+}
