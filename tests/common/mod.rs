@@ -186,14 +186,34 @@ fn parse_listening_line(line: &str, name: &str, cwd: &Path) -> Option<(SocketAdd
 /// working directory, `env` added to its environment (and `GOOGLE_PLACES_API_KEY` removed
 /// unless `env` sets it), stdin null, stdout piped and drained by a thread, stderr inherited.
 /// Returns once the server has printed its "listening" line; panics after 10 s without one.
+/// The command that runs one server, before its NAME: `herd serve`, or, with
+/// `HERD_TEST_SERVER=prototype`, the Python asyncio prototype the benchmark measures the herd
+/// against, so that the protocol tests check the opponent too
+/// (`HERD_TEST_SERVER=prototype cargo test --release --test protocol`).
+pub fn server_command() -> Command {
+    match std::env::var("HERD_TEST_SERVER").as_deref() {
+        Ok("prototype") => {
+            let mut command = Command::new("python3");
+            command.arg(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/prototype/herd_prototype.py"),
+            );
+            command
+        }
+        _ => {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
+            command.arg("serve");
+            command
+        }
+    }
+}
+
 pub fn spawn_server(config: &Path, name: &str, env: &[(&str, &str)]) -> ServerProc {
     let cwd = config
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
+    let mut command = server_command();
     command
-        .arg("serve")
         .arg(name)
         .arg("--config")
         .arg(config)
@@ -209,7 +229,7 @@ pub fn spawn_server(config: &Path, name: &str, env: &[(&str, &str)]) -> ServerPr
     }
     let mut child = command
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", env!("CARGO_BIN_EXE_herd")));
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", server_command()));
 
     let stdout_pipe = child.stdout.take().expect("stdout is piped");
     let stdout = Arc::new(Mutex::new(Vec::new()));
