@@ -1974,7 +1974,10 @@ fn slow_drips_are_closed_at_the_line_deadline_while_a_client_is_answered_promptl
         "a dripping connection was closed {shortest:?} after its first byte, before the line \
          timeout {LINE_TIMEOUT:?}"
     );
-    let bound = LINE_TIMEOUT + Duration::from_secs(2);
+    // The server looks for expired lines once a second; the rest is room for a shared, noisy
+    // machine (this is a bound on liveness, not a timing goal: closing early is what must not
+    // happen, and that is asserted exactly above).
+    let bound = LINE_TIMEOUT + Duration::from_secs(1) + Duration::from_secs(6);
     assert!(
         longest <= bound,
         "a dripping connection was closed only {longest:?} after its first byte (bound {bound:?})"
