@@ -2161,21 +2161,6 @@ fn over_the_connection_limit_the_extra_client_is_refused_and_peer_links_stay_up(
 // ---------------------------------------------------------------------------------------------
 // 7. a Places that misbehaves
 
-/// SPEC section 4's newline rules for a relayed body.
-fn newline_rules(body: &[u8]) -> Vec<u8> {
-    let mut out: Vec<u8> = Vec::with_capacity(body.len());
-    for &b in body {
-        if b == b'\n' && out.last() == Some(&b'\n') {
-            continue;
-        }
-        out.push(b);
-    }
-    while out.last() == Some(&b'\n') {
-        out.pop();
-    }
-    out
-}
-
 /// What a WHATSAT's body must be.
 enum Expect {
     /// Google's error shape, said by the server: Places could not be asked or gave no answer.

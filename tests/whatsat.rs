@@ -34,22 +34,6 @@ fn expected(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-/// SPEC section 4's newline rules: every run of two or more `\n` becomes one, and trailing
-/// `\n` are removed.
-fn newline_rules(body: &[u8]) -> Vec<u8> {
-    let mut out: Vec<u8> = Vec::with_capacity(body.len());
-    for &b in body {
-        if b == b'\n' && out.last() == Some(&b'\n') {
-            continue;
-        }
-        out.push(b);
-    }
-    while out.last() == Some(&b'\n') {
-        out.pop();
-    }
-    out
-}
-
 /// Asserts `got == want`; on a difference, shows the first differing offset and the exact
 /// bytes around it on both sides (a whole 36 kB body would drown the message).
 fn assert_bytes_eq(what: &str, got: &[u8], want: &[u8]) {

@@ -175,6 +175,27 @@ pub struct FakePlaces {
 }
 
 /// A CA certificate (PEM) and the issuer that signs with its key.
+/// Writes the CA the herd is to trust into `dir`, and makes the TLS configuration of a server
+/// presenting `cert`.
+fn tls_server(
+    dir: &TestDir,
+    ca_pem: &str,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> (PathBuf, Arc<ServerConfig>) {
+    let ca_file = dir.join("places-ca.pem");
+    std::fs::write(&ca_file, ca_pem)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", ca_file.display()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .expect("cannot build the TLS server configuration");
+    (ca_file, Arc::new(config))
+}
+
 fn new_ca(common_name: &str) -> (String, Issuer<'static, KeyPair>) {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("empty SAN list");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -232,18 +253,7 @@ impl FakePlaces {
         } else {
             new_server_cert(&issuer)
         };
-        let ca_file = dir.join("places-ca.pem");
-        std::fs::write(&ca_file, ca_pem)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", ca_file.display()));
-
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .expect("cannot build the TLS server configuration");
-        let config = Arc::new(config);
+        let (ca_file, config) = tls_server(&dir, &ca_pem, cert, key);
 
         let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("listener has no address");
@@ -648,17 +658,7 @@ impl DribblePlaces {
         let dir = TestDir::new("dribble-places");
         let (ca_pem, issuer) = new_ca("herd dribble test CA");
         let (cert, key) = new_server_cert(&issuer);
-        let ca_file = dir.join("places-ca.pem");
-        std::fs::write(&ca_file, ca_pem)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", ca_file.display()));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .expect("cannot build the TLS server configuration");
-        let config = Arc::new(config);
+        let (ca_file, config) = tls_server(&dir, &ca_pem, cert, key);
         let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("listener has no address");
         let shared = Arc::new(Shared {
