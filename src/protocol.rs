@@ -273,16 +273,29 @@ pub struct AtRecord<'a> {
 /// spaces, fields as an IAMAT would have them. The line is stored and re-sent byte for byte, so
 /// anything looser is refused rather than repaired.
 pub fn parse_at_record(line: &[u8]) -> Option<AtRecord<'_>> {
-    let (f, 6) = fields::<6>(line)? else {
+    // Every record crosses every server, so this is one pass over the bytes: fields end at
+    // single spaces, and any other white space (`\t` to `\r`) refuses the line.
+    let mut f: [&[u8]; 6] = [&[]; 6];
+    let (mut count, mut start) = (0, 0);
+    for (i, &b) in line.iter().enumerate() {
+        if b == b' ' {
+            if count == 5 || i == start {
+                return None; // a seventh field, or an empty one
+            }
+            f[count] = &line[start..i];
+            count += 1;
+            start = i + 1;
+        } else if (b'\t'..=b'\r').contains(&b) {
+            return None;
+        }
+    }
+    if count != 5 || start == line.len() {
         return None;
-    };
-    let single_spaced = line.iter().filter(|&&b| is_space(b)).count() == 5
-        && !line.first().is_some_and(|&b| is_space(b))
-        && !line.last().is_some_and(|&b| is_space(b))
-        && line.iter().all(|&b| b == b' ' || !is_space(b));
+    }
+    f[5] = &line[start..];
     let diff_ok = matches!(f[2].first(), Some(b'+' | b'-'))
         && split_decimal(&f[2][1..]).is_some_and(|(_, frac)| frac.len() == 9);
-    if f[0] != b"AT" || !single_spaced || !diff_ok || parse_location(f[4]).is_none() {
+    if f[0] != b"AT" || !diff_ok || parse_location(f[4]).is_none() {
         return None;
     }
     Some(AtRecord {
