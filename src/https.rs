@@ -198,10 +198,6 @@ impl PlacesPool {
         })
     }
 
-    pub fn slots(&self) -> usize {
-        self.slots.len()
-    }
-
     /// Each slot's state name, for the trace.
     pub fn slot_states(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.slots.iter().map(|slot| match slot {

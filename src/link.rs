@@ -145,10 +145,6 @@ impl Link {
         }
     }
 
-    pub fn is_up(&self) -> bool {
-        matches!(self.state, LinkState::Up { .. })
-    }
-
     /// Fires whatever deadline has passed; safe to call when none has.
     pub fn on_timeout(&mut self, now: Instant, registrar: &Registrar, cx: &mut Context) {
         let why = match &mut self.state {

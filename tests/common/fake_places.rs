@@ -339,17 +339,23 @@ impl FakePlaces {
 
 impl Drop for FakePlaces {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop; it sees the flag and returns. (Should the connection fail,
-        // the thread is left detached rather than joined forever.)
-        let woken = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).is_ok();
-        if let Some(accept) = self.accept.take() {
+        self.shared.shut_down(self.addr, self.accept.take());
+    }
+}
+
+impl Shared {
+    /// Stops a fake listening at `addr`: wakes its accept loop, which sees the flag and returns
+    /// (should the wake-up fail, the thread is left detached rather than joined for ever), then
+    /// every connection thread blocked in a read or a write.
+    fn shut_down(&self, addr: SocketAddr, accept: Option<JoinHandle<()>>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let woken = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok();
+        if let Some(accept) = accept {
             if woken {
                 let _ = accept.join();
             }
         }
-        // Wake every connection thread blocked in a read or a write.
-        for socket in lock(&self.shared.sockets).drain(..) {
+        for socket in lock(&self.sockets).drain(..) {
             let _ = socket.shutdown(Shutdown::Both);
         }
     }
@@ -726,16 +732,7 @@ impl DribblePlaces {
 
 impl Drop for DribblePlaces {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let woken = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).is_ok();
-        if let Some(accept) = self.accept.take() {
-            if woken {
-                let _ = accept.join();
-            }
-        }
-        for socket in lock(&self.shared.sockets).drain(..) {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
+        self.shared.shut_down(self.addr, self.accept.take());
     }
 }
 
