@@ -37,7 +37,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::ops::Range;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -97,6 +97,9 @@ pub struct LoadOptions {
     pub rate: Option<f64>,
     /// Stop after this many load commands (the window closes when all are answered).
     pub requests: Option<u64>,
+    /// Loopback source addresses connections are spread over, from 127.0.0.2 up; 1: the
+    /// kernel's choice. See [`Sources`].
+    pub sources: usize,
 }
 
 /// Which commands make up the load.
@@ -135,6 +138,10 @@ Options:
                          do (open loop); default: as fast as -c and -p allow
   --requests N           stop after N load commands; the window closes when all are answered
   --id-prefix TEXT       client ids are TEXT0, TEXT1, ... (default load-)
+  --sources N            connect from N loopback addresses, 127.0.0.2 and up, in turn
+                         (Linux, a server on 127.x.x.x; default 1: the kernel chooses). Each
+                         address has its own ephemeral ports, so a long --one-shot run does
+                         not run out of ports that are not in TIME_WAIT
 
 Every reply is checked against the command it answers. The JSON says:
   requests, per_second   valid replies completed in the measured window, and their rate
@@ -163,6 +170,7 @@ pub fn parse_args(args: &[String]) -> Result<LoadOptions, String> {
     opts.optopt("", "rate", "commands per second in all", "N");
     opts.optopt("", "requests", "stop after this many commands", "N");
     opts.optopt("", "id-prefix", "what client ids start with", "TEXT");
+    opts.optopt("", "sources", "loopback source addresses", "N");
     let m = opts
         .parse(args)
         .map_err(|e| format!("{e} (see herd load --help)"))?;
@@ -214,8 +222,13 @@ pub fn parse_args(args: &[String]) -> Result<LoadOptions, String> {
     if id_prefix.bytes().any(crate::protocol::is_space) {
         return Err(format!("--id-prefix {id_prefix:?}: no white space"));
     }
+    let addr = resolve(&addr)?;
+    let sources = positive("sources", 1)?;
+    if sources > 1 {
+        Sources::check(sources, addr)?;
+    }
     Ok(LoadOptions {
-        addr: resolve(&addr)?,
+        addr,
         connections: positive("connections", 50)?,
         in_flight,
         duration: Duration::from_millis(positive("duration-ms", 5000)? as u64),
@@ -241,6 +254,7 @@ pub fn parse_args(args: &[String]) -> Result<LoadOptions, String> {
             None => None,
             Some(_) => Some(positive("requests", 1)? as u64),
         },
+        sources,
     })
 }
 
@@ -958,12 +972,20 @@ impl Conn {
         }
     }
 
-    /// Reads until the socket would block, parsing replies as they come. Edge-triggered: the
+    /// Reads until the socket is empty, parsing replies as they come. Edge-triggered: the
     /// kernel will not tell us again about bytes we leave unread.
+    ///
+    /// A read that fills less than `scratch` has emptied the socket, and bytes arriving later
+    /// raise a new edge: so the loop stops there, without the read that would only say
+    /// `WouldBlock` (a third of the system calls of a pipelined exchange). The exception is
+    /// `closed`, the kernel having said the server's end of stream is already here: no new
+    /// edge will come for it, so that read must be made now.
+    #[allow(clippy::too_many_arguments)]
     fn on_readable(
         &mut self,
         now: Instant,
         counted: bool,
+        closed: bool,
         tally: &mut Tally,
         scratch: &mut [u8],
         expect: &mut Vec<u8>,
@@ -978,6 +1000,9 @@ impl Conn {
                 Ok(n) => {
                     self.input.extend_from_slice(&scratch[..n]);
                     self.take_replies(now, counted, tally, expect, prefix);
+                    if n < scratch.len() && !closed {
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1074,17 +1099,33 @@ impl Conn {
     /// Writes what is pending, until done or the socket would block (WRITABLE will say when
     /// there is room again). A one-shot connection then shuts its write side, as the course's
     /// clients do: the server answers, then closes.
+    ///
+    /// A one-shot connection writes while still `Connecting`: over loopback the handshake is
+    /// usually over by the time `connect()` returns, and a write that goes through proves the
+    /// connection as well as the WRITABLE event and the two checks of `on_connect_event` would,
+    /// for a third of the system calls. Not connected yet, the write says `WouldBlock` (Linux)
+    /// or `NotConnected`, and WRITABLE comes when it is; a failed connect fails the write.
     fn flush(&mut self, one_shot: bool, tally: &mut Tally) {
-        let ConnState::Open(stream) = &mut self.state else {
+        let connecting = matches!(self.state, ConnState::Connecting(_));
+        let (ConnState::Open(stream) | ConnState::Connecting(stream)) = &mut self.state else {
             return;
         };
-        let written = self.out.write_to(stream).map(|()| self.out.pending() == 0);
-        match written {
-            Ok(true) if one_shot => match stream.shutdown(Shutdown::Write) {
-                Ok(()) => self.become_with_stream(ConnState::HalfClosed),
-                Err(e) => self.fail(tally, || format!("shutdown failed: {e}")),
-            },
-            Ok(_) => {}
+        if connecting && !one_shot {
+            return; // a pipelined connect is finished by `on_connect_event`
+        }
+        let before = self.out.pending();
+        match self.out.write_to(stream) {
+            Ok(()) if connecting && self.out.pending() == before => {}
+            Err(e) if connecting && e.kind() == io::ErrorKind::NotConnected => {}
+            Ok(()) if self.out.pending() == 0 && one_shot => {
+                match stream.shutdown(Shutdown::Write) {
+                    Ok(()) => self.become_with_stream(ConnState::HalfClosed),
+                    Err(e) => self.fail(tally, || format!("shutdown failed: {e}")),
+                }
+            }
+            Ok(()) if connecting => self.become_with_stream(ConnState::Open),
+            Ok(()) => {}
+            Err(e) if connecting => self.fail(tally, || format!("cannot connect: {e}")),
             Err(e) => self.fail(tally, || format!("write failed: {e}")),
         }
     }
@@ -1112,13 +1153,140 @@ impl Conn {
     }
 }
 
-/// Starts a non-blocking connect, registered once for both readiness kinds (as the server's
-/// sockets are: edge-triggered WRITABLE interest costs nothing while output flows).
-fn dial(registry: &Registry, addr: SocketAddr, slot: usize) -> io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(addr)?;
-    // Commands are small and follow each other: Nagle's algorithm would hold one back until the
-    // previous one is acknowledged.
-    stream.set_nodelay(true)?;
+/// The source addresses connections take in turn (`--sources`).
+///
+/// A client that closes first keeps each connection's port in TIME_WAIT for a minute, and one
+/// source address has about 28,000 ephemeral ports: a one-shot run soon has every `connect()`
+/// searching the port range for one the kernel may recycle, and the generator's core, not the
+/// server, sets the rate. The whole of 127.0.0.0/8 is loopback on Linux, and each address has
+/// its own ports.
+struct Sources {
+    addrs: Vec<Ipv4Addr>,
+    next: usize,
+}
+
+impl Sources {
+    /// The most `--sources` may ask for: 127.0.0.2 to 127.0.0.254.
+    const MAX: usize = 253;
+
+    fn new(count: usize) -> Sources {
+        let addrs = match count {
+            0 | 1 => Vec::new(),
+            n => (0..n.min(Sources::MAX))
+                .map(|i| Ipv4Addr::new(127, 0, 0, 2 + i as u8))
+                .collect(),
+        };
+        Sources { addrs, next: 0 }
+    }
+
+    /// Whether `count` sources can be used to reach `addr`.
+    fn check(count: usize, addr: SocketAddr) -> Result<(), String> {
+        if !cfg!(target_os = "linux") {
+            return Err(
+                "--sources: binding to a loopback address per connection needs Linux".into(),
+            );
+        }
+        if count > Sources::MAX {
+            return Err(format!("--sources {count}: at most {}", Sources::MAX));
+        }
+        match addr {
+            SocketAddr::V4(v4) if v4.ip().is_loopback() => Ok(()),
+            _ => Err(format!(
+                "--sources: the server must be at an IPv4 loopback address, not {addr}"
+            )),
+        }
+    }
+
+    /// The address for the next connection; `None`: the kernel's choice.
+    fn next(&mut self) -> Option<Ipv4Addr> {
+        let addr = *self.addrs.get(self.next)?;
+        self.next = (self.next + 1) % self.addrs.len();
+        Some(addr)
+    }
+}
+
+/// A non-blocking connect from `source` (any port) to `addr`. The port is chosen at `connect()`
+/// (`IP_BIND_ADDRESS_NO_PORT`), so that it need only be unique for this source and
+/// destination, not for every destination as `bind()` alone would have it.
+#[cfg(target_os = "linux")]
+fn connect_from(source: Ipv4Addr, addr: SocketAddrV4) -> io::Result<TcpStream> {
+    use std::mem::size_of;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+        match rc {
+            -1 => Err(io::Error::last_os_error()),
+            rc => Ok(rc),
+        }
+    }
+    fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*addr.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+    let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: plain system calls on a descriptor this function owns from the moment it exists
+    // (`OwnedFd` closes it on every early return), with pointers to live locals and their sizes.
+    unsafe {
+        let fd = check(libc::socket(libc::AF_INET, flags, 0))?;
+        let socket = OwnedFd::from_raw_fd(fd);
+        let on: libc::c_int = 1;
+        check(libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ))?;
+        let from = sockaddr(SocketAddrV4::new(source, 0));
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        check(libc::bind(
+            fd,
+            (&from as *const libc::sockaddr_in).cast(),
+            len,
+        ))?;
+        let to = sockaddr(addr);
+        match check(libc::connect(
+            fd,
+            (&to as *const libc::sockaddr_in).cast(),
+            len,
+        )) {
+            Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => return Err(e),
+            _ => {}
+        }
+        Ok(TcpStream::from_std(std::net::TcpStream::from(socket)))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn connect_from(_source: Ipv4Addr, addr: SocketAddrV4) -> io::Result<TcpStream> {
+    TcpStream::connect(SocketAddr::V4(addr)) // `Sources::check` refused `--sources` already
+}
+
+/// Starts a non-blocking connect, from `source` when given, registered once for both readiness
+/// kinds (as the server's sockets are: edge-triggered WRITABLE interest costs nothing while
+/// output flows).
+fn dial(
+    registry: &Registry,
+    addr: SocketAddr,
+    source: Option<Ipv4Addr>,
+    slot: usize,
+    pipelined: bool,
+) -> io::Result<TcpStream> {
+    let mut stream = match (source, addr) {
+        (Some(source), SocketAddr::V4(addr)) => connect_from(source, addr)?,
+        _ => TcpStream::connect(addr)?,
+    };
+    // Pipelined commands are small and follow each other: Nagle's algorithm would hold one
+    // back until the previous one is acknowledged. A one-shot command is one write.
+    if pipelined {
+        stream.set_nodelay(true)?;
+    }
     registry.register(
         &mut stream,
         Token(slot),
@@ -1164,6 +1332,7 @@ struct Generator<'a> {
     scratch: Vec<u8>,
     /// A command being made, or the fields a reply must copy; reused, never freed.
     line: Vec<u8>,
+    sources: Sources,
 }
 
 impl<'a> Generator<'a> {
@@ -1196,11 +1365,13 @@ impl<'a> Generator<'a> {
             },
             scratch: vec![0; READ_CHUNK],
             line: Vec::new(),
+            sources: Sources::new(opts.sources),
         };
         // Pipelined connections are dialled once, here; one-shot ones when they have a command.
         if !opts.one_shot {
             for slot in 0..opts.connections {
-                match dial(generator.poll.registry(), opts.addr, slot) {
+                let source = generator.sources.next();
+                match dial(generator.poll.registry(), opts.addr, source, slot, true) {
                     Ok(stream) => {
                         generator.conns[slot].state = ConnState::Connecting(stream);
                         generator.live += 1;
@@ -1271,12 +1442,16 @@ impl<'a> Generator<'a> {
             return;
         };
         match conn.state {
+            // The write at the end of the turn finishes a one-shot connect, or says it failed.
+            ConnState::Connecting(_) if self.opts.one_shot => {}
             ConnState::Connecting(_) => conn.on_connect_event(&mut self.tally),
             ConnState::Open(_) | ConnState::HalfClosed(_) => {
-                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                let closed = event.is_read_closed() || event.is_error();
+                if event.is_readable() || closed {
                     conn.on_readable(
                         now,
                         counted,
+                        closed,
                         &mut self.tally,
                         &mut self.scratch,
                         &mut self.line,
@@ -1311,16 +1486,12 @@ impl<'a> Generator<'a> {
                         &mut self.line,
                     );
                 }
-                conn.flush(one_shot, &mut self.tally);
             }
+            conn.flush(one_shot, &mut self.tally);
             if let ConnState::Closed(_) = conn.state {
-                if let ConnState::Closed(mut stream) =
-                    std::mem::replace(&mut conn.state, ConnState::Idle)
-                {
-                    // Closing the descriptor removes it from epoll anyway; a failure changes nothing.
-                    let _ = self.poll.registry().deregister(&mut stream);
-                    self.live -= 1;
-                }
+                // Closing the descriptor takes it out of epoll: no `deregister` call needed.
+                conn.state = ConnState::Idle;
+                self.live -= 1;
             }
             if one_shot && matches!(conn.state, ConnState::Idle) {
                 self.redial(slot, sending, now);
@@ -1335,7 +1506,8 @@ impl<'a> Generator<'a> {
         let Some(asked) = self.requests.make(sending, now, &mut self.line) else {
             return;
         };
-        match dial(self.poll.registry(), self.opts.addr, slot) {
+        let source = self.sources.next();
+        match dial(self.poll.registry(), self.opts.addr, source, slot, false) {
             Ok(stream) => {
                 let conn = &mut self.conns[slot];
                 conn.state = ConnState::Connecting(stream);
@@ -1343,6 +1515,13 @@ impl<'a> Generator<'a> {
                 conn.pending.push_back(asked);
                 self.tally.outstanding += 1;
                 self.live += 1;
+                conn.flush(true, &mut self.tally);
+                if !matches!(
+                    conn.state,
+                    ConnState::Connecting(_) | ConnState::HalfClosed(_)
+                ) {
+                    self.mark_dirty(slot); // failed at once: closed at the end of the next turn
+                }
             }
             Err(e) => {
                 let addr = self.opts.addr;
@@ -1744,6 +1923,7 @@ mod tests {
                 id_prefix: CLIENT_PREFIX.into(),
                 rate: None,
                 requests: None,
+                sources: 1,
             }
         );
         let opts = parse_args(&args(
@@ -1784,6 +1964,9 @@ mod tests {
             "--addr 127.0.0.1:1 extra",
             "--addr nowhere",
             "--addr 127.0.0.1:1 --frobnicate",
+            "--addr 127.0.0.1:1 --sources 0",
+            "--addr 127.0.0.1:1 --sources 254",
+            "--addr [::1]:1 --sources 2",
         ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad}");
         }
@@ -1878,6 +2061,29 @@ mod tests {
     }
 
     #[test]
+    fn sources_take_turns_from_127_0_0_2() {
+        let mut sources = Sources::new(3);
+        let taken: Vec<_> = (0..4).map(|_| sources.next()).collect();
+        let ip = |d| Some(Ipv4Addr::new(127, 0, 0, d));
+        assert_eq!(taken, [ip(2), ip(3), ip(4), ip(2)]);
+        assert_eq!(Sources::new(1).next(), None);
+        assert_eq!(
+            Sources::new(Sources::MAX).addrs.last(),
+            Some(&Ipv4Addr::new(127, 0, 0, 254))
+        );
+        // The kernel really connects from them.
+        if cfg!(target_os = "linux") {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+                unreachable!("bound to an IPv4 address");
+            };
+            let _stream = connect_from(Ipv4Addr::new(127, 0, 0, 3), addr).unwrap();
+            let (_, peer) = listener.accept().unwrap();
+            assert_eq!(peer.ip(), Ipv4Addr::new(127, 0, 0, 3));
+        }
+    }
+
+    #[test]
     fn run_loads_a_fake_server_pipelined_and_one_shot() {
         let addr = fake_server();
         let pipelined = LoadOptions {
@@ -1896,6 +2102,7 @@ mod tests {
             id_prefix: CLIENT_PREFIX.into(),
             rate: None,
             requests: None,
+            sources: 1,
         };
         let one_shot = LoadOptions {
             mix: Mix::Iamat,
@@ -1903,7 +2110,11 @@ mod tests {
             one_shot: true,
             ..pipelined.clone()
         };
-        for opts in [pipelined, one_shot] {
+        let spread = LoadOptions {
+            sources: 3,
+            ..one_shot.clone()
+        };
+        for opts in [pipelined, one_shot, spread] {
             let report = run(&opts).unwrap();
             assert!(report.requests > 0, "{opts:?}: {report:?}");
             assert_eq!(report.errors, 0, "{opts:?}: {report:?}");
