@@ -95,6 +95,7 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
             let key = api_key(&config).map_err(usage)?;
             let secret = herd_secret(&config).map_err(usage)?;
             raise_descriptor_limit();
+            keep_freed_heap();
             let mut server = Server::bind(&config, name, key, secret).map_err(usage)?;
             server.run().map_err(|e| Failure(1, e))
         }
@@ -261,5 +262,18 @@ fn raise_descriptor_limit() {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
+    }
+}
+
+/// Keeps up to 8 MiB of freed memory at the top of the heap for reuse instead of handing it
+/// back to the kernel (glibc; other C libraries keep their own policy). A WHATSAT's buffers (Google's body, its TLS records, the cut reply, the
+/// log line) add up to more than glibc's default trim threshold of 128 KiB, so with the
+/// default every WHATSAT grew the heap with `brk`, faulted the new pages in zeroed, and shrank
+/// it again at the frees: 11% of a server's time under WHATSAT load.
+fn keep_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of the allocator, before any thread is started.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
     }
 }
