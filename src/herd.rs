@@ -379,6 +379,9 @@ impl Herd {
             None => line,
         };
         match peer::parse_line(payload) {
+            // Flooding brings most records once per path: a copy of the record held is
+            // dropped before any checking (it was checked when it was stored).
+            Some(PeerLine::Record(record)) if self.store.holds(record) => {}
             Some(PeerLine::Record(record)) => match protocol::parse_at_record(record) {
                 Some(r) => {
                     if self.store.merge(r.client, r.time_ns, record) == Merge::Stored {

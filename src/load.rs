@@ -45,7 +45,7 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token};
 
-use crate::conn::OutBuf;
+use crate::conn::{find_byte, OutBuf};
 use crate::log::{escape_into, push_decimal};
 
 /// The location every generated IAMAT reports: the spec's example, on UCLA's campus.
@@ -625,29 +625,6 @@ fn find_blank_line(buf: &[u8], from: usize) -> Option<usize> {
             None => return None, // the next byte decides, and it has not arrived
         }
     }
-}
-
-/// The index of the first `byte` in `haystack`, eight bytes at a time (memchr's word trick).
-fn find_byte(haystack: &[u8], byte: u8) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let pattern = ONES * u64::from(byte);
-    let mut chunks = haystack.chunks_exact(8);
-    let mut offset = 0;
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        // Bytes equal to `byte` become zero; `(w - ONES) & !w & HIGHS` marks zero bytes. A borrow
-        // can also mark bytes above a real zero, never below, so the lowest mark is exact.
-        let w = u64::from_le_bytes(word) ^ pattern;
-        let zeros = w.wrapping_sub(ONES) & !w & HIGHS;
-        if zeros != 0 {
-            return Some(offset + (zeros.trailing_zeros() / 8) as usize);
-        }
-        offset += 8;
-    }
-    let tail = chunks.remainder();
-    tail.iter().position(|&b| b == byte).map(|i| offset + i)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1757,25 +1734,6 @@ mod tests {
             &kinds[..4],
             [Kind::Iamat, Kind::Iamat, Kind::Iamat, Kind::Whatsat]
         );
-    }
-
-    #[test]
-    fn find_byte_agrees_with_a_plain_search() {
-        let text: Vec<u8> = (0..100u8)
-            .map(|i| if i % 13 == 12 { b'\n' } else { b'a' + i % 26 })
-            .collect();
-        for start in 0..text.len() {
-            for &byte in &[b'\n', b'a', b'z', 0x80, 0] {
-                let plain = text[start..].iter().position(|&b| b == byte);
-                assert_eq!(find_byte(&text[start..], byte), plain, "{start} {byte}");
-            }
-        }
-        // A byte just above a match must not be reported first (the borrow only runs upwards).
-        assert_eq!(
-            find_byte(b"\x0a\x0b\x0a\x0a\x0a\x0a\x0a\x0a", b'\x0b'),
-            Some(1)
-        );
-        assert_eq!(find_byte(b"", b'\n'), None);
     }
 
     const IAMAT_FIELDS: &[u8] = b"load-7 +34.068930-118.445127 1621464827.959498503";

@@ -178,15 +178,21 @@ fn coordinate(part: &[u8], limit: u32) -> Option<Coordinate<'_>> {
 /// past the ninth are truncated. A time too large for `i128` nanoseconds is invalid.
 pub fn parse_time_ns(text: &[u8]) -> Option<i128> {
     let (int, frac) = split_decimal(text)?;
-    let mut secs: i128 = 0;
-    for &d in int {
-        secs = secs.checked_mul(10)?.checked_add(i128::from(d - b'0'))?;
-    }
-    let mut nanos: i128 = 0;
-    for i in 0..9 {
-        nanos = nanos * 10 + frac.get(i).map_or(0, |&d| i128::from(d - b'0'));
-    }
-    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+    let digit = |d: u8| u64::from(d - b'0');
+    // Every record from a peer comes through here. Eighteen digits cannot overflow a u64, so
+    // the usual time is read without 128-bit arithmetic; only longer ones need it.
+    let secs = if int.len() <= 18 {
+        i128::from(int.iter().fold(0, |n, &d| n * 10 + digit(d)))
+    } else {
+        let mut secs: i128 = 0;
+        for &d in int {
+            secs = secs.checked_mul(10)?.checked_add(i128::from(digit(d)))?;
+        }
+        secs
+    };
+    let nanos = (0..9).fold(0, |n, i| n * 10 + frac.get(i).map_or(0, |&d| digit(d)));
+    secs.checked_mul(1_000_000_000)?
+        .checked_add(i128::from(nanos))
 }
 
 /// Parses a radius in kilometres, `DIGITS[.DIGITS]`, greater than 0 and at most 50, and returns
@@ -409,6 +415,23 @@ mod tests {
         );
         assert_eq!(parse_time_ns(b"1.5"), Some(1_500_000_000));
         assert_eq!(parse_time_ns(b"0"), Some(0));
+        // Either side of the 18 digits read without 128-bit arithmetic, and the i128 limit.
+        for int in [
+            "999999999999999999",
+            "1000000000000000000",
+            "18446744073709551616",
+        ] {
+            let expected = int.parse::<i128>().unwrap() * 1_000_000_000 + 7;
+            let text = format!("{int}.000000007");
+            assert_eq!(parse_time_ns(text.as_bytes()), Some(expected), "{int}");
+        }
+        let most = i128::MAX / 1_000_000_000;
+        assert_eq!(
+            parse_time_ns(format!("{most}").as_bytes()),
+            Some(most * 1_000_000_000)
+        );
+        assert_eq!(parse_time_ns(format!("{}", most + 1).as_bytes()), None);
+        assert_eq!(parse_time_ns(format!("{}0", i128::MAX).as_bytes()), None);
     }
 
     #[test]

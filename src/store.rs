@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use crate::conn::find_byte;
 use crate::protocol::is_newer;
 
 /// One client's latest update: the `AT` line exactly as first sent, and its client time.
@@ -61,6 +62,19 @@ pub fn record_hash(line: &[u8]) -> u64 {
     h ^ (h >> 31)
 }
 
+/// The fourth of a line's fields separated by single spaces (a record's client id); empty if
+/// there are fewer.
+fn fourth_field(line: &[u8]) -> &[u8] {
+    let mut rest = line;
+    for _ in 0..3 {
+        match find_byte(rest, b' ') {
+            Some(space) => rest = &rest[space + 1..],
+            None => return &[],
+        }
+    }
+    &rest[..find_byte(rest, b' ').unwrap_or(rest.len())]
+}
+
 impl Store {
     /// Keeps `line` as `client`'s record if it is newer than the one held (SPEC.md section 3,
     /// "Which record wins").
@@ -93,6 +107,12 @@ impl Store {
     /// The stored `AT` line of `client`.
     pub fn get(&self, client: &[u8]) -> Option<&[u8]> {
         self.index.get(client).map(|&at| &*self.records[at].line)
+    }
+
+    /// Whether `line` is exactly the record held for the client it names (its fourth
+    /// field). Any other line, valid or not, is `false`.
+    pub fn holds(&self, line: &[u8]) -> bool {
+        self.get(fourth_field(line)) == Some(line)
     }
 
     /// The record at `position` (0 ..len()), for walking the store in batches.
@@ -129,6 +149,23 @@ mod tests {
         assert_eq!(store.merge(b"j", 1, b"AT A +0 j +1+1 1"), Merge::Stored);
         assert_eq!(store.len(), 2);
         assert_eq!(&*store.at(1).unwrap().line, b"AT A +0 j +1+1 1");
+    }
+
+    #[test]
+    fn holds_only_the_exact_record() {
+        let mut store = Store::default();
+        store.merge(b"k", 5, b"AT A +0 k +1+1 5");
+        assert!(store.holds(b"AT A +0 k +1+1 5"));
+        for other in [
+            &b"AT A +0 k +1+1 6"[..], // another time
+            b"AT B +0 k +1+1 5",      // the same time from another server
+            b"AT A +0 j +1+1 5",      // another client
+            b"AT A +0 k +1+1 5 ",     // one byte more
+            b"AT A +0 k",
+            b"",
+        ] {
+            assert!(!store.holds(other), "{}", String::from_utf8_lossy(other));
+        }
     }
 
     #[test]
