@@ -165,25 +165,45 @@ impl LineReader {
 /// The index of the first `byte` in `haystack`, eight bytes at a time (memchr's word trick):
 /// every line of every connection is found with it.
 pub fn find_byte(haystack: &[u8], byte: u8) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
     let pattern = ONES * u64::from(byte);
+    find_first(haystack, |w| zero_bytes(w ^ pattern), |b| b == byte)
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The top bit of every byte of `w` that is zero, and maybe of some bytes above a zero one: a
+/// borrow can mark bytes above a real zero, never below, so the lowest mark is exact.
+pub fn zero_bytes(w: u64) -> u64 {
+    w.wrapping_sub(ONES) & !w & HIGHS
+}
+
+/// `w` with every byte set to `byte`, for comparing eight bytes at once.
+pub const fn splat(byte: u8) -> u64 {
+    ONES * byte as u64
+}
+
+/// The index of the first byte of `haystack` that `is_wanted`, eight bytes at a time:
+/// `marks(word)` must give a mark whose lowest one is exact, as [`zero_bytes`] does (an OR
+/// of such marks is one too). The last few bytes are tested one by one.
+pub fn find_first(
+    haystack: &[u8],
+    marks: impl Fn(u64) -> u64,
+    is_wanted: impl Fn(u8) -> bool,
+) -> Option<usize> {
     let mut chunks = haystack.chunks_exact(8);
     let mut offset = 0;
     for chunk in &mut chunks {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        // Bytes equal to `byte` become zero; `(w - ONES) & !w & HIGHS` marks zero bytes. A borrow
-        // can also mark bytes above a real zero, never below, so the lowest mark is exact.
-        let w = u64::from_le_bytes(word) ^ pattern;
-        let zeros = w.wrapping_sub(ONES) & !w & HIGHS;
-        if zeros != 0 {
-            return Some(offset + (zeros.trailing_zeros() / 8) as usize);
+        let found = marks(u64::from_le_bytes(word));
+        if found != 0 {
+            return Some(offset + (found.trailing_zeros() / 8) as usize);
         }
         offset += 8;
     }
     let tail = chunks.remainder();
-    tail.iter().position(|&b| b == byte).map(|i| offset + i)
+    tail.iter().position(|&b| is_wanted(b)).map(|i| offset + i)
 }
 
 /// Bytes waiting to be written to a socket.
