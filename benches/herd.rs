@@ -18,7 +18,7 @@
 //!
 //! | function | what it measures |
 //! |---|---|
-//! | [`lone_iamat`] | IAMAT at one server without neighbours: 50 connections × 1 and × 16 in flight, and one request per connection |
+//! | [`lone_iamat`] | IAMAT at one server without neighbours: 50 connections × 1 and × 16 in flight, and one request per connection; the first and last also against a bare server ([`ceiling`]), the most this machine allows |
 //! | [`herd_wide`] | the five-server herd absorbing IAMAT at every server at once, until every server holds every record |
 //! | [`whatsat`] | WHATSAT through the HTTPS fake, answering at once and after 20 ms, and the TLS handshakes it cost |
 //! | [`propagation`] | time from an IAMAT's reply at one server until the farthest server answers with it, idle and under load |
