@@ -379,15 +379,9 @@ impl Herd {
             None => line,
         };
         match peer::parse_line(payload) {
-            // Flooding brings most records once per path: a copy of the record held is
-            // dropped before any checking (it was checked when it was stored).
-            Some(PeerLine::Record(record)) if self.store.holds(record) => {}
-            Some(PeerLine::Record(record)) => match protocol::parse_at_record(record) {
-                Some(r) => {
-                    if self.store.merge(r.client, r.time_ns, record) == Merge::Stored {
-                        self.flood(record, Some(from));
-                    }
-                }
+            Some(PeerLine::Record(record)) => match self.store.merge_record(record) {
+                Some(Merge::Stored) => self.flood(record, Some(from)),
+                Some(Merge::Stale) => {}
                 None => self.log.event(
                     format_args!("peer {}", self.links[from].name),
                     format_args!("ignored a line that is not a valid record"),

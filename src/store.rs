@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use crate::conn::find_byte;
-use crate::protocol::is_newer;
+use crate::protocol::{is_newer, parse_at_record};
 
 /// One client's latest update: the `AT` line exactly as first sent, and its client time.
 #[derive(Debug)]
@@ -109,10 +109,34 @@ impl Store {
         self.index.get(client).map(|&at| &*self.records[at].line)
     }
 
-    /// Whether `line` is exactly the record held for the client it names (its fourth
-    /// field). Any other line, valid or not, is `false`.
-    pub fn holds(&self, line: &[u8]) -> bool {
-        self.get(fourth_field(line)) == Some(line)
+    /// Merges a record line from a peer; `None` when it is not a valid record. Flooding brings
+    /// most records once per path, so an exact copy of the record held is known as stale before
+    /// any checking (it was checked when it was stored), and a record for a client already held
+    /// costs one lookup, not two.
+    pub fn merge_record(&mut self, line: &[u8]) -> Option<Merge> {
+        // For a valid record, the fourth field is the client (`parse_at_record` splits on
+        // single spaces too).
+        let Some(&at) = self.index.get(fourth_field(line)) else {
+            let record = parse_at_record(line)?;
+            return Some(self.merge(record.client, record.time_ns, line));
+        };
+        let held = &mut self.records[at];
+        if *held.line == *line {
+            return Some(Merge::Stale);
+        }
+        let record = parse_at_record(line)?;
+        if !is_newer(record.time_ns, line, held.time_ns, &held.line) {
+            return Some(Merge::Stale);
+        }
+        self.digest = self
+            .digest
+            .wrapping_sub(record_hash(&held.line))
+            .wrapping_add(record_hash(line));
+        *held = Record {
+            time_ns: record.time_ns,
+            line: line.into(),
+        };
+        Some(Merge::Stored)
     }
 
     /// The record at `position` (0 ..len()), for walking the store in batches.
@@ -152,20 +176,35 @@ mod tests {
     }
 
     #[test]
-    fn holds_only_the_exact_record() {
+    fn a_record_line_merges_as_its_fields_say() {
+        const HELD: &[u8] = b"AT A +0.000000001 k +1+1 5";
         let mut store = Store::default();
-        store.merge(b"k", 5, b"AT A +0 k +1+1 5");
-        assert!(store.holds(b"AT A +0 k +1+1 5"));
-        for other in [
-            &b"AT A +0 k +1+1 6"[..], // another time
-            b"AT B +0 k +1+1 5",      // the same time from another server
-            b"AT A +0 j +1+1 5",      // another client
-            b"AT A +0 k +1+1 5 ",     // one byte more
-            b"AT A +0 k",
-            b"",
-        ] {
-            assert!(!store.holds(other), "{}", String::from_utf8_lossy(other));
+        assert_eq!(store.merge_record(HELD), Some(Merge::Stored));
+        assert_eq!(store.merge_record(HELD), Some(Merge::Stale));
+        let cases: [(&[u8], Option<Merge>); 7] = [
+            (b"AT A +0.000000001 k +1+1 4", Some(Merge::Stale)), // older
+            (b"AT A +0.000000001 k +1+1 6", Some(Merge::Stored)), // newer
+            (b"AT A +0.000000001 k +1+1 6", Some(Merge::Stale)), // now a copy
+            (b"AT B +0.000000001 k +1+1 6", Some(Merge::Stored)), // same time, later bytes
+            (b"AT A +0.000000001 j +1+1 1", Some(Merge::Stored)), // another client
+            (b"AT A +0.000000001 k +1+1 7 ", None),              // a held client, bad line
+            (b"AT A +0.000000001 q +91+1 1", None),              // a new client, bad line
+        ];
+        for (line, merged) in cases {
+            assert_eq!(
+                store.merge_record(line),
+                merged,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         }
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.get(b"k"), Some(&b"AT B +0.000000001 k +1+1 6"[..]));
+        // The digest is the one of a store given the same records by `merge`.
+        let mut same = Store::default();
+        same.merge(b"k", 6_000_000_000, b"AT B +0.000000001 k +1+1 6");
+        same.merge(b"j", 1_000_000_000, b"AT A +0.000000001 j +1+1 1");
+        assert_eq!(store.digest(), same.digest());
     }
 
     #[test]
