@@ -96,9 +96,18 @@ pub struct Done {
 }
 
 /// A TCP connection with TLS on it.
+/// The most bytes read from a Places socket per system call: a whole answer of Google's, or most.
+const WIRE_READ: usize = 64 * 1024;
+/// The most plaintext taken from rustls at once: one TLS record's worth.
+const PLAIN_READ: usize = 16 * 1024;
+
 struct Tls {
     stream: TcpStream,
     tls: ClientConnection,
+    /// Bytes just read from the socket, and plaintext just decrypted: kept for the
+    /// connection's life, not zeroed afresh for every read.
+    wire: Box<[u8]>,
+    plain: Box<[u8]>,
     /// Connection number, for the log.
     number: u64,
 }
@@ -343,6 +352,8 @@ impl PlacesPool {
         Ok(Tls {
             stream,
             tls,
+            wire: vec![0; WIRE_READ].into_boxed_slice(),
+            plain: vec![0; PLAIN_READ].into_boxed_slice(),
             number: self.connections_made,
         })
     }
@@ -592,46 +603,38 @@ impl Tls {
     /// The TLS pump: writes what rustls has to send, then reads until the socket would block,
     /// decrypting as it goes, and writes again (reading can make rustls want to answer, as in
     /// the handshake). Plaintext goes to `plain`. Returns whether the stream has ended.
+    ///
+    /// The socket is read in pieces of up to [`WIRE_READ`] bytes, which rustls then takes
+    /// from memory: its own `read_tls` reads at most 4 KiB per system call, ten calls for one
+    /// of Google's answers.
     fn transfer(&mut self, plain: &mut Vec<u8>) -> Result<bool, String> {
         self.write_tls()?;
-        let mut eof = false;
-        loop {
-            match self.tls.read_tls(&mut self.stream) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(_) => {
-                    self.tls
-                        .process_new_packets()
-                        .map_err(|e| format!("TLS with Places failed: {e}"))?;
-                    if self.read_plain(plain)? {
-                        eof = true;
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+        let eof = loop {
+            let mut fresh = match self.stream.read(&mut self.wire) {
+                Ok(0) => break true,
+                Ok(n) => &self.wire[..n],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("reading from Places failed: {e}")),
+            };
+            let mut closed = false;
+            while !fresh.is_empty() && !closed {
+                // Reading from a slice only fails when rustls's buffer is full, and draining the
+                // plaintext after each record keeps room in it.
+                self.tls
+                    .read_tls(&mut fresh)
+                    .map_err(|e| format!("TLS with Places failed: {e}"))?;
+                self.tls
+                    .process_new_packets()
+                    .map_err(|e| format!("TLS with Places failed: {e}"))?;
+                closed = read_plain(&mut self.tls, &mut self.plain, plain)?;
             }
-        }
+            if closed {
+                break true;
+            }
+        };
         self.write_tls()?;
         Ok(eof)
-    }
-
-    /// Drains decrypted bytes. `Ok(true)` when the server sent close_notify.
-    fn read_plain(&mut self, plain: &mut Vec<u8>) -> Result<bool, String> {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match self.tls.reader().read(&mut buf) {
-                Ok(0) => return Ok(true),
-                Ok(n) => plain.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                // Closed without close_notify: the end of a read-to-close body is still the end.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(true),
-                Err(e) => return Err(format!("TLS with Places failed: {e}")),
-            }
-        }
     }
 
     fn write_tls(&mut self) -> Result<(), String> {
@@ -644,5 +647,24 @@ impl Tls {
             }
         }
         Ok(())
+    }
+}
+
+/// Drains what `tls` has decrypted into `plain`, through `buf`. `Ok(true)` when the server sent
+/// close_notify.
+fn read_plain(
+    tls: &mut ClientConnection,
+    buf: &mut [u8],
+    plain: &mut Vec<u8>,
+) -> Result<bool, String> {
+    loop {
+        match tls.reader().read(buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => plain.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            // Closed without close_notify: the end of a read-to-close body is still the end.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(true),
+            Err(e) => return Err(format!("TLS with Places failed: {e}")),
+        }
     }
 }

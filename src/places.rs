@@ -2,13 +2,16 @@
 //! Google's answer (SPEC.md section 4). The connection that carries them is [`crate::https`].
 //!
 //! The body is relayed as Google wrote it. Cutting the results array to the bound splices the raw
-//! text: the JSON is scanned for the byte offsets of the array's elements and the tail elements
-//! are left out, so every other byte (Google's indentation, key order, number formatting,
+//! text: serde_json checks the JSON and gives the byte offsets of the array's elements, and the
+//! tail elements are left out, so every other byte (Google's indentation, key order, number formatting,
 //! escapes) is untouched. Re-serialising with serde_json would change all of those.
 
 use std::fmt::Write as _;
 
-use crate::conn::{find_first, splat, zero_bytes};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::conn::find_byte;
 use crate::protocol::Coordinate;
 
 /// Which Places API a server talks to.
@@ -116,30 +119,22 @@ pub struct Answer {
 /// Makes the reply body from Google's raw body. `Err` carries what went wrong when the body is
 /// not JSON at all; the caller answers that with [`error_body`].
 pub fn answer(api: Api, output: Output, raw: &[u8], bound: usize) -> Result<Answer, String> {
-    // Checked, not built: a tree of Google's 40 KB body would cost more than the rest of the
-    // WHATSAT together. The scanner below finds what the reply needs.
-    // JSON is UTF-8, and IgnoredAny skips strings without looking at their bytes.
+    // JSON is UTF-8, and serde_json skips the bytes inside strings without decoding them.
     std::str::from_utf8(raw)
         .map_err(|e| format!("Places answered with a body that is not UTF-8 ({e})"))?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(raw)
-        .map_err(|e| format!("Places answered with a body that is not JSON ({e})"))?;
-    let found = top_level(raw, api.results_key()).unwrap_or_default();
-    let text = |span: Option<(usize, usize)>, within: &[u8]| {
-        span.and_then(|(from, to)| serde_json::from_slice::<String>(&within[from..to]).ok())
-    };
+    let found = top_level(raw, api.results_key())?;
     let status = match (api, found.error) {
-        (Api::Legacy, _) => text(found.status, raw).unwrap_or_default(),
-        (Api::New, Some((from, to))) => {
-            let error = &raw[from..to];
-            let inner = top_level(error, "").and_then(|t| text(t.status, error));
-            inner.unwrap_or_else(|| "ERROR".into())
-        }
+        (Api::Legacy, _) => found.status.unwrap_or_default(),
+        (Api::New, Some(error)) => top_level(error.get().as_bytes(), "")
+            .ok()
+            .and_then(|inner| inner.status)
+            .unwrap_or_else(|| "ERROR".into()),
         (Api::New, None) => "OK".to_owned(),
     };
     let cut = match (api, output) {
         (Api::New, Output::Legacy) => crate::legacy::new_to_legacy(raw, bound)?,
-        _ => match found.array {
-            Some(array) if array.elements.len() > bound => cut_array(raw, &array, bound),
+        _ => match found.elements {
+            Some(elements) if elements.len() > bound => cut_array(raw, &elements, bound),
             _ => raw.to_vec(),
         },
     };
@@ -161,7 +156,7 @@ pub fn error_body(status: &str, message: &str) -> Vec<u8> {
 /// Replaces every run of two or more newlines with one and drops trailing newlines.
 pub fn squeeze_newlines(mut text: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len());
-    while let Some(at) = text.iter().position(|&b| b == b'\n') {
+    while let Some(at) = find_byte(text, b'\n') {
         out.extend_from_slice(&text[..at]);
         // An empty piece after a newline is a run of newlines: one is kept.
         if at > 0 || out.last() != Some(&b'\n') {
@@ -176,193 +171,184 @@ pub fn squeeze_newlines(mut text: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Byte offsets of a top-level array: `open` is the `[`, `close` the `]`, and each element's
-/// span excludes the white space and commas around it.
-#[derive(Debug)]
-struct ArraySpan {
-    open: usize,
-    close: usize,
-    elements: Vec<(usize, usize)>,
-}
-
-/// Keeps the first `keep` elements. What stood between the last kept element and the `]` is
-/// what stood between the array's last element and its `]`, so the layout stays Google's; an
-/// emptied array is written `[]`, as both Google styles write an empty array.
-fn cut_array(raw: &[u8], array: &ArraySpan, keep: usize) -> Vec<u8> {
+/// Keeps the first `keep` of the array elements spanned by `elements` (byte offsets in `raw`,
+/// without the white space and commas around them). What stood between the last kept element
+/// and the `]` is what stood between the array's last element and its `]`, so the layout stays
+/// Google's; an emptied array is written `[]`, as both Google styles write an empty array.
+fn cut_array(raw: &[u8], elements: &[(usize, usize)], keep: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len());
-    match keep.checked_sub(1).map(|last| array.elements[last].1) {
-        Some(kept_end) => {
-            let (_, last_end) = array.elements[array.elements.len() - 1];
+    let (Some(&(first, _)), Some(&(_, last_end))) = (elements.first(), elements.last()) else {
+        return raw.to_vec();
+    };
+    match keep.checked_sub(1).and_then(|last| elements.get(last)) {
+        Some(&(_, kept_end)) => {
             out.extend_from_slice(&raw[..kept_end]);
             out.extend_from_slice(&raw[last_end..]);
         }
         None => {
-            out.extend_from_slice(&raw[..=array.open]);
-            out.extend_from_slice(&raw[array.close..]);
+            // The `[` is the last byte before the first element that is not white space, the
+            // `]` the first after the last element.
+            let open = raw[..first]
+                .iter()
+                .rposition(|&b| !is_json_space(b))
+                .unwrap_or(0);
+            let close = raw[last_end..]
+                .iter()
+                .position(|&b| !is_json_space(b))
+                .map_or(raw.len(), |at| last_end + at);
+            out.extend_from_slice(&raw[..=open]);
+            out.extend_from_slice(&raw[close..]);
         }
     }
     out
 }
 
-/// What the reply needs from the top level of Google's body, found in one pass.
-#[derive(Default)]
-struct TopLevel {
-    /// The results array (`results` or `places`), with its elements.
-    array: Option<ArraySpan>,
-    /// The spans of the `status` and `error` values.
-    status: Option<(usize, usize)>,
-    error: Option<(usize, usize)>,
+fn is_json_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-/// Walks the top-level object of valid JSON `raw` once.
-fn top_level(raw: &[u8], array_key: &str) -> Option<TopLevel> {
-    let mut found = TopLevel::default();
-    let mut scan = Scanner { raw, at: 0 };
-    scan.skip_space();
-    scan.expect(b'{')?;
-    loop {
-        scan.skip_space();
-        if scan.peek()? == b'}' {
-            return Some(found); // {}
-        }
-        let name = scan.string()?;
-        let name = &raw[name.0 + 1..name.1 - 1];
-        scan.skip_space();
-        scan.expect(b':')?;
-        scan.skip_space();
-        if name == array_key.as_bytes() && scan.peek()? == b'[' {
-            found.array = Some(scan.array()?);
-        } else {
-            let value = scan.value()?;
-            match name {
-                b"status" => found.status = Some(value),
-                b"error" => found.error = Some(value),
+/// What the reply needs from the top level of Google's body.
+#[derive(Default)]
+struct TopLevel<'a> {
+    /// The spans of the results array's elements (`results` or `places`), when it is an array.
+    elements: Option<Vec<(usize, usize)>>,
+    /// The `status` value, when it is a string.
+    status: Option<String>,
+    /// The `error` value, as Google wrote it.
+    error: Option<&'a RawValue>,
+}
+
+/// Checks that `raw` is JSON and finds what the reply needs at its top level, in one pass of
+/// serde_json's: a tree of Google's 40 KB body would cost more than the rest of the WHATSAT
+/// together, so nothing is built but the list of the array's elements, each a [`RawValue`]
+/// (the value's own bytes in `raw`, checked and not decoded). A top level that is not an
+/// object has nothing to find. Of repeated keys, the last counts.
+fn top_level<'a>(raw: &'a [u8], array_key: &str) -> Result<TopLevel<'a>, String> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let found = de
+        .deserialize_any(TopLevelVisitor { raw, array_key })
+        .and_then(|found| de.end().map(|()| found));
+    found.map_err(|e| format!("Places answered with a body that is not JSON ({e})"))
+}
+
+struct TopLevelVisitor<'k, 'a> {
+    raw: &'a [u8],
+    array_key: &'k str,
+}
+
+impl<'de> Visitor<'de> for TopLevelVisitor<'_, 'de> {
+    type Value = TopLevel<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<TopLevel<'de>, M::Error> {
+        let mut found = TopLevel::default();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == self.array_key {
+                found.elements = map.next_value_seed(Elements { raw: self.raw })?;
+                continue;
+            }
+            let value: &RawValue = map.next_value()?;
+            match key.as_str() {
+                "status" => found.status = serde_json::from_str(value.get()).ok(),
+                "error" => found.error = Some(value),
                 _ => {}
             }
         }
-        scan.skip_space();
-        if scan.next()? != b',' {
-            return Some(found);
-        }
+        Ok(found)
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<TopLevel<'de>, S::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(TopLevel::default())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<TopLevel<'de>, E> {
+        Ok(TopLevel::default())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<TopLevel<'de>, E> {
+        Ok(TopLevel::default())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<TopLevel<'de>, E> {
+        Ok(TopLevel::default())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<TopLevel<'de>, E> {
+        Ok(TopLevel::default())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<TopLevel<'de>, E> {
+        Ok(TopLevel::default())
+    }
+
+    fn visit_unit<E>(self) -> Result<TopLevel<'de>, E> {
+        Ok(TopLevel::default())
     }
 }
 
-/// A forward scanner over JSON text already known to be valid; it only finds boundaries.
-struct Scanner<'a> {
+/// The value of the results key: the spans of its elements if it is an array, else nothing.
+struct Elements<'a> {
     raw: &'a [u8],
-    at: usize,
 }
 
-impl Scanner<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.raw.get(self.at).copied()
+impl<'de> DeserializeSeed<'de> for Elements<'de> {
+    type Value = Option<Vec<(usize, usize)>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Elements<'de> {
+    type Value = Option<Vec<(usize, usize)>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
     }
 
-    fn next(&mut self) -> Option<u8> {
-        let b = self.peek()?;
-        self.at += 1;
-        Some(b)
-    }
-
-    fn expect(&mut self, b: u8) -> Option<()> {
-        (self.next()? == b).then_some(())
-    }
-
-    fn skip_space(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.at += 1;
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+        let base = self.raw.as_ptr() as usize;
+        let mut spans = Vec::new();
+        while let Some(element) = seq.next_element::<&RawValue>()? {
+            // A borrowed RawValue is a slice of `raw`: its offset is the pointers' difference.
+            let text = element.get();
+            let start = text.as_ptr() as usize - base;
+            spans.push((start, start + text.len()));
         }
+        Ok(Some(spans))
     }
 
-    /// A string; returns its span including the quotes. Jumps from one quote or backslash to
-    /// the next, eight bytes at a time: most of Google's bytes are inside strings.
-    fn string(&mut self) -> Option<(usize, usize)> {
-        let start = self.at;
-        self.expect(b'"')?;
-        loop {
-            let skip = find_first(
-                &self.raw[self.at..],
-                |w| zero_bytes(w ^ splat(b'"')) | zero_bytes(w ^ splat(b'\\')),
-                |b| b == b'"' || b == b'\\',
-            )?;
-            self.at += skip;
-            match self.next()? {
-                b'\\' => self.at += 1,
-                _ => return Some((start, self.at)),
-            }
-        }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
     }
 
-    /// Any value; returns its span.
-    fn value(&mut self) -> Option<(usize, usize)> {
-        let start = self.at;
-        match self.peek()? {
-            b'"' => return self.string(),
-            b'[' | b'{' => {
-                let mut depth = 0usize;
-                loop {
-                    // Indentation and numbers are skipped in one stride to the next bracket
-                    // or string, eight bytes at a time. Clearing bit 5 (0x20) turns `{` into
-                    // `[` and `}` into `]`, and no other byte into either.
-                    let skip = find_first(
-                        &self.raw[self.at..],
-                        |w| {
-                            let folded = w & splat(!0x20);
-                            zero_bytes(w ^ splat(b'"'))
-                                | zero_bytes(folded ^ splat(b'['))
-                                | zero_bytes(folded ^ splat(b']'))
-                        },
-                        |b| matches!(b, b'"' | b'[' | b']' | b'{' | b'}'),
-                    )?;
-                    self.at += skip;
-                    match self.peek()? {
-                        b'"' => {
-                            self.string()?;
-                            continue;
-                        }
-                        b'[' | b'{' => depth += 1,
-                        _ => depth -= 1,
-                    }
-                    self.at += 1;
-                    if depth == 0 {
-                        break;
-                    }
-                }
-            }
-            _ => {
-                while !matches!(
-                    self.peek()?,
-                    b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r'
-                ) {
-                    self.at += 1;
-                }
-            }
-        }
-        Some((start, self.at))
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
     }
 
-    /// An array at the cursor, with the spans of its elements; the cursor ends past its `]`.
-    fn array(&mut self) -> Option<ArraySpan> {
-        let open = self.at;
-        self.expect(b'[')?;
-        let mut elements = Vec::new();
-        loop {
-            self.skip_space();
-            if self.peek()? == b']' {
-                let close = self.at;
-                self.at += 1;
-                return Some(ArraySpan {
-                    open,
-                    close,
-                    elements,
-                });
-            }
-            elements.push(self.value()?);
-            self.skip_space();
-            if self.peek()? == b',' {
-                self.at += 1;
-            }
-        }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
@@ -437,6 +423,71 @@ mod tests {
         assert!(answer(Api::Legacy, Output::AsSent, b"<html>", 1).is_err());
         // Invalid UTF-8 inside a string is not JSON either.
         assert!(answer(Api::Legacy, Output::AsSent, b"{\"status\" : \"O\xffK\"}", 1).is_err());
+        for bad in [
+            &b"{\"results\" : [1, 2,], \"status\" : \"OK\"}"[..], // a trailing comma
+            b"{\"results\" : [1, 2]} {}",                         // more after the value
+            b"{\"results\" : [01]}",                              // a leading zero
+            b"{\"status\" : \"\\q\"}",                            // an unknown escape
+            b"{\"results\" : [\"\x01\"]}",                        // a control byte in a string
+            b"{\"results\" : [1, 2]",                             // unclosed
+            b"",
+        ] {
+            let text = String::from_utf8_lossy(bad);
+            assert!(
+                answer(Api::Legacy, Output::AsSent, bad, 1).is_err(),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_an_array_under_the_results_key_is_cut() {
+        let relayed = |raw: &[u8], bound| answer(Api::Legacy, Output::AsSent, raw, bound).unwrap();
+        // Not an object at the top, or no array under the key: relayed whole.
+        for raw in [
+            &b"[1, 2, 3]"[..],
+            b"\"results\"",
+            b"7",
+            b"null",
+            b"{\"results\" : {\"a\" : [1, 2, 3]}, \"status\" : \"OK\"}",
+            b"{\"results\" : null}",
+            b"{\"other\" : [1, 2, 3]}",
+        ] {
+            assert_eq!(
+                relayed(raw, 1).body,
+                raw,
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        // The last of repeated keys counts; a key written with an escape is the same key.
+        let raw = b"{\"results\" : [1], \"res\\u0075lts\" : [ 1 , 2 , 3 ], \"status\" : 5}";
+        let cut = relayed(raw, 1);
+        assert_eq!(
+            cut.body,
+            b"{\"results\" : [1], \"res\\u0075lts\" : [ 1 ], \"status\" : 5}"
+        );
+        assert_eq!(cut.status, "", "a status that is not a string is none");
+        // Cut to nothing, whatever the white space: `[]`, and the rest as it was.
+        let raw = b"{\"results\":[\r\n\t 1,2 \n],\"status\":\"OK\"}";
+        let none = relayed(raw, 0);
+        assert_eq!(none.body, b"{\"results\":[],\"status\":\"OK\"}");
+        assert_eq!(none.status, "OK");
+        // Elements of every kind keep their own bytes.
+        let raw = b"{\"results\" : [\"]\\\"\", {\"a\" : [1, {}]}, -1.5e+3, true, null, [[]]]}";
+        for (bound, kept) in [
+            (1, &b"[\"]\\\"\"]"[..]),
+            (3, b"[\"]\\\"\", {\"a\" : [1, {}]}, -1.5e+3]"),
+            (
+                6,
+                b"[\"]\\\"\", {\"a\" : [1, {}]}, -1.5e+3, true, null, [[]]]",
+            ),
+        ] {
+            let mut expected = b"{\"results\" : ".to_vec();
+            expected.extend_from_slice(kept);
+            expected.push(b'}');
+            assert_eq!(relayed(raw, bound).body, expected, "bound {bound}");
+        }
     }
 
     #[test]

@@ -183,6 +183,47 @@ proptest! {
     }
 }
 
+proptest! {
+    /// Google's bodies, damaged at a few places or cut short: answered exactly when they are
+    /// UTF-8 JSON by serde_json's own verdict, and what is answered is JSON again.
+    #[test]
+    fn places_answers_exactly_the_bodies_that_are_json(
+        which in 0usize..3,
+        edits in prop::collection::vec((any::<prop::sample::Index>(), json_byte()), 0..4),
+        cut in prop::option::of(any::<prop::sample::Index>()),
+        bound in 0usize..25,
+    ) {
+        let (name, api) = [
+            ("legacy_ok_20.json", Api::Legacy),
+            ("new_ok_5.json", Api::New),
+            ("legacy_zero_results.json", Api::Legacy),
+        ][which];
+        let mut raw = std::fs::read(fixture(name)).unwrap();
+        for (at, byte) in edits {
+            let at = at.index(raw.len());
+            raw[at] = byte;
+        }
+        if let Some(cut) = cut {
+            raw.truncate(cut.index(raw.len() + 1));
+        }
+        let json = std::str::from_utf8(&raw).is_ok()
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&raw).is_ok();
+        let answer = places::answer(api, Output::AsSent, &raw, bound);
+        prop_assert_eq!(answer.is_ok(), json, "{}", String::from_utf8_lossy(&raw));
+        if let Ok(answer) = answer {
+            prop_assert!(serde_json::from_slice::<serde::de::IgnoredAny>(&answer.body).is_ok());
+        }
+    }
+}
+
+/// Bytes that matter to JSON's grammar more often than not, and any byte now and then.
+fn json_byte() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        4 => prop::sample::select(b"{}[]\",:0123456789-+.eE \n\t\\/truefalsn".to_vec()),
+        1 => any::<u8>(),
+    ]
+}
+
 fn http_like() -> impl Strategy<Value = Vec<u8>> {
     (
         prop::sample::select(vec![
