@@ -8,7 +8,9 @@
 
 use std::fmt::Write as _;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
 use serde_json::value::RawValue;
 
 use crate::conn::find_byte;
@@ -315,9 +317,14 @@ impl<'de> Visitor<'de> for Elements<'de> {
         let mut spans = Vec::new();
         while let Some(element) = seq.next_element::<&RawValue>()? {
             // A borrowed RawValue is a slice of `raw`: its offset is the pointers' difference.
+            // Checked all the same, so that no later slicing of `raw` can go out of bounds.
             let text = element.get();
-            let start = text.as_ptr() as usize - base;
-            spans.push((start, start + text.len()));
+            let span = (text.as_ptr() as usize)
+                .checked_sub(base)
+                .map(|start| (start, start + text.len()))
+                .filter(|&(_, end)| end <= self.raw.len())
+                .ok_or_else(|| S::Error::custom("an element outside the body"))?;
+            spans.push(span);
         }
         Ok(Some(spans))
     }
