@@ -174,19 +174,14 @@ const HIGHS: u64 = 0x8080_8080_8080_8080;
 
 /// The top bit of every byte of `w` that is zero, and maybe of some bytes above a zero one: a
 /// borrow can mark bytes above a real zero, never below, so the lowest mark is exact.
-pub fn zero_bytes(w: u64) -> u64 {
+fn zero_bytes(w: u64) -> u64 {
     w.wrapping_sub(ONES) & !w & HIGHS
-}
-
-/// `w` with every byte set to `byte`, for comparing eight bytes at once.
-pub const fn splat(byte: u8) -> u64 {
-    ONES * byte as u64
 }
 
 /// The index of the first byte of `haystack` that `is_wanted`, eight bytes at a time:
 /// `marks(word)` must give a mark whose lowest one is exact, as [`zero_bytes`] does (an OR
 /// of such marks is one too). The last few bytes are tested one by one.
-pub fn find_first(
+fn find_first(
     haystack: &[u8],
     marks: impl Fn(u64) -> u64,
     is_wanted: impl Fn(u8) -> bool,

@@ -95,12 +95,12 @@ pub struct Done {
     pub body: Vec<u8>,
 }
 
-/// A TCP connection with TLS on it.
 /// The most bytes read from a Places socket per system call: a whole answer of Google's, or most.
 const WIRE_READ: usize = 64 * 1024;
 /// The most plaintext taken from rustls at once: one TLS record's worth.
 const PLAIN_READ: usize = 16 * 1024;
 
+/// A TCP connection with TLS on it.
 struct Tls {
     stream: TcpStream,
     tls: ClientConnection,
@@ -619,8 +619,9 @@ impl Tls {
             };
             let mut closed = false;
             while !fresh.is_empty() && !closed {
-                // Reading from a slice only fails when rustls's buffer is full, and draining the
-                // plaintext after each record keeps room in it.
+                // rustls takes at most 4 KiB from the slice per call, and the plaintext is
+                // drained after each call, so its buffers keep room; a record too large to fit is
+                // a TLS error, answered like any other.
                 self.tls
                     .read_tls(&mut fresh)
                     .map_err(|e| format!("TLS with Places failed: {e}"))?;

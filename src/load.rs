@@ -1497,7 +1497,8 @@ impl<'a> Generator<'a> {
                     conn.state,
                     ConnState::Connecting(_) | ConnState::HalfClosed(_)
                 ) {
-                    self.mark_dirty(slot); // failed at once: closed at the end of the next turn
+                    // Failed at once, or written in part: the next turn closes it or writes on.
+                    self.mark_dirty(slot);
                 }
             }
             Err(e) => {

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! dialler  -> PEER herd/1 NAME
-//! then both ways, one per line: AT records (dialler only), PING, DIGEST COUNT HEX, SYNC
+//! then both ways, one per line: AT records (dialler only), PING, DIGEST COUNT HEX SCHEME, SYNC
 //! ```
 //!
 //! With a secret, both sides prove they know it before anything else is accepted, with fresh
@@ -197,10 +197,11 @@ pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
     if payload.starts_with(b"AT ") {
         return Some(PeerLine::Record(payload)); // checked as a record by the caller
     }
-    match fields::<3>(payload)? {
+    match fields::<4>(payload)? {
         ([b"PING", ..], 1) => Some(PeerLine::Ping),
         ([b"SYNC", ..], 1) => Some(PeerLine::Sync),
-        ([b"DIGEST", count, digest], 3) => Some(PeerLine::Digest {
+        // A digest made another way (another build's) compares with nothing here: ignored.
+        ([b"DIGEST", count, digest, DIGEST_SCHEME], 4) => Some(PeerLine::Digest {
             count: std::str::from_utf8(count).ok()?.parse().ok()?,
             digest: u64::from_str_radix(std::str::from_utf8(digest).ok()?, 16).ok()?,
         }),
@@ -208,9 +209,16 @@ pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
     }
 }
 
-/// `DIGEST COUNT HEX`.
+/// How the digest is made: [`crate::store::record_hash`], summed. Named in every `DIGEST`, so
+/// that servers hashing records differently (different builds) ignore each other's digests
+/// instead of resynchronising forever. A build that sent `DIGEST COUNT HEX`, with no scheme,
+/// hashed with FNV-1a; neither side reads the other's.
+pub const DIGEST_SCHEME: &[u8] = b"fold64";
+
+/// `DIGEST COUNT HEX SCHEME`.
 pub fn digest_line(count: usize, digest: u64) -> Vec<u8> {
-    format!("DIGEST {count} {digest:016x}").into_bytes()
+    let scheme = String::from_utf8_lossy(DIGEST_SCHEME);
+    format!("DIGEST {count} {digest:016x} {scheme}").into_bytes()
 }
 
 /// An authenticated connection's keys and counters.
@@ -359,6 +367,10 @@ mod tests {
                 digest: 0xabc
             })
         );
+        assert_eq!(digest_line(7, 0xabc), b"DIGEST 7 0000000000000abc fold64");
+        // Another way of hashing, or none named: not comparable, so not a digest.
+        assert_eq!(parse_line(b"DIGEST 7 0000000000000abc fnv"), None);
+        assert_eq!(parse_line(b"DIGEST 7 0000000000000abc"), None);
         let record = b"AT Bailey +0.263873386 kiwi +34.068930-118.445127 1621464827.959498503";
         assert_eq!(parse_line(record), Some(PeerLine::Record(record)));
         assert_eq!(parse_line(b"PING x"), None);

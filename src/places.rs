@@ -182,6 +182,9 @@ fn cut_array(raw: &[u8], elements: &[(usize, usize)], keep: usize) -> Vec<u8> {
     let (Some(&(first, _)), Some(&(_, last_end))) = (elements.first(), elements.last()) else {
         return raw.to_vec();
     };
+    if keep >= elements.len() {
+        return raw.to_vec(); // nothing to cut
+    }
     match keep.checked_sub(1).and_then(|last| elements.get(last)) {
         Some(&(_, kept_end)) => {
             out.extend_from_slice(&raw[..kept_end]);
@@ -221,15 +224,24 @@ struct TopLevel<'a> {
 }
 
 /// Checks that `raw` is JSON and finds what the reply needs at its top level, in one pass of
-/// serde_json's: a tree of Google's 40 KB body would cost more than the rest of the WHATSAT
+/// serde_json's: a tree of Google's 36 KB body would cost more than the rest of the WHATSAT
 /// together, so nothing is built but the list of the array's elements, each a [`RawValue`]
 /// (the value's own bytes in `raw`, checked and not decoded). A top level that is not an
-/// object has nothing to find. Of repeated keys, the last counts.
+/// object has nothing to find and is only checked. Of repeated keys, the last counts.
+///
+/// What is accepted is what serde_json accepts when it only skips a value (`IgnoredAny`),
+/// with two exceptions, where a value is read rather than skipped: a lone surrogate escape
+/// (`"\ud800"`) in a key of the top level or as the whole results value, and a number beyond
+/// an `f64` (`1e400`) as the whole results value, are refused. Google sends neither.
 fn top_level<'a>(raw: &'a [u8], array_key: &str) -> Result<TopLevel<'a>, String> {
-    let mut de = serde_json::Deserializer::from_slice(raw);
-    let found = de
-        .deserialize_any(TopLevelVisitor { raw, array_key })
-        .and_then(|found| de.end().map(|()| found));
+    let first = raw.iter().find(|&&b| !is_json_space(b));
+    let found = if first == Some(&b'{') {
+        let mut de = serde_json::Deserializer::from_slice(raw);
+        de.deserialize_map(TopLevelVisitor { raw, array_key })
+            .and_then(|found| de.end().map(|()| found))
+    } else {
+        serde_json::from_slice::<IgnoredAny>(raw).map(|_| TopLevel::default())
+    };
     found.map_err(|e| format!("Places answered with a body that is not JSON ({e})"))
 }
 
@@ -242,53 +254,64 @@ impl<'de> Visitor<'de> for TopLevelVisitor<'_, 'de> {
     type Value = TopLevel<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("JSON")
+        f.write_str("a JSON object")
     }
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<TopLevel<'de>, M::Error> {
+        let array_key = self.array_key.as_bytes();
         let mut found = TopLevel::default();
-        while let Some(key) = map.next_key::<String>()? {
-            if key == self.array_key {
-                found.elements = map.next_value_seed(Elements { raw: self.raw })?;
-                continue;
-            }
-            let value: &RawValue = map.next_value()?;
-            match key.as_str() {
-                "status" => found.status = serde_json::from_str(value.get()).ok(),
-                "error" => found.error = Some(value),
-                _ => {}
+        while let Some(key) = map.next_key_seed(Key { array_key })? {
+            match key {
+                KeyIs::Array => found.elements = map.next_value_seed(Elements { raw: self.raw })?,
+                KeyIs::Status => {
+                    let value: &RawValue = map.next_value()?;
+                    found.status = serde_json::from_str(value.get()).ok();
+                }
+                KeyIs::Error => found.error = Some(map.next_value()?),
+                KeyIs::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
         Ok(found)
     }
+}
 
-    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<TopLevel<'de>, S::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(TopLevel::default())
+/// Which key of the top level was read. A key without escapes is compared where it lies in
+/// the body, not copied.
+enum KeyIs {
+    Array,
+    Status,
+    Error,
+    Other,
+}
+
+struct Key<'k> {
+    array_key: &'k [u8],
+}
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = KeyIs;
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<KeyIs, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for Key<'_> {
+    type Value = KeyIs;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a key")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<TopLevel<'de>, E> {
-        Ok(TopLevel::default())
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<TopLevel<'de>, E> {
-        Ok(TopLevel::default())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<TopLevel<'de>, E> {
-        Ok(TopLevel::default())
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<TopLevel<'de>, E> {
-        Ok(TopLevel::default())
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<TopLevel<'de>, E> {
-        Ok(TopLevel::default())
-    }
-
-    fn visit_unit<E>(self) -> Result<TopLevel<'de>, E> {
-        Ok(TopLevel::default())
+    fn visit_str<E>(self, key: &str) -> Result<KeyIs, E> {
+        Ok(match key.as_bytes() {
+            key if key == self.array_key => KeyIs::Array,
+            b"status" => KeyIs::Status,
+            b"error" => KeyIs::Error,
+            _ => KeyIs::Other,
+        })
     }
 }
 
@@ -444,6 +467,34 @@ mod tests {
                 answer(Api::Legacy, Output::AsSent, bad, 1).is_err(),
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn what_skipping_accepts_is_accepted() {
+        // serde_json accepts these when it only skips them; so does the answer.
+        for raw in [
+            &br#"{"results" : [1, "\ud800", 1e400]}"#[..], // lone surrogates, huge numbers
+            br#"{"a" : {"\ud800" : 1e400}}"#,              // below the top level
+            br#""\udc00""#,                                // a top level that is not an object
+            b"1e400",
+            br#"[{"\ud800" : 1e400}]"#,
+        ] {
+            let text = String::from_utf8_lossy(raw);
+            assert!(serde_json::from_slice::<IgnoredAny>(raw).is_ok(), "{text}");
+            assert!(
+                answer(Api::Legacy, Output::AsSent, raw, 1).is_ok(),
+                "{text}"
+            );
+        }
+        // The exceptions, where a value is read: the top level's keys, and a results value
+        // that is not an array.
+        for raw in [
+            &br#"{"results" : "\ud800"}"#[..],
+            br#"{"results" : 1e400}"#,
+            br#"{"\ud800" : 1}"#,
+        ] {
+            assert!(answer(Api::Legacy, Output::AsSent, raw, 1).is_err());
         }
     }
 

@@ -37,7 +37,7 @@ pub struct Store {
 
 /// A record's contribution to the digest, the same in every server: its bytes taken 8 at a
 /// time, each folded into the state by a 64 × 64 → 128-bit multiply (high half XOR low half),
-/// then splitmix64's final mix, so that records differing in one byte change every bit. Eight
+/// then splitmix64's final mix, so that records differing in one byte differ in about half the bits. Eight
 /// bytes per multiply: every merge that replaces a record hashes two lines. Not a defence
 /// against an adversary: records are authenticated on the way in when that matters.
 pub fn record_hash(line: &[u8]) -> u64 {
@@ -209,7 +209,8 @@ mod tests {
 
     #[test]
     fn the_record_hash_is_fixed_and_sees_every_byte() {
-        // Servers compare digests: every version must hash a record the same way.
+        // Servers compare digests (`peer::DIGEST_SCHEME` names this hash): every build that
+        // names it must hash a record the same way.
         assert_eq!(record_hash(b""), record_hash(b""));
         let line =
             b"AT Bailey +0.263873386 kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503";
