@@ -1730,11 +1730,7 @@ fn lone_iamat(bench: &Bench) -> Result<Vec<Row>, String> {
             &sixteen,
             server,
         )?;
-        let label = format!(
-            "one-shot, {imp} round {round} ({} sockets in TIME_WAIT before)",
-            time_wait_sockets().map_or("?".to_string(), |n| fmt_count(n as f64))
-        );
-        let one_shot = bench.load(&label, &one_shot_spec(plan, base), server)?;
+        let one_shot = load_one_shot(bench, &imp.to_string(), round, base, server)?;
         if imp == Impl::Prototype {
             bench.note_event_loop(server);
         }
@@ -1794,18 +1790,29 @@ fn lone_iamat(bench: &Bench) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
-/// One IAMAT per connection, 50 connections under way at once, for a fixed number of
-/// connections (see the note on the row), spread over loopback source addresses where the
-/// generator can do that.
-fn one_shot_spec(plan: &Plan, base: LoadSpec) -> LoadSpec {
-    LoadSpec {
+/// One IAMAT per connection against `server` (`who`'s), 50 connections under way at once, for
+/// a fixed number of connections (see the note on the row), spread over loopback source
+/// addresses where the generator can do that.
+fn load_one_shot(
+    bench: &Bench,
+    who: &str,
+    round: usize,
+    base: LoadSpec,
+    server: &Server,
+) -> Result<LoadReport, String> {
+    let spec = LoadSpec {
         one_shot: true,
-        requests: Some(plan.one_shot_connections),
+        requests: Some(bench.plan.one_shot_connections),
         duration: LOAD_SLACK,
         warmup: Duration::from_millis(20),
         sources: cfg!(target_os = "linux").then_some(64),
         ..base
-    }
+    };
+    let label = format!(
+        "one-shot, {who} round {round} ({} sockets in TIME_WAIT before)",
+        time_wait_sockets().map_or("?".to_string(), |n| fmt_count(n as f64))
+    );
+    bench.load(&label, &spec, server)
 }
 
 /// The 50 × 1 and one-shot loads against a fresh ceiling server.
@@ -1813,11 +1820,7 @@ fn ceiling_loads(bench: &Bench, round: usize) -> Result<[LoadReport; 2], String>
     let server = start_ceiling(bench)?;
     let base = LoadSpec::iamat(server.addr, bench.plan.load, bench.plan.warmup);
     let one = bench.load(&format!("lone 50×1, ceiling round {round}"), &base, &server)?;
-    let label = format!(
-        "one-shot, ceiling round {round} ({} sockets in TIME_WAIT before)",
-        time_wait_sockets().map_or("?".to_string(), |n| fmt_count(n as f64))
-    );
-    let one_shot = bench.load(&label, &one_shot_spec(&bench.plan, base), &server)?;
+    let one_shot = load_one_shot(bench, "ceiling", round, base, &server)?;
     Ok([one, one_shot])
 }
 

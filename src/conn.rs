@@ -166,39 +166,30 @@ impl LineReader {
 /// every line of every connection is found with it.
 pub fn find_byte(haystack: &[u8], byte: u8) -> Option<usize> {
     let pattern = ONES * u64::from(byte);
-    find_first(haystack, |w| zero_bytes(w ^ pattern), |b| b == byte)
-}
-
-const ONES: u64 = 0x0101_0101_0101_0101;
-const HIGHS: u64 = 0x8080_8080_8080_8080;
-
-/// The top bit of every byte of `w` that is zero, and maybe of some bytes above a zero one: a
-/// borrow can mark bytes above a real zero, never below, so the lowest mark is exact.
-fn zero_bytes(w: u64) -> u64 {
-    w.wrapping_sub(ONES) & !w & HIGHS
-}
-
-/// The index of the first byte of `haystack` that `is_wanted`, eight bytes at a time:
-/// `marks(word)` must give a mark whose lowest one is exact, as [`zero_bytes`] does (an OR
-/// of such marks is one too). The last few bytes are tested one by one.
-fn find_first(
-    haystack: &[u8],
-    marks: impl Fn(u64) -> u64,
-    is_wanted: impl Fn(u8) -> bool,
-) -> Option<usize> {
     let mut chunks = haystack.chunks_exact(8);
     let mut offset = 0;
     for chunk in &mut chunks {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        let found = marks(u64::from_le_bytes(word));
+        // Bytes equal to `byte` become zero, and the lowest zero is found exactly.
+        let found = zero_bytes(u64::from_le_bytes(word) ^ pattern);
         if found != 0 {
             return Some(offset + (found.trailing_zeros() / 8) as usize);
         }
         offset += 8;
     }
     let tail = chunks.remainder();
-    tail.iter().position(|&b| is_wanted(b)).map(|i| offset + i)
+    tail.iter().position(|&b| b == byte).map(|i| offset + i)
+}
+
+/// Eight copies of the byte 1, and of the byte's top bit.
+pub const ONES: u64 = 0x0101_0101_0101_0101;
+pub const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The top bit of every byte of `w` that is zero, and maybe of some bytes above a zero one: a
+/// borrow can mark bytes above a real zero, never below, so the lowest mark is exact.
+pub fn zero_bytes(w: u64) -> u64 {
+    w.wrapping_sub(ONES) & !w & HIGHS
 }
 
 /// Bytes waiting to be written to a socket.

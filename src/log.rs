@@ -12,6 +12,8 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::conn::{zero_bytes, HIGHS, ONES};
+
 /// Past this much buffered text the log is written out at once rather than at the end of the turn.
 const FLUSH_AT_BYTES: usize = 1 << 20;
 
@@ -180,9 +182,7 @@ pub fn escape_into(out: &mut Vec<u8>, mut bytes: &[u8]) {
 /// here, so it looks at eight bytes at a time: the classic bit tricks below say, exactly,
 /// whether any byte of a word is below 0x20, has its top bit set, or equals 0x7f or `\`.
 fn first_to_escape(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let any_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGHS != 0;
+    let any_zero = |w: u64| zero_bytes(w) != 0;
     let needs = |b: u8| !(0x20..0x7f).contains(&b) || b == b'\\';
     let mut words = bytes.chunks_exact(8);
     let mut at = 0;

@@ -201,10 +201,12 @@ pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
         ([b"PING", ..], 1) => Some(PeerLine::Ping),
         ([b"SYNC", ..], 1) => Some(PeerLine::Sync),
         // A digest made another way (another build's) compares with nothing here: ignored.
-        ([b"DIGEST", count, digest, DIGEST_SCHEME], 4) => Some(PeerLine::Digest {
-            count: std::str::from_utf8(count).ok()?.parse().ok()?,
-            digest: u64::from_str_radix(std::str::from_utf8(digest).ok()?, 16).ok()?,
-        }),
+        ([b"DIGEST", count, digest, scheme], 4) if scheme == DIGEST_SCHEME.as_bytes() => {
+            Some(PeerLine::Digest {
+                count: std::str::from_utf8(count).ok()?.parse().ok()?,
+                digest: u64::from_str_radix(std::str::from_utf8(digest).ok()?, 16).ok()?,
+            })
+        }
         _ => None,
     }
 }
@@ -213,12 +215,11 @@ pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
 /// that servers hashing records differently (different builds) ignore each other's digests
 /// instead of resynchronising forever. A build that sent `DIGEST COUNT HEX`, with no scheme,
 /// hashed with FNV-1a; neither side reads the other's.
-pub const DIGEST_SCHEME: &[u8] = b"fold64";
+pub const DIGEST_SCHEME: &str = "fold64";
 
 /// `DIGEST COUNT HEX SCHEME`.
 pub fn digest_line(count: usize, digest: u64) -> Vec<u8> {
-    let scheme = String::from_utf8_lossy(DIGEST_SCHEME);
-    format!("DIGEST {count} {digest:016x} {scheme}").into_bytes()
+    format!("DIGEST {count} {digest:016x} {DIGEST_SCHEME}").into_bytes()
 }
 
 /// An authenticated connection's keys and counters.

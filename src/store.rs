@@ -79,28 +79,32 @@ impl Store {
     /// Keeps `line` as `client`'s record if it is newer than the one held (SPEC.md section 3,
     /// "Which record wins").
     pub fn merge(&mut self, client: &[u8], time_ns: i128, line: &[u8]) -> Merge {
-        match self.index.get(client) {
-            Some(&at) => {
-                let held = &mut self.records[at];
-                if !is_newer(time_ns, line, held.time_ns, &held.line) {
-                    return Merge::Stale;
-                }
-                self.digest = self.digest.wrapping_sub(record_hash(&held.line));
-                *held = Record {
-                    time_ns,
-                    line: line.into(),
-                };
-                self.digest = self.digest.wrapping_add(record_hash(line));
-            }
-            None => {
-                self.index.insert(client.into(), self.records.len());
-                self.digest = self.digest.wrapping_add(record_hash(line));
-                self.records.push(Record {
-                    time_ns,
-                    line: line.into(),
-                });
-            }
+        if let Some(&at) = self.index.get(client) {
+            return self.replace_if_newer(at, time_ns, line);
         }
+        self.index.insert(client.into(), self.records.len());
+        self.digest = self.digest.wrapping_add(record_hash(line));
+        self.records.push(Record {
+            time_ns,
+            line: line.into(),
+        });
+        Merge::Stored
+    }
+
+    /// Replaces the record at `at` with `line` if `line` is newer.
+    fn replace_if_newer(&mut self, at: usize, time_ns: i128, line: &[u8]) -> Merge {
+        let held = &mut self.records[at];
+        if !is_newer(time_ns, line, held.time_ns, &held.line) {
+            return Merge::Stale;
+        }
+        self.digest = self
+            .digest
+            .wrapping_sub(record_hash(&held.line))
+            .wrapping_add(record_hash(line));
+        *held = Record {
+            time_ns,
+            line: line.into(),
+        };
         Merge::Stored
     }
 
@@ -120,23 +124,11 @@ impl Store {
             let record = parse_at_record(line)?;
             return Some(self.merge(record.client, record.time_ns, line));
         };
-        let held = &mut self.records[at];
-        if *held.line == *line {
+        if *self.records[at].line == *line {
             return Some(Merge::Stale);
         }
         let record = parse_at_record(line)?;
-        if !is_newer(record.time_ns, line, held.time_ns, &held.line) {
-            return Some(Merge::Stale);
-        }
-        self.digest = self
-            .digest
-            .wrapping_sub(record_hash(&held.line))
-            .wrapping_add(record_hash(line));
-        *held = Record {
-            time_ns: record.time_ns,
-            line: line.into(),
-        };
-        Some(Merge::Stored)
+        Some(self.replace_if_newer(at, record.time_ns, line))
     }
 
     /// The record at `position` (0 ..len()), for walking the store in batches.
