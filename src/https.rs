@@ -99,6 +99,20 @@ pub struct Done {
 const WIRE_READ: usize = 64 * 1024;
 /// The most plaintext taken from rustls at once: one TLS record's worth.
 const PLAIN_READ: usize = 16 * 1024;
+/// The plaintext one call of [`Tls::transfer`] gathers before handing it over, so that an answer
+/// over the size cap is refused within this much of the cap, not after Places has sent it all.
+const TRANSFER_STEP: usize = 256 * 1024;
+
+/// Where one call of [`Tls::transfer`] stopped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Transfer {
+    /// The socket would block: readiness will be reported again when there is more.
+    Blocked,
+    /// [`TRANSFER_STEP`] bytes were gathered and the socket may hold more: call again.
+    More,
+    /// The stream ended.
+    Ended,
+}
 
 /// A TCP connection with TLS on it.
 struct Tls {
@@ -468,7 +482,7 @@ impl PlacesPool {
                 // readable on an idle connection ends it.
                 let mut plain = Vec::new();
                 match conn.transfer(&mut plain) {
-                    Ok(false) if plain.is_empty() => {}
+                    Ok(Transfer::Blocked) if plain.is_empty() => {}
                     _ => self.slots[i] = Slot::Empty,
                 }
             }
@@ -482,15 +496,21 @@ impl PlacesPool {
             return;
         };
         let mut plain = Vec::new();
-        let transferred = conn.transfer(&mut plain);
-        let outcome = match transferred {
-            Err(e) => Some(Err(e)),
-            Ok(eof) => match response.push(&plain) {
-                Err(e) => Some(Err(e)),
-                Ok(Some(done)) => Some(Ok(done)),
-                Ok(None) if eof => Some(response.push_eof()),
-                Ok(None) => None,
-            },
+        let outcome = loop {
+            plain.clear();
+            let transferred = conn.transfer(&mut plain);
+            match transferred {
+                Err(e) => break Some(Err(e)),
+                Ok(state) => match response.push(&plain) {
+                    Err(e) => break Some(Err(e)),
+                    Ok(Some(done)) => break Some(Ok(done)),
+                    Ok(None) => match state {
+                        Transfer::Ended => break Some(response.push_eof()),
+                        Transfer::Blocked => break None,
+                        Transfer::More => {}
+                    },
+                },
+            }
         };
         let Some(outcome) = outcome else {
             return; // more to come
@@ -602,18 +622,21 @@ impl PlacesPool {
 impl Tls {
     /// The TLS pump: writes what rustls has to send, then reads until the socket would block,
     /// decrypting as it goes, and writes again (reading can make rustls want to answer, as in
-    /// the handshake). Plaintext goes to `plain`. Returns whether the stream has ended.
+    /// the handshake). Plaintext goes to `plain`, at most about [`TRANSFER_STEP`] bytes per call.
     ///
     /// The socket is read in pieces of up to [`WIRE_READ`] bytes, which rustls then takes
     /// from memory: its own `read_tls` reads at most 4 KiB per system call, ten calls for one
     /// of Google's answers.
-    fn transfer(&mut self, plain: &mut Vec<u8>) -> Result<bool, String> {
+    fn transfer(&mut self, plain: &mut Vec<u8>) -> Result<Transfer, String> {
         self.write_tls()?;
-        let eof = loop {
+        let state = loop {
+            if plain.len() >= TRANSFER_STEP {
+                break Transfer::More;
+            }
             let mut fresh = match self.stream.read(&mut self.wire) {
-                Ok(0) => break true,
+                Ok(0) => break Transfer::Ended,
                 Ok(n) => &self.wire[..n],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Transfer::Blocked,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("reading from Places failed: {e}")),
             };
@@ -631,11 +654,11 @@ impl Tls {
                 closed = read_plain(&mut self.tls, &mut self.plain, plain)?;
             }
             if closed {
-                break true;
+                break Transfer::Ended;
             }
         };
         self.write_tls()?;
-        Ok(eof)
+        Ok(state)
     }
 
     fn write_tls(&mut self) -> Result<(), String> {
