@@ -602,7 +602,7 @@ fn replies_keep_the_order_of_commands() {
 #[test]
 fn places_connections_are_kept_alive_and_reused() {
     let fake = FakePlaces::start(Behaviour::ok(legacy_ok()));
-    let bailey = Bailey::start(&fake, "legacy", 2000);
+    let bailey = Bailey::start(&fake, "legacy", 5000);
     let bounds = [1u32, 5, 20, 0, 5];
     let want: Vec<Vec<u8>> = bounds
         .iter()
@@ -657,7 +657,7 @@ fn places_connections_are_kept_alive_and_reused() {
 #[test]
 fn the_api_key_never_appears_in_a_reply_or_the_log() {
     let fake = FakePlaces::start(Behaviour::ok(legacy_ok()));
-    let mut bailey = Bailey::start(&fake, "legacy", 1000);
+    let mut bailey = Bailey::start(&fake, "legacy", 2000);
     bailey.expect_body("OK", 5, &expected("legacy_cut_5.json"));
     fake.set(Behaviour::status(
         403,
@@ -676,7 +676,7 @@ fn the_api_key_never_appears_in_a_reply_or_the_log() {
     bailey.expect_unknown_error("stalled", 5);
 
     let new_fake = FakePlaces::start(Behaviour::Raw(fixture("new_ok_5.chunked.http")));
-    let mut new_bailey = Bailey::start(&new_fake, "new", 1000);
+    let mut new_bailey = Bailey::start(&new_fake, "new", 2000);
     new_bailey.expect_body("new OK", 3, &expected("new_cut_3.json"));
     new_fake.set(Behaviour::status(403, fixture("new_error_403.json")));
     new_bailey.expect_body("new 403", 3, &newline_rules(&fixture("new_error_403.json")));
