@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use crate::peer::Session;
+use crate::peer::{Comparison, Session};
 
 /// Buffers whose capacity outgrows this are freed once empty, so an idle connection holds no
 /// heap memory however busy it once was.
@@ -315,8 +315,8 @@ pub struct PeerSide {
     /// With a herd secret: the keys and counters that every line is checked with.
     pub session: Option<Session>,
     pub last_sent: Instant,
-    /// Digests received in a row that differ from ours.
-    pub mismatches: u32,
+    /// The neighbour's store compared with ours.
+    pub comparison: Comparison,
 }
 
 impl Role {

@@ -12,11 +12,11 @@ use crate::conn::{Conn, ConnState, Line, OutBuf, PeerSide, Replies, Role};
 use crate::https::PlacesPool;
 use crate::link::{self, Link};
 use crate::log::{Log, Who};
-use crate::peer::{self, PeerLine, Secret, Session};
+use crate::peer::{self, Compared, Comparison, PeerLine, Secret, Session};
 use crate::places::{self, Query};
 use crate::protocol::{self, Command};
 use crate::reactor::Registrar;
-use crate::store::{Merge, Store};
+use crate::store::{Merge, Store, DIGEST_PARTS};
 
 /// The body of every WHATSAT when no API key is configured: Google's own answer to a missing key
 /// is a `REQUEST_DENIED`, so clients see the same shape.
@@ -295,7 +295,7 @@ impl Herd {
                     neighbour,
                     session: None,
                     last_sent: self.now,
-                    mismatches: 0,
+                    comparison: Comparison::default(),
                 });
                 Ok(())
             }
@@ -359,7 +359,7 @@ impl Herd {
             neighbour: *neighbour,
             session: Some(Session::new(secret, nd, na, false)),
             last_sent: self.now,
-            mismatches: 0,
+            comparison: Comparison::default(),
         });
         Ok(())
     }
@@ -388,29 +388,34 @@ impl Herd {
                 ),
             },
             Some(PeerLine::Ping) => {}
+            Some(PeerLine::Parts { first, digests }) => side.comparison.parts(first, &digests),
             Some(PeerLine::Digest { count, digest }) => {
-                let ours = (self.store.len() as u64, self.store.digest());
-                if (count, digest) == ours {
-                    side.mismatches = 0;
+                let Compared::Resync(parts) = side.comparison.digest(count, digest, &self.store)
+                else {
                     return Ok(());
-                }
-                side.mismatches += 1;
-                if side.mismatches >= peer::MISMATCHES_BEFORE_SYNC {
-                    // Still different: each side sends the other its whole store.
-                    side.mismatches = 0;
-                    self.log.event(
-                        format_args!("peer {}", self.links[from].name),
-                        format_args!(
-                            "stores differ ({count} records, {digest:016x}; here {}, {:016x}): resyncing both ways",
-                            ours.0, ours.1
-                        ),
-                    );
-                    peer::frame(side.session.as_mut(), b"SYNC", out.tail());
-                    side.last_sent = self.now;
-                    self.links[from].resync(&self.store);
-                }
+                };
+                // Still different: each side sends the other what differs.
+                let what = match &parts {
+                    None => "the whole store".to_string(),
+                    Some(set) => format!("{} of {} parts", set.len(), DIGEST_PARTS),
+                };
+                self.log.event(
+                    format_args!("peer {}", self.links[from].name),
+                    format_args!(
+                        "stores differ ({count} records, {digest:016x}; here {}, {:016x}): resyncing {what} both ways",
+                        self.store.len(),
+                        self.store.digest()
+                    ),
+                );
+                peer::frame(
+                    side.session.as_mut(),
+                    &peer::sync_line(parts.as_ref()),
+                    out.tail(),
+                );
+                side.last_sent = self.now;
+                self.links[from].resync(&self.store, parts);
             }
-            Some(PeerLine::Sync) | None => self.log.event(
+            Some(PeerLine::Sync(_)) | None => self.log.event(
                 format_args!("peer {}", self.links[from].name),
                 format_args!("ignored a line an inbound link does not carry"),
             ),

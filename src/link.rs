@@ -17,8 +17,8 @@
 //! dialled to us (an inbound [`crate::conn::Conn`]). The neighbour writes back only heartbeats
 //! and `SYNC`. When the link comes up it sends the whole store, in batches (`sync`), then
 //! whatever is flooded; a heartbeat when it has been quiet for a second; and every three
-//! seconds the digest of the store, which the neighbour compares with its own (see
-//! [`crate::peer`]).
+//! seconds the digests of the store and of its parts, which the neighbour compares with its own
+//! (see [`crate::peer`]); `SYNC` asks for some parts, or all, again.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,9 +28,9 @@ use mio::net::TcpStream;
 
 use crate::conn::{Fill, LineReader, OutBuf};
 use crate::log::{Log, Who};
-use crate::peer::{self, PeerLine, Secret, Session};
+use crate::peer::{self, PartSet, PeerLine, Secret, Session};
 use crate::reactor::{Registrar, Source};
-use crate::store::Store;
+use crate::store::{Store, DIGEST_PARTS};
 
 pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FIRST_RETRY: Duration = Duration::from_millis(50);
@@ -73,12 +73,13 @@ enum LinkState {
     },
     /// Connected (and authenticated, with a secret). `sync` is the position of the next record
     /// of the store being copied, up to `sync_end` (the store's size when the copy began;
-    /// later records are flooded anyway).
+    /// later records are flooded anyway); `sync_parts` the parts copied, or `None` for all.
     Up {
         wire: Wire,
         session: Option<Session>,
         sync: usize,
         sync_end: usize,
+        sync_parts: Option<PartSet>,
         last_heard: Instant,
         last_sent: Instant,
         next_digest: Instant,
@@ -171,8 +172,14 @@ impl Link {
                 ..
             } => {
                 // The digest is sent once the copy of the store is through: before, the two
-                // stores are expected to differ.
+                // stores are expected to differ. Its parts first, so that the neighbour holds
+                // them all when the whole digest tells it to look.
                 if *next_digest <= now && sync >= sync_end {
+                    let parts = cx.store.part_digests();
+                    for (i, line) in parts.chunks(peer::PARTS_PER_LINE).enumerate() {
+                        let line = peer::parts_line(i * peer::PARTS_PER_LINE, line);
+                        send(wire, session, &line);
+                    }
                     let line = peer::digest_line(cx.store.len(), cx.store.digest());
                     send(wire, session, &line);
                     *last_sent = now;
@@ -193,6 +200,9 @@ impl Link {
 
     fn dial(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
         let attempt = TcpStream::connect(self.addr).and_then(|mut stream| {
+            // A record goes out as soon as it is flooded: not held back by Nagle's algorithm
+            // until the neighbour acknowledges the last one, which it may delay.
+            stream.set_nodelay(true)?;
             registrar.attach(&mut stream, Source::Link(self.index))?;
             Ok(stream)
         });
@@ -285,6 +295,7 @@ impl Link {
             session,
             sync: 0,
             sync_end: cx.store.len(),
+            sync_parts: None,
             last_heard: now,
             last_sent: now,
             next_digest: now + peer::DIGEST_INTERVAL,
@@ -349,8 +360,6 @@ impl Link {
             }
             LinkState::Up {
                 session,
-                sync,
-                sync_end,
                 last_heard,
                 ..
             } => {
@@ -361,15 +370,20 @@ impl Link {
                 *last_heard = now;
                 match peer::parse_line(payload) {
                     Some(PeerLine::Ping) => {}
-                    Some(PeerLine::Sync) => {
+                    Some(PeerLine::Sync(parts)) => {
+                        let what = match &parts {
+                            None => format!("the whole store: syncing {} records", cx.store.len()),
+                            Some(set) => format!(
+                                "{} of {} parts of the store: syncing their records",
+                                set.len(),
+                                DIGEST_PARTS
+                            ),
+                        };
                         cx.log.event(
                             format_args!("link {}", self.name),
-                            format_args!(
-                                "the neighbour asks for the whole store: syncing {} records",
-                                cx.store.len()
-                            ),
+                            format_args!("the neighbour asks for {what}"),
                         );
-                        (*sync, *sync_end) = (0, cx.store.len());
+                        self.resync(cx.store, parts);
                     }
                     _ => return Err("the neighbour sent a line a link does not carry".into()),
                 }
@@ -412,17 +426,29 @@ impl Link {
         }
     }
 
-    /// Copies the whole store to the neighbour again (the neighbour's digest kept differing).
-    pub fn resync(&mut self, store: &Store) {
-        if let LinkState::Up { sync, sync_end, .. } = &mut self.state {
-            (*sync, *sync_end) = (0, store.len());
+    /// Copies the records of `parts`, or the whole store, to the neighbour again (its digest
+    /// kept differing). A copy already under way is widened to cover both, and starts over.
+    pub fn resync(&mut self, store: &Store, parts: Option<PartSet>) {
+        if let LinkState::Up {
+            sync,
+            sync_end,
+            sync_parts,
+            ..
+        } = &mut self.state
+        {
+            let widened = match (*sync < *sync_end, *sync_parts, parts) {
+                (false, _, parts) => parts,
+                (true, Some(copying), Some(asked)) => Some(copying.union(&asked)),
+                (true, _, _) => None,
+            };
+            (*sync, *sync_end, *sync_parts) = (0, store.len(), widened);
         }
     }
 
     /// Copies the next batch of the store into the output, if the output has room, then writes.
     /// Called at the end of every turn.
     pub fn flush(&mut self, now: Instant, store: &Store, log: &mut Log) {
-        let (wire, session, sync, sync_end, last_sent) = match &mut self.state {
+        let (wire, session, sync, sync_end, sync_parts, last_sent) = match &mut self.state {
             LinkState::Authenticating { wire, .. } => {
                 let result = wire.out.write_to(&mut wire.stream);
                 if let Err(e) = result {
@@ -435,14 +461,19 @@ impl Link {
                 session,
                 sync,
                 sync_end,
+                sync_parts,
                 last_sent,
                 ..
-            } => (wire, session, sync, sync_end, last_sent),
+            } => (wire, session, sync, sync_end, &*sync_parts, last_sent),
             _ => return,
         };
         let result = loop {
             while *sync < *sync_end && wire.out.pending() < SYNC_LOW_WATER {
-                if let Some(record) = store.at(*sync) {
+                let wanted = match sync_parts {
+                    None => true,
+                    Some(set) => store.part_at(*sync).is_some_and(|part| set.contains(part)),
+                };
+                if let Some(record) = store.at(*sync).filter(|_| wanted) {
                     log.bytes(Who::Link(&self.name), '>', &record.line);
                     send(wire, session, &record.line);
                     *last_sent = now;

@@ -6,8 +6,17 @@
 //!
 //! ```text
 //! dialler  -> PEER herd/1 NAME
-//! then both ways, one per line: AT records (dialler only), PING, DIGEST COUNT HEX SCHEME, SYNC
+//! then one per line: AT records, PARTS FIRST HEX..., DIGEST COUNT HEX SCHEME (dialler only);
+//! SYNC [SET] (acceptor only); PING (both)
 //! ```
+//!
+//! Every [`DIGEST_INTERVAL`] the dialler sends the digest of each part of its store, 32 to a
+//! `PARTS FIRST HEX...` line, then the digest of the whole store. The acceptor compares them with
+//! its own: equal, all is well; a part that differs at two digests in a row is copied again
+//! both ways (`SYNC SET` asks the dialler for it, `SET` a bitmap of parts in hex). Updates in
+//! flight make a few parts differ at any moment, never the same ones for long, so a herd under
+//! steady load copies nothing again. A dialler that sends no parts (an older build) is compared
+//! on the whole digest, and a difference there asks for the whole store (`SYNC`).
 //!
 //! With a secret, both sides prove they know it before anything else is accepted, with fresh
 //! nonces so that no earlier exchange can be replayed:
@@ -29,6 +38,7 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::protocol::{fields, GREETING_VERB, PROTOCOL_VERSION};
+use crate::store::{Store, DIGEST_PARTS};
 
 /// A link that has sent nothing for this long sends `PING`.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -36,9 +46,12 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEAD_AFTER: Duration = Duration::from_secs(5);
 /// How often the dialler sends the digest of its store.
 pub const DIGEST_INTERVAL: Duration = Duration::from_secs(3);
-/// Digests that differ this many times in a row ask for a full resynchronisation: one
+/// Digests that differ this many times in a row ask for a resynchronisation of what differs: one
 /// difference is usually just updates in flight.
 pub const MISMATCHES_BEFORE_SYNC: u32 = 2;
+/// Part digests per `PARTS` line: 8 lines for the store's 256 parts, each well under the
+/// shortest line a peer may send.
+pub const PARTS_PER_LINE: usize = 32;
 /// Before it has authenticated, a connection gets this long and this many bytes.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_HANDSHAKE_BYTES: usize = 1024;
@@ -189,17 +202,77 @@ pub enum PeerLine<'a> {
     Ping,
     /// The sender's store: how many records, and their order-independent digest.
     Digest { count: u64, digest: u64 },
-    /// The receiver asks the sender of the link to send its whole store again.
-    Sync,
+    /// The digests of parts `first ..first + PARTS_PER_LINE` of the sender's store.
+    Parts {
+        first: usize,
+        digests: Box<[u64; PARTS_PER_LINE]>,
+    },
+    /// The receiver asks the sender of the link to send these parts of its store again, or
+    /// the whole store.
+    Sync(Option<PartSet>),
+}
+
+/// A set of the store's parts ([`crate::store::DIGEST_PARTS`] of them): a bitmap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartSet([u64; DIGEST_PARTS / 64]);
+
+impl PartSet {
+    pub fn insert(&mut self, part: u8) {
+        self.0[usize::from(part / 64)] |= 1 << (part % 64);
+    }
+
+    pub fn contains(&self, part: u8) -> bool {
+        self.0[usize::from(part / 64)] & (1 << (part % 64)) != 0
+    }
+
+    pub fn len(&self) -> u32 {
+        self.0.iter().map(|word| word.count_ones()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn union(&self, other: &PartSet) -> PartSet {
+        let mut both = *self;
+        for (word, theirs) in both.0.iter_mut().zip(other.0) {
+            *word |= theirs;
+        }
+        both
+    }
+
+    /// 64 hex digits, part 0 in the last.
+    fn to_hex(self) -> String {
+        self.0
+            .iter()
+            .rev()
+            .map(|word| format!("{word:016x}"))
+            .collect()
+    }
+
+    fn from_hex(hex: &[u8]) -> Option<PartSet> {
+        if !is_hex(hex, DIGEST_PARTS / 4) {
+            return None;
+        }
+        let mut set = PartSet::default();
+        for (word, digits) in set.0.iter_mut().rev().zip(hex.chunks_exact(16)) {
+            *word = u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()?;
+        }
+        Some(set)
+    }
 }
 
 pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
     if payload.starts_with(b"AT ") {
         return Some(PeerLine::Record(payload)); // checked as a record by the caller
     }
+    if let Some(rest) = payload.strip_prefix(b"PARTS ") {
+        return parse_parts(rest);
+    }
     match fields::<4>(payload)? {
         ([b"PING", ..], 1) => Some(PeerLine::Ping),
-        ([b"SYNC", ..], 1) => Some(PeerLine::Sync),
+        ([b"SYNC", ..], 1) => Some(PeerLine::Sync(None)),
+        ([b"SYNC", set, ..], 2) => Some(PeerLine::Sync(Some(PartSet::from_hex(set)?))),
         // A digest made another way (another build's) compares with nothing here: ignored.
         ([b"DIGEST", count, digest, scheme], 4) if scheme == DIGEST_SCHEME.as_bytes() => {
             Some(PeerLine::Digest {
@@ -220,6 +293,136 @@ pub const DIGEST_SCHEME: &str = "fold64";
 /// `DIGEST COUNT HEX SCHEME`.
 pub fn digest_line(count: usize, digest: u64) -> Vec<u8> {
     format!("DIGEST {count} {digest:016x} {DIGEST_SCHEME}").into_bytes()
+}
+
+/// `PARTS FIRST HEX...`: the digests of parts `first ..first + PARTS_PER_LINE`, each in 16 hex
+/// digits.
+pub fn parts_line(first: usize, digests: &[u64]) -> Vec<u8> {
+    let mut line = format!("PARTS {first}");
+    for digest in digests {
+        line.push_str(&format!(" {digest:016x}"));
+    }
+    line.into_bytes()
+}
+
+/// The part digests after `PARTS `: a first part on a line's boundary, then exactly
+/// [`PARTS_PER_LINE`] digests.
+fn parse_parts(rest: &[u8]) -> Option<PeerLine<'_>> {
+    let mut words = rest.split(|&b| b == b' ');
+    let first: usize = std::str::from_utf8(words.next()?).ok()?.parse().ok()?;
+    if first % PARTS_PER_LINE != 0 || first >= DIGEST_PARTS {
+        return None;
+    }
+    let mut digests = Box::new([0; PARTS_PER_LINE]);
+    for digest in digests.iter_mut() {
+        let word = words.next().filter(|w| is_hex(w, 16))?;
+        *digest = u64::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+    }
+    match words.next() {
+        Some(_) => None,
+        None => Some(PeerLine::Parts { first, digests }),
+    }
+}
+
+/// What the acceptor of a link makes of a `DIGEST`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Compared {
+    /// The stores are the same.
+    Same,
+    /// They differ, but not for long enough to be more than updates in flight.
+    InFlight,
+    /// Copy these parts again both ways, or (`None`) the whole store.
+    Resync(Option<PartSet>),
+}
+
+/// The acceptor's comparison of a dialler's store with its own, for one inbound link.
+#[derive(Default)]
+pub struct Comparison {
+    /// From the first `PARTS` line on (a dialler of an older build sends none).
+    parts: Option<Box<PartsCompared>>,
+    /// Digests in a row that differed, for a dialler that sends no parts.
+    mismatches: u32,
+}
+
+struct PartsCompared {
+    /// The dialler's part digests, from its latest `PARTS` lines.
+    theirs: [u64; DIGEST_PARTS],
+    /// Which `PARTS` lines arrived since the last `DIGEST`: bit `i` for parts from
+    /// `i * PARTS_PER_LINE`.
+    lines_seen: u32,
+    /// For each part, the digests in a row at which it differed.
+    mismatches: [u32; DIGEST_PARTS],
+}
+
+const PARTS_LINES: usize = DIGEST_PARTS / PARTS_PER_LINE;
+
+impl Comparison {
+    /// A `PARTS` line.
+    pub fn parts(&mut self, first: usize, digests: &[u64; PARTS_PER_LINE]) {
+        if first % PARTS_PER_LINE != 0 || first >= DIGEST_PARTS {
+            return; // not a line's first part: `parse_line` makes none
+        }
+        let parts = self.parts.get_or_insert_with(|| {
+            Box::new(PartsCompared {
+                theirs: [0; DIGEST_PARTS],
+                lines_seen: 0,
+                mismatches: [0; DIGEST_PARTS],
+            })
+        });
+        parts.theirs[first..first + PARTS_PER_LINE].copy_from_slice(digests);
+        parts.lines_seen |= 1 << (first / PARTS_PER_LINE);
+    }
+
+    /// A `DIGEST`, compared with `store`: the parts sent just before it decide what differs.
+    pub fn digest(&mut self, count: u64, digest: u64, store: &Store) -> Compared {
+        let same = (count, digest) == (store.len() as u64, store.digest());
+        let every_part = (self.parts.as_mut())
+            .is_some_and(|parts| std::mem::take(&mut parts.lines_seen) == (1 << PARTS_LINES) - 1);
+        if same {
+            self.mismatches = 0;
+            if let Some(parts) = &mut self.parts {
+                parts.mismatches.fill(0);
+            }
+            return Compared::Same;
+        }
+        let Some(parts) = self.parts.as_mut().filter(|_| every_part) else {
+            // Only the whole digest to go by.
+            self.mismatches += 1;
+            if self.mismatches < MISMATCHES_BEFORE_SYNC {
+                return Compared::InFlight;
+            }
+            self.mismatches = 0;
+            return Compared::Resync(None);
+        };
+        let mut differ = PartSet::default();
+        let pairs = parts.theirs.iter().zip(store.part_digests());
+        for ((part, mismatches), (theirs, ours)) in
+            (0..=u8::MAX).zip(&mut parts.mismatches).zip(pairs)
+        {
+            if theirs == ours {
+                *mismatches = 0;
+                continue;
+            }
+            *mismatches += 1;
+            if *mismatches >= MISMATCHES_BEFORE_SYNC {
+                *mismatches = 0;
+                differ.insert(part);
+            }
+        }
+        if differ.is_empty() {
+            Compared::InFlight
+        } else {
+            Compared::Resync(Some(differ))
+        }
+    }
+}
+
+/// `SYNC` for the whole store, `SYNC SET` for some parts of it.
+pub fn sync_line(parts: Option<&PartSet>) -> Vec<u8> {
+    match parts {
+        None => b"SYNC".to_vec(),
+        Some(set) => format!("SYNC {}", set.to_hex()).into_bytes(),
+    }
 }
 
 /// An authenticated connection's keys and counters.
@@ -360,7 +563,7 @@ mod tests {
     #[test]
     fn verbs() {
         assert_eq!(parse_line(b"PING"), Some(PeerLine::Ping));
-        assert_eq!(parse_line(b"SYNC"), Some(PeerLine::Sync));
+        assert_eq!(parse_line(b"SYNC"), Some(PeerLine::Sync(None)));
         assert_eq!(
             parse_line(&digest_line(7, 0xabc)),
             Some(PeerLine::Digest {
@@ -376,5 +579,152 @@ mod tests {
         assert_eq!(parse_line(record), Some(PeerLine::Record(record)));
         assert_eq!(parse_line(b"PING x"), None);
         assert_eq!(parse_line(b"IAMAT a +1+1 1"), None);
+    }
+
+    #[test]
+    fn part_lines_and_sync_sets() {
+        let digests: Vec<u64> = (0..PARTS_PER_LINE as u64).map(|i| i << 60 | i).collect();
+        let line = parts_line(64, &digests);
+        assert!(line.starts_with(b"PARTS 64 0000000000000000 1000000000000001 "));
+        assert_eq!(line.len(), "PARTS 64".len() + PARTS_PER_LINE * 17);
+        let Some(PeerLine::Parts {
+            first,
+            digests: got,
+        }) = parse_line(&line)
+        else {
+            panic!("not parsed: {}", String::from_utf8_lossy(&line));
+        };
+        assert_eq!((first, &got[..]), (64, &digests[..]));
+        // A first part off a line's boundary or past the end, a digest too few or too many, or
+        // one that is not 16 lower-case hex digits: not a PARTS line.
+        let text = String::from_utf8(line).unwrap();
+        let bad = [
+            text.replacen("PARTS 64", "PARTS 65", 1),
+            text.replacen("PARTS 64", "PARTS 256", 1),
+            text.replacen("PARTS 64", "PARTS x", 1),
+            text[..text.len() - 17].to_string(),
+            format!("{text} 0000000000000000"),
+            format!("{text} "),
+            text.replacen(" 1000000000000001", " 100000000000000F", 1),
+            text.replacen(" 1000000000000001", " 10000000000000001", 1),
+            text.replacen(" 1000000000000001", "  000000000000001", 1),
+        ];
+        for line in &bad {
+            assert_eq!(parse_line(line.as_bytes()), None, "{line}");
+        }
+
+        let mut set = PartSet::default();
+        assert!(set.is_empty());
+        for part in [0, 1, 63, 64, 200, 255] {
+            set.insert(part);
+        }
+        assert_eq!(set.len(), 6);
+        assert!(set.contains(200) && !set.contains(199));
+        // Part 0 is the last hex digit, part 255 the first.
+        let line = sync_line(Some(&set));
+        assert_eq!(
+            String::from_utf8(line.clone()).unwrap(),
+            format!(
+                "SYNC 8000000000000100{}{}18000000000000003",
+                "0".repeat(16),
+                "0".repeat(15)
+            )
+        );
+        assert_eq!(parse_line(&line), Some(PeerLine::Sync(Some(set))));
+        assert_eq!(sync_line(None), b"SYNC");
+        assert_eq!(parse_line(b"SYNC 0123"), None);
+        assert_eq!(parse_line(&[&line[..], b" x"].concat()), None);
+        let mut other = PartSet::default();
+        other.insert(7);
+        assert_eq!(set.union(&other).len(), 7);
+    }
+
+    /// Records for clients `names`, each at time `t`, in a fresh store.
+    fn store_of(names: &[&str], t: u64) -> Store {
+        let mut store = Store::default();
+        for name in names {
+            let line = format!("AT A +0.000000001 {name} +1+1 {t}");
+            store.merge(name.as_bytes(), i128::from(t), line.as_bytes());
+        }
+        store
+    }
+
+    /// What `comparison` makes of `theirs` sent as a dialler sends it: its parts, then its
+    /// digest, compared with `ours`.
+    fn compare(comparison: &mut Comparison, theirs: &Store, ours: &Store) -> Compared {
+        for (i, digests) in theirs.part_digests().chunks(PARTS_PER_LINE).enumerate() {
+            let line = parts_line(i * PARTS_PER_LINE, digests);
+            let Some(PeerLine::Parts { first, digests }) = parse_line(&line) else {
+                panic!("a PARTS line that does not parse");
+            };
+            comparison.parts(first, &digests);
+        }
+        comparison.digest(theirs.len() as u64, theirs.digest(), ours)
+    }
+
+    #[test]
+    fn only_a_part_that_differs_twice_in_a_row_is_copied_again() {
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+        let ours = store_of(&names, 1);
+        let mut comparison = Comparison::default();
+        assert_eq!(compare(&mut comparison, &ours, &ours), Compared::Same);
+        // "a" missing at theirs twice in a row: a's part, and only it.
+        let without_a = store_of(&names[1..], 1);
+        let mut a = PartSet::default();
+        a.insert(crate::store::part_of(b"a"));
+        assert_eq!(
+            compare(&mut comparison, &without_a, &ours),
+            Compared::InFlight
+        );
+        assert_eq!(
+            compare(&mut comparison, &without_a, &ours),
+            Compared::Resync(Some(a))
+        );
+        // Differences that move from part to part, as updates in flight do: nothing copied.
+        let without_b = store_of(&[&names[..1], &names[2..]].concat(), 1);
+        let b = crate::store::part_of(b"b");
+        let c = crate::store::part_of(b"c");
+        assert_ne!(b, c, "pick two clients in different parts");
+        let without_c = store_of(&[&names[..2], &names[3..]].concat(), 1);
+        for _ in 0..3 {
+            assert_eq!(
+                compare(&mut comparison, &without_b, &ours),
+                Compared::InFlight
+            );
+            assert_eq!(
+                compare(&mut comparison, &without_c, &ours),
+                Compared::InFlight
+            );
+        }
+        // Stores that agree reset the count.
+        assert_eq!(
+            compare(&mut comparison, &without_a, &ours),
+            Compared::InFlight
+        );
+        assert_eq!(compare(&mut comparison, &ours, &ours), Compared::Same);
+        assert_eq!(
+            compare(&mut comparison, &without_a, &ours),
+            Compared::InFlight
+        );
+    }
+
+    #[test]
+    fn without_every_part_the_whole_digest_decides() {
+        let ours = store_of(&["a", "b"], 1);
+        let theirs = store_of(&["a"], 1);
+        let mut comparison = Comparison::default();
+        // A dialler that sends no parts.
+        let digest_only =
+            |c: &mut Comparison| c.digest(theirs.len() as u64, theirs.digest(), &ours);
+        assert_eq!(digest_only(&mut comparison), Compared::InFlight);
+        assert_eq!(digest_only(&mut comparison), Compared::Resync(None));
+        assert_eq!(digest_only(&mut comparison), Compared::InFlight);
+        // Parts count only until the next digest: one line missing, and the whole decides.
+        let line = parts_line(0, &theirs.part_digests()[..PARTS_PER_LINE]);
+        let Some(PeerLine::Parts { first, digests }) = parse_line(&line) else {
+            panic!("a PARTS line that does not parse");
+        };
+        comparison.parts(first, &digests);
+        assert_eq!(digest_only(&mut comparison), Compared::Resync(None));
     }
 }

@@ -4,6 +4,12 @@
 //! to position. Clients are never removed, so a position is stable: a peer link re-synchronising
 //! after a reconnect walks the store with a plain index as its cursor while the store keeps
 //! changing (see [`crate::link`]).
+//!
+//! Besides the digest of the whole store, the store keeps the digest of each of
+//! [`DIGEST_PARTS`] parts, a record's part chosen by its client. Two servers whose stores differ
+//! only by the updates in flight between them differ in a few parts at any moment, and in
+//! different parts from one moment to the next; a part that differs twice in a row is copied
+//! again, not the whole store (see [`crate::peer`]).
 
 use std::collections::HashMap;
 
@@ -26,13 +32,38 @@ pub enum Merge {
     Stale,
 }
 
-#[derive(Debug, Default)]
+/// How many parts the store's digest is also kept in.
+pub const DIGEST_PARTS: usize = 256;
+
+#[derive(Debug)]
 pub struct Store {
     records: Vec<Record>,
     index: HashMap<Box<[u8]>, usize>,
     /// The wrapping sum of [`record_hash`] over every record: the same for the same set of
     /// records whatever order they arrived in, and updated in O(1) by each merge.
     digest: u64,
+    /// The same sum over the records of each part.
+    parts: Box<[u64]>,
+    /// The part of the record at each position, kept so that copying a few parts again reads
+    /// one byte per record it skips, not the record.
+    part_at: Vec<u8>,
+}
+
+impl Default for Store {
+    fn default() -> Store {
+        Store {
+            records: Vec::new(),
+            index: HashMap::new(),
+            digest: 0,
+            parts: vec![0; DIGEST_PARTS].into_boxed_slice(),
+            part_at: Vec::new(),
+        }
+    }
+}
+
+/// The part of the digest a client's records count in: the same in every server.
+pub fn part_of(client: &[u8]) -> u8 {
+    (record_hash(client) >> 56) as u8
 }
 
 /// A record's contribution to the digest, the same in every server: its bytes taken 8 at a
@@ -77,13 +108,17 @@ fn fourth_field(line: &[u8]) -> &[u8] {
 
 impl Store {
     /// Keeps `line` as `client`'s record if it is newer than the one held (SPEC.md section 3,
-    /// "Which record wins").
+    /// "Which record wins"). `client` is `line`'s fourth field, as in every `AT` line.
     pub fn merge(&mut self, client: &[u8], time_ns: i128, line: &[u8]) -> Merge {
         if let Some(&at) = self.index.get(client) {
             return self.replace_if_newer(at, time_ns, line);
         }
         self.index.insert(client.into(), self.records.len());
-        self.digest = self.digest.wrapping_add(record_hash(line));
+        let part = part_of(client);
+        let hash = record_hash(line);
+        self.digest = self.digest.wrapping_add(hash);
+        self.parts[usize::from(part)] = self.parts[usize::from(part)].wrapping_add(hash);
+        self.part_at.push(part);
         self.records.push(Record {
             time_ns,
             line: line.into(),
@@ -97,10 +132,10 @@ impl Store {
         if !is_newer(time_ns, line, held.time_ns, &held.line) {
             return Merge::Stale;
         }
-        self.digest = self
-            .digest
-            .wrapping_sub(record_hash(&held.line))
-            .wrapping_add(record_hash(line));
+        let change = record_hash(line).wrapping_sub(record_hash(&held.line));
+        self.digest = self.digest.wrapping_add(change);
+        let part = usize::from(self.part_at[at]);
+        self.parts[part] = self.parts[part].wrapping_add(change);
         *held = Record {
             time_ns,
             line: line.into(),
@@ -147,6 +182,16 @@ impl Store {
     /// The order-independent digest of every record held.
     pub fn digest(&self) -> u64 {
         self.digest
+    }
+
+    /// The digest of each part: [`DIGEST_PARTS`] of them.
+    pub fn part_digests(&self) -> &[u64] {
+        &self.parts
+    }
+
+    /// The part of the record at `position` (0 ..len()).
+    pub fn part_at(&self, position: usize) -> Option<u8> {
+        self.part_at.get(position).copied()
     }
 }
 
@@ -239,5 +284,41 @@ mod tests {
         assert_ne!(forward.digest(), fewer.digest());
         fewer.merge(b"k", 6, b"AT B +0 k +1+1 6");
         assert_eq!(forward.digest(), fewer.digest());
+    }
+
+    #[test]
+    fn the_parts_add_up_to_the_digest_and_follow_the_client() {
+        let mut store = Store::default();
+        let mut lines = Vec::new();
+        for i in 0..1000u32 {
+            let client = format!("client-{}", i % 300);
+            let line = format!("AT A +0 {client} +1+1 {i}");
+            store.merge(client.as_bytes(), i128::from(i), line.as_bytes());
+            lines.push((client, line));
+        }
+        let sum = store
+            .part_digests()
+            .iter()
+            .fold(0u64, |sum, part| sum.wrapping_add(*part));
+        assert_eq!(store.part_digests().len(), DIGEST_PARTS);
+        assert_eq!(sum, store.digest());
+        // Each part holds exactly its clients' latest records.
+        let mut parts = vec![0u64; DIGEST_PARTS];
+        for position in 0..store.len() {
+            let line = &store.at(position).unwrap().line;
+            let part = part_of(fourth_field(line));
+            assert_eq!(store.part_at(position), Some(part));
+            parts[usize::from(part)] = parts[usize::from(part)].wrapping_add(record_hash(line));
+        }
+        assert_eq!(store.part_digests(), &parts[..]);
+        assert_eq!(store.part_at(store.len()), None);
+        // Spread over the parts: 300 clients thrown at random into 256 parts fill about 177.
+        let used = parts.iter().filter(|&&p| p != 0).count();
+        assert!(used > 150, "300 clients in only {used} parts");
+        // The part of a client is fixed, the same in every server.
+        assert_eq!(
+            part_of(b"kiwi.cs.ucla.edu"),
+            (record_hash(b"kiwi.cs.ucla.edu") >> 56) as u8
+        );
     }
 }

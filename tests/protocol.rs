@@ -17,6 +17,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
+use herd::peer::{self, PartSet};
+use herd::store::{part_of, Merge, Store};
 
 /// The body a server without an API key answers a valid WHATSAT with.
 const NO_KEY_BODY: &[u8] = b"{\"html_attributions\" : [], \"results\" : [], \"status\" : \
@@ -867,6 +869,119 @@ fn a_neighbours_greeting_makes_a_peer_link_whose_records_are_stored() {
             show(&exchange(addr, format!("{line}\n").as_bytes())),
             show(&invalid_reply(line.as_bytes()))
         );
+    }
+}
+
+/// A peer's `PARTS` lines and `DIGEST`, as a dialler sends them, for a store holding `store`.
+fn digest_lines(store: &Store) -> Vec<u8> {
+    let mut lines = Vec::new();
+    for (i, digests) in store
+        .part_digests()
+        .chunks(peer::PARTS_PER_LINE)
+        .enumerate()
+    {
+        lines.extend_from_slice(&peer::parts_line(i * peer::PARTS_PER_LINE, digests));
+        lines.push(b'\n');
+    }
+    lines.extend_from_slice(&peer::digest_line(store.len(), store.digest()));
+    lines.push(b'\n');
+    lines
+}
+
+/// The next `AT` record on a link from the server, past its heartbeats and digests.
+fn next_record(link: &mut Client) -> Vec<u8> {
+    loop {
+        let line = link.read_line();
+        if line.starts_with(b"AT ") {
+            return line;
+        }
+        let verb = line
+            .split(|&b| b == b' ' || b == b'\n')
+            .next()
+            .unwrap_or_default();
+        assert!(
+            [&b"PING"[..], b"PARTS", b"DIGEST"].contains(&verb),
+            "an unexpected line on the link: {}",
+            show(&line)
+        );
+    }
+}
+
+/// Stores that agree copy nothing; a store that lacks one record at two digests in a row has
+/// that record's part copied again both ways, and nothing else: the acceptor answers
+/// `SYNC SET` naming the part, and its own link sends the part's records again.
+#[test]
+fn a_part_that_differs_at_two_digests_in_a_row_is_copied_again_and_nothing_else() {
+    let (s, bona) = bailey_with_neighbour_bona("digest-parts");
+    let addr = s.addr();
+    // Bailey's link to Bona, accepted here: its greeting, then every record Bailey stores.
+    let mut from_bailey = Client::accept(&bona);
+    assert_eq!(
+        show(&from_bailey.read_line()),
+        show(b"PEER herd/1 Bailey\n")
+    );
+    let mut held = Store::default();
+    let mut records = Vec::new();
+    for i in 0..40 {
+        let iamat = format!(
+            "IAMAT part-{i}.cs.ucla.edu +34.068930-118.445127 {}.5\n",
+            1000 + i
+        );
+        let reply = exchange(addr, iamat.as_bytes());
+        let line = reply.strip_suffix(b"\n").expect("a whole AT line").to_vec();
+        assert_eq!(
+            held.merge_record(&line),
+            Some(Merge::Stored),
+            "{}",
+            show(&line)
+        );
+        records.push(line);
+    }
+    let mut seen: Vec<Vec<u8>> = (0..records.len())
+        .map(|_| next_record(&mut from_bailey))
+        .collect();
+    seen.sort();
+    let mut all = records
+        .iter()
+        .map(|r| [&r[..], b"\n"].concat())
+        .collect::<Vec<_>>();
+    all.sort();
+    assert_eq!(seen, all, "Bailey's records on its link to Bona");
+
+    // Bona's link to Bailey: twice the digests of Bailey's own store, then twice those of a
+    // store without the last record.
+    let last = records.last().expect("records");
+    let mut lacking = Store::default();
+    for record in &records[..records.len() - 1] {
+        lacking.merge_record(record);
+    }
+    let mut to_bailey = Client::connect(addr);
+    to_bailey.send(b"PEER herd/1 Bona\n");
+    to_bailey.send(&[digest_lines(&held), digest_lines(&held)].concat());
+    to_bailey.send(&[digest_lines(&lacking), digest_lines(&lacking)].concat());
+    let client = last.split(|&b| b == b' ').nth(3).expect("a client field");
+    let mut part = PartSet::default();
+    part.insert(part_of(client));
+    // Bailey writes back heartbeats, and then asks for that part alone.
+    let asked = loop {
+        let line = to_bailey.read_line();
+        if line != b"PING\n" {
+            break line;
+        }
+    };
+    assert_eq!(
+        show(&asked),
+        show(&[&peer::sync_line(Some(&part))[..], b"\n"].concat())
+    );
+    // And sends that part again: the records of its clients, in the store's order, the last
+    // record last. A copy of the whole store would send the other 39 first.
+    let again: Vec<Vec<u8>> = records
+        .iter()
+        .filter(|r| part.contains(part_of(r.split(|&b| b == b' ').nth(3).unwrap_or_default())))
+        .map(|r| [&r[..], b"\n"].concat())
+        .collect();
+    for want in &again {
+        assert_eq!(show(&next_record(&mut from_bailey)), show(want));
     }
 }
 

@@ -416,6 +416,11 @@ impl Drop for ServerProc {
 fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    with_timeouts(stream)
+}
+
+/// `stream`, whose reads and writes give up after [`READ_TIMEOUT`].
+fn with_timeouts(stream: TcpStream) -> TcpStream {
     stream
         .set_read_timeout(Some(READ_TIMEOUT))
         .expect("cannot set read timeout");
@@ -474,6 +479,27 @@ impl Client {
         stream.set_nodelay(true).expect("cannot set TCP_NODELAY");
         Client {
             stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next connection `listener` accepts (a server dialling the test), with the same
+    /// timeouts as a connection the test dials.
+    pub fn accept(listener: &TcpListener) -> Client {
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let mut accepted = None;
+        eventually(READ_TIMEOUT, || {
+            accepted = listener.accept().ok();
+            accepted.is_some()
+        });
+        let Some((stream, _)) = accepted else {
+            panic!("nothing dialled the test within {READ_TIMEOUT:?}");
+        };
+        stream.set_nonblocking(false).expect("a blocking stream");
+        Client {
+            stream: with_timeouts(stream),
             buf: Vec::new(),
         }
     }
