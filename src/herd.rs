@@ -365,7 +365,7 @@ impl Herd {
     }
 
     /// A line on a neighbour's inbound link: a record to merge (and flood if it is news), a
-    /// heartbeat, or the digest of the neighbour's store.
+    /// heartbeat, or the digests of the neighbour's store and of its parts.
     fn peer_line(
         &mut self,
         side: &mut PeerSide,
@@ -390,8 +390,11 @@ impl Herd {
             Some(PeerLine::Ping) => {}
             Some(PeerLine::Parts { first, digests }) => side.comparison.parts(first, &digests),
             Some(PeerLine::Digest { count, digest }) => {
-                let Compared::Resync(parts) = side.comparison.digest(count, digest, &self.store)
-                else {
+                // While our link is still copying our store to the neighbour, its store lacks
+                // some of ours: not a difference to act on.
+                let copying = self.links[from].copying();
+                let compared = side.comparison.digest(count, digest, &self.store, copying);
+                let Compared::Resync(parts) = compared else {
                     return Ok(());
                 };
                 // Still different: each side sends the other what differs.

@@ -63,6 +63,8 @@ pub struct ResponseReader {
     body: Vec<u8>,
     phase: Phase,
     max_body_bytes: usize,
+    /// Every byte taken so far, framing included.
+    received: usize,
 }
 
 impl ResponseReader {
@@ -72,7 +74,17 @@ impl ResponseReader {
             body: Vec::new(),
             phase: Phase::Head,
             max_body_bytes,
+            received: 0,
         }
+    }
+
+    /// The most bytes one response may take, framing included: twice the body cap and a head.
+    /// Interim responses, chunk sizes and trailers do not count in the body, and a server
+    /// sending them without end must not hold the loop.
+    fn max_received(&self) -> usize {
+        self.max_body_bytes
+            .saturating_mul(2)
+            .saturating_add(MAX_HEAD_BYTES)
     }
 
     /// Whether any byte of the response has arrived (a keep-alive connection closed by the
@@ -83,6 +95,13 @@ impl ResponseReader {
 
     /// Takes the next bytes of the stream. `Ok(Some(..))` once the response is complete.
     pub fn push(&mut self, data: &[u8]) -> Result<Option<Response>, HttpError> {
+        self.received = self.received.saturating_add(data.len());
+        if self.received > self.max_received() {
+            return Err(format!(
+                "Places sent over {} bytes for one response",
+                self.max_received()
+            ));
+        }
         self.pending.extend_from_slice(data);
         loop {
             match self.phase {
@@ -373,5 +392,37 @@ mod tests {
     fn interim_response_is_skipped() {
         let raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         assert_eq!(read(raw, 5, false).unwrap().body, b"ok");
+    }
+
+    #[test]
+    fn framing_without_end_is_refused_at_twice_the_body_cap_and_a_head() {
+        let cap = 1000;
+        let limit = 2 * cap + MAX_HEAD_BYTES;
+        // Interim responses for ever; trailer lines for ever. (Chunks for ever meet the body
+        // cap first.)
+        let endless: [(&[u8], &[u8]); 2] = [
+            (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n",
+                b"Trailer: again\r\n",
+            ),
+        ];
+        for (start, again) in endless {
+            let mut r = ResponseReader::new(cap);
+            assert_eq!(r.push(start), Ok(None));
+            let mut sent = start.len();
+            let refused = loop {
+                match r.push(again) {
+                    Ok(None) => sent += again.len(),
+                    Ok(Some(_)) => panic!("a response out of endless framing"),
+                    Err(e) => break e,
+                }
+                assert!(sent <= limit, "still reading after {sent} bytes");
+            };
+            assert_eq!(
+                refused,
+                format!("Places sent over {limit} bytes for one response")
+            );
+        }
     }
 }

@@ -99,8 +99,9 @@ pub struct Done {
 const WIRE_READ: usize = 64 * 1024;
 /// The most plaintext taken from rustls at once: one TLS record's worth.
 const PLAIN_READ: usize = 16 * 1024;
-/// The plaintext one call of [`Tls::transfer`] gathers before handing it over, so that an answer
-/// over the size cap is refused within this much of the cap, not after Places has sent it all.
+/// The plaintext one call of [`Tls::transfer`] gathers before handing it over (give or take one
+/// socket read), so that an answer over the size cap is refused soon after the cap, not after
+/// Places has sent it all.
 const TRANSFER_STEP: usize = 256 * 1024;
 
 /// Where one call of [`Tls::transfer`] stopped.
@@ -503,7 +504,12 @@ impl PlacesPool {
                 Err(e) => break Some(Err(e)),
                 Ok(state) => match response.push(&plain) {
                     Err(e) => break Some(Err(e)),
-                    Ok(Some(done)) => break Some(Ok(done)),
+                    Ok(Some(mut done)) => {
+                        // Bytes may follow the response, still in the socket or in rustls: a
+                        // connection that is not known to be drained is not kept.
+                        done.keep_alive &= state == Transfer::Blocked;
+                        break Some(Ok(done));
+                    }
                     Ok(None) => match state {
                         Transfer::Ended => break Some(response.push_eof()),
                         Transfer::Blocked => break None,
@@ -620,9 +626,9 @@ impl PlacesPool {
 }
 
 impl Tls {
-    /// The TLS pump: writes what rustls has to send, then reads until the socket would block,
-    /// decrypting as it goes, and writes again (reading can make rustls want to answer, as in
-    /// the handshake). Plaintext goes to `plain`, at most about [`TRANSFER_STEP`] bytes per call.
+    /// The TLS pump: writes what rustls has to send, then reads until the socket would block
+    /// or [`TRANSFER_STEP`] bytes are in, decrypting as it goes, and writes again (reading can
+    /// make rustls want to answer, as in the handshake). Plaintext goes to `plain`.
     ///
     /// The socket is read in pieces of up to [`WIRE_READ`] bytes, which rustls then takes
     /// from memory: its own `read_tls` reads at most 4 KiB per system call, ten calls for one

@@ -36,7 +36,8 @@ pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FIRST_RETRY: Duration = Duration::from_millis(50);
 pub const MAX_RETRY: Duration = Duration::from_secs(2);
 /// The store is copied into a link's output only while less than this is waiting, so a sync
-/// of a large store neither stalls the loop nor trips the output cap.
+/// of a large store neither stalls the loop nor trips the output cap. A copy of some parts
+/// passes over the other parts' records at a byte each: a few milliseconds for a million.
 const SYNC_LOW_WATER: usize = 64 * 1024;
 /// Longest line a neighbour may write on this link (its lines are short: PING, SYNC, CHALLENGE).
 const MAX_LINE_BYTES: usize = 1024;
@@ -427,7 +428,9 @@ impl Link {
     }
 
     /// Copies the records of `parts`, or the whole store, to the neighbour again (its digest
-    /// kept differing). A copy already under way is widened to cover both, and starts over.
+    /// kept differing). A copy of the whole store already under way goes on as it is: what it
+    /// has sent is with the neighbour, and the rest is coming. A copy of other parts is widened
+    /// to cover both, and starts over.
     pub fn resync(&mut self, store: &Store, parts: Option<PartSet>) {
         if let LinkState::Up {
             sync,
@@ -437,12 +440,19 @@ impl Link {
         } = &mut self.state
         {
             let widened = match (*sync < *sync_end, *sync_parts, parts) {
+                (true, None, _) => return,
                 (false, _, parts) => parts,
                 (true, Some(copying), Some(asked)) => Some(copying.union(&asked)),
-                (true, _, _) => None,
+                (true, Some(_), None) => None,
             };
             (*sync, *sync_end, *sync_parts) = (0, store.len(), widened);
         }
+    }
+
+    /// Whether the link is copying the store (or some of it) to the neighbour, whose store is
+    /// then expected to differ from ours.
+    pub fn copying(&self) -> bool {
+        matches!(&self.state, LinkState::Up { sync, sync_end, .. } if sync < sync_end)
     }
 
     /// Copies the next batch of the store into the output, if the output has room, then writes.

@@ -272,7 +272,10 @@ pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
     match fields::<4>(payload)? {
         ([b"PING", ..], 1) => Some(PeerLine::Ping),
         ([b"SYNC", ..], 1) => Some(PeerLine::Sync(None)),
-        ([b"SYNC", set, ..], 2) => Some(PeerLine::Sync(Some(PartSet::from_hex(set)?))),
+        // An empty set is never asked for.
+        ([b"SYNC", set, ..], 2) => Some(PeerLine::Sync(Some(
+            PartSet::from_hex(set).filter(|set| !set.is_empty())?,
+        ))),
         // A digest made another way (another build's) compares with nothing here: ignored.
         ([b"DIGEST", count, digest, scheme], 4) if scheme == DIGEST_SCHEME.as_bytes() => {
             Some(PeerLine::Digest {
@@ -284,9 +287,10 @@ pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
     }
 }
 
-/// How the digest is made: [`crate::store::record_hash`], summed. Named in every `DIGEST`, so
-/// that servers hashing records differently (different builds) ignore each other's digests
-/// instead of resynchronising forever. A build that sent `DIGEST COUNT HEX`, with no scheme,
+/// How the digest is made: [`crate::store::record_hash`], summed, and (for `PARTS`) a client's
+/// part the top byte of the same hash of its id, 256 parts. Named in every `DIGEST`, so that
+/// servers hashing records differently (different builds) ignore each other's digests instead
+/// of resynchronising forever: a build that changes either must change the name. A build that sent `DIGEST COUNT HEX`, with no scheme,
 /// hashed with FNV-1a; neither side reads the other's.
 pub const DIGEST_SCHEME: &str = "fold64";
 
@@ -309,7 +313,14 @@ pub fn parts_line(first: usize, digests: &[u64]) -> Vec<u8> {
 /// [`PARTS_PER_LINE`] digests.
 fn parse_parts(rest: &[u8]) -> Option<PeerLine<'_>> {
     let mut words = rest.split(|&b| b == b' ');
-    let first: usize = std::str::from_utf8(words.next()?).ok()?.parse().ok()?;
+    // Decimal as written: digits only, no leading zero.
+    let first = words.next().filter(|w| {
+        !w.is_empty()
+            && w.len() <= 3
+            && w.iter().all(u8::is_ascii_digit)
+            && (w.len() == 1 || w[0] != b'0')
+    })?;
+    let first: usize = std::str::from_utf8(first).ok()?.parse().ok()?;
     if first % PARTS_PER_LINE != 0 || first >= DIGEST_PARTS {
         return None;
     }
@@ -374,46 +385,61 @@ impl Comparison {
     }
 
     /// A `DIGEST`, compared with `store`: the parts sent just before it decide what differs.
-    pub fn digest(&mut self, count: u64, digest: u64, store: &Store) -> Compared {
+    /// `copying` while our own link is still copying our store to the dialler, whose store
+    /// then lacks some of ours.
+    pub fn digest(&mut self, count: u64, digest: u64, store: &Store, copying: bool) -> Compared {
         let same = (count, digest) == (store.len() as u64, store.digest());
         let every_part = (self.parts.as_mut())
             .is_some_and(|parts| std::mem::take(&mut parts.lines_seen) == (1 << PARTS_LINES) - 1);
-        if same {
+        if same || copying {
+            // Counting starts afresh, also once a copy is through.
             self.mismatches = 0;
             if let Some(parts) = &mut self.parts {
                 parts.mismatches.fill(0);
             }
-            return Compared::Same;
+            return if same {
+                Compared::Same
+            } else {
+                Compared::InFlight
+            };
         }
-        let Some(parts) = self.parts.as_mut().filter(|_| every_part) else {
-            // Only the whole digest to go by.
-            self.mismatches += 1;
-            if self.mismatches < MISMATCHES_BEFORE_SYNC {
-                return Compared::InFlight;
+        if let Some(parts) = self.parts.as_mut().filter(|_| every_part) {
+            let mut differ = PartSet::default();
+            let mut any = false;
+            let pairs = parts.theirs.iter().zip(store.part_digests());
+            for ((part, mismatches), (theirs, ours)) in
+                (0..=u8::MAX).zip(&mut parts.mismatches).zip(pairs)
+            {
+                if theirs == ours {
+                    *mismatches = 0;
+                    continue;
+                }
+                any = true;
+                *mismatches += 1;
+                if *mismatches >= MISMATCHES_BEFORE_SYNC {
+                    *mismatches = 0;
+                    differ.insert(part);
+                }
             }
-            self.mismatches = 0;
-            return Compared::Resync(None);
-        };
-        let mut differ = PartSet::default();
-        let pairs = parts.theirs.iter().zip(store.part_digests());
-        for ((part, mismatches), (theirs, ours)) in
-            (0..=u8::MAX).zip(&mut parts.mismatches).zip(pairs)
-        {
-            if theirs == ours {
-                *mismatches = 0;
-                continue;
-            }
-            *mismatches += 1;
-            if *mismatches >= MISMATCHES_BEFORE_SYNC {
-                *mismatches = 0;
-                differ.insert(part);
+            // Parts that all agree with a whole that does not: the whole decides, below.
+            if any {
+                self.mismatches = 0;
+                return match differ.is_empty() {
+                    true => Compared::InFlight,
+                    false => Compared::Resync(Some(differ)),
+                };
             }
         }
-        if differ.is_empty() {
-            Compared::InFlight
-        } else {
-            Compared::Resync(Some(differ))
+        // Only the whole digest to go by.
+        self.mismatches += 1;
+        if self.mismatches < MISMATCHES_BEFORE_SYNC {
+            return Compared::InFlight;
         }
+        self.mismatches = 0;
+        if let Some(parts) = &mut self.parts {
+            parts.mismatches.fill(0);
+        }
+        Compared::Resync(None)
     }
 }
 
@@ -602,6 +628,8 @@ mod tests {
             text.replacen("PARTS 64", "PARTS 65", 1),
             text.replacen("PARTS 64", "PARTS 256", 1),
             text.replacen("PARTS 64", "PARTS x", 1),
+            text.replacen("PARTS 64", "PARTS +64", 1),
+            text.replacen("PARTS 64", "PARTS 064", 1),
             text[..text.len() - 17].to_string(),
             format!("{text} 0000000000000000"),
             format!("{text} "),
@@ -633,6 +661,10 @@ mod tests {
         assert_eq!(parse_line(&line), Some(PeerLine::Sync(Some(set))));
         assert_eq!(sync_line(None), b"SYNC");
         assert_eq!(parse_line(b"SYNC 0123"), None);
+        assert_eq!(
+            parse_line(sync_line(Some(&PartSet::default())).as_slice()),
+            None
+        );
         assert_eq!(parse_line(&[&line[..], b" x"].concat()), None);
         let mut other = PartSet::default();
         other.insert(7);
@@ -659,7 +691,7 @@ mod tests {
             };
             comparison.parts(first, &digests);
         }
-        comparison.digest(theirs.len() as u64, theirs.digest(), ours)
+        comparison.digest(theirs.len() as u64, theirs.digest(), ours, false)
     }
 
     #[test]
@@ -709,13 +741,48 @@ mod tests {
     }
 
     #[test]
+    fn nothing_counts_while_our_copy_to_them_is_under_way() {
+        let ours = store_of(&["a", "b"], 1);
+        let theirs = store_of(&["a"], 1);
+        let mut comparison = Comparison::default();
+        assert_eq!(compare(&mut comparison, &theirs, &ours), Compared::InFlight);
+        for (i, digests) in theirs.part_digests().chunks(PARTS_PER_LINE).enumerate() {
+            let digests: &[u64; PARTS_PER_LINE] = digests.try_into().unwrap();
+            comparison.parts(i * PARTS_PER_LINE, digests);
+        }
+        let copying = comparison.digest(theirs.len() as u64, theirs.digest(), &ours, true);
+        assert_eq!(copying, Compared::InFlight);
+        // Once the copy is through, counting starts afresh.
+        assert_eq!(compare(&mut comparison, &theirs, &ours), Compared::InFlight);
+        assert!(matches!(
+            compare(&mut comparison, &theirs, &ours),
+            Compared::Resync(Some(_))
+        ));
+    }
+
+    #[test]
+    fn parts_that_agree_with_a_whole_that_does_not_leave_the_whole_to_decide() {
+        let ours = store_of(&["a", "b"], 1);
+        let mut comparison = Comparison::default();
+        // The dialler's parts are ours, its whole digest is not: a dialler at odds with itself.
+        let odd = |c: &mut Comparison| {
+            for (i, digests) in ours.part_digests().chunks(PARTS_PER_LINE).enumerate() {
+                c.parts(i * PARTS_PER_LINE, digests.try_into().unwrap());
+            }
+            c.digest(ours.len() as u64, ours.digest() ^ 1, &ours, false)
+        };
+        assert_eq!(odd(&mut comparison), Compared::InFlight);
+        assert_eq!(odd(&mut comparison), Compared::Resync(None));
+    }
+
+    #[test]
     fn without_every_part_the_whole_digest_decides() {
         let ours = store_of(&["a", "b"], 1);
         let theirs = store_of(&["a"], 1);
         let mut comparison = Comparison::default();
         // A dialler that sends no parts.
         let digest_only =
-            |c: &mut Comparison| c.digest(theirs.len() as u64, theirs.digest(), &ours);
+            |c: &mut Comparison| c.digest(theirs.len() as u64, theirs.digest(), &ours, false);
         assert_eq!(digest_only(&mut comparison), Compared::InFlight);
         assert_eq!(digest_only(&mut comparison), Compared::Resync(None));
         assert_eq!(digest_only(&mut comparison), Compared::InFlight);

@@ -920,6 +920,8 @@ fn a_part_that_differs_at_two_digests_in_a_row_is_copied_again_and_nothing_else(
         show(&from_bailey.read_line()),
         show(b"PEER herd/1 Bailey\n")
     );
+    // A heartbeat now and then, so that Bailey never finds the link silent.
+    from_bailey.send(b"PING\n");
     let mut held = Store::default();
     let mut records = Vec::new();
     for i in 0..40 {
@@ -975,6 +977,7 @@ fn a_part_that_differs_at_two_digests_in_a_row_is_copied_again_and_nothing_else(
     );
     // And sends that part again: the records of its clients, in the store's order, the last
     // record last. A copy of the whole store would send the other 39 first.
+    from_bailey.send(b"PING\n");
     let again: Vec<Vec<u8>> = records
         .iter()
         .filter(|r| part.contains(part_of(r.split(|&b| b == b' ').nth(3).unwrap_or_default())))
@@ -983,6 +986,12 @@ fn a_part_that_differs_at_two_digests_in_a_row_is_copied_again_and_nothing_else(
     for want in &again {
         assert_eq!(show(&next_record(&mut from_bailey)), show(want));
     }
+    // Then nothing more of the store: the next record on the link is a new one, flooded.
+    let marker = exchange(
+        addr,
+        b"IAMAT after.cs.ucla.edu +34.068930-118.445127 2000.5\n",
+    );
+    assert_eq!(show(&next_record(&mut from_bailey)), show(&marker));
 }
 
 // ---------------------------------------------------------------------------------------------
