@@ -256,7 +256,7 @@ impl PartSet {
         }
         let mut set = PartSet::default();
         for (word, digits) in set.0.iter_mut().rev().zip(hex.chunks_exact(16)) {
-            *word = u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()?;
+            *word = hex_u64(digits)?;
         }
         Some(set)
     }
@@ -280,18 +280,23 @@ pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
         ([b"DIGEST", count, digest, scheme], 4) if scheme == DIGEST_SCHEME.as_bytes() => {
             Some(PeerLine::Digest {
                 count: std::str::from_utf8(count).ok()?.parse().ok()?,
-                digest: u64::from_str_radix(std::str::from_utf8(digest).ok()?, 16).ok()?,
+                digest: hex_u64(digest)?,
             })
         }
         _ => None,
     }
 }
 
+/// The number written in hex `digits`.
+fn hex_u64(digits: &[u8]) -> Option<u64> {
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
 /// How the digest is made: [`crate::store::record_hash`], summed, and (for `PARTS`) a client's
 /// part the top byte of the same hash of its id, 256 parts. Named in every `DIGEST`, so that
 /// servers hashing records differently (different builds) ignore each other's digests instead
-/// of resynchronising forever: a build that changes either must change the name. A build that sent `DIGEST COUNT HEX`, with no scheme,
-/// hashed with FNV-1a; neither side reads the other's.
+/// of resynchronising forever: a build that changes either must change the name. A build that
+/// sent `DIGEST COUNT HEX`, with no scheme, hashed with FNV-1a; neither side reads the other's.
 pub const DIGEST_SCHEME: &str = "fold64";
 
 /// `DIGEST COUNT HEX SCHEME`.
@@ -321,13 +326,12 @@ fn parse_parts(rest: &[u8]) -> Option<PeerLine<'_>> {
             && (w.len() == 1 || w[0] != b'0')
     })?;
     let first: usize = std::str::from_utf8(first).ok()?.parse().ok()?;
-    if first % PARTS_PER_LINE != 0 || first >= DIGEST_PARTS {
+    if !starts_a_line(first) {
         return None;
     }
     let mut digests = Box::new([0; PARTS_PER_LINE]);
     for digest in digests.iter_mut() {
-        let word = words.next().filter(|w| is_hex(w, 16))?;
-        *digest = u64::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        *digest = hex_u64(words.next().filter(|w| is_hex(w, 16))?)?;
     }
     match words.next() {
         Some(_) => None,
@@ -367,11 +371,16 @@ struct PartsCompared {
 
 const PARTS_LINES: usize = DIGEST_PARTS / PARTS_PER_LINE;
 
+/// Whether `first` is the first part of a `PARTS` line.
+fn starts_a_line(first: usize) -> bool {
+    first % PARTS_PER_LINE == 0 && first < DIGEST_PARTS
+}
+
 impl Comparison {
     /// A `PARTS` line.
     pub fn parts(&mut self, first: usize, digests: &[u64; PARTS_PER_LINE]) {
-        if first % PARTS_PER_LINE != 0 || first >= DIGEST_PARTS {
-            return; // not a line's first part: `parse_line` makes none
+        if !starts_a_line(first) {
+            return; // `parse_line` makes no such line
         }
         let parts = self.parts.get_or_insert_with(|| {
             Box::new(PartsCompared {
@@ -393,10 +402,7 @@ impl Comparison {
             .is_some_and(|parts| std::mem::take(&mut parts.lines_seen) == (1 << PARTS_LINES) - 1);
         if same || copying {
             // Counting starts afresh, also once a copy is through.
-            self.mismatches = 0;
-            if let Some(parts) = &mut self.parts {
-                parts.mismatches.fill(0);
-            }
+            self.start_afresh();
             return if same {
                 Compared::Same
             } else {
@@ -435,11 +441,16 @@ impl Comparison {
         if self.mismatches < MISMATCHES_BEFORE_SYNC {
             return Compared::InFlight;
         }
+        self.start_afresh();
+        Compared::Resync(None)
+    }
+
+    /// Forgets every difference counted so far.
+    fn start_afresh(&mut self) {
         self.mismatches = 0;
         if let Some(parts) = &mut self.parts {
             parts.mismatches.fill(0);
         }
-        Compared::Resync(None)
     }
 }
 

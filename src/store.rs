@@ -68,9 +68,9 @@ pub fn part_of(client: &[u8]) -> u8 {
 
 /// A record's contribution to the digest, the same in every server: its bytes taken 8 at a
 /// time, each folded into the state by a 64 × 64 → 128-bit multiply (high half XOR low half),
-/// then splitmix64's final mix, so that records differing in one byte differ in about half the bits. Eight
-/// bytes per multiply: every merge that replaces a record hashes two lines. Not a defence
-/// against an adversary: records are authenticated on the way in when that matters.
+/// then splitmix64's final mix, so that records differing in one byte differ in about half the
+/// bits. Eight bytes per multiply: every merge that replaces a record hashes two lines. Not a
+/// defence against an adversary: records are authenticated on the way in when that matters.
 pub fn record_hash(line: &[u8]) -> u64 {
     const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
     fn fold(state: u64, word: u64) -> u64 {
@@ -115,9 +115,7 @@ impl Store {
         }
         self.index.insert(client.into(), self.records.len());
         let part = part_of(client);
-        let hash = record_hash(line);
-        self.digest = self.digest.wrapping_add(hash);
-        self.parts[usize::from(part)] = self.parts[usize::from(part)].wrapping_add(hash);
+        self.count(part, record_hash(line));
         self.part_at.push(part);
         self.records.push(Record {
             time_ns,
@@ -133,14 +131,19 @@ impl Store {
             return Merge::Stale;
         }
         let change = record_hash(line).wrapping_sub(record_hash(&held.line));
-        self.digest = self.digest.wrapping_add(change);
-        let part = usize::from(self.part_at[at]);
-        self.parts[part] = self.parts[part].wrapping_add(change);
         *held = Record {
             time_ns,
             line: line.into(),
         };
+        self.count(self.part_at[at], change);
         Merge::Stored
+    }
+
+    /// Adds `change` (wrapping) to the digest of the store and of `part`.
+    fn count(&mut self, part: u8, change: u64) {
+        self.digest = self.digest.wrapping_add(change);
+        let part = &mut self.parts[usize::from(part)];
+        *part = part.wrapping_add(change);
     }
 
     /// The stored `AT` line of `client`.

@@ -674,15 +674,75 @@ fn a_killed_middle_server_restarts_and_every_server_holds_every_acknowledged_upd
 /// are accepted but not connected onward until the heal. Every thread stops when it is dropped.
 struct Proxy {
     addr: SocketAddr,
-    shared: Arc<ProxyShared>,
-    accept: Option<JoinHandle<()>>,
+    accepting: Accepting<ProxyShared>,
 }
 
 struct ProxyShared {
     target: Mutex<SocketAddr>,
     blackholed: AtomicBool,
     stop: AtomicBool,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Stoppable for ProxyShared {
+    fn stop(&self) -> &AtomicBool {
+        &self.stop
+    }
+}
+
+/// What the threads of an [`Accepting`] share: at least the flag that stops them.
+trait Stoppable: Send + Sync + 'static {
+    fn stop(&self) -> &AtomicBool;
+}
+
+/// A listener the test serves itself: a thread accepts, and each connection gets a thread of
+/// its own running `serve`. Dropping it raises the stop flag and joins every thread.
+struct Accepting<S: Stoppable> {
+    shared: Arc<S>,
+    accept: Option<JoinHandle<()>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl<S: Stoppable> Accepting<S> {
+    fn start(listener: TcpListener, shared: S, serve: fn(TcpStream, &S)) -> Accepting<S> {
+        listener
+            .set_nonblocking(true)
+            .expect("cannot make the listener non-blocking");
+        let shared = Arc::new(shared);
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let accept = {
+            let (shared, threads) = (Arc::clone(&shared), Arc::clone(&threads));
+            thread::spawn(move || {
+                while !shared.stop().load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let inner = Arc::clone(&shared);
+                            let handle = thread::spawn(move || serve(stream, &inner));
+                            lock(&threads).push(handle);
+                        }
+                        Err(_) => thread::sleep(PROXY_TICK),
+                    }
+                }
+            })
+        };
+        Accepting {
+            shared,
+            accept: Some(accept),
+            threads,
+        }
+    }
+}
+
+impl<S: Stoppable> Drop for Accepting<S> {
+    fn drop(&mut self) {
+        self.shared.stop().store(true, Ordering::SeqCst);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        let threads: Vec<JoinHandle<()>> = lock(&self.threads).drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
 }
 
 /// How often a proxy thread looks at its flags.
@@ -696,35 +756,15 @@ impl Proxy {
     /// A proxy on a port of its own; it forwards nowhere until `set_target`.
     fn start() -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
-        listener
-            .set_nonblocking(true)
-            .expect("cannot make the listener non-blocking");
         let addr = listener.local_addr().expect("listener has no address");
-        let shared = Arc::new(ProxyShared {
+        let shared = ProxyShared {
             target: Mutex::new(SocketAddr::from(([127, 0, 0, 1], 0))),
             blackholed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-            threads: Mutex::new(Vec::new()),
-        });
-        let accept = {
-            let shared = Arc::clone(&shared);
-            thread::spawn(move || {
-                while !shared.stop.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((client, _)) => {
-                            let inner = Arc::clone(&shared);
-                            let handle = thread::spawn(move || proxy_connection(client, &inner));
-                            lock(&shared.threads).push(handle);
-                        }
-                        Err(_) => thread::sleep(PROXY_TICK),
-                    }
-                }
-            })
         };
         Proxy {
             addr,
-            shared,
-            accept: Some(accept),
+            accepting: Accepting::start(listener, shared, proxy_connection),
         }
     }
 
@@ -734,33 +774,21 @@ impl Proxy {
 
     /// Forwards new connections to 127.0.0.1:`port`.
     fn set_target(&self, port: u16) {
-        *lock(&self.shared.target) = SocketAddr::from(([127, 0, 0, 1], port));
+        *lock(&self.accepting.shared.target) = SocketAddr::from(([127, 0, 0, 1], port));
     }
 
     fn blackhole(&self) {
-        self.shared.blackholed.store(true, Ordering::SeqCst);
+        self.accepting
+            .shared
+            .blackholed
+            .store(true, Ordering::SeqCst);
     }
 
     fn heal(&self) {
-        self.shared.blackholed.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.join();
-        }
-        loop {
-            let threads: Vec<JoinHandle<()>> = lock(&self.shared.threads).drain(..).collect();
-            if threads.is_empty() {
-                break;
-            }
-            for t in threads {
-                let _ = t.join();
-            }
-        }
+        self.accepting
+            .shared
+            .blackholed
+            .store(false, Ordering::SeqCst);
     }
 }
 
@@ -1284,66 +1312,39 @@ fn a_neighbour_stopped_for_30_s_under_load_costs_bounded_memory_and_the_herd_con
 /// dead, and reads nothing more until `read_from_now_on`; from then on it keeps every AT record
 /// it receives. Every thread stops when it is dropped.
 struct SlowNeighbour {
-    shared: Arc<SlowShared>,
-    accept: Option<JoinHandle<()>>,
+    accepting: Accepting<SlowShared>,
 }
 
 struct SlowShared {
     reading: AtomicBool,
     stop: AtomicBool,
     records: Mutex<BTreeSet<String>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Stoppable for SlowShared {
+    fn stop(&self) -> &AtomicBool {
+        &self.stop
+    }
 }
 
 impl SlowNeighbour {
     fn start(listener: TcpListener) -> SlowNeighbour {
-        listener.set_nonblocking(true).expect("non-blocking");
-        let shared = Arc::new(SlowShared {
+        let shared = SlowShared {
             reading: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             records: Mutex::new(BTreeSet::new()),
-            threads: Mutex::new(Vec::new()),
-        });
-        let accept = {
-            let shared = Arc::clone(&shared);
-            thread::spawn(move || {
-                while !shared.stop.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let inner = Arc::clone(&shared);
-                            let handle = thread::spawn(move || slow_link(stream, &inner));
-                            lock(&shared.threads).push(handle);
-                        }
-                        Err(_) => thread::sleep(PROXY_TICK),
-                    }
-                }
-            })
         };
         SlowNeighbour {
-            shared,
-            accept: Some(accept),
+            accepting: Accepting::start(listener, shared, slow_link),
         }
     }
 
     fn read_from_now_on(&self) {
-        self.shared.reading.store(true, Ordering::SeqCst);
+        self.accepting.shared.reading.store(true, Ordering::SeqCst);
     }
 
     fn records(&self) -> BTreeSet<String> {
-        lock(&self.shared.records).clone()
-    }
-}
-
-impl Drop for SlowNeighbour {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.join();
-        }
-        let threads: Vec<JoinHandle<()>> = lock(&self.shared.threads).drain(..).collect();
-        for t in threads {
-            let _ = t.join();
-        }
+        lock(&self.accepting.shared.records).clone()
     }
 }
 

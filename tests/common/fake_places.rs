@@ -267,7 +267,10 @@ impl FakePlaces {
         });
         let accept = {
             let shared = Arc::clone(&shared);
-            thread::spawn(move || accept_loop(listener, shared, config))
+            let serve: Serve = Arc::new(move |sock, id, shared| {
+                let _ = serve_connection(sock, id, shared, Arc::clone(&config));
+            });
+            thread::spawn(move || accept_loop(listener, shared, serve))
         };
         FakePlaces {
             shared,
@@ -378,7 +381,12 @@ fn toml_basic(s: &str) -> String {
     out
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>, config: Arc<ServerConfig>) {
+/// What a fake does with one accepted connection: its socket and its number, from 1.
+type Serve = Arc<dyn Fn(TcpStream, usize, &Shared) + Send + Sync>;
+
+/// Accepts until stopped, keeping a clone of every socket (so that stopping can shut them all)
+/// and serving each connection on a thread of its own.
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>, serve: Serve) {
     for stream in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             return;
@@ -389,11 +397,8 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, config: Arc<ServerCon
             Ok(clone) => lock(&shared.sockets).push(clone),
             Err(_) => continue,
         }
-        let shared = Arc::clone(&shared);
-        let config = Arc::clone(&config);
-        thread::spawn(move || {
-            let _ = serve_connection(sock, id, &shared, config);
-        });
+        let (shared, serve) = (Arc::clone(&shared), Arc::clone(&serve));
+        thread::spawn(move || serve(sock, id, &shared));
     }
 }
 
@@ -679,25 +684,10 @@ impl DribblePlaces {
         let accept = {
             let shared = Arc::clone(&shared);
             let dribble = Arc::clone(&dribble);
-            thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if shared.stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(sock) = stream else { continue };
-                    let id = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
-                    match sock.try_clone() {
-                        Ok(clone) => lock(&shared.sockets).push(clone),
-                        Err(_) => continue,
-                    }
-                    let shared = Arc::clone(&shared);
-                    let config = Arc::clone(&config);
-                    let dribble = Arc::clone(&dribble);
-                    thread::spawn(move || {
-                        let _ = serve_dribbling(sock, id, &shared, config, &dribble);
-                    });
-                }
-            })
+            let serve: Serve = Arc::new(move |sock, id, shared| {
+                let _ = serve_dribbling(sock, id, shared, Arc::clone(&config), &dribble);
+            });
+            thread::spawn(move || accept_loop(listener, shared, serve))
         };
         DribblePlaces {
             shared,
