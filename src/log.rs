@@ -9,6 +9,7 @@
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
+use std::ops::Range;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,7 +21,7 @@ const FLUSH_AT_BYTES: usize = 1 << 20;
 pub struct Log {
     file: Option<File>,
     /// What of the file the page cache still holds on the log's account.
-    cached: CacheWindows,
+    cached: CachedPages,
     buf: Vec<u8>,
     /// `2026-11-24T17:26:00.123456Z`, the current turn's time.
     stamp: String,
@@ -45,7 +46,7 @@ impl Log {
             .len();
         Ok(Log {
             file: Some(file),
-            cached: CacheWindows::after(length),
+            cached: CachedPages::after(length),
             ..Log::discard()
         })
     }
@@ -54,7 +55,7 @@ impl Log {
     pub fn discard() -> Log {
         Log {
             file: None,
-            cached: CacheWindows::after(0),
+            cached: CachedPages::after(0),
             buf: Vec::with_capacity(FLUSH_AT_BYTES),
             stamp: String::new(),
             failed: false,
@@ -145,65 +146,78 @@ impl Log {
 /// every page written stays cached until memory runs short: a busy server would fill the
 /// machine's memory with its log, and each new page costs the kernel an allocation (on a virtual
 /// machine whose idle memory goes back to the host, a first touch too, about 7 µs a page: more
-/// than the write itself). So the file is handled in windows of [`CACHE_WINDOW`] bytes: each
-/// window, once written, is handed to the disk at once, and [`CACHE_LAG`] windows later, long
-/// since on disk, it is dropped from the cache; the kernel then reuses those pages for the next
-/// windows. The log keeps at most `CACHE_LAG + 1` windows cached. Both calls are advice: an
-/// error changes nothing but memory use, so it is ignored. On tmpfs the kernel ignores them.
-struct CacheWindows {
+/// than the write itself). So what the log writes is handed to the disk at once, in steps of at
+/// least [`HAND_OVER_AT`] bytes, and dropped from the cache once [`CACHE_LAG`] more bytes have
+/// followed it, long since on disk; the kernel then reuses those pages for the next writes.
+///
+/// Handing pages to the disk costs the loop time (the file system's block allocation runs in
+/// the caller), about 0.1 ms per MiB: in small steps, each of some microseconds, so that no
+/// client waits for a long one. Both calls are advice: an error changes nothing but memory use,
+/// so it is ignored. On tmpfs the kernel ignores them.
+struct CachedPages {
     /// The end of the file: where the next write lands.
     end: u64,
-    /// The end of the window being filled.
-    mark: u64,
+    /// Everything before this was handed to the disk.
+    handed: u64,
+    /// Everything before this was dropped from the cache.
+    dropped: u64,
 }
 
-/// A window of the log file handed to the disk and later dropped from the page cache.
-const CACHE_WINDOW: u64 = 1 << 20;
+/// The least the log hands to the disk at once.
+const HAND_OVER_AT: u64 = 64 << 10;
 
-/// How many windows after its writing a window is dropped: at 250 MB/s, 64 ms for the disk.
-const CACHE_LAG: u64 = 16;
+/// How far behind the end the log's pages are dropped: at 250 MB/s of log, 64 ms for the disk.
+const CACHE_LAG: u64 = 16 << 20;
 
-impl CacheWindows {
-    fn after(length: u64) -> CacheWindows {
-        CacheWindows {
+/// Only whole pages are handed over: the last, partly written one would be written twice.
+const PAGE: u64 = 4096;
+
+impl CachedPages {
+    fn after(length: u64) -> CachedPages {
+        let whole = length / PAGE * PAGE;
+        CachedPages {
             end: length,
-            mark: (length / CACHE_WINDOW + 1) * CACHE_WINDOW,
+            handed: whole,
+            dropped: whole,
         }
     }
 
-    /// `written` more bytes are in the file: `release` each window filled by them, with the
-    /// one to drop from the cache by then.
-    fn wrote(&mut self, written: u64, mut release: impl FnMut(u64, Option<u64>)) {
+    /// `written` more bytes are in the file: `release` what is to be handed to the disk now,
+    /// and what is to be dropped from the cache, when enough of either has gathered.
+    fn wrote(&mut self, written: u64, release: impl FnOnce(Range<u64>, Option<Range<u64>>)) {
         self.end += written;
-        while self.end >= self.mark {
-            let filled = self.mark - CACHE_WINDOW;
-            release(
-                filled,
-                self.mark.checked_sub((CACHE_LAG + 1) * CACHE_WINDOW),
-            );
-            self.mark += CACHE_WINDOW;
+        let whole = self.end / PAGE * PAGE;
+        if whole - self.handed < HAND_OVER_AT {
+            return;
         }
+        let hand = self.handed..whole;
+        self.handed = whole;
+        let old = whole.saturating_sub(CACHE_LAG);
+        let drop = (old > self.dropped).then(|| self.dropped..old);
+        self.dropped = self.dropped.max(old);
+        release(hand, drop);
     }
 }
 
-/// Starts writing the window at `filled` to disk, and drops the one at `old` from the cache.
+/// Starts writing `hand` to disk, and drops `drop` from the cache.
 #[cfg(target_os = "linux")]
-fn release(file: &File, filled: u64, old: Option<u64>) {
+fn release(file: &File, hand: Range<u64>, drop: Option<Range<u64>>) {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     let offset = |at: u64| libc::off_t::try_from(at).unwrap_or(libc::off_t::MAX);
-    let window = offset(CACHE_WINDOW);
     // SAFETY: plain system calls on a descriptor this file owns, with no pointers.
     unsafe {
-        libc::sync_file_range(fd, offset(filled), window, libc::SYNC_FILE_RANGE_WRITE);
-        if let Some(old) = old {
-            libc::posix_fadvise(fd, offset(old), window, libc::POSIX_FADV_DONTNEED);
+        let (start, length) = (offset(hand.start), offset(hand.end - hand.start));
+        libc::sync_file_range(fd, start, length, libc::SYNC_FILE_RANGE_WRITE);
+        if let Some(drop) = drop {
+            let (start, length) = (offset(drop.start), offset(drop.end - drop.start));
+            libc::posix_fadvise(fd, start, length, libc::POSIX_FADV_DONTNEED);
         }
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn release(_: &File, _: u64, _: Option<u64>) {}
+fn release(_: &File, _: Range<u64>, _: Option<Range<u64>>) {}
 
 /// Whose line a protocol line is: an accepted connection's (`c7`), or a neighbour's on the
 /// link we dialled (`link Bona`) or on the one it dialled (`peer Bona`).
@@ -346,26 +360,34 @@ mod tests {
     }
 
     #[test]
-    fn each_window_is_handed_to_the_disk_once_and_dropped_lag_windows_later() {
-        const W: u64 = CACHE_WINDOW;
+    fn written_pages_go_to_disk_in_steps_and_leave_the_cache_lag_bytes_later() {
         let mut released = Vec::new();
-        // A file that held half a window when it was opened: its first window ends at W.
-        let mut windows = CacheWindows::after(W / 2);
-        windows.wrote(W / 2 - 1, |f, o| released.push((f, o)));
-        assert!(released.is_empty());
-        windows.wrote(1, |f, o| released.push((f, o)));
-        assert_eq!(released, [(0, None)]);
-        // Many windows in one write, each once, in order.
-        windows.wrote((CACHE_LAG + 2) * W, |f, o| released.push((f, o)));
-        let filled: Vec<u64> = released.iter().map(|r| r.0).collect();
-        assert_eq!(
-            filled,
-            (0..CACHE_LAG + 3).map(|i| i * W).collect::<Vec<_>>()
+        // A file that held half a page when it was opened.
+        let mut pages = CachedPages::after(PAGE / 2);
+        pages.wrote(HAND_OVER_AT - PAGE, |h, d| released.push((h, d)));
+        assert!(released.is_empty(), "in steps of HAND_OVER_AT");
+        pages.wrote(PAGE, |h, d| released.push((h, d)));
+        assert_eq!(released, [(0..HAND_OVER_AT, None)], "whole pages only");
+        // Up to the lag, nothing is dropped; then what lies the lag behind the end, once.
+        let mut end = HAND_OVER_AT + PAGE / 2;
+        while end < CACHE_LAG + 3 * HAND_OVER_AT {
+            pages.wrote(HAND_OVER_AT, |h, d| released.push((h, d)));
+            end += HAND_OVER_AT;
+        }
+        let end = end - PAGE / 2; // the last whole page
+        let handed: Vec<Range<u64>> = released.iter().map(|r| r.0.clone()).collect();
+        assert!(
+            handed.windows(2).all(|w| w[0].end == w[1].start),
+            "{handed:?}"
         );
-        let dropped: Vec<u64> = released.iter().filter_map(|r| r.1).collect();
-        assert_eq!(dropped, [0, W, 2 * W]);
-        // The first window is dropped when the window LAG windows after it is filled.
-        assert_eq!(released[CACHE_LAG as usize], (CACHE_LAG * W, Some(0)));
+        assert_eq!(handed.last().map(|h| h.end), Some(end));
+        let dropped: Vec<Range<u64>> = released.iter().filter_map(|r| r.1.clone()).collect();
+        assert_eq!(dropped.first().map(|d| d.start), Some(0));
+        assert!(
+            dropped.windows(2).all(|w| w[0].end == w[1].start),
+            "{dropped:?}"
+        );
+        assert_eq!(dropped.last().map(|d| d.end), Some(end - CACHE_LAG));
     }
 
     #[test]
