@@ -193,7 +193,7 @@ impl CachedPages {
         let hand = self.handed..whole;
         self.handed = whole;
         let old = whole.saturating_sub(CACHE_LAG);
-        let drop = (old > self.dropped).then(|| self.dropped..old);
+        let drop = (old > self.dropped).then_some(self.dropped..old);
         self.dropped = self.dropped.max(old);
         release(hand, drop);
     }
