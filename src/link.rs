@@ -176,13 +176,9 @@ impl Link {
                 // stores are expected to differ. Its parts first, so that the neighbour holds
                 // them all when the whole digest tells it to look.
                 if *next_digest <= now && sync >= sync_end {
-                    let parts = cx.store.part_digests();
-                    for (i, line) in parts.chunks(peer::PARTS_PER_LINE).enumerate() {
-                        let line = peer::parts_line(i * peer::PARTS_PER_LINE, line);
+                    for line in peer::store_lines(cx.store) {
                         send(wire, session, &line);
                     }
-                    let line = peer::digest_line(cx.store.len(), cx.store.digest());
-                    send(wire, session, &line);
                     *last_sent = now;
                 }
                 if *next_digest <= now {

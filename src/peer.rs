@@ -51,7 +51,7 @@ pub const DIGEST_INTERVAL: Duration = Duration::from_secs(3);
 pub const MISMATCHES_BEFORE_SYNC: u32 = 2;
 /// Part digests per `PARTS` line: 8 lines for the store's 256 parts, each well under the
 /// shortest line a peer may send.
-pub const PARTS_PER_LINE: usize = 32;
+const PARTS_PER_LINE: usize = 32;
 /// Before it has authenticated, a connection gets this long and this many bytes.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_HANDSHAKE_BYTES: usize = 1024;
@@ -300,18 +300,29 @@ fn hex_u64(digits: &[u8]) -> Option<u64> {
 pub const DIGEST_SCHEME: &str = "fold64";
 
 /// `DIGEST COUNT HEX SCHEME`.
-pub fn digest_line(count: usize, digest: u64) -> Vec<u8> {
+fn digest_line(count: usize, digest: u64) -> Vec<u8> {
     format!("DIGEST {count} {digest:016x} {DIGEST_SCHEME}").into_bytes()
 }
 
 /// `PARTS FIRST HEX...`: the digests of parts `first ..first + PARTS_PER_LINE`, each in 16 hex
 /// digits.
-pub fn parts_line(first: usize, digests: &[u64]) -> Vec<u8> {
+fn parts_line(first: usize, digests: &[u64]) -> Vec<u8> {
     let mut line = format!("PARTS {first}");
     for digest in digests {
         line.push_str(&format!(" {digest:016x}"));
     }
     line.into_bytes()
+}
+
+/// What the dialler sends every [`DIGEST_INTERVAL`] about `store`: its `PARTS` lines, then its
+/// `DIGEST`, which the acceptor compares at.
+pub fn store_lines(store: &Store) -> Vec<Vec<u8>> {
+    let parts = store.part_digests().chunks(PARTS_PER_LINE).enumerate();
+    let mut lines: Vec<Vec<u8>> = parts
+        .map(|(i, digests)| parts_line(i * PARTS_PER_LINE, digests))
+        .collect();
+    lines.push(digest_line(store.len(), store.digest()));
+    lines
 }
 
 /// The part digests after `PARTS `: a first part on a line's boundary, then exactly
@@ -692,16 +703,24 @@ mod tests {
         store
     }
 
+    /// Gives `comparison` the `PARTS` lines a dialler holding `theirs` sends, as parsed.
+    fn parts_of(comparison: &mut Comparison, theirs: &Store) {
+        for line in store_lines(theirs) {
+            match parse_line(&line) {
+                Some(PeerLine::Parts { first, digests }) => comparison.parts(first, &digests),
+                Some(PeerLine::Digest { .. }) => {}
+                _ => panic!(
+                    "a line that does not parse: {}",
+                    String::from_utf8_lossy(&line)
+                ),
+            }
+        }
+    }
+
     /// What `comparison` makes of `theirs` sent as a dialler sends it: its parts, then its
     /// digest, compared with `ours`.
     fn compare(comparison: &mut Comparison, theirs: &Store, ours: &Store) -> Compared {
-        for (i, digests) in theirs.part_digests().chunks(PARTS_PER_LINE).enumerate() {
-            let line = parts_line(i * PARTS_PER_LINE, digests);
-            let Some(PeerLine::Parts { first, digests }) = parse_line(&line) else {
-                panic!("a PARTS line that does not parse");
-            };
-            comparison.parts(first, &digests);
-        }
+        parts_of(comparison, theirs);
         comparison.digest(theirs.len() as u64, theirs.digest(), ours, false)
     }
 
@@ -757,10 +776,7 @@ mod tests {
         let theirs = store_of(&["a"], 1);
         let mut comparison = Comparison::default();
         assert_eq!(compare(&mut comparison, &theirs, &ours), Compared::InFlight);
-        for (i, digests) in theirs.part_digests().chunks(PARTS_PER_LINE).enumerate() {
-            let digests: &[u64; PARTS_PER_LINE] = digests.try_into().unwrap();
-            comparison.parts(i * PARTS_PER_LINE, digests);
-        }
+        parts_of(&mut comparison, &theirs);
         let copying = comparison.digest(theirs.len() as u64, theirs.digest(), &ours, true);
         assert_eq!(copying, Compared::InFlight);
         // Once the copy is through, counting starts afresh.
@@ -777,9 +793,7 @@ mod tests {
         let mut comparison = Comparison::default();
         // The dialler's parts are ours, its whole digest is not: a dialler at odds with itself.
         let odd = |c: &mut Comparison| {
-            for (i, digests) in ours.part_digests().chunks(PARTS_PER_LINE).enumerate() {
-                c.parts(i * PARTS_PER_LINE, digests.try_into().unwrap());
-            }
+            parts_of(c, &ours);
             c.digest(ours.len() as u64, ours.digest() ^ 1, &ours, false)
         };
         assert_eq!(odd(&mut comparison), Compared::InFlight);

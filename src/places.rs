@@ -136,8 +136,8 @@ pub fn answer(api: Api, output: Output, raw: &[u8], bound: usize) -> Result<Answ
     let cut = match (api, output) {
         (Api::New, Output::Legacy) => crate::legacy::new_to_legacy(raw, bound)?,
         _ => match found.elements {
-            Some(elements) if elements.len() > bound => cut_array(raw, &elements, bound),
-            _ => raw.to_vec(),
+            Some(elements) => cut_array(raw, &elements, bound),
+            None => raw.to_vec(),
         },
     };
     Ok(Answer {

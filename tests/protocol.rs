@@ -874,18 +874,11 @@ fn a_neighbours_greeting_makes_a_peer_link_whose_records_are_stored() {
 
 /// A peer's `PARTS` lines and `DIGEST`, as a dialler sends them, for a store holding `store`.
 fn digest_lines(store: &Store) -> Vec<u8> {
-    let mut lines = Vec::new();
-    for (i, digests) in store
-        .part_digests()
-        .chunks(peer::PARTS_PER_LINE)
-        .enumerate()
-    {
-        lines.extend_from_slice(&peer::parts_line(i * peer::PARTS_PER_LINE, digests));
-        lines.push(b'\n');
-    }
-    lines.extend_from_slice(&peer::digest_line(store.len(), store.digest()));
-    lines.push(b'\n');
+    let lines = peer::store_lines(store);
     lines
+        .iter()
+        .flat_map(|line| [&line[..], b"\n"].concat())
+        .collect()
 }
 
 /// The next `AT` record on a link from the server, past its heartbeats and digests.
