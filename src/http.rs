@@ -56,6 +56,10 @@ enum Chunk {
 }
 
 /// Reads one response. Create one per request.
+///
+/// Bytes are framed where they arrive: a body's bytes are copied once, from the slice given to
+/// [`ResponseReader::push`] into the body. Only what cannot be used yet (the unfinished part of
+/// a head or of a chunk's framing line) waits in `pending` for the next piece.
 #[derive(Debug)]
 pub struct ResponseReader {
     /// Bytes received and not yet consumed.
@@ -102,10 +106,27 @@ impl ResponseReader {
                 self.max_received()
             ));
         }
-        self.pending.extend_from_slice(data);
+        if self.pending.is_empty() {
+            return self.consume(data);
+        }
+        // What was left unfinished, then what follows it: a short line or head, so joining
+        // them is cheap.
+        let mut joined = std::mem::take(&mut self.pending);
+        joined.extend_from_slice(data);
+        self.consume(&joined)
+    }
+
+    /// Frames `input` as far as it goes; what is left waits in `pending` (empty on entry).
+    fn consume(&mut self, mut input: &[u8]) -> Result<Option<Response>, HttpError> {
+        let result = self.frame(&mut input);
+        self.pending.extend_from_slice(input);
+        result
+    }
+
+    fn frame(&mut self, input: &mut &[u8]) -> Result<Option<Response>, HttpError> {
         loop {
             match self.phase {
-                Phase::Head => match self.parse_head()? {
+                Phase::Head => match self.parse_head(input)? {
                     Some(phase) => self.phase = phase,
                     None => return Ok(None),
                 },
@@ -115,18 +136,18 @@ impl ResponseReader {
                     framing,
                 } => {
                     let next = match framing {
-                        Framing::Length(left) => Some(self.take_body(left)?),
+                        Framing::Length(left) => Some(self.take_body(input, left)?),
                         Framing::UntilClose => {
-                            self.take_body(self.pending.len())?;
+                            self.take_body(input, input.len())?;
                             None
                         }
-                        Framing::Chunked(chunk) => self.step_chunked(chunk)?,
+                        Framing::Chunked(chunk) => self.step_chunked(input, chunk)?,
                     };
                     match next {
                         Some(Framing::Length(0)) => {
                             // Bytes past the end of the response mean the two sides disagree about
                             // framing: do not reuse the connection.
-                            let keep_alive = keep_alive && self.pending.is_empty();
+                            let keep_alive = keep_alive && input.is_empty();
                             return Ok(Some(self.finish(status, keep_alive)));
                         }
                         Some(framing) => {
@@ -135,7 +156,7 @@ impl ResponseReader {
                                 keep_alive,
                                 framing,
                             };
-                            if self.stalled(framing) {
+                            if stalled(framing, input) {
                                 return Ok(None);
                             }
                         }
@@ -169,22 +190,13 @@ impl ResponseReader {
         }
     }
 
-    /// Whether the chunked or length framing can make no progress with the bytes held.
-    fn stalled(&self, framing: Framing) -> bool {
-        match framing {
-            Framing::Length(_) | Framing::UntilClose => self.pending.is_empty(),
-            Framing::Chunked(Chunk::Data(_)) => self.pending.is_empty(),
-            Framing::Chunked(Chunk::DataEnd) => self.pending.len() < 2,
-            Framing::Chunked(Chunk::Size | Chunk::Trailer) => !self.pending.contains(&b'\n'),
-        }
-    }
-
-    fn parse_head(&mut self) -> Result<Option<Phase>, HttpError> {
+    /// Parses the head at the start of `input` and steps past it; `None` while it is partial.
+    fn parse_head(&mut self, input: &mut &[u8]) -> Result<Option<Phase>, HttpError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut head = httparse::Response::new(&mut headers);
-        let used = match head.parse(&self.pending) {
+        let used = match head.parse(input) {
             Ok(httparse::Status::Complete(used)) => used,
-            Ok(httparse::Status::Partial) if self.pending.len() > MAX_HEAD_BYTES => {
+            Ok(httparse::Status::Partial) if input.len() > MAX_HEAD_BYTES => {
                 return Err(format!(
                     "Places sent a response head over {MAX_HEAD_BYTES} bytes"
                 ));
@@ -216,7 +228,7 @@ impl ResponseReader {
                 }
             }
         }
-        self.pending.drain(..used);
+        *input = &input[used..];
         if (100..200).contains(&status) {
             return Ok(Some(Phase::Head)); // an interim response: the real one follows
         }
@@ -228,6 +240,8 @@ impl ResponseReader {
             if length > self.max_body_bytes {
                 return Err(self.too_large());
             }
+            // Said and within the cap: the body grows once, not by doubling.
+            self.body.reserve(length);
             Framing::Length(length)
         } else {
             keep_alive = false;
@@ -247,60 +261,65 @@ impl ResponseReader {
         )
     }
 
-    /// Moves up to `want` pending bytes into the body; returns the length framing still left.
-    fn take_body(&mut self, want: usize) -> Result<Framing, HttpError> {
-        let n = want.min(self.pending.len());
+    /// Moves up to `want` bytes of `input` into the body; returns the length framing still left.
+    fn take_body(&mut self, input: &mut &[u8], want: usize) -> Result<Framing, HttpError> {
+        let n = want.min(input.len());
         if self.body.len() + n > self.max_body_bytes {
             return Err(self.too_large());
         }
-        self.body.extend_from_slice(&self.pending[..n]);
-        self.pending.drain(..n);
+        let (taken, rest) = input.split_at(n);
+        self.body.extend_from_slice(taken);
+        *input = rest;
         Ok(Framing::Length(want - n))
     }
 
     /// One step of the chunked grammar. Returns the framing after it; `Length(0)` when the
     /// response is complete.
-    fn step_chunked(&mut self, chunk: Chunk) -> Result<Option<Framing>, HttpError> {
-        let line_end = self.pending.iter().position(|&b| b == b'\n');
+    fn step_chunked(
+        &mut self,
+        input: &mut &[u8],
+        chunk: Chunk,
+    ) -> Result<Option<Framing>, HttpError> {
         let next = match chunk {
             Chunk::Size => {
-                let Some(end) = line_end else {
-                    return self.line_or_wait(chunk);
+                let Some((line, rest)) = split_line(input) else {
+                    return line_or_wait(input, chunk);
                 };
-                let line = String::from_utf8_lossy(&self.pending[..end]);
+                let line = String::from_utf8_lossy(line);
                 let size = line.split(';').next().unwrap_or("").trim();
                 let size = usize::from_str_radix(size, 16)
                     .map_err(|_| format!("Places sent a bad chunk size {size:?}"))?;
-                self.pending.drain(..=end);
+                *input = rest;
                 if size == 0 {
                     Chunk::Trailer
                 } else if self.body.len().saturating_add(size) > self.max_body_bytes {
                     return Err(self.too_large());
                 } else {
+                    self.body.reserve(size);
                     Chunk::Data(size)
                 }
             }
-            Chunk::Data(left) => match self.take_body(left)? {
+            Chunk::Data(left) => match self.take_body(input, left)? {
                 Framing::Length(0) => Chunk::DataEnd,
                 Framing::Length(left) => Chunk::Data(left),
                 _ => unreachable!("take_body returns a length"),
             },
             Chunk::DataEnd => {
-                if self.pending.len() < 2 {
-                    return Ok(Some(Framing::Chunked(chunk)));
-                }
-                if &self.pending[..2] != b"\r\n" {
+                let Some(rest) = input.strip_prefix(b"\r\n") else {
+                    if input.len() < 2 && b"\r\n".starts_with(input) {
+                        return Ok(Some(Framing::Chunked(chunk)));
+                    }
                     return Err("Places sent a chunk without its line end".into());
-                }
-                self.pending.drain(..2);
+                };
+                *input = rest;
                 Chunk::Size
             }
             Chunk::Trailer => {
-                let Some(end) = line_end else {
-                    return self.line_or_wait(chunk);
+                let Some((line, rest)) = split_line(input) else {
+                    return line_or_wait(input, chunk);
                 };
-                let empty = self.pending[..end].iter().all(|&b| b == b'\r');
-                self.pending.drain(..=end);
+                let empty = line.iter().all(|&b| b == b'\r');
+                *input = rest;
                 if empty {
                     return Ok(Some(Framing::Length(0)));
                 }
@@ -309,14 +328,30 @@ impl ResponseReader {
         };
         Ok(Some(Framing::Chunked(next)))
     }
+}
 
-    /// A chunk-size or trailer line that has not fully arrived: wait, unless it is absurdly long.
-    fn line_or_wait(&self, chunk: Chunk) -> Result<Option<Framing>, HttpError> {
-        if self.pending.len() > 4096 {
-            return Err("Places sent a chunk line over 4096 bytes".into());
-        }
-        Ok(Some(Framing::Chunked(chunk)))
+/// Whether the chunked or length framing can make no progress with the bytes in `input`.
+fn stalled(framing: Framing, input: &[u8]) -> bool {
+    match framing {
+        Framing::Length(_) | Framing::UntilClose => input.is_empty(),
+        Framing::Chunked(Chunk::Data(_)) => input.is_empty(),
+        Framing::Chunked(Chunk::DataEnd) => input.len() < 2,
+        Framing::Chunked(Chunk::Size | Chunk::Trailer) => !input.contains(&b'\n'),
     }
+}
+
+/// The line at the start of `input` (without its `\n`) and what follows it, once it is whole.
+fn split_line(input: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = input.iter().position(|&b| b == b'\n')?;
+    Some((&input[..end], &input[end + 1..]))
+}
+
+/// A chunk-size or trailer line that has not fully arrived: wait, unless it is absurdly long.
+fn line_or_wait(input: &[u8], chunk: Chunk) -> Result<Option<Framing>, HttpError> {
+    if input.len() > 4096 {
+        return Err("Places sent a chunk line over 4096 bytes".into());
+    }
+    Ok(Some(Framing::Chunked(chunk)))
 }
 
 #[cfg(test)]
@@ -357,6 +392,27 @@ mod tests {
             assert_eq!(
                 (r.status, &r.body[..], r.keep_alive),
                 (403, &b"hello"[..], true)
+            );
+        }
+    }
+
+    #[test]
+    fn bytes_after_the_response_forbid_keep_alive() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1";
+        let r = read(raw, 100, false).unwrap();
+        assert_eq!((&r.body[..], r.keep_alive), (&b"ok"[..], false));
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nx";
+        let r = read(raw, 100, false).unwrap();
+        assert_eq!((&r.body[..], r.keep_alive), (&b"ok"[..], false));
+    }
+
+    #[test]
+    fn a_chunk_must_end_with_its_line_end() {
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhelXX0\r\n\r\n";
+        for step in [1, 2, 1000] {
+            assert_eq!(
+                read(raw, step, false),
+                Err("Places sent a chunk without its line end".to_owned())
             );
         }
     }

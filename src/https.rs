@@ -21,7 +21,7 @@
 //! `getaddrinfo` in an executor).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
@@ -97,9 +97,7 @@ pub struct Done {
 
 /// The most bytes read from a Places socket per system call: a whole answer of Google's, or most.
 const WIRE_READ: usize = 64 * 1024;
-/// The most plaintext taken from rustls at once: one TLS record's worth.
-const PLAIN_READ: usize = 16 * 1024;
-/// The plaintext one call of [`Tls::transfer`] gathers before handing it over (give or take one
+/// The plaintext one call of [`Tls::transfer`] hands over before it returns (give or take one
 /// socket read), so that an answer over the size cap is refused soon after the cap, not after
 /// Places has sent it all.
 const TRANSFER_STEP: usize = 256 * 1024;
@@ -119,10 +117,9 @@ enum Transfer {
 struct Tls {
     stream: TcpStream,
     tls: ClientConnection,
-    /// Bytes just read from the socket, and plaintext just decrypted: kept for the
-    /// connection's life, not zeroed afresh for every read.
+    /// Bytes just read from the socket: kept for the connection's life, not zeroed afresh
+    /// for every read.
     wire: Box<[u8]>,
-    plain: Box<[u8]>,
     /// Connection number, for the log.
     number: u64,
 }
@@ -368,7 +365,6 @@ impl PlacesPool {
             stream,
             tls,
             wire: vec![0; WIRE_READ].into_boxed_slice(),
-            plain: vec![0; PLAIN_READ].into_boxed_slice(),
             number: self.connections_made,
         })
     }
@@ -481,9 +477,9 @@ impl PlacesPool {
             Slot::Idle { conn, .. } => {
                 // The server may close a kept-alive connection (or send a TLS alert); anything
                 // readable on an idle connection ends it.
-                let mut plain = Vec::new();
-                match conn.transfer(&mut plain) {
-                    Ok(Transfer::Blocked) if plain.is_empty() => {}
+                let mut said = false;
+                match conn.transfer(|_| said = true) {
+                    Ok(Transfer::Blocked) if !said => {}
                     _ => self.slots[i] = Slot::Empty,
                 }
             }
@@ -496,26 +492,27 @@ impl PlacesPool {
         let Slot::Exchanging { conn, response, .. } = &mut self.slots[i] else {
             return;
         };
-        let mut plain = Vec::new();
         let outcome = loop {
-            plain.clear();
-            let transferred = conn.transfer(&mut plain);
-            match transferred {
-                Err(e) => break Some(Err(e)),
-                Ok(state) => match response.push(&plain) {
-                    Err(e) => break Some(Err(e)),
-                    Ok(Some(mut done)) => {
-                        // Bytes may follow the response, still in the socket or in rustls: a
-                        // connection that is not known to be drained is not kept.
-                        done.keep_alive &= state == Transfer::Blocked;
-                        break Some(Ok(done));
-                    }
-                    Ok(None) => match state {
-                        Transfer::Ended => break Some(response.push_eof()),
-                        Transfer::Blocked => break None,
-                        Transfer::More => {}
-                    },
-                },
+            // Plaintext goes from rustls straight to the response; once it is whole or
+            // refused, what follows only counts.
+            let mut outcome = None;
+            let mut after = false;
+            let transferred = conn.transfer(|plain| match outcome {
+                Some(_) => after = true,
+                None => outcome = response.push(plain).transpose(),
+            });
+            let drained = !after && matches!(transferred, Ok(Transfer::Blocked));
+            match (transferred, outcome) {
+                (_, Some(Ok(mut done))) => {
+                    // Bytes may follow the response, still in the socket or in rustls: a
+                    // connection that is not known to be drained is not kept.
+                    done.keep_alive &= drained;
+                    break Some(Ok(done));
+                }
+                (_, Some(Err(e))) | (Err(e), None) => break Some(Err(e)),
+                (Ok(Transfer::Ended), None) => break Some(response.push_eof()),
+                (Ok(Transfer::Blocked), None) => break None,
+                (Ok(Transfer::More), None) => {}
             }
         };
         let Some(outcome) = outcome else {
@@ -628,15 +625,17 @@ impl PlacesPool {
 impl Tls {
     /// The TLS pump: writes what rustls has to send, then reads until the socket would block
     /// or [`TRANSFER_STEP`] bytes are in, decrypting as it goes, and writes again (reading can
-    /// make rustls want to answer, as in the handshake). Plaintext goes to `plain`.
+    /// make rustls want to answer, as in the handshake). Plaintext goes to `deliver`, a piece
+    /// at a time, straight from rustls's buffer.
     ///
     /// The socket is read in pieces of up to [`WIRE_READ`] bytes, which rustls then takes
     /// from memory: its own `read_tls` reads at most 4 KiB per system call, ten calls for one
     /// of Google's answers.
-    fn transfer(&mut self, plain: &mut Vec<u8>) -> Result<Transfer, String> {
+    fn transfer(&mut self, mut deliver: impl FnMut(&[u8])) -> Result<Transfer, String> {
         self.write_tls()?;
+        let mut delivered = 0;
         let state = loop {
-            if plain.len() >= TRANSFER_STEP {
+            if delivered >= TRANSFER_STEP {
                 break Transfer::More;
             }
             let mut fresh = match self.stream.read(&mut self.wire) {
@@ -657,7 +656,10 @@ impl Tls {
                 self.tls
                     .process_new_packets()
                     .map_err(|e| format!("TLS with Places failed: {e}"))?;
-                closed = read_plain(&mut self.tls, &mut self.plain, plain)?;
+                closed = read_plain(&mut self.tls, |plain| {
+                    delivered += plain.len();
+                    deliver(plain);
+                })?;
             }
             if closed {
                 break Transfer::Ended;
@@ -680,17 +682,18 @@ impl Tls {
     }
 }
 
-/// Drains what `tls` has decrypted into `plain`, through `buf`. `Ok(true)` when the server sent
-/// close_notify.
-fn read_plain(
-    tls: &mut ClientConnection,
-    buf: &mut [u8],
-    plain: &mut Vec<u8>,
-) -> Result<bool, String> {
+/// Hands what `tls` has decrypted to `deliver`, in rustls's own pieces (no copy on the way).
+/// `Ok(true)` when the server sent close_notify.
+fn read_plain(tls: &mut ClientConnection, mut deliver: impl FnMut(&[u8])) -> Result<bool, String> {
+    let mut reader = tls.reader();
     loop {
-        match tls.reader().read(buf) {
-            Ok(0) => return Ok(true),
-            Ok(n) => plain.extend_from_slice(&buf[..n]),
+        match reader.fill_buf() {
+            Ok([]) => return Ok(true),
+            Ok(plain) => {
+                let n = plain.len();
+                deliver(plain);
+                reader.consume(n);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             // Closed without close_notify: the end of a read-to-close body is still the end.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(true),

@@ -133,17 +133,24 @@ pub fn answer(api: Api, output: Output, raw: &[u8], bound: usize) -> Result<Answ
             .unwrap_or_else(|| "ERROR".into()),
         (Api::New, None) => "OK".to_owned(),
     };
-    let cut = match (api, output) {
-        (Api::New, Output::Legacy) => crate::legacy::new_to_legacy(raw, bound)?,
+    let legacy;
+    let pieces = match (api, output) {
+        (Api::New, Output::Legacy) => {
+            legacy = crate::legacy::new_to_legacy(raw, bound)?;
+            [&legacy[..], &[][..]]
+        }
         _ => match found.elements {
             Some(elements) => cut_array(raw, &elements, bound),
-            None => raw.to_vec(),
+            None => [raw, &[][..]],
         },
     };
-    Ok(Answer {
-        status,
-        body: squeeze_newlines(&cut),
-    })
+    // The pieces are squeezed as they are joined: the body is copied once.
+    let mut body = Vec::with_capacity(pieces[0].len() + pieces[1].len());
+    for piece in pieces {
+        push_squeezed(&mut body, piece);
+    }
+    trim_newlines(&mut body);
+    Ok(Answer { status, body })
 }
 
 /// A body in Google's error vocabulary, for when Places could not be asked or gave no answer.
@@ -156,8 +163,17 @@ pub fn error_body(status: &str, message: &str) -> Vec<u8> {
 }
 
 /// Replaces every run of two or more newlines with one and drops trailing newlines.
-pub fn squeeze_newlines(mut text: &[u8]) -> Vec<u8> {
+#[cfg(test)]
+fn squeeze_newlines(text: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len());
+    push_squeezed(&mut out, text);
+    trim_newlines(&mut out);
+    out
+}
+
+/// Appends `text` to `out`, a run of newlines kept as one, counting the newline `out` may
+/// already end with.
+fn push_squeezed(out: &mut Vec<u8>, mut text: &[u8]) {
     while let Some(at) = find_byte(text, b'\n') {
         out.extend_from_slice(&text[..at]);
         // An empty piece after a newline is a run of newlines: one is kept.
@@ -167,29 +183,28 @@ pub fn squeeze_newlines(mut text: &[u8]) -> Vec<u8> {
         text = &text[at + 1..];
     }
     out.extend_from_slice(text);
+}
+
+fn trim_newlines(out: &mut Vec<u8>) {
     while out.last() == Some(&b'\n') {
         out.pop();
     }
-    out
 }
 
 /// Keeps the first `keep` of the array elements spanned by `elements` (byte offsets in `raw`,
-/// without the white space and commas around them). What stood between the last kept element
-/// and the `]` is what stood between the array's last element and its `]`, so the layout stays
-/// Google's; an emptied array is written `[]`, as both Google styles write an empty array.
-fn cut_array(raw: &[u8], elements: &[(usize, usize)], keep: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len());
+/// without the white space and commas around them): the two pieces of `raw` that, joined, are
+/// the body cut. What stood between the last kept element and the `]` is what stood between
+/// the array's last element and its `]`, so the layout stays Google's; an emptied array is
+/// written `[]`, as both Google styles write an empty array.
+fn cut_array<'a>(raw: &'a [u8], elements: &[(usize, usize)], keep: usize) -> [&'a [u8]; 2] {
     let (Some(&(first, _)), Some(&(_, last_end))) = (elements.first(), elements.last()) else {
-        return raw.to_vec();
+        return [raw, &[]];
     };
     if keep >= elements.len() {
-        return raw.to_vec(); // nothing to cut
+        return [raw, &[]]; // nothing to cut
     }
     match keep.checked_sub(1).and_then(|last| elements.get(last)) {
-        Some(&(_, kept_end)) => {
-            out.extend_from_slice(&raw[..kept_end]);
-            out.extend_from_slice(&raw[last_end..]);
-        }
+        Some(&(_, kept_end)) => [&raw[..kept_end], &raw[last_end..]],
         None => {
             // The `[` is the last byte before the first element that is not white space, the
             // `]` the first after the last element.
@@ -201,11 +216,9 @@ fn cut_array(raw: &[u8], elements: &[(usize, usize)], keep: usize) -> Vec<u8> {
                 .iter()
                 .position(|&b| !is_json_space(b))
                 .map_or(raw.len(), |at| last_end + at);
-            out.extend_from_slice(&raw[..=open]);
-            out.extend_from_slice(&raw[close..]);
+            [&raw[..=open], &raw[close..]]
         }
     }
-    out
 }
 
 fn is_json_space(b: u8) -> bool {
@@ -446,6 +459,12 @@ mod tests {
     #[test]
     fn newlines_are_squeezed() {
         assert_eq!(squeeze_newlines(b"{\n\n\n\"a\"\n}\n\n"), b"{\n\"a\"\n}");
+        // A run that follows the cut is squeezed with what comes before it.
+        let raw = b"{\"results\" : [1,\n\n2\n\n\n], \"status\" : \"OK\"}\n\n";
+        let a = answer(Api::Legacy, Output::AsSent, raw, 1).unwrap();
+        assert_eq!(a.body, b"{\"results\" : [1\n], \"status\" : \"OK\"}");
+        let a = answer(Api::Legacy, Output::AsSent, raw, 0).unwrap();
+        assert_eq!(a.body, b"{\"results\" : [], \"status\" : \"OK\"}");
     }
 
     #[test]
