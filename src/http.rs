@@ -107,22 +107,23 @@ impl ResponseReader {
             ));
         }
         if self.pending.is_empty() {
-            return self.consume(data);
+            let mut input = data;
+            let result = self.frame(&mut input);
+            self.pending.extend_from_slice(input);
+            return result;
         }
-        // What was left unfinished, then what follows it: a short line or head, so joining
-        // them is cheap.
+        // What was left unfinished (a head or a framing line, both short), then what follows.
         let mut joined = std::mem::take(&mut self.pending);
         joined.extend_from_slice(data);
-        self.consume(&joined)
-    }
-
-    /// Frames `input` as far as it goes; what is left waits in `pending` (empty on entry).
-    fn consume(&mut self, mut input: &[u8]) -> Result<Option<Response>, HttpError> {
+        let mut input = &joined[..];
         let result = self.frame(&mut input);
-        self.pending.extend_from_slice(input);
+        let used = joined.len() - input.len();
+        joined.drain(..used);
+        self.pending = joined;
         result
     }
 
+    /// Frames `input` as far as it goes, and leaves in it what could not be used yet.
     fn frame(&mut self, input: &mut &[u8]) -> Result<Option<Response>, HttpError> {
         loop {
             match self.phase {
