@@ -135,7 +135,8 @@ Options:
   --radius KM            WHATSAT radius, sent as given (default 10)
   --bound N              WHATSAT bound (default 5)
   --rate N               send N commands per second in all, on schedule whatever the replies
-                         do (open loop); default: as fast as -c and -p allow
+                         do (open loop), as long as -c × -p allow: a command due when all
+                         are outstanding waits for a reply; default: as fast as -c and -p allow
   --requests N           stop after N load commands; the window closes when all are answered
   --id-prefix TEXT       client ids are TEXT0, TEXT1, ... (default load-)
   --sources N            connect from N loopback addresses, 127.0.0.2 and up, in turn
