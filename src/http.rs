@@ -4,6 +4,8 @@
 //! `Transfer-Encoding: chunked`, or by the end of the stream. Bytes may arrive in pieces of any
 //! size, so every step can stop in the middle and resume on the next [`ResponseReader::push`].
 
+use crate::conn::find_byte;
+
 /// A whole response.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Response {
@@ -19,6 +21,9 @@ pub type HttpError = String;
 /// Longest response head accepted, and most headers.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
+/// The most room a body's announced length (`Content-Length`, a chunk's size) reserves before
+/// its bytes arrive: a server may announce what it never sends.
+const RESERVE_AT_MOST: usize = 1 << 20;
 
 /// Where a response is up to.
 #[derive(Debug)]
@@ -59,7 +64,9 @@ enum Chunk {
 ///
 /// Bytes are framed where they arrive: a body's bytes are copied once, from the slice given to
 /// [`ResponseReader::push`] into the body. Only what cannot be used yet (the unfinished part of
-/// a head or of a chunk's framing line) waits in `pending` for the next piece.
+/// a head or of a chunk's framing line) waits in `pending` for the next piece, and it is not
+/// searched again: a head is parsed once its blank line has arrived, a line once its `\n` has,
+/// so a server that sends its answer a byte at a time costs time in proportion to its bytes.
 #[derive(Debug)]
 pub struct ResponseReader {
     /// Bytes received and not yet consumed.
@@ -69,6 +76,10 @@ pub struct ResponseReader {
     max_body_bytes: usize,
     /// Every byte taken so far, framing included.
     received: usize,
+    /// How long the unfinished head was when `httparse` last read it. Until its blank line
+    /// arrives it is read again only when it has doubled, so that a malformed head is still
+    /// found out early, at a cost in proportion to its length.
+    head_read: usize,
 }
 
 impl ResponseReader {
@@ -79,6 +90,7 @@ impl ResponseReader {
             phase: Phase::Head,
             max_body_bytes,
             received: 0,
+            head_read: 0,
         }
     }
 
@@ -108,26 +120,34 @@ impl ResponseReader {
         }
         if self.pending.is_empty() {
             let mut input = data;
-            let result = self.frame(&mut input);
+            let result = self.frame(&mut input, 0);
             self.pending.extend_from_slice(input);
             return result;
         }
         // What was left unfinished (a head or a framing line, both short), then what follows.
+        // What was left holds no end of what it waits for: only the new bytes are searched.
+        let searched = self.pending.len();
         let mut joined = std::mem::take(&mut self.pending);
         joined.extend_from_slice(data);
         let mut input = &joined[..];
-        let result = self.frame(&mut input);
+        let result = self.frame(&mut input, searched);
         let used = joined.len() - input.len();
         joined.drain(..used);
         self.pending = joined;
         result
     }
 
-    /// Frames `input` as far as it goes, and leaves in it what could not be used yet.
-    fn frame(&mut self, input: &mut &[u8]) -> Result<Option<Response>, HttpError> {
+    /// Frames `input` as far as it goes, and leaves in it what could not be used yet. Its first
+    /// `searched` bytes are known not to end the head or line they start.
+    fn frame(
+        &mut self,
+        input: &mut &[u8],
+        mut searched: usize,
+    ) -> Result<Option<Response>, HttpError> {
         loop {
+            let before = input.len();
             match self.phase {
-                Phase::Head => match self.parse_head(input)? {
+                Phase::Head => match self.parse_head(input, searched)? {
                     Some(phase) => self.phase = phase,
                     None => return Ok(None),
                 },
@@ -142,7 +162,7 @@ impl ResponseReader {
                             self.take_body(input, input.len())?;
                             None
                         }
-                        Framing::Chunked(chunk) => self.step_chunked(input, chunk)?,
+                        Framing::Chunked(chunk) => self.step_chunked(input, chunk, searched)?,
                     };
                     match next {
                         Some(Framing::Length(0)) => {
@@ -165,6 +185,9 @@ impl ResponseReader {
                     }
                 }
             }
+            if input.len() != before {
+                searched = 0; // what follows starts in bytes not searched yet
+            }
         }
     }
 
@@ -179,6 +202,14 @@ impl ResponseReader {
             Phase::Head if self.pending.is_empty() => {
                 Err("Places closed the connection without answering".into())
             }
+            // A head read only in part may have gone wrong since: that is worth saying.
+            Phase::Head => {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                match httparse::Response::new(&mut headers).parse(&self.pending) {
+                    Err(e) => Err(format!("Places sent a malformed HTTP response ({e})")),
+                    Ok(_) => Err("Places closed the connection in the middle of its answer".into()),
+                }
+            }
             _ => Err("Places closed the connection in the middle of its answer".into()),
         }
     }
@@ -192,17 +223,23 @@ impl ResponseReader {
     }
 
     /// Parses the head at the start of `input` and steps past it; `None` while it is partial.
-    fn parse_head(&mut self, input: &mut &[u8]) -> Result<Option<Phase>, HttpError> {
+    /// The first `searched` bytes hold no end of the head.
+    fn parse_head(
+        &mut self,
+        input: &mut &[u8],
+        searched: usize,
+    ) -> Result<Option<Phase>, HttpError> {
+        if searched > 0 && !ends_a_head(input, searched) && input.len() < 2 * self.head_read {
+            return head_wait(input);
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut head = httparse::Response::new(&mut headers);
         let used = match head.parse(input) {
             Ok(httparse::Status::Complete(used)) => used,
-            Ok(httparse::Status::Partial) if input.len() > MAX_HEAD_BYTES => {
-                return Err(format!(
-                    "Places sent a response head over {MAX_HEAD_BYTES} bytes"
-                ));
+            Ok(httparse::Status::Partial) => {
+                self.head_read = input.len();
+                return head_wait(input);
             }
-            Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(format!("Places sent a malformed HTTP response ({e})")),
         };
         let status = head.code.unwrap_or(0);
@@ -242,7 +279,7 @@ impl ResponseReader {
                 return Err(self.too_large());
             }
             // Said and within the cap: the body grows once, not by doubling.
-            self.body.reserve(length);
+            self.body.reserve(length.min(RESERVE_AT_MOST));
             Framing::Length(length)
         } else {
             keep_alive = false;
@@ -276,15 +313,17 @@ impl ResponseReader {
 
     /// One step of the chunked grammar. Returns the framing after it; `Length(0)` when the
     /// response is complete.
+    /// `None` when a line has not fully arrived; its first `searched` bytes hold no `\n`.
     fn step_chunked(
         &mut self,
         input: &mut &[u8],
         chunk: Chunk,
+        searched: usize,
     ) -> Result<Option<Framing>, HttpError> {
         let next = match chunk {
             Chunk::Size => {
-                let Some((line, rest)) = split_line(input) else {
-                    return line_or_wait(input, chunk);
+                let Some((line, rest)) = split_line(input, searched) else {
+                    return line_or_wait(input);
                 };
                 let line = String::from_utf8_lossy(line);
                 let size = line.split(';').next().unwrap_or("").trim();
@@ -296,7 +335,7 @@ impl ResponseReader {
                 } else if self.body.len().saturating_add(size) > self.max_body_bytes {
                     return Err(self.too_large());
                 } else {
-                    self.body.reserve(size);
+                    self.body.reserve(size.min(RESERVE_AT_MOST));
                     Chunk::Data(size)
                 }
             }
@@ -316,8 +355,8 @@ impl ResponseReader {
                 Chunk::Size
             }
             Chunk::Trailer => {
-                let Some((line, rest)) = split_line(input) else {
-                    return line_or_wait(input, chunk);
+                let Some((line, rest)) = split_line(input, searched) else {
+                    return line_or_wait(input);
                 };
                 let empty = line.iter().all(|&b| b == b'\r');
                 *input = rest;
@@ -331,28 +370,55 @@ impl ResponseReader {
     }
 }
 
-/// Whether the chunked or length framing can make no progress with the bytes in `input`.
+/// Whether the chunked or length framing can make no progress with the bytes in `input`. A
+/// line that has not fully arrived is found out by trying it, which searches it once.
 fn stalled(framing: Framing, input: &[u8]) -> bool {
     match framing {
         Framing::Length(_) | Framing::UntilClose => input.is_empty(),
         Framing::Chunked(Chunk::Data(_)) => input.is_empty(),
         Framing::Chunked(Chunk::DataEnd) => input.len() < 2,
-        Framing::Chunked(Chunk::Size | Chunk::Trailer) => !input.contains(&b'\n'),
+        Framing::Chunked(Chunk::Size | Chunk::Trailer) => input.is_empty(),
     }
 }
 
 /// The line at the start of `input` (without its `\n`) and what follows it, once it is whole.
-fn split_line(input: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = input.iter().position(|&b| b == b'\n')?;
+/// The first `searched` bytes hold no `\n`.
+fn split_line(input: &[u8], searched: usize) -> Option<(&[u8], &[u8])> {
+    let end = searched + find_byte(input.get(searched..)?, b'\n')?;
     Some((&input[..end], &input[end + 1..]))
 }
 
-/// A chunk-size or trailer line that has not fully arrived: wait, unless it is absurdly long.
-fn line_or_wait(input: &[u8], chunk: Chunk) -> Result<Option<Framing>, HttpError> {
+/// Whether `input`, whose first `searched` bytes hold no end of a head, now holds one: a blank
+/// line, `\n\n` or `\n\r\n`, which may begin in the last two bytes searched.
+fn ends_a_head(input: &[u8], searched: usize) -> bool {
+    let mut from = searched.saturating_sub(2);
+    while let Some(at) = input.get(from..).and_then(|rest| find_byte(rest, b'\n')) {
+        let after = &input[from + at + 1..];
+        if after.starts_with(b"\n") || after.starts_with(b"\r\n") {
+            return true;
+        }
+        from += at + 1;
+    }
+    false
+}
+
+/// A head that has not fully arrived: wait (`None`), unless it is already too long.
+fn head_wait(input: &[u8]) -> Result<Option<Phase>, HttpError> {
+    if input.len() > MAX_HEAD_BYTES {
+        return Err(format!(
+            "Places sent a response head over {MAX_HEAD_BYTES} bytes"
+        ));
+    }
+    Ok(None)
+}
+
+/// A chunk-size or trailer line that has not fully arrived: wait (`None`), unless it is
+/// absurdly long.
+fn line_or_wait(input: &[u8]) -> Result<Option<Framing>, HttpError> {
     if input.len() > 4096 {
         return Err("Places sent a chunk line over 4096 bytes".into());
     }
-    Ok(Some(Framing::Chunked(chunk)))
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -399,12 +465,62 @@ mod tests {
 
     #[test]
     fn bytes_after_the_response_forbid_keep_alive() {
+        // Pieces that end past the response (none ends exactly where it does).
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1";
-        let r = read(raw, 100, false).unwrap();
-        assert_eq!((&r.body[..], r.keep_alive), (&b"ok"[..], false));
+        for step in [3, 7, 100] {
+            let r = read(raw, step, false).unwrap();
+            assert_eq!((&r.body[..], r.keep_alive), (&b"ok"[..], false), "{step}");
+        }
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nx";
-        let r = read(raw, 100, false).unwrap();
-        assert_eq!((&r.body[..], r.keep_alive), (&b"ok"[..], false));
+        for step in [2, 100] {
+            let r = read(raw, step, false).unwrap();
+            assert_eq!((&r.body[..], r.keep_alive), (&b"ok"[..], false), "{step}");
+        }
+    }
+
+    #[test]
+    fn a_head_is_found_whatever_its_pieces() {
+        // Empty lines before the status line are skipped, and are not the head's end.
+        let raw = b"\r\n\nHTTP/1.1 200 OK\nContent-Length: 2\r\nX: y\n\nok";
+        for step in [1, 2, 3, 5, 100] {
+            let r = read(raw, step, false).unwrap();
+            assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]), "{step}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_head_is_said_to_be_one_even_when_it_comes_in_pieces() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nno colon here\r\n";
+        for step in [1, 4, 100] {
+            assert_eq!(
+                read(raw, step, true),
+                Err("Places sent a malformed HTTP response (invalid header name)".to_owned()),
+                "{step}"
+            );
+        }
+        // Without the end of the stream: found out once the head has doubled, at the latest.
+        let mut r = ResponseReader::new(1 << 20);
+        assert_eq!(r.push(b"HTTP/1.1 200 OK\r\n"), Ok(None));
+        let refused = (0..100).find_map(|_| r.push(b"bad line\r\n").err());
+        assert_eq!(
+            refused,
+            Some("Places sent a malformed HTTP response (invalid header name)".to_owned())
+        );
+    }
+
+    #[test]
+    fn an_announced_length_reserves_at_most_a_mebibyte() {
+        // A terabyte announced, under a cap as large: nothing is allocated for it up front.
+        let mut r = ResponseReader::new(1 << 41);
+        assert_eq!(
+            r.push(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\nabc"),
+            Ok(None)
+        );
+        assert!(r.body.capacity() <= RESERVE_AT_MOST);
+        let mut r = ResponseReader::new(1 << 41);
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000000000\r\nabc";
+        assert_eq!(r.push(head), Ok(None));
+        assert!(r.body.capacity() <= RESERVE_AT_MOST);
     }
 
     #[test]

@@ -459,7 +459,8 @@ mod tests {
     #[test]
     fn newlines_are_squeezed() {
         assert_eq!(squeeze_newlines(b"{\n\n\n\"a\"\n}\n\n"), b"{\n\"a\"\n}");
-        // A run that follows the cut is squeezed with what comes before it.
+        // The rule holds on both sides of a cut: here the run is in what follows the kept
+        // results, and the piece before the cut ends with a result, never a newline.
         let raw = b"{\"results\" : [1,\n\n2\n\n\n], \"status\" : \"OK\"}\n\n";
         let a = answer(Api::Legacy, Output::AsSent, raw, 1).unwrap();
         assert_eq!(a.body, b"{\"results\" : [1\n], \"status\" : \"OK\"}");
