@@ -97,9 +97,10 @@ pub struct Done {
 
 /// The most bytes read from a Places socket per system call: a whole answer of Google's, or most.
 const WIRE_READ: usize = 64 * 1024;
-/// The plaintext one call of [`Tls::transfer`] hands over before it returns (give or take one
-/// socket read), so that an answer over the size cap is refused soon after the cap, not after
-/// Places has sent it all.
+/// The bytes one call of [`Tls::transfer`] reads from the socket before it returns (give or take
+/// one read), so that an answer over the size cap is refused soon after the cap, not after
+/// Places has sent it all, and a server sending records without end, empty ones included,
+/// cannot hold the loop.
 const TRANSFER_STEP: usize = 256 * 1024;
 
 /// Where one call of [`Tls::transfer`] stopped.
@@ -107,7 +108,7 @@ const TRANSFER_STEP: usize = 256 * 1024;
 enum Transfer {
     /// The socket would block: readiness will be reported again when there is more.
     Blocked,
-    /// [`TRANSFER_STEP`] bytes were gathered and the socket may hold more: call again.
+    /// [`TRANSFER_STEP`] bytes were read and the socket may hold more: call again.
     More,
     /// The stream ended.
     Ended,
@@ -633,14 +634,17 @@ impl Tls {
     /// of Google's answers.
     fn transfer(&mut self, mut deliver: impl FnMut(&[u8])) -> Result<Transfer, String> {
         self.write_tls()?;
-        let mut delivered = 0;
+        let mut taken = 0;
         let state = loop {
-            if delivered >= TRANSFER_STEP {
+            if taken >= TRANSFER_STEP {
                 break Transfer::More;
             }
             let mut fresh = match self.stream.read(&mut self.wire) {
                 Ok(0) => break Transfer::Ended,
-                Ok(n) => &self.wire[..n],
+                Ok(n) => {
+                    taken += n;
+                    &self.wire[..n]
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Transfer::Blocked,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("reading from Places failed: {e}")),
@@ -656,10 +660,7 @@ impl Tls {
                 self.tls
                     .process_new_packets()
                     .map_err(|e| format!("TLS with Places failed: {e}"))?;
-                closed = read_plain(&mut self.tls, |plain| {
-                    delivered += plain.len();
-                    deliver(plain);
-                })?;
+                closed = read_plain(&mut self.tls, &mut deliver)?;
             }
             if closed {
                 break Transfer::Ended;
