@@ -198,20 +198,20 @@ impl ResponseReader {
                 status,
                 framing: Framing::UntilClose,
                 ..
-            } => Ok(self.finish(status, false)),
+            } => return Ok(self.finish(status, false)),
             Phase::Head if self.pending.is_empty() => {
-                Err("Places closed the connection without answering".into())
+                return Err("Places closed the connection without answering".into())
             }
             // A head read only in part may have gone wrong since: that is worth saying.
             Phase::Head => {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                match httparse::Response::new(&mut headers).parse(&self.pending) {
-                    Err(e) => Err(format!("Places sent a malformed HTTP response ({e})")),
-                    Ok(_) => Err("Places closed the connection in the middle of its answer".into()),
-                }
+                httparse::Response::new(&mut headers)
+                    .parse(&self.pending)
+                    .map_err(malformed)?;
             }
-            _ => Err("Places closed the connection in the middle of its answer".into()),
+            Phase::Body { .. } => {}
         }
+        Err("Places closed the connection in the middle of its answer".into())
     }
 
     fn finish(&mut self, status: u16, keep_alive: bool) -> Response {
@@ -240,7 +240,7 @@ impl ResponseReader {
                 self.head_read = input.len();
                 return head_wait(input);
             }
-            Err(e) => return Err(format!("Places sent a malformed HTTP response ({e})")),
+            Err(e) => return Err(malformed(e)),
         };
         let status = head.code.unwrap_or(0);
         let mut keep_alive = head.version == Some(1);
@@ -374,11 +374,13 @@ impl ResponseReader {
 /// line that has not fully arrived is found out by trying it, which searches it once.
 fn stalled(framing: Framing, input: &[u8]) -> bool {
     match framing {
-        Framing::Length(_) | Framing::UntilClose => input.is_empty(),
-        Framing::Chunked(Chunk::Data(_)) => input.is_empty(),
         Framing::Chunked(Chunk::DataEnd) => input.len() < 2,
-        Framing::Chunked(Chunk::Size | Chunk::Trailer) => input.is_empty(),
+        _ => input.is_empty(),
     }
+}
+
+fn malformed(e: httparse::Error) -> HttpError {
+    format!("Places sent a malformed HTTP response ({e})")
 }
 
 /// The line at the start of `input` (without its `\n`) and what follows it, once it is whole.
