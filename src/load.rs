@@ -1388,9 +1388,10 @@ impl<'a> Generator<'a> {
             // has room for it. When none has (the server is behind the schedule), a reply makes
             // the room: waking for the clock then would only spin.
             let paced = match self.phase.sending() {
-                Sending::Load if !self.requests.exhausted() && self.room_for_a_command() => {
-                    self.requests.next_send_at()
-                }
+                Sending::Load if !self.requests.exhausted() => self
+                    .requests
+                    .next_send_at()
+                    .filter(|_| self.room_for_a_command()),
                 _ => None,
             };
             // A connection left dirty (a redial that failed) is retried at once.
