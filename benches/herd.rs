@@ -19,7 +19,7 @@
 //! | function | what it measures |
 //! |---|---|
 //! | [`lone_iamat`] | IAMAT at one server without neighbours: 50 connections × 1 and × 16 in flight, and one request per connection; the first and last also against a bare server ([`ceiling`]), the most this machine allows |
-//! | [`herd_wide`] | the five-server herd absorbing IAMAT at every server at once, until every server holds every record |
+//! | [`herd_wide`] | the five-server herd absorbing IAMAT at every server at once, until every server holds every record; the herd also with its stores kept in cache, its logs sent to `/dev/null`, and both ([`LIGHTENED`]), to weigh those costs against the target |
 //! | [`whatsat`] | WHATSAT through the HTTPS fake, answering at once and after 20 ms, and the TLS handshakes it cost |
 //! | [`propagation`] | time from an IAMAT's reply at one server until the farthest server answers with it (two hops in the 2023 herd, three in the Goloman herd), idle and under load |
 //! | [`memory`] | resident size with many idle connections and with many stored clients |
@@ -385,6 +385,30 @@ fn write_config(
     Ok(path)
 }
 
+/// Where the servers of a cluster log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Logs {
+    /// Files in the cluster's directory, as a herd runs.
+    Files,
+    /// `/dev/null`: every line is still formatted and written, but the kernel keeps nothing.
+    Discarded,
+}
+
+/// Makes each server's log file a link to `/dev/null` before the servers open it for appending.
+fn discard_logs(dir: &TempDir, topology: Topology) -> Result<(), String> {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    for (name, _) in topology {
+        let path = logs.join(format!("{name}.log"));
+        #[cfg(unix)]
+        let linked = std::os::unix::fs::symlink("/dev/null", &path);
+        #[cfg(not(unix))]
+        let linked: std::io::Result<()> = Err(std::io::ErrorKind::Unsupported.into());
+        linked.map_err(|e| format!("cannot link {} to /dev/null: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// A file of `shared/places-fixtures`, beside the crate.
 fn fixture(name: &str) -> Result<Vec<u8>, String> {
     let path = manifest_dir().join("../shared/places-fixtures").join(name);
@@ -627,9 +651,23 @@ impl Cluster {
         topology: Topology,
         places: Option<&FakePlaces>,
     ) -> Result<Cluster, String> {
+        Cluster::start_logging(bench, imp, topology, places, Logs::Files)
+    }
+
+    /// [`Cluster::start`], with the servers' logs where `logs` says.
+    fn start_logging(
+        bench: &Bench,
+        imp: Impl,
+        topology: Topology,
+        places: Option<&FakePlaces>,
+        logs: Logs,
+    ) -> Result<Cluster, String> {
         let dir = TempDir::new(&imp.to_string());
         let ports = free_ports(topology.len())?;
         let config = write_config(&dir, topology, &ports, places)?;
+        if logs == Logs::Discarded {
+            discard_logs(&dir, topology)?;
+        }
         let mut servers = Vec::with_capacity(topology.len());
         for (name, _) in topology {
             servers.push(start_server(bench, imp, name, &config, places.is_some())?);
@@ -1086,13 +1124,18 @@ fn time_wait_sockets() -> Option<usize> {
 
 /// CPU time (user and system) process `pid` has used so far, in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_split(pid).map(|[user, system]| user + system)
+}
+
+/// CPU time process `pid` has used so far, in seconds: `[user, system]`.
+fn cpu_split(pid: u32) -> Option<[f64; 2]> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the command name, which is in parentheses and may hold spaces, the fields go on
     // from the third: utime and stime are the 14th and 15th.
     let (_, fields) = stat.rsplit_once(')')?;
     let mut fields = fields.split_whitespace().skip(11);
-    let ticks: f64 = fields.next()?.parse::<f64>().ok()? + fields.next()?.parse::<f64>().ok()?;
-    Some(ticks / ticks_per_second())
+    let mut seconds = || Some(fields.next()?.parse::<f64>().ok()? / ticks_per_second());
+    Some([seconds()?, seconds()?])
 }
 
 /// Busy time (user, nice and system; not interrupts) of one CPU so far, in clock ticks.
@@ -1892,68 +1935,82 @@ struct HerdWide {
     /// From the end of the loads until every server held every marker.
     converge: Duration,
     client_bound: bool,
+    /// The five servers' CPU time from their start until every server held every marker,
+    /// `[user, system]` in seconds, where the system tells (`/proc`).
+    server_cpu: Option<[f64; 2]>,
 }
 
 impl HerdWide {
     fn per_second(&self) -> f64 {
         self.acknowledged as f64 / (self.load_seconds + self.converge.as_secs_f64())
     }
+
+    /// The servers' CPU time per acknowledged update, in µs: `[user, system]`.
+    fn cpu_per_update(&self) -> Option<[f64; 2]> {
+        let per_update = |seconds: f64| seconds * 1e6 / self.acknowledged.max(1) as f64;
+        self.server_cpu.map(|[u, s]| [per_update(u), per_update(s)])
+    }
 }
+
+/// The herd-wide run of [`herd_wide`], and the same run with one or both of the costs that
+/// grow with the load taken away (the herd only).
+struct Lightened {
+    what: &'static str,
+    /// Distinct client ids per load generator; `None`: the generator's default (10,000).
+    clients: Option<u64>,
+    logs: Logs,
+}
+
+/// The bench's own run: five generators of 10,000 clients each, logs on disk.
+const FULL_HERD: Lightened = Lightened {
+    what: "10,000 clients per generator, logs on disk",
+    clients: None,
+    logs: Logs::Files,
+};
+
+/// Clients per generator small enough that a server's store stays in the caches: 500 records.
+const CACHED_CLIENTS: u64 = 100;
+
+/// The herd with what costs grow with the load taken away: the stores' cache misses (each
+/// server holds 50,000 records, and every record reaches every server in no particular
+/// order), the log's pages (1.3 KB of log per update across the five servers), then both.
+const LIGHTENED: [Lightened; 3] = [
+    Lightened {
+        what: "stores in cache (100 clients per generator)",
+        clients: Some(CACHED_CLIENTS),
+        logs: Logs::Files,
+    },
+    Lightened {
+        what: "logs to /dev/null",
+        clients: None,
+        logs: Logs::Discarded,
+    },
+    Lightened {
+        what: "stores in cache and logs to /dev/null",
+        clients: Some(CACHED_CLIENTS),
+        logs: Logs::Discarded,
+    },
+];
 
 /// The five-server herd of 2023 absorbing IAMAT at every server at once (one load generator per
 /// server, distinct client ids), counted until every server holds every record. On two cores
-/// this measures the total work per update, which flooding multiplies by the herd's size.
+/// this measures the total work per update, which flooding multiplies by the herd's size. In
+/// the herd's turn of each round, just before it, the herd also runs [`LIGHTENED`].
 fn herd_wide(bench: &Bench) -> Result<Vec<Row>, String> {
-    let plan = &bench.plan;
     let runs = bench.alternate(|imp, round| {
-        let herd = Cluster::start(bench, imp, HERD_2023, None)?;
-        herd.await_links()?;
-        // Closed loop at every server at once, measured from the first command (no warm-up),
-        // so that every acknowledged update counts.
-        let specs: Vec<LoadSpec> = herd
-            .servers
-            .iter()
-            .map(|s| LoadSpec {
-                conns: 10,
-                in_flight: 16,
-                id_prefix: Some(format!("{}-", s.name.to_lowercase())),
-                ..LoadSpec::iamat(s.addr, plan.herd_wide, Duration::ZERO)
-            })
-            .collect();
-        let loads = specs
-            .iter()
-            .map(|spec| bench.spawn_load(spec))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut reports = Vec::with_capacity(loads.len());
-        for ((load, spec), server) in loads.into_iter().zip(&specs).zip(&herd.servers) {
-            let label = format!("herd-wide at {}, {imp} round {round}", server.name);
-            let report = bench.finish_load(load, spec)?;
-            bench.record_load(&label, &report);
-            reports.push(report);
-        }
-        let loads_ended = Instant::now();
-        let converge = converge(&herd.servers, "after-load", loads_ended, CONVERGE_BOUND)?;
-        let run = HerdWide {
-            acknowledged: reports.iter().map(|r| r.requests).sum(),
-            load_seconds: reports.iter().map(|r| r.seconds).fold(0.0, f64::max),
-            converge,
-            client_bound: reports.iter().any(|r| r.client_bound),
+        let run =
+            |l: &Lightened| herd_wide_run(bench, imp, &format!("{}, round {round}", l.what), l);
+        let lightened = match imp {
+            Impl::Herd => Some(LIGHTENED.iter().map(run).collect::<Result<Vec<_>, _>>()?),
+            Impl::Prototype => None,
         };
-        bench.record(format!(
-            "herd-wide, {imp} round {round}: {} IAMAT acknowledged in {:.2} s, every server \
-             held every marker {} later: {}",
-            fmt_count(run.acknowledged as f64),
-            run.load_seconds,
-            fmt_micros(run.converge.as_secs_f64() * 1e6),
-            fmt_rate(run.per_second())
-        ));
-        Ok(run)
+        Ok((run(&FULL_HERD)?, lightened))
     })?;
     let mut absorbed = Row::new(
         "Herd-wide IAMAT, 5 servers loaded at once, until all hold all",
         Unit::PerSecond,
         Better::Higher,
-        runs.figure(highest, HerdWide::per_second),
+        runs.figure(highest, |r| r.0.per_second()),
     )
     .goal(Goal::Times(30.0))
     .chart("herd-wide IAMAT, all 5 servers (updates/s)")
@@ -1962,19 +2019,183 @@ fn herd_wide(bench: &Bench) -> Result<Vec<Row>, String> {
          after the load); 5 load generators share one core",
     );
     for imp in Impl::BOTH {
-        if runs.of(imp).iter().any(|r| r.client_bound) {
+        if runs.of(imp).iter().any(|r| r.0.client_bound) {
             absorbed = absorbed.note(format!(
                 "{imp}: some of the 5 load generators were client-bound"
             ));
         }
     }
-    let converged = Row::new(
+    let prototype = absorbed.values.prototype;
+    let herd_runs = runs.of(Impl::Herd);
+    let lightened_runs = |i: usize| {
+        herd_runs
+            .iter()
+            .filter_map(move |r| r.1.as_ref().map(|l| &l[i]))
+    };
+    let lightened: Vec<Option<f64>> = (0..LIGHTENED.len())
+        .map(|i| {
+            highest(
+                &lightened_runs(i)
+                    .map(HerdWide::per_second)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    let cpu = [
+        least_cpu(herd_runs.iter().map(|r| &r.0)),
+        least_cpu(lightened_runs(0)),
+        least_cpu(lightened_runs(1)),
+        least_cpu(lightened_runs(2)),
+    ];
+    if let ([Some(full), Some(cached), Some(discarded), Some(both)], Some(prototype)) =
+        (cpu, prototype)
+    {
+        absorbed = absorbed.note(herd_wide_costs(
+            [full, cached, discarded, both],
+            prototype * 30.0,
+        ));
+    }
+    let mut rows = vec![absorbed];
+    for (i, (l, figure)) in LIGHTENED.iter().zip(lightened).enumerate() {
+        let mut row = Row::new(
+            format!("Herd-wide IAMAT, {} (the herd only)", l.what),
+            Unit::PerSecond,
+            Better::Higher,
+            Pair {
+                herd: figure,
+                prototype,
+            },
+        );
+        if i == 0 {
+            row = row.note(format!(
+                "this row and the next {}: the herd-wide run with what they name taken away, \
+                 in the herd's turn of each round; the ratio is against the prototype's \
+                 full run",
+                LIGHTENED.len() - 1
+            ));
+        }
+        rows.push(row);
+    }
+    rows.push(Row::new(
         "Herd-wide: convergence after the load ends",
         Unit::Micros,
         Better::Lower,
-        runs.figure(lowest, |r| r.converge.as_secs_f64() * 1e6),
-    );
-    Ok(vec![absorbed, converged])
+        runs.figure(lowest, |r| r.0.converge.as_secs_f64() * 1e6),
+    ));
+    Ok(rows)
+}
+
+/// The `[user, system]` CPU per update of the run that used the least.
+fn least_cpu<'a>(runs: impl Iterator<Item = &'a HerdWide>) -> Option<[f64; 2]> {
+    runs.filter_map(HerdWide::cpu_per_update)
+        .min_by(|a, b| (a[0] + a[1]).total_cmp(&(b[0] + b[1])))
+}
+
+/// What the servers' CPU time per update says of the herd-wide target (the five servers share
+/// one core, so 30 times the prototype, `wanted`, leaves 1 s ÷ `wanted` for each update): the
+/// log's pages and the stores' cache misses, each measured with the other taken away, and the
+/// kernel's share of what is left with both taken away (TCP, epoll), against that budget.
+/// Each run is `[user, system]` in µs: the herd, stores in cache, logs to /dev/null, both.
+fn herd_wide_costs([herd, cached, discarded, both]: [[f64; 2]; 4], wanted: f64) -> String {
+    let total = |[user, system]: [f64; 2]| user + system;
+    let log = total(cached) - total(both);
+    let stores = total(discarded) - total(both);
+    let kernel = both[1];
+    let required = log + stores + kernel;
+    let budget = 1e6 / wanted;
+    let verdict = if required >= budget {
+        format!(
+            "those three alone take {required:.2} µs, before any of the herd's own work: out of \
+             this machine's reach while the log is written to disk, the stores hold the bench's \
+             records and the traffic crosses the kernel's TCP"
+        )
+    } else {
+        format!(
+            "those three take {required:.2} µs, leaving {:.2} µs for the herd's own work, which \
+             takes {:.2} µs (user time) with both taken away",
+            budget - required,
+            both[0]
+        )
+    };
+    format!(
+        "the servers' CPU time per update (user + system), least of the rounds: the herd \
+         {:.2} µs; stores in cache {:.2}; logs to /dev/null {:.2}; both {:.2}, of which {kernel:.2} \
+         in the kernel (TCP, epoll). So the log's pages cost {log:.2} µs an update and the \
+         stores' cache misses {stores:.2} µs. The five servers share one core: 30× the \
+         prototype, {}, leaves {budget:.2} µs an update for everything, and {verdict}",
+        total(herd),
+        total(cached),
+        total(discarded),
+        total(both),
+        fmt_rate(wanted),
+    )
+}
+
+/// One herd-wide run (see [`herd_wide`]) of `imp`, as `lightened` says.
+fn herd_wide_run(
+    bench: &Bench,
+    imp: Impl,
+    label: &str,
+    lightened: &Lightened,
+) -> Result<HerdWide, String> {
+    let herd = Cluster::start_logging(bench, imp, HERD_2023, None, lightened.logs)?;
+    herd.await_links()?;
+    // Closed loop at every server at once, measured from the first command (no warm-up), so
+    // that every acknowledged update counts.
+    let specs: Vec<LoadSpec> = herd
+        .servers
+        .iter()
+        .map(|s| LoadSpec {
+            conns: 10,
+            in_flight: 16,
+            clients: lightened.clients,
+            id_prefix: Some(format!("{}-", s.name.to_lowercase())),
+            ..LoadSpec::iamat(s.addr, bench.plan.herd_wide, Duration::ZERO)
+        })
+        .collect();
+    let loads = specs
+        .iter()
+        .map(|spec| bench.spawn_load(spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut reports = Vec::with_capacity(loads.len());
+    for ((load, spec), server) in loads.into_iter().zip(&specs).zip(&herd.servers) {
+        let report = bench.finish_load(load, spec)?;
+        bench.record_load(
+            &format!("herd-wide at {}, {imp}, {label}", server.name),
+            &report,
+        );
+        reports.push(report);
+    }
+    let loads_ended = Instant::now();
+    let converge = converge(&herd.servers, "after-load", loads_ended, CONVERGE_BOUND)?;
+    let server_cpu = herd
+        .servers
+        .iter()
+        .map(|s| cpu_split(s.proc.pid()))
+        .try_fold([0.0, 0.0], |[u, s], cpu| {
+            cpu.map(|[cu, cs]| [u + cu, s + cs])
+        });
+    let run = HerdWide {
+        acknowledged: reports.iter().map(|r| r.requests).sum(),
+        load_seconds: reports.iter().map(|r| r.seconds).fold(0.0, f64::max),
+        converge,
+        client_bound: reports.iter().any(|r| r.client_bound),
+        server_cpu,
+    };
+    let cpu = run
+        .cpu_per_update()
+        .map_or(String::new(), |[user, system]| {
+            format!("; server CPU per update {user:.2} µs user + {system:.2} µs system")
+        });
+    bench.record(format!(
+        "herd-wide, {imp}, {label}: {} IAMAT acknowledged in {:.2} s, every server held every \
+         marker {} later: {}{cpu}",
+        fmt_count(run.acknowledged as f64),
+        run.load_seconds,
+        fmt_micros(run.converge.as_secs_f64() * 1e6),
+        fmt_rate(run.per_second())
+    ));
+    Ok(run)
 }
 
 // ---------------------------------------------------------------------------------------------
