@@ -1973,7 +1973,7 @@ const CACHED_CLIENTS: u64 = 100;
 
 /// The herd with what costs grow with the load taken away: the stores' cache misses (each
 /// server holds 50,000 records, and every record reaches every server in no particular
-/// order), the log's pages (1.3 KB of log per update across the five servers), then both.
+/// order), the log's pages (about 1.8 KB of log per update across the five servers), then both.
 const LIGHTENED: [Lightened; 3] = [
     Lightened {
         what: "stores in cache (100 clients per generator)",
