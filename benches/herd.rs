@@ -19,7 +19,7 @@
 //! | function | what it measures |
 //! |---|---|
 //! | [`lone_iamat`] | IAMAT at one server without neighbours: 50 connections × 1 and × 16 in flight, and one request per connection; the first and last also against a bare server ([`ceiling`]), the most this machine allows |
-//! | [`herd_wide`] | the five-server herd absorbing IAMAT at every server at once, until every server holds every record; the herd also with its stores kept in cache, its logs sent to `/dev/null`, and both ([`LIGHTENED`]), to weigh those costs against the target |
+//! | [`herd_wide`] | the five-server herd absorbing IAMAT at every server at once, until every server holds every record; the herd also with its logs linked to `/dev/null`, to weigh the log and the kernel's TCP work against the target |
 //! | [`whatsat`] | WHATSAT through the HTTPS fake, answering at once and after 20 ms, and the TLS handshakes it cost |
 //! | [`propagation`] | time from an IAMAT's reply at one server until the farthest server answers with it (two hops in the 2023 herd, three in the Goloman herd), idle and under load |
 //! | [`memory`] | resident size with many idle connections and with many stored clients |
@@ -366,7 +366,7 @@ fn write_config(
     ports: &[u16],
     places: Option<&FakePlaces>,
 ) -> Result<PathBuf, String> {
-    let mut text = String::from("# Written by benches/herd.rs.\nlog_dir = \"logs\"\n");
+    let mut text = format!("# Written by benches/herd.rs.\nlog_dir = \"{LOG_DIR}\"\n");
     for ((name, neighbours), port) in topology.iter().zip(ports) {
         let neighbours: Vec<String> = neighbours.iter().map(|n| format!("\"{n}\"")).collect();
         let _ = write!(
@@ -385,6 +385,9 @@ fn write_config(
     Ok(path)
 }
 
+/// The servers' log directory, in the cluster's directory.
+const LOG_DIR: &str = "logs";
+
 /// Where the servers of a cluster log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Logs {
@@ -396,15 +399,12 @@ enum Logs {
 
 /// Makes each server's log file a link to `/dev/null` before the servers open it for appending.
 fn discard_logs(dir: &TempDir, topology: Topology) -> Result<(), String> {
-    let logs = dir.join("logs");
+    let logs = dir.join(LOG_DIR);
     std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
     for (name, _) in topology {
         let path = logs.join(format!("{name}.log"));
-        #[cfg(unix)]
-        let linked = std::os::unix::fs::symlink("/dev/null", &path);
-        #[cfg(not(unix))]
-        let linked: std::io::Result<()> = Err(std::io::ErrorKind::Unsupported.into());
-        linked.map_err(|e| format!("cannot link {} to /dev/null: {e}", path.display()))?;
+        std::os::unix::fs::symlink("/dev/null", &path)
+            .map_err(|e| format!("cannot link {} to /dev/null: {e}", path.display()))?;
     }
     Ok(())
 }
@@ -651,11 +651,11 @@ impl Cluster {
         topology: Topology,
         places: Option<&FakePlaces>,
     ) -> Result<Cluster, String> {
-        Cluster::start_logging(bench, imp, topology, places, Logs::Files)
+        Cluster::start_with_logs(bench, imp, topology, places, Logs::Files)
     }
 
     /// [`Cluster::start`], with the servers' logs where `logs` says.
-    fn start_logging(
+    fn start_with_logs(
         bench: &Bench,
         imp: Impl,
         topology: Topology,
@@ -670,7 +670,15 @@ impl Cluster {
         }
         let mut servers = Vec::with_capacity(topology.len());
         for (name, _) in topology {
-            servers.push(start_server(bench, imp, name, &config, places.is_some())?);
+            let server = start_server(bench, imp, name, &config, places.is_some())?;
+            if logs == Logs::Discarded {
+                let logs_to = std::fs::canonicalize(&server.log).unwrap_or_default();
+                if logs_to != Path::new("/dev/null") {
+                    let to = logs_to.display();
+                    return Err(format!("{name} logs to {to}, not /dev/null"));
+                }
+            }
+            servers.push(server);
         }
         Ok(Cluster { servers, _dir: dir })
     }
@@ -1935,8 +1943,8 @@ struct HerdWide {
     /// From the end of the loads until every server held every marker.
     converge: Duration,
     client_bound: bool,
-    /// The five servers' CPU time from their start until every server held every marker,
-    /// `[user, system]` in seconds, where the system tells (`/proc`).
+    /// The five servers' CPU time from the start of the loads until every server held every
+    /// marker, `[user, system]` in seconds, where the system tells (`/proc`).
     server_cpu: Option<[f64; 2]>,
 }
 
@@ -1952,65 +1960,43 @@ impl HerdWide {
     }
 }
 
-/// The herd-wide run of [`herd_wide`], and the same run with one or both of the costs that
-/// grow with the load taken away (the herd only).
-struct Lightened {
-    what: &'static str,
-    /// Distinct client ids per load generator; `None`: the generator's default (10,000).
-    clients: Option<u64>,
-    logs: Logs,
+/// One round of the herd-wide scenario, for one implementation.
+struct HerdWideRound {
+    /// The run as the herd is meant to run: every line logged to disk.
+    logged: HerdWide,
+    /// In the herd's turn only, before `logged`: the same run with every server's log file
+    /// linked to `/dev/null`.
+    discarded: Option<HerdWide>,
 }
-
-/// The bench's own run: five generators of 10,000 clients each, logs on disk.
-const FULL_HERD: Lightened = Lightened {
-    what: "10,000 clients per generator, logs on disk",
-    clients: None,
-    logs: Logs::Files,
-};
-
-/// Clients per generator small enough that a server's store stays in the caches: 500 records.
-const CACHED_CLIENTS: u64 = 100;
-
-/// The herd with what costs grow with the load taken away: the stores' cache misses (each
-/// server holds 50,000 records, and every record reaches every server in no particular
-/// order), the log's pages (about 1.8 KB of log per update across the five servers), then both.
-const LIGHTENED: [Lightened; 3] = [
-    Lightened {
-        what: "stores in cache (100 clients per generator)",
-        clients: Some(CACHED_CLIENTS),
-        logs: Logs::Files,
-    },
-    Lightened {
-        what: "logs to /dev/null",
-        clients: None,
-        logs: Logs::Discarded,
-    },
-    Lightened {
-        what: "stores in cache and logs to /dev/null",
-        clients: Some(CACHED_CLIENTS),
-        logs: Logs::Discarded,
-    },
-];
 
 /// The five-server herd of 2023 absorbing IAMAT at every server at once (one load generator per
 /// server, distinct client ids), counted until every server holds every record. On two cores
-/// this measures the total work per update, which flooding multiplies by the herd's size. In
-/// the herd's turn of each round, just before it, the herd also runs [`LIGHTENED`].
+/// this measures the total work per update, which flooding multiplies by the herd's size.
+///
+/// In its turn of each round the herd also runs with its logs linked to `/dev/null`: every
+/// line is still formatted and written, but the kernel keeps nothing. From the servers' CPU
+/// time in the two runs, [`herd_wide_budget`] tells what writing the log costs per update,
+/// what the kernel's TCP work costs without it, and what that leaves of the time per update
+/// that 30 times the prototype allows.
 fn herd_wide(bench: &Bench) -> Result<Vec<Row>, String> {
     let runs = bench.alternate(|imp, round| {
-        let run =
-            |l: &Lightened| herd_wide_run(bench, imp, &format!("{}, round {round}", l.what), l);
-        let lightened = match imp {
-            Impl::Herd => Some(LIGHTENED.iter().map(run).collect::<Result<Vec<_>, _>>()?),
+        let discarded = match imp {
+            Impl::Herd => Some(herd_wide_run(
+                bench,
+                imp,
+                &format!("logs to /dev/null, round {round}"),
+                Logs::Discarded,
+            )?),
             Impl::Prototype => None,
         };
-        Ok((run(&FULL_HERD)?, lightened))
+        let logged = herd_wide_run(bench, imp, &format!("round {round}"), Logs::Files)?;
+        Ok(HerdWideRound { logged, discarded })
     })?;
     let mut absorbed = Row::new(
         "Herd-wide IAMAT, 5 servers loaded at once, until all hold all",
         Unit::PerSecond,
         Better::Higher,
-        runs.figure(highest, |r| r.0.per_second()),
+        runs.figure(highest, |r| r.logged.per_second()),
     )
     .goal(Goal::Times(30.0))
     .chart("herd-wide IAMAT, all 5 servers (updates/s)")
@@ -2019,127 +2005,114 @@ fn herd_wide(bench: &Bench) -> Result<Vec<Row>, String> {
          after the load); 5 load generators share one core",
     );
     for imp in Impl::BOTH {
-        if runs.of(imp).iter().any(|r| r.0.client_bound) {
+        if runs.of(imp).iter().any(|r| r.logged.client_bound) {
             absorbed = absorbed.note(format!(
                 "{imp}: some of the 5 load generators were client-bound"
             ));
         }
     }
     let prototype = absorbed.values.prototype;
-    let herd_runs = runs.of(Impl::Herd);
-    let lightened_runs = |i: usize| {
-        herd_runs
-            .iter()
-            .filter_map(move |r| r.1.as_ref().map(|l| &l[i]))
-    };
-    let lightened: Vec<Option<f64>> = (0..LIGHTENED.len())
-        .map(|i| {
-            highest(
-                &lightened_runs(i)
-                    .map(HerdWide::per_second)
-                    .collect::<Vec<_>>(),
-            )
+    let herd_rounds = runs.of(Impl::Herd);
+    let cpu: Vec<[[f64; 2]; 2]> = herd_rounds
+        .iter()
+        .filter_map(|r| {
+            let discarded = r.discarded.as_ref()?.cpu_per_update()?;
+            Some([r.logged.cpu_per_update()?, discarded])
         })
         .collect();
-    let cpu = [
-        least_cpu(herd_runs.iter().map(|r| &r.0)),
-        least_cpu(lightened_runs(0)),
-        least_cpu(lightened_runs(1)),
-        least_cpu(lightened_runs(2)),
-    ];
-    if let ([Some(full), Some(cached), Some(discarded), Some(both)], Some(prototype)) =
-        (cpu, prototype)
-    {
-        absorbed = absorbed.note(herd_wide_costs(
-            [full, cached, discarded, both],
-            prototype * 30.0,
-        ));
-    }
-    let mut rows = vec![absorbed];
-    for (i, (l, figure)) in LIGHTENED.iter().zip(lightened).enumerate() {
-        let mut row = Row::new(
-            format!("Herd-wide IAMAT, {} (the herd only)", l.what),
-            Unit::PerSecond,
-            Better::Higher,
-            Pair {
-                herd: figure,
-                prototype,
-            },
-        );
-        if i == 0 {
-            row = row.note(format!(
-                "this row and the next {}: the herd-wide run with what they name taken away, \
-                 in the herd's turn of each round; the ratio is against the prototype's \
-                 full run",
-                LIGHTENED.len() - 1
-            ));
+    if let Some(prototype) = prototype {
+        if let Some(budget) = herd_wide_budget(&cpu, prototype * 30.0) {
+            absorbed = absorbed.note(budget);
         }
-        rows.push(row);
     }
-    rows.push(Row::new(
+    let discarded = highest(
+        &herd_rounds
+            .iter()
+            .filter_map(|r| r.discarded.as_ref().map(HerdWide::per_second))
+            .collect::<Vec<_>>(),
+    );
+    let discarded = Row::new(
+        "Herd-wide IAMAT, logs linked to /dev/null (the herd only)",
+        Unit::PerSecond,
+        Better::Higher,
+        Pair {
+            herd: discarded,
+            prototype,
+        },
+    )
+    .note(
+        "the same run in the herd's turn of each round, before the herd's own, with every \
+         server's log file linked to /dev/null: every line is still formatted and written, but \
+         the kernel keeps nothing. The ratio is against the prototype logging to disk",
+    );
+    let converged = Row::new(
         "Herd-wide: convergence after the load ends",
         Unit::Micros,
         Better::Lower,
-        runs.figure(lowest, |r| r.0.converge.as_secs_f64() * 1e6),
-    ));
-    Ok(rows)
+        runs.figure(lowest, |r| r.logged.converge.as_secs_f64() * 1e6),
+    );
+    Ok(vec![absorbed, discarded, converged])
 }
 
-/// The `[user, system]` CPU per update of the run that used the least.
-fn least_cpu<'a>(runs: impl Iterator<Item = &'a HerdWide>) -> Option<[f64; 2]> {
-    runs.filter_map(HerdWide::cpu_per_update)
-        .min_by(|a, b| (a[0] + a[1]).total_cmp(&(b[0] + b[1])))
-}
-
-/// What the servers' CPU time per update says of the herd-wide target (the five servers share
-/// one core, so 30 times the prototype, `wanted`, leaves 1 s ÷ `wanted` for each update): the
-/// log's pages and the stores' cache misses, each measured with the other taken away, and the
-/// kernel's share of what is left with both taken away (TCP, epoll), against that budget.
-/// Each run is `[user, system]` in µs: the herd, stores in cache, logs to /dev/null, both.
-fn herd_wide_costs([herd, cached, discarded, both]: [[f64; 2]; 4], wanted: f64) -> String {
+/// What the servers' CPU time per update says of the herd-wide target. The five servers share
+/// one core, so 30 times the prototype, `wanted` updates a second, leaves 1 s ÷ `wanted` of
+/// server time for each update. Each round gives `[logged, discarded]`, each `[user, system]`
+/// in µs: the run logging to disk and the run logging to `/dev/null`. Their difference is what
+/// writing the log costs (the kernel's page cache and disk work, and the caches they evict);
+/// the second run's system time is the kernel's TCP and epoll work. What those two leave of
+/// the budget is all the herd's own work (parsing, merging into the stores, flooding, formatting
+/// the log lines) may take. The round that leaves the most is reported.
+fn herd_wide_budget(rounds: &[[[f64; 2]; 2]], wanted: f64) -> Option<String> {
     let total = |[user, system]: [f64; 2]| user + system;
-    let log = total(cached) - total(both);
-    let stores = total(discarded) - total(both);
-    let kernel = both[1];
-    let required = log + stores + kernel;
     let budget = 1e6 / wanted;
-    let verdict = if required >= budget {
-        format!(
-            "those three alone take {required:.2} µs, before any of the herd's own work: out of \
-             this machine's reach while the log is written to disk, the stores hold the bench's \
-             records and the traffic crosses the kernel's TCP"
-        )
+    let left = |[logged, discarded]: &[[f64; 2]; 2]| {
+        budget - (total(*logged) - total(*discarded)) - discarded[1]
+    };
+    let best = rounds.iter().max_by(|a, b| left(a).total_cmp(&left(b)))?;
+    let [logged, discarded] = *best;
+    let log = total(logged) - total(discarded);
+    let left = left(best);
+    let verdict = if left <= 0.0 {
+        "nothing is left for the herd's own work: out of this machine's reach while every line \
+         is logged to disk and the records travel over TCP"
+            .to_string()
     } else {
         format!(
-            "those three take {required:.2} µs, leaving {:.2} µs for the herd's own work, which \
-             takes {:.2} µs (user time) with both taken away",
-            budget - required,
-            both[0]
+            "{left:.2} µs is left for the herd's own work, which takes {:.2} µs (the user time \
+             logging to /dev/null): it would have to run {:.0} times faster",
+            discarded[0],
+            discarded[0] / left
         )
     };
-    format!(
-        "the servers' CPU time per update (user + system), least of the rounds: the herd \
-         {:.2} µs; stores in cache {:.2}; logs to /dev/null {:.2}; both {:.2}, of which {kernel:.2} \
-         in the kernel (TCP, epoll). So the log's pages cost {log:.2} µs an update and the \
-         stores' cache misses {stores:.2} µs. The five servers share one core: 30× the \
-         prototype, {}, leaves {budget:.2} µs an update for everything, and {verdict}",
-        total(herd),
-        total(cached),
+    Some(format!(
+        "the servers' CPU time per update, from the start of the loads until every server held \
+         every marker, in the herd's round that leaves the most: {:.2} µs logging to disk, \
+         {:.2} µs logging to /dev/null ({:.2} µs user, {:.2} µs system). So writing the log \
+         costs {log:.2} µs an update, and without it the kernel's TCP and epoll work takes {:.2} \
+         µs. The five servers share one core: 30× the prototype, {}, leaves {budget:.2} µs an \
+         update for everything; after the log and the kernel, {verdict}",
+        total(logged),
         total(discarded),
-        total(both),
+        discarded[0],
+        discarded[1],
+        discarded[1],
         fmt_rate(wanted),
-    )
+    ))
 }
 
-/// One herd-wide run (see [`herd_wide`]) of `imp`, as `lightened` says.
-fn herd_wide_run(
-    bench: &Bench,
-    imp: Impl,
-    label: &str,
-    lightened: &Lightened,
-) -> Result<HerdWide, String> {
-    let herd = Cluster::start_logging(bench, imp, HERD_2023, None, lightened.logs)?;
+/// One herd-wide run (see [`herd_wide`]) of `imp`, its servers logging where `logs` says.
+fn herd_wide_run(bench: &Bench, imp: Impl, label: &str, logs: Logs) -> Result<HerdWide, String> {
+    let herd = Cluster::start_with_logs(bench, imp, HERD_2023, None, logs)?;
     herd.await_links()?;
+    let servers_cpu = || {
+        herd.servers
+            .iter()
+            .map(|s| cpu_split(s.proc.pid()))
+            .try_fold([0.0, 0.0], |[u, s], cpu| {
+                cpu.map(|[cu, cs]| [u + cu, s + cs])
+            })
+    };
+    let cpu_before = servers_cpu();
     // Closed loop at every server at once, measured from the first command (no warm-up), so
     // that every acknowledged update counts.
     let specs: Vec<LoadSpec> = herd
@@ -2148,7 +2121,6 @@ fn herd_wide_run(
         .map(|s| LoadSpec {
             conns: 10,
             in_flight: 16,
-            clients: lightened.clients,
             id_prefix: Some(format!("{}-", s.name.to_lowercase())),
             ..LoadSpec::iamat(s.addr, bench.plan.herd_wide, Duration::ZERO)
         })
@@ -2168,13 +2140,10 @@ fn herd_wide_run(
     }
     let loads_ended = Instant::now();
     let converge = converge(&herd.servers, "after-load", loads_ended, CONVERGE_BOUND)?;
-    let server_cpu = herd
-        .servers
-        .iter()
-        .map(|s| cpu_split(s.proc.pid()))
-        .try_fold([0.0, 0.0], |[u, s], cpu| {
-            cpu.map(|[cu, cs]| [u + cu, s + cs])
-        });
+    let server_cpu = match (cpu_before, servers_cpu()) {
+        (Some([u0, s0]), Some([u1, s1])) => Some([u1 - u0, s1 - s0]),
+        _ => None,
+    };
     let run = HerdWide {
         acknowledged: reports.iter().map(|r| r.requests).sum(),
         load_seconds: reports.iter().map(|r| r.seconds).fold(0.0, f64::max),
