@@ -2070,22 +2070,10 @@ mod tests {
         // outstanding, and the schedule falls behind at once.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let opts = LoadOptions {
-            addr,
-            connections: 1,
-            in_flight: 1,
-            duration: Duration::from_millis(400),
-            warmup: Duration::ZERO,
-            mix: Mix::Iamat,
-            one_shot: false,
-            clients: 10,
-            radius_km: "10".into(),
-            bound: 5,
-            id_prefix: CLIENT_PREFIX.into(),
-            rate: Some(1_000_000.0),
-            requests: None,
-            sources: 1,
-        };
+        let opts = parse_args(&args(&format!(
+            "--addr {addr} -c 1 -p 1 -d 400 --warmup-ms 0 --clients 10 --rate 1000000"
+        )))
+        .unwrap();
         let report = run(&opts).unwrap();
         drop(listener);
         assert_eq!(report.requests, 0, "{report:?}");
