@@ -291,6 +291,7 @@ impl Herd {
             (None, None) => {
                 self.log
                     .event(format_args!("c{id}"), format_args!("is peer {name}"));
+                self.links[neighbour].on_neighbour_greeted(self.now, &mut self.log);
                 *role = Role::Peer(PeerSide {
                     neighbour,
                     session: None,
@@ -355,6 +356,7 @@ impl Herd {
             format_args!("c{id}"),
             format_args!("is peer {name}, authenticated"),
         );
+        self.links[*neighbour].on_neighbour_greeted(self.now, &mut self.log);
         *role = Role::Peer(PeerSide {
             neighbour: *neighbour,
             session: Some(Session::new(secret, nd, na, false)),

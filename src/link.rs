@@ -13,6 +13,11 @@
 //!     backoff doubles, 50 ms up to 2 s
 //! ```
 //!
+//! Two things end a wait in `Down`: its timer, or the neighbour itself. A neighbour that greets
+//! us on the connection it dialled is up and reachable, so a link waiting out its backoff (or
+//! stuck on a connect presumed lost, [`STALE_CONNECT`]) is dialled in the same turn, with its
+//! backoff reset ([`Link::on_neighbour_greeted`]): both directions come back together.
+//!
 //! Records go out only on this link; the neighbour's own records arrive on the connection it
 //! dialled to us (an inbound [`crate::conn::Conn`]). The neighbour writes back only heartbeats
 //! and `SYNC`. When the link comes up it sends the whole store, in batches (`sync`), then
@@ -35,6 +40,11 @@ use crate::store::{Store, DIGEST_PARTS};
 pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FIRST_RETRY: Duration = Duration::from_millis(50);
 pub const MAX_RETRY: Duration = Duration::from_secs(2);
+/// A connect still in flight this long after it began, when the neighbour's own connection has
+/// just got through, is presumed lost to a partition that has since healed: the kernel would
+/// retransmit its SYN only 1 s after the first, then 3 s later. Loopback and LAN connects end
+/// in well under a millisecond; a connect younger than this is left to finish.
+pub const STALE_CONNECT: Duration = Duration::from_millis(250);
 /// The store is copied into a link's output only while less than this is waiting, so a sync
 /// of a large store neither stalls the loop nor trips the output cap. A copy of some parts
 /// passes over the other parts' records at a byte each: a few milliseconds for a million.
@@ -145,6 +155,41 @@ impl Link {
             LinkState::Authenticating { .. } => "Authenticating",
             LinkState::Up { .. } => "Up",
         }
+    }
+
+    /// The neighbour has just greeted us on a connection it dialled (and proved it knows the
+    /// secret, when the herd has one): it is up and reachable now. A link waiting out its
+    /// backoff, or stuck on a connect presumed lost ([`STALE_CONNECT`]), is made due at once, so
+    /// that both directions come up together and no update skips the neighbour for the length
+    /// of a backoff. The dial itself happens in this turn's deadlines. A link that is up, or
+    /// connecting or authenticating afresh, is left alone.
+    ///
+    /// This cannot loop: a greeting arrives only when the neighbour's own dial connects, and it
+    /// dials only on its timer or on our greeting while its link is down. Our dial's greeting
+    /// finds its link up (it just greeted us over it), so it changes nothing there.
+    pub fn on_neighbour_greeted(&mut self, now: Instant, log: &mut Log) {
+        let waited = match &self.state {
+            LinkState::Down { retry_at } if *retry_at > now => format!(
+                "was down, retry in {} ms",
+                retry_at.saturating_duration_since(now).as_millis()
+            ),
+            LinkState::Connecting { deadline, .. } => {
+                let began = *deadline - PEER_CONNECT_TIMEOUT;
+                let age = now.saturating_duration_since(began);
+                if age < STALE_CONNECT {
+                    return;
+                }
+                format!("a connect unanswered for {} ms", age.as_millis())
+            }
+            _ => return,
+        };
+        log.event(
+            format_args!("link {}", self.name),
+            format_args!("the neighbour greeted us ({waited}): dialling now"),
+        );
+        self.failures = 0;
+        // Dropping a connecting stream closes it, which also removes it from the poll.
+        self.state = LinkState::Down { retry_at: now };
     }
 
     /// Fires whatever deadline has passed; safe to call when none has.
@@ -507,6 +552,33 @@ fn send(wire: &mut Wire, session: &mut Option<Session>, payload: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_greeting_makes_a_waiting_link_due_now_with_its_backoff_reset() {
+        let t0 = Instant::now();
+        let mut log = Log::discard();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+        let mut link = Link::new("Bona".into(), 0, addr, t0);
+        for _ in 0..7 {
+            link.go_down(t0, &mut log, "refused");
+        }
+        assert_eq!(link.deadline(), Some(t0 + MAX_RETRY));
+        // Heard from the neighbour 10 ms later: due at once, and the next failure waits the
+        // first backoff again.
+        let t1 = t0 + Duration::from_millis(10);
+        link.on_neighbour_greeted(t1, &mut log);
+        assert_eq!(link.deadline(), Some(t1));
+        assert_eq!(link.failures, 0);
+        link.go_down(t1, &mut log, "refused");
+        assert_eq!(link.deadline(), Some(t1 + FIRST_RETRY));
+        // Already due: nothing changes.
+        let t2 = t1 + FIRST_RETRY;
+        link.on_neighbour_greeted(t2, &mut log);
+        assert_eq!(
+            (link.deadline(), link.failures),
+            (Some(t1 + FIRST_RETRY), 1)
+        );
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod fake_places;
+pub mod netns;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -182,10 +183,6 @@ fn parse_listening_line(line: &str, name: &str, cwd: &Path) -> Option<(SocketAdd
     Some((addr, cwd.join(log)))
 }
 
-/// Spawns `herd serve NAME --config PATH` with the directory of the configuration as its
-/// working directory, `env` added to its environment (and `GOOGLE_PLACES_API_KEY` removed
-/// unless `env` sets it), stdin null, stdout piped and drained by a thread, stderr inherited.
-/// Returns once the server has printed its "listening" line; panics after 10 s without one.
 /// The command that runs one server, before its NAME: `herd serve`, or, with
 /// `HERD_TEST_SERVER=prototype`, the Python asyncio prototype the benchmark measures the herd
 /// against, so that the protocol tests check the opponent too
@@ -207,22 +204,43 @@ pub fn server_command() -> Command {
     }
 }
 
+/// Spawns `herd serve NAME --config PATH` with the directory of the configuration as its
+/// working directory, `env` added to its environment (and each of [`SERVER_ENV`] it does not
+/// set removed), stdin null, stdout piped and drained by a thread, stderr inherited. Returns
+/// once the server has printed its "listening" line; panics after 10 s without one.
 pub fn spawn_server(config: &Path, name: &str, env: &[(&str, &str)]) -> ServerProc {
+    spawn_server_in(None, config, name, env)
+}
+
+/// Every environment variable the server reads: the harness clears each one a test does not
+/// set, so that the environment the tests run in cannot leak into a server.
+pub const SERVER_ENV: [&str; 3] = ["GOOGLE_PLACES_API_KEY", "HERD_SECRET", "RUST_LOG"];
+
+/// [`spawn_server`], inside host `host` of `net` when one is given.
+pub fn spawn_server_in(
+    host: Option<(&netns::Net, &str)>,
+    config: &Path,
+    name: &str,
+    env: &[(&str, &str)],
+) -> ServerProc {
     let cwd = config
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let mut command = server_command();
+    command.arg(name).arg("--config").arg(config);
+    if let Some((net, host)) = host {
+        command = net.command_in(host, &command);
+    }
     command
-        .arg(name)
-        .arg("--config")
-        .arg(config)
         .current_dir(&cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    if !env.iter().any(|(k, _)| *k == "GOOGLE_PLACES_API_KEY") {
-        command.env_remove("GOOGLE_PLACES_API_KEY");
+    for var in SERVER_ENV {
+        if !env.iter().any(|(k, _)| *k == var) {
+            command.env_remove(var);
+        }
     }
     for (k, v) in env {
         command.env(k, v);
