@@ -5,6 +5,8 @@
 //! WHATSAT waits on Places. What a line *means* is decided in [`crate::herd`].
 
 use std::collections::VecDeque;
+
+use memchr::memchr;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -128,7 +130,7 @@ impl LineReader {
     /// The next line, if a whole one is buffered (or the stream ended after a partial one).
     pub fn next_line(&mut self, max_line_bytes: usize) -> Option<Line<'_>> {
         let pending = &self.buf[self.start..];
-        let found = find_byte(&pending[self.scanned..], b'\n');
+        let found = memchr(b'\n', &pending[self.scanned..]);
         let (len, consumed) = match found {
             Some(i) => (self.scanned + i, self.scanned + i + 1),
             None if pending.len() > max_line_bytes => (pending.len(), pending.len()),
@@ -160,36 +162,6 @@ impl LineReader {
             self.buf = Vec::new();
         }
     }
-}
-
-/// The index of the first `byte` in `haystack`, eight bytes at a time (memchr's word trick):
-/// every line of every connection is found with it.
-pub fn find_byte(haystack: &[u8], byte: u8) -> Option<usize> {
-    let pattern = ONES * u64::from(byte);
-    let mut chunks = haystack.chunks_exact(8);
-    let mut offset = 0;
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        // Bytes equal to `byte` become zero, and the lowest zero is found exactly.
-        let found = zero_bytes(u64::from_le_bytes(word) ^ pattern);
-        if found != 0 {
-            return Some(offset + (found.trailing_zeros() / 8) as usize);
-        }
-        offset += 8;
-    }
-    let tail = chunks.remainder();
-    tail.iter().position(|&b| b == byte).map(|i| offset + i)
-}
-
-/// Eight copies of the byte 1, and of the byte's top bit.
-pub const ONES: u64 = 0x0101_0101_0101_0101;
-pub const HIGHS: u64 = 0x8080_8080_8080_8080;
-
-/// The top bit of every byte of `w` that is zero, and maybe of some bytes above a zero one: a
-/// borrow can mark bytes above a real zero, never below, so the lowest mark is exact.
-pub fn zero_bytes(w: u64) -> u64 {
-    w.wrapping_sub(ONES) & !w & HIGHS
 }
 
 /// Bytes waiting to be written to a socket.
@@ -433,25 +405,6 @@ mod tests {
             });
         }
         out
-    }
-
-    #[test]
-    fn find_byte_agrees_with_a_plain_search() {
-        let text: Vec<u8> = (0..100u8)
-            .map(|i| if i % 13 == 12 { b'\n' } else { b'a' + i % 26 })
-            .collect();
-        for start in 0..text.len() {
-            for &byte in &[b'\n', b'a', b'z', 0x80, 0] {
-                let plain = text[start..].iter().position(|&b| b == byte);
-                assert_eq!(find_byte(&text[start..], byte), plain, "{start} {byte}");
-            }
-        }
-        // A byte just above a match must not be reported first (the borrow only runs upwards).
-        assert_eq!(
-            find_byte(b"\x0a\x0b\x0a\x0a\x0a\x0a\x0a\x0a", b'\x0b'),
-            Some(1)
-        );
-        assert_eq!(find_byte(b"", b'\n'), None);
     }
 
     #[test]

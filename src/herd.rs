@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use crate::config::Limits;
 use crate::conn::{Conn, ConnState, Line, OutBuf, PeerSide, Replies, Role};
-use crate::https::PlacesPool;
 use crate::link::{self, Link};
 use crate::log::{Log, Who};
 use crate::peer::{self, Compared, Comparison, PeerLine, Secret, Session};
+use crate::places::pool::PlacesPool;
 use crate::places::{self, Query};
 use crate::protocol::{self, Command};
 use crate::reactor::Registrar;

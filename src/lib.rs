@@ -3,15 +3,11 @@
 // (.cargo/config.toml: --document-private-items), so its links to private items resolve.
 #![allow(rustdoc::private_intra_doc_links)]
 
-pub mod client;
+pub mod bytes;
 pub mod config;
 pub mod conn;
 pub mod herd;
-pub mod http;
-pub mod https;
-pub mod legacy;
 pub mod link;
-pub mod load;
 pub mod log;
 pub mod peer;
 pub mod places;
@@ -19,5 +15,6 @@ pub mod protocol;
 pub mod reactor;
 pub mod server;
 pub mod store;
+pub mod tools;
 pub mod trace;
-pub mod up;
+pub mod wire;

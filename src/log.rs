@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::conn::{zero_bytes, HIGHS, ONES};
+use crate::bytes::{escape_into, push_decimal};
 
 /// Past this much buffered text the log is written out at once rather than at the end of the turn.
 const FLUSH_AT_BYTES: usize = 1 << 20;
@@ -228,76 +228,6 @@ pub enum Who<'a> {
     Peer(&'a str),
 }
 
-/// Appends `n` in decimal.
-pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-}
-
-/// Appends `bytes` with everything but printable ASCII escaped: `\n`, `\r`, `\t`, `\\`, `\xNN`.
-/// Runs of printable bytes are copied whole: a reply's only escape is usually its final `\n`.
-pub fn escape_into(out: &mut Vec<u8>, mut bytes: &[u8]) {
-    while let Some(at) = first_to_escape(bytes) {
-        out.extend_from_slice(&bytes[..at]);
-        match bytes[at] {
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b => {
-                let hex = b"0123456789abcdef";
-                let escaped = [
-                    b'\\',
-                    b'x',
-                    hex[usize::from(b >> 4)],
-                    hex[usize::from(b & 15)],
-                ];
-                out.extend_from_slice(&escaped);
-            }
-        }
-        bytes = &bytes[at + 1..];
-    }
-    out.extend_from_slice(bytes);
-}
-
-/// The first byte that is not printable ASCII or is a backslash. Every logged line goes through
-/// here, so it looks at eight bytes at a time: the classic bit tricks below say, exactly,
-/// whether any byte of a word is below 0x20, has its top bit set, or equals 0x7f or `\`.
-fn first_to_escape(bytes: &[u8]) -> Option<usize> {
-    let any_zero = |w: u64| zero_bytes(w) != 0;
-    let needs = |b: u8| !(0x20..0x7f).contains(&b) || b == b'\\';
-    let mut words = bytes.chunks_exact(8);
-    let mut at = 0;
-    for word in words.by_ref() {
-        let mut eight = [0u8; 8];
-        eight.copy_from_slice(word);
-        let w = u64::from_le_bytes(eight);
-        let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGHS != 0;
-        if below_space
-            || w & HIGHS != 0
-            || any_zero(w ^ (ONES * 0x7f))
-            || any_zero(w ^ (ONES * u64::from(b'\\')))
-        {
-            return word.iter().position(|&b| needs(b)).map(|i| at + i);
-        }
-        at += 8;
-    }
-    words
-        .remainder()
-        .iter()
-        .position(|&b| needs(b))
-        .map(|i| at + i)
-}
-
 /// Formats `t` as `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` (UTC).
 pub fn format_utc(out: &mut String, t: SystemTime) {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -342,24 +272,6 @@ mod tests {
     }
 
     #[test]
-    fn the_word_at_a_time_scan_finds_the_first_byte_to_escape() {
-        for b in 0u8..=255 {
-            for len in 1..20 {
-                for at in 0..len {
-                    let mut bytes = vec![b'a'; len];
-                    bytes[at] = b;
-                    let needs = !(0x20..0x7f).contains(&b) || b == b'\\';
-                    assert_eq!(
-                        first_to_escape(&bytes),
-                        needs.then_some(at),
-                        "{b:#x} at {at} of {len}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
     fn written_pages_go_to_disk_in_steps_and_leave_the_cache_lag_bytes_later() {
         let mut released = Vec::new();
         // A file that held half a page when it was opened.
@@ -388,13 +300,6 @@ mod tests {
             "{dropped:?}"
         );
         assert_eq!(dropped.last().map(|d| d.end), Some(end - CACHE_LAG));
-    }
-
-    #[test]
-    fn client_bytes_cannot_forge_lines() {
-        let mut out = Vec::new();
-        escape_into(&mut out, b"a\nFAKE\\ \x1b[31m\xff");
-        assert_eq!(out, b"a\\nFAKE\\\\ \\x1b[31m\\xff");
     }
 
     #[test]

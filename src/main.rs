@@ -101,7 +101,7 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
         }
         ["up"] => {
             let (config_path, config) = load()?;
-            match herd::up::run(&config_path, &config, trace) {
+            match herd::tools::up::run(&config_path, &config, trace) {
                 Ok(0) => Ok(()),
                 Ok(code) => Err(Failure(code as u8, "the herd stopped with an error".into())),
                 Err(e) => Err(Failure(1, e)),
@@ -109,7 +109,7 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
         }
         ["iamat", server, client, location] => talk(
             server,
-            &herd::client::iamat_line(client, location),
+            &herd::tools::client::iamat_line(client, location),
             &config_path,
         ),
         ["whatsat", server, client, radius, bound] => talk(
@@ -133,8 +133,8 @@ fn talk(server: &str, line: &str, config_path: &Option<PathBuf>) -> Result<(), F
         Some(path) => Some(Config::load(path).map_err(usage)?),
         None => None,
     };
-    let addr = herd::client::server_address(server, config.as_ref()).map_err(usage)?;
-    let reply = herd::client::exchange(addr, line).map_err(|e| Failure(1, e))?;
+    let addr = herd::tools::client::server_address(server, config.as_ref()).map_err(usage)?;
+    let reply = herd::tools::client::exchange(addr, line).map_err(|e| Failure(1, e))?;
     std::io::stdout()
         .write_all(&reply)
         .and_then(|()| std::io::stdout().flush())
@@ -168,12 +168,12 @@ fn init_logging(trace: bool) {
 /// `herd load`: its own options, one line of JSON on standard output.
 fn load(args: &[String]) -> Result<(), Failure> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{}", herd::load::USAGE);
+        println!("{}", herd::tools::load::USAGE);
         return Ok(());
     }
-    let opts = herd::load::parse_args(args).map_err(usage)?;
+    let opts = herd::tools::load::parse_args(args).map_err(usage)?;
     raise_descriptor_limit(); // every connection of the load is one
-    let report = herd::load::run(&opts).map_err(|e| Failure(1, e))?;
+    let report = herd::tools::load::run(&opts).map_err(|e| Failure(1, e))?;
     println!("{}", report.to_json());
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! Nothing here touches a socket or a clock: the caller passes the receive time in. Everything
 //! works on bytes, because a client id is any run of non-white-space bytes and need not be UTF-8.
 
-use crate::log::push_decimal;
+use crate::bytes::push_decimal;
 
 /// The six bytes SPEC.md section 2 counts as white space. `u8::is_ascii_whitespace` (and so
 /// `split_ascii_whitespace`) leaves out `\v`, which test clients do send.

@@ -13,8 +13,8 @@
 
 use std::collections::HashMap;
 
-use crate::conn::find_byte;
 use crate::protocol::{is_newer, parse_at_record};
+use memchr::memchr;
 
 /// One client's latest update: the `AT` line exactly as first sent, and its client time.
 #[derive(Debug)]
@@ -98,12 +98,12 @@ pub fn record_hash(line: &[u8]) -> u64 {
 fn fourth_field(line: &[u8]) -> &[u8] {
     let mut rest = line;
     for _ in 0..3 {
-        match find_byte(rest, b' ') {
+        match memchr(b' ', rest) {
             Some(space) => rest = &rest[space + 1..],
             None => return &[],
         }
     }
-    &rest[..find_byte(rest, b' ').unwrap_or(rest.len())]
+    &rest[..memchr(b' ', rest).unwrap_or(rest.len())]
 }
 
 impl Store {

@@ -6,8 +6,8 @@
 //! on every run: that is the corpus. CI runs the default 256 cases per property; a longer hunt
 //! is `PROPTEST_CASES=100000 cargo test --release --test properties`.
 
-use herd::http::ResponseReader;
 use herd::peer::{self, Secret, Session};
+use herd::places::http::ResponseReader;
 use herd::places::{self, Api, Output};
 use herd::protocol::{self, Command};
 use proptest::prelude::*;

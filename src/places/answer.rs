@@ -1,5 +1,5 @@
 //! Google Places as pure functions: the request a WHATSAT becomes, and the reply body made from
-//! Google's answer (SPEC.md section 4). The connection that carries them is [`crate::https`].
+//! Google's answer (SPEC.md section 4). The connection that carries them is [`crate::places::pool`].
 //!
 //! The body is relayed as Google wrote it. Cutting the results array to the bound splices the raw
 //! text: serde_json checks the JSON and gives the byte offsets of the array's elements, and the
@@ -13,8 +13,8 @@ use serde::de::{
 };
 use serde_json::value::RawValue;
 
-use crate::conn::find_byte;
 use crate::protocol::Coordinate;
+use memchr::memchr;
 
 /// Which Places API a server talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub enum Output {
     /// Google's body as Google sent it (cut to the bound, newlines squeezed).
     AsSent,
     /// With the New API, its answer turned into a legacy Nearby Search body, for clients written
-    /// for the legacy layout ([`crate::legacy`]). The same as `AsSent` with the legacy API.
+    /// for the legacy layout ([`crate::places::legacy`]). The same as `AsSent` with the legacy API.
     Legacy,
 }
 
@@ -136,7 +136,7 @@ pub fn answer(api: Api, output: Output, raw: &[u8], bound: usize) -> Result<Answ
     let legacy;
     let pieces = match (api, output) {
         (Api::New, Output::Legacy) => {
-            legacy = crate::legacy::new_to_legacy(raw, bound)?;
+            legacy = crate::places::legacy::new_to_legacy(raw, bound)?;
             [&legacy[..], &[][..]]
         }
         _ => match found.elements {
@@ -174,7 +174,7 @@ fn squeeze_newlines(text: &[u8]) -> Vec<u8> {
 /// Appends `text` to `out`, a run of newlines kept as one, counting the newline `out` may
 /// already end with.
 fn push_squeezed(out: &mut Vec<u8>, mut text: &[u8]) {
-    while let Some(at) = find_byte(text, b'\n') {
+    while let Some(at) = memchr(b'\n', text) {
         out.extend_from_slice(&text[..at]);
         // An empty piece after a newline is a run of newlines: one is kept.
         if at > 0 || out.last() != Some(&b'\n') {

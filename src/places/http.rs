@@ -4,7 +4,7 @@
 //! `Transfer-Encoding: chunked`, or by the end of the stream. Bytes may arrive in pieces of any
 //! size, so every step can stop in the middle and resume on the next [`ResponseReader::push`].
 
-use crate::conn::find_byte;
+use memchr::memchr;
 
 /// A whole response.
 #[derive(Debug, PartialEq, Eq)]
@@ -386,7 +386,7 @@ fn malformed(e: httparse::Error) -> HttpError {
 /// The line at the start of `input` (without its `\n`) and what follows it, once it is whole.
 /// The first `searched` bytes hold no `\n`.
 fn split_line(input: &[u8], searched: usize) -> Option<(&[u8], &[u8])> {
-    let end = searched + find_byte(input.get(searched..)?, b'\n')?;
+    let end = searched + memchr(b'\n', input.get(searched..)?)?;
     Some((&input[..end], &input[end + 1..]))
 }
 
@@ -394,7 +394,7 @@ fn split_line(input: &[u8], searched: usize) -> Option<(&[u8], &[u8])> {
 /// line, `\n\n` or `\n\r\n`, which may begin in the last two bytes searched.
 fn ends_a_head(input: &[u8], searched: usize) -> bool {
     let mut from = searched.saturating_sub(2);
-    while let Some(at) = input.get(from..).and_then(|rest| find_byte(rest, b'\n')) {
+    while let Some(at) = input.get(from..).and_then(|rest| memchr(b'\n', rest)) {
         let after = &input[from + at + 1..];
         if after.starts_with(b"\n") || after.starts_with(b"\r\n") {
             return true;

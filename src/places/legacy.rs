@@ -2,7 +2,7 @@
 //! against the legacy API (SPEC.md section 4) when the server's key only opens the New one.
 //!
 //! This is the one place where the herd re-serialises Google's JSON instead of splicing it
-//! (compare [`crate::places`]), because there is no legacy text to splice: the body is built
+//! (compare [`crate::places::answer`]), because there is no legacy text to splice: the body is built
 //! from the New answer's fields and written the way Google's legacy service writes, byte for
 //! byte (`../shared/places-fixtures/README.md`): JsonCpp's `StyledWriter` with keys sorted,
 //! a 3-space indent, `"key" : value`, scalar arrays inline when short, doubles as `%.16g`,

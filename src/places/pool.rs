@@ -1,6 +1,6 @@
 //! HTTPS to Google Places, written by hand as state machines in the server's one poll loop:
 //! non-blocking connect, TLS with rustls, an HTTP/1.1 request, the response read by
-//! [`crate::http::ResponseReader`], and the connection kept alive for the next request.
+//! [`crate::places::http::ResponseReader`], and the connection kept alive for the next request.
 //!
 //! A [`PlacesPool`] has a fixed number of slots, each holding at most one connection:
 //!
@@ -34,8 +34,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use crate::config::PlacesConfig;
-use crate::http::ResponseReader;
 use crate::log::Log;
+use crate::places::http::ResponseReader;
 use crate::places::{self, Api, Output};
 use crate::reactor::{Registrar, Source};
 
