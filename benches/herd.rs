@@ -409,9 +409,9 @@ fn discard_logs(dir: &TempDir, topology: Topology) -> Result<(), String> {
     Ok(())
 }
 
-/// A file of `shared/places-fixtures`, beside the crate.
+/// A Google Places sample answer of `tests/data/places`.
 fn fixture(name: &str) -> Result<Vec<u8>, String> {
-    let path = manifest_dir().join("../shared/places-fixtures").join(name);
+    let path = manifest_dir().join("tests/data/places").join(name);
     std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 

@@ -441,7 +441,7 @@ mod tests {
     fn new_api_answers_can_be_relayed_in_the_legacy_layout() {
         let raw = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/places-fixtures/new_ok_5.json"
+            "/tests/data/places/new_ok_5.json"
         ))
         .unwrap();
         let expected = std::fs::read(concat!(

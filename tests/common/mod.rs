@@ -71,10 +71,10 @@ impl Drop for TestDir {
     }
 }
 
-/// Reads `shared/places-fixtures/<name>` (beside the crate: `../shared/places-fixtures`).
+/// Reads `tests/data/places/<name>`, a Google Places sample answer (made by `make_places.py`).
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/places-fixtures")
+        .join("tests/data/places")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
