@@ -320,7 +320,7 @@ impl Drop for TempDir {
     }
 }
 
-/// A herd's shape: each server's name and the servers it talks with (SPEC.md section 1).
+/// A herd's shape: each server's name and the servers it talks with (docs/protocol.md section 1).
 type Topology = &'static [(&'static str, &'static [&'static str])];
 
 /// One server, no neighbours: nothing but the protocol, the store and the log.

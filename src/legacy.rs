@@ -1,5 +1,6 @@
 //! Places API (New) answers rewritten as legacy Nearby Search bodies, for clients written
-//! against the legacy API (SPEC.md section 4) when the server's key only opens the New one.
+//! against the legacy API (docs/protocol.md section 4) when the server's key only opens the New
+//! one.
 //!
 //! This is the one place where the herd re-serialises Google's JSON instead of splicing it
 //! (compare [`crate::places`]), because there is no legacy text to splice: the body is built

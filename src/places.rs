@@ -1,5 +1,6 @@
 //! Google Places as pure functions: the request a WHATSAT becomes, and the reply body made from
-//! Google's answer (SPEC.md section 4). The connection that carries them is [`crate::https`].
+//! Google's answer (docs/protocol.md section 4). The connection that carries them is
+//! [`crate::https`].
 //!
 //! The body is relayed as Google wrote it. Cutting the results array to the bound splices the raw
 //! text: serde_json checks the JSON and gives the byte offsets of the array's elements, and the

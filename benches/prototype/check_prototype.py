@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Checks herd_prototype.py against SPEC.md by hand-rolled black-box tests (standard library).
+"""Checks herd_prototype.py against docs/protocol.md by hand-rolled black-box tests (standard
+library).
 
     python3 benches/prototype/check_prototype.py [--herd-only | --quick]
 

@@ -686,9 +686,9 @@ pub fn dump_store(server: &ServerProc) -> String {
     String::from_utf8_lossy(&text.expect("read")).into_owned()
 }
 
-/// SPEC section 4's newline rules for a relayed body, written from the spec on their own (the
-/// tests' oracle, not the server's code): every run of two or more `\n` becomes one, and
-/// trailing `\n` are removed.
+/// The newline rules of docs/protocol.md section 4 for a relayed body, written from the
+/// document on their own (the tests' oracle, not the server's code): every run of two or more
+/// `\n` becomes one, and trailing `\n` are removed.
 pub fn newline_rules(body: &[u8]) -> Vec<u8> {
     let mut out: Vec<u8> = Vec::with_capacity(body.len());
     for &b in body {

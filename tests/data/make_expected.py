@@ -11,9 +11,9 @@ the Places API (New) style). It first checks that re-serialising an uncut
 sample reproduces it byte for byte, so the writers are faithful to the bytes
 Google sends.
 
-SPEC section 4: the reply body is Google's JSON with the results array cut to
-`bound` entries, every run of two or more newlines replaced by one, and the
-trailing newlines removed.
+docs/protocol.md section 4: the reply body is Google's JSON with the results
+array cut to `bound` entries, every run of two or more newlines replaced by
+one, and the trailing newlines removed.
 """
 import json
 import os

@@ -8,7 +8,7 @@ This is an oracle independent of the herd's code. It parses the New API samples 
 tests/data/places with Python's json module (exact decimal-to-double conversion), applies the
 mapping documented in src/legacy.rs to plain Python dicts, and writes them with the sample
 generator's own legacy_text (Google's legacy JsonCpp style). The writer's trailing "\\n" is
-kept: the newline rules of SPEC section 4 are applied later, by places.rs.
+kept: the newline rules of docs/protocol.md section 4 are applied later, by places.rs.
 
 Outputs (tests/data/):
   new_as_legacy_{0,1,3,5}.json    new_ok_5.json with the results cut to 0, 1, 3, 5
