@@ -12,6 +12,7 @@
 //! cargo bench --bench herd -- --save      # also copy both files into benches/results/
 //! cargo bench --bench herd -- --smoke     # a tiny round of every scenario, for CI
 //! cargo bench --bench herd -- memory      # only the scenarios whose name holds a word
+//! cargo bench --bench herd -- --help      # the options, and nothing run
 //! ```
 //!
 //! The scenarios, one function each, in the order they run:
@@ -320,7 +321,7 @@ impl Drop for TempDir {
     }
 }
 
-/// A herd's shape: each server's name and the servers it talks with (SPEC.md section 1).
+/// A herd's shape: each server's name and the servers it talks with (docs/protocol.md section 1).
 type Topology = &'static [(&'static str, &'static [&'static str])];
 
 /// One server, no neighbours: nothing but the protocol, the store and the log.
@@ -409,9 +410,9 @@ fn discard_logs(dir: &TempDir, topology: Topology) -> Result<(), String> {
     Ok(())
 }
 
-/// A file of `shared/places-fixtures`, beside the crate.
+/// A Google Places sample answer of `tests/data/places`.
 fn fixture(name: &str) -> Result<Vec<u8>, String> {
-    let path = manifest_dir().join("../shared/places-fixtures").join(name);
+    let path = manifest_dir().join("tests/data/places").join(name);
     std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
@@ -3022,10 +3023,79 @@ type Scenario = fn(&Bench) -> Result<Vec<Row>, String>;
 /// Runs this binary as the ceiling server instead of the bench.
 const CEILING_FLAG: &str = "--ceiling-server";
 
+/// The scenarios, in the order they run: a name (which filters match) and its function.
+const SCENARIOS: [(&str, Scenario); 6] = [
+    ("lone server IAMAT", lone_iamat),
+    ("herd-wide IAMAT", herd_wide),
+    ("WHATSAT through the HTTPS fake", whatsat),
+    ("propagation", propagation),
+    ("memory", memory),
+    ("start-up", startup),
+];
+
+/// What the command line asks for.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Options {
+    /// A tiny round of every scenario.
+    smoke: bool,
+    /// Also copy the results into `benches/results/`.
+    save: bool,
+    /// Words: only scenarios whose name contains one of them run.
+    filters: Vec<String>,
+}
+
+/// What `cargo bench --bench herd -- --help` prints.
+fn usage() -> String {
+    let names: Vec<&str> = SCENARIOS.iter().map(|(name, _)| *name).collect();
+    format!(
+        "The herd against its Python asyncio prototype: both run every scenario in alternation,
+and one table compares them.
+
+usage: cargo bench --bench herd [-- [OPTION | WORD]...]
+
+  (nothing)   every scenario, a few minutes on two cores; writes results.md and
+              herd-vs-prototype.svg to bench/ in the target directory
+  --smoke     a tiny round of every scenario, in seconds: both herds build, start and answer
+              (what CI runs); its figures mean nothing, and go to bench/smoke/
+  --save      after a full run, also copy both files into benches/results/ (ignored with
+              --smoke or a WORD)
+  WORD        only the scenarios whose name contains WORD, in any case; the partial table goes
+              to bench/partial/
+  -h, --help  print this and run nothing
+
+Scenarios, in the order they run:
+  {}
+
+Exit status: 0 when everything ran; 1 when something did not (a server did not start, a load
+reported errors, a record never arrived in time); 2 for an unknown option.",
+        names.join("\n  ")
+    )
+}
+
+/// Reads the bench's arguments; `Ok(None)` asks for the usage. Cargo appends `--bench` when it
+/// runs a bench without the test harness, so that flag is accepted and means nothing.
+fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(None);
+    }
+    let mut options = Options::default();
+    for arg in args {
+        match arg.as_str() {
+            "--smoke" => options.smoke = true,
+            "--save" => options.save = true,
+            "--bench" => {}
+            word if !word.starts_with('-') => options.filters.push(word.to_owned()),
+            other => {
+                return Err(format!(
+                    "unknown option {other} (cargo bench --bench herd -- --help lists them)"
+                ))
+            }
+        }
+    }
+    Ok(Some(options))
+}
+
 fn main() -> ExitCode {
-    // Cargo passes `--bench` to a harness-free bench: unknown flags are ignored. Other words
-    // are filters, as with any `cargo bench -- FILTER`: only scenarios whose name contains
-    // one of them run (`cargo bench --bench herd -- memory`).
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == CEILING_FLAG) {
         if let Err(e) = ceiling::serve() {
@@ -3033,9 +3103,21 @@ fn main() -> ExitCode {
         }
         return ExitCode::FAILURE; // it serves until killed
     }
-    let smoke = args.iter().any(|a| a == "--smoke");
-    let save = args.iter().any(|a| a == "--save");
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let Options {
+        smoke,
+        save,
+        filters,
+    } = match parse_args(&args) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("herd bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let bench = Bench {
         plan: if smoke { Plan::smoke() } else { Plan::full() },
         cpus: Cpus::detect(),
@@ -3062,14 +3144,6 @@ fn main() -> ExitCode {
         bench.cpus.describe()
     );
 
-    let scenarios: [(&str, Scenario); 6] = [
-        ("lone server IAMAT", lone_iamat),
-        ("herd-wide IAMAT", herd_wide),
-        ("WHATSAT through the HTTPS fake", whatsat),
-        ("propagation", propagation),
-        ("memory", memory),
-        ("start-up", startup),
-    ];
     let chosen = |name: &str| {
         filters.is_empty()
             || filters
@@ -3078,7 +3152,7 @@ fn main() -> ExitCode {
     };
     let started = Instant::now();
     let mut table = Table::default();
-    for (name, scenario) in scenarios.into_iter().filter(|(name, _)| chosen(name)) {
+    for (name, scenario) in SCENARIOS.into_iter().filter(|(name, _)| chosen(name)) {
         eprintln!("== {name}");
         let t = Instant::now();
         match scenario(&bench) {

@@ -49,7 +49,7 @@ pub struct PlacesConfig {
     pub field_mask: String,
 }
 
-/// Every buffer's limit (SPEC.md section 7); README.md says what crossing each one does.
+/// Every buffer's limit (docs/protocol.md section 7); README.md says what crossing each one does.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_line_bytes: usize,

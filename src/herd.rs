@@ -201,8 +201,8 @@ impl Herd {
                 at.clear();
                 protocol::write_at_line(&mut at, &self.name, self.now_ns, &iamat);
                 if self.store.merge(iamat.client, iamat.time_ns, &at) == Merge::Stored {
-                    // The neighbours get the update before the client gets its reply (SPEC.md
-                    // section 5); the loop also writes links before clients.
+                    // The neighbours get the update before the client gets its reply
+                    // (docs/protocol.md section 5); the loop also writes links before clients.
                     self.flood(&at, None);
                 }
                 at.push(b'\n');

@@ -1,4 +1,4 @@
-//! The link this server dials to one neighbour, and keeps up (SPEC.md section 5).
+//! The link this server dials to one neighbour, and keeps up (docs/protocol.md section 5).
 //!
 //! A neighbour's identity is permanent; its connection comes and goes (Redis Cluster's bus keeps
 //! its node links the same way). The link is a state machine whose every state carries the

@@ -1,5 +1,5 @@
-//! The server's own log file (SPEC.md section 8): every line received and sent, every peer link
-//! made or dropped, every Places request and its outcome.
+//! The server's own log file (docs/protocol.md section 8): every line received and sent, every
+//! peer link made or dropped, every Places request and its outcome.
 //!
 //! Lines are appended to a buffer and written once per turn of the loop, in one `write`, so
 //! logging every line costs a copy, not a system call per line. The time stamp is formatted once

@@ -1,13 +1,14 @@
 //! The client protocol as pure functions: splitting lines into fields, validating `IAMAT` and
-//! `WHATSAT`, formatting the `AT` reply, and the total order on records (SPEC.md sections 2-6).
+//! `WHATSAT`, formatting the `AT` reply, and the total order on records (docs/protocol.md
+//! sections 2-6).
 //!
 //! Nothing here touches a socket or a clock: the caller passes the receive time in. Everything
 //! works on bytes, because a client id is any run of non-white-space bytes and need not be UTF-8.
 
 use crate::bytes::push_decimal;
 
-/// The six bytes SPEC.md section 2 counts as white space. `u8::is_ascii_whitespace` (and so
-/// `split_ascii_whitespace`) leaves out `\v`, which test clients do send.
+/// The six bytes docs/protocol.md section 2 counts as white space. `u8::is_ascii_whitespace`
+/// (and so `split_ascii_whitespace`) leaves out `\v`, which test clients do send.
 pub fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }

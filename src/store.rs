@@ -107,8 +107,8 @@ fn fourth_field(line: &[u8]) -> &[u8] {
 }
 
 impl Store {
-    /// Keeps `line` as `client`'s record if it is newer than the one held (SPEC.md section 3,
-    /// "Which record wins"). `client` is `line`'s fourth field, as in every `AT` line.
+    /// Keeps `line` as `client`'s record if it is newer than the one held (docs/protocol.md
+    /// section 3, "Which record wins"). `client` is `line`'s fourth field, as in every `AT` line.
     pub fn merge(&mut self, client: &[u8], time_ns: i128, line: &[u8]) -> Merge {
         if let Some(&at) = self.index.get(client) {
             return self.replace_if_newer(at, time_ns, line);

@@ -112,7 +112,7 @@ const fn member(name: &'static str, port: u16, neighbors: &'static [&'static str
     }
 }
 
-/// The 2023 herd of SPEC section 1 on the given five ports.
+/// The 2023 herd of docs/protocol.md section 1 on the given five ports.
 fn herd_2023(p: &[u16]) -> Vec<Member> {
     vec![
         member("Bailey", p[0], &["Bona", "Campbell"]),

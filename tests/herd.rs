@@ -23,7 +23,7 @@ const CONVERGE: Duration = Duration::from_secs(10);
 const LOCATION: &str = "+34.068930-118.445127";
 const NO_KEY_BODY: &[u8] = br#"{"html_attributions" : [], "results" : [], "status" : "REQUEST_DENIED", "error_message" : "This server has no Google Places API key: set GOOGLE_PLACES_API_KEY or places.key_file."}"#;
 
-/// The 2023 herd (SPEC section 1) on the given five ports.
+/// The 2023 herd (docs/protocol.md section 1) on the given five ports.
 fn herd_2023(ports: &[u16]) -> Vec<ServerSpec<'static>> {
     vec![
         ServerSpec {
@@ -54,7 +54,7 @@ fn herd_2023(ports: &[u16]) -> Vec<ServerSpec<'static>> {
     ]
 }
 
-/// The Goloman herd of earlier years (SPEC section 1).
+/// The Goloman herd of earlier years (docs/protocol.md section 1).
 fn herd_goloman(ports: &[u16]) -> Vec<ServerSpec<'static>> {
     vec![
         ServerSpec {

@@ -273,6 +273,6 @@ fn frame_http(body: &[u8], framing: u8, chunk: usize) -> Vec<u8> {
 
 fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/places-fixtures")
+        .join("tests/data/places")
         .join(name)
 }

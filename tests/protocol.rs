@@ -1,5 +1,5 @@
-//! The client protocol in exact bytes (SPEC.md sections 2, 3, 4, 5 "clients cannot inject", 6
-//! and 7's line limit), against a real `herd serve` process.
+//! The client protocol in exact bytes (docs/protocol.md sections 2, 3, 4, 5 "clients cannot
+//! inject", 6 and 7's line limit), against a real `herd serve` process.
 //!
 //! Every test starts its own lone server, "Bailey", on an ephemeral port and with no Places API
 //! key, so a valid WHATSAT is answered with the stored AT line and Google's own `REQUEST_DENIED`

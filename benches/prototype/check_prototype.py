@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Checks herd_prototype.py against SPEC.md by hand-rolled black-box tests (standard library).
+"""Checks herd_prototype.py against docs/protocol.md by hand-rolled black-box tests (standard
+library).
 
     python3 benches/prototype/check_prototype.py [--herd-only | --quick]
 
 What it does, in a temporary directory:
   1. pure-function checks of the protocol code (parsing, exact ranges, radius text, cut_body);
   2. a fake Google Places over HTTPS (a throw-away CA and leaf made with `openssl`), serving the
-     fixtures of shared/places-fixtures with Content-Length, chunked and read-to-close framing,
+     sample answers of tests/data/places with Content-Length, chunked and read-to-close framing,
      plus slow, not-JSON and hang-up answers, chosen by the request's radius;
   3. single servers (legacy API, new API, no key, Places unreachable) driven over TCP:
      IAMAT, WHATSAT, invalid lines, white space, pipelining behind a slow WHATSAT, half-close,
@@ -36,10 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 PROTOTYPE = HERE / "herd_prototype.py"
-FIXTURES = next(
-    p for p in (REPO.parent / "shared" / "places-fixtures", REPO / "benches", Path("/work/shared/places-fixtures"))
-    if (p / "legacy_ok_20.json").exists()
-)
+FIXTURES = REPO / "tests" / "data" / "places"  # Google Places sample answers (make_places.py)
 KEY = "test-key-Zx9"
 
 sys.dont_write_bytecode = True  # leave no __pycache__ in the repository

@@ -4,33 +4,33 @@
     python3 benches/prototype/herd_prototype.py NAME [--config PATH]
 
 It reads the same ``herd.toml`` as the Rust server (default: ``herd.toml`` in the current
-directory), speaks the same protocol byte for byte (``shared/SPEC.md``), uses the same peer-link
+directory), speaks the same protocol byte for byte (``docs/protocol.md``), uses the same peer-link
 greeting and framing and writes the same log format (``README.md``). It is one file, standard
 library only (Python 3.11), and uses ``uvloop`` when it is installed.
 
-How it maps to the spec
------------------------
-* SPEC 2 (lines, white space): ``Connection._process`` splits on ``\\n`` only and works on bytes;
-  ``bytes.split()`` with no argument splits on exactly the six spec white-space bytes (space,
-  ``\\t \\n \\v \\f \\r``). A last line without ``\\n`` before end of stream is a command. Replies
-  leave in command order: a WHATSAT that waits on Places holds a slot in a per-connection queue
-  and every later reply queues behind it. On half-close the pending replies are finished, then
-  the connection is closed.
-* SPEC 3 (IAMAT), SPEC 4 (WHATSAT), SPEC 6 (invalid): the pure functions under "Protocol" below.
+How it maps to docs/protocol.md
+-------------------------------
+* Section 2 (lines, white space): ``Connection._process`` splits on ``\\n`` only and works on
+  bytes; ``bytes.split()`` with no argument splits on exactly the six white-space bytes of the
+  protocol (space, ``\\t \\n \\v \\f \\r``). A last line without ``\\n`` before end of stream is
+  a command. Replies leave in command order: a WHATSAT that waits on Places holds a slot in a
+  per-connection queue and every later reply queues behind it. On half-close the pending
+  replies are finished, then the connection is closed.
+* Sections 3 (IAMAT), 4 (WHATSAT) and 6 (invalid): the pure functions under "Protocol" below.
   Every range check is exact decimal arithmetic on the digits, times are integer nanoseconds.
-* SPEC 3 "which record wins": ``Herd.merge`` compares ``(time_ns, line)`` tuples.
-* SPEC 4 "talking to Places": ``Places`` writes HTTP/1.1 by hand over asyncio streams with TLS
-  from ``ssl``, keeps a small keep-alive pool, reads Content-Length, chunked and read-to-close
-  bodies, and cuts ``results``/``places`` by splicing the raw text (``cut_body``).
-* SPEC 5 (peers), README "Peer links": each server dials each neighbour (``Link``), greets with
-  ``PEER herd/1 NAME``, sends its whole store, then floods new records on that connection. The
-  accepted side of a link never writes; a connection whose first line is such a greeting from a
-  configured neighbour is a peer (``Connection`` in peer mode).
-* SPEC 7 (limits), README "Configuration reference": every ``[limits]`` key is honoured with the
-  README's meaning and default.
-* SPEC 8, README "Logs": ``Log`` buffers event lines and writes them once per turn of the event
-  loop (``call_soon`` batching); client bytes are escaped (``\\n``, ``\\\\``, ``\\xNN``).
-* SPEC 9: SIGTERM/SIGINT stop accepting, flush the log and exit 0; bad configuration exits 2.
+* Section 3, "Which record wins": ``Herd.merge`` compares ``(time_ns, line)`` tuples.
+* Section 4, "Talking to Places": ``Places`` writes HTTP/1.1 by hand over asyncio streams with
+  TLS from ``ssl``, keeps a small keep-alive pool, reads Content-Length, chunked and
+  read-to-close bodies, and cuts ``results``/``places`` by splicing the raw text (``cut_body``).
+* Section 5 (peers), README "Peer links": each server dials each neighbour (``Link``), greets
+  with ``PEER herd/1 NAME``, sends its whole store, then floods new records on that connection.
+  The accepted side of a link never writes; a connection whose first line is such a greeting
+  from a configured neighbour is a peer (``Connection`` in peer mode).
+* Section 7 (limits), README "Configuration reference": every ``[limits]`` key is honoured with
+  the README's meaning and default.
+* Section 8, README "Logs": ``Log`` buffers event lines and writes them once per turn of the
+  event loop (``call_soon`` batching); client bytes are escaped (``\\n``, ``\\\\``, ``\\xNN``).
+* Section 9: SIGTERM/SIGINT stop accepting, flush the log and exit 0; bad configuration exits 2.
 
 ``check_prototype.py`` beside this file checks all of the above black-box (a fake HTTPS Places
 with a throw-away CA, single servers, and the five-server herd of ``herd.toml``).
@@ -70,7 +70,7 @@ except ImportError:
 
 
 # --------------------------------------------------------------------------------------------
-# Protocol: pure functions on bytes (SPEC.md sections 2-6)
+# Protocol: pure functions on bytes (docs/protocol.md sections 2-6)
 # --------------------------------------------------------------------------------------------
 
 # In a bytes pattern \d is exactly [0-9]. Patterns are used with fullmatch().
@@ -178,7 +178,7 @@ def greeting_name(fields: list[bytes]) -> bytes | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Places bodies: cut the results array by splicing the raw text (SPEC.md section 4)
+# Places bodies: cut the results array by splicing the raw text (docs/protocol.md section 4)
 # --------------------------------------------------------------------------------------------
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
@@ -860,7 +860,7 @@ class Herd:
             self.name, format_diff(received_ns - time_ns), client, location, client_time
         )
         if self.merge(client, time_ns, line):
-            self.flood(line)  # peers first, then the client's reply (SPEC 5)
+            self.flood(line)  # peers first, then the client's reply (docs/protocol.md section 5)
         return line + b"\n"
 
     async def sweep_idle(self) -> None:

@@ -1,5 +1,6 @@
 //! Google Places as pure functions: the request a WHATSAT becomes, and the reply body made from
-//! Google's answer (SPEC.md section 4). The connection that carries them is [`crate::places::pool`].
+//! Google's answer (docs/protocol.md section 4). The connection that carries them is
+//! [`crate::places::pool`].
 //!
 //! The body is relayed as Google wrote it. Cutting the results array to the bound splices the raw
 //! text: serde_json checks the JSON and gives the byte offsets of the array's elements, and the
@@ -441,7 +442,7 @@ mod tests {
     fn new_api_answers_can_be_relayed_in_the_legacy_layout() {
         let raw = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/places-fixtures/new_ok_5.json"
+            "/tests/data/places/new_ok_5.json"
         ))
         .unwrap();
         let expected = std::fs::read(concat!(

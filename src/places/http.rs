@@ -1,4 +1,5 @@
-//! An HTTP/1.1 response reader, fed bytes as they arrive (SPEC.md section 4, "Talking to Places").
+//! An HTTP/1.1 response reader, fed bytes as they arrive (docs/protocol.md section 4, "Talking
+//! to Places").
 //!
 //! The head is parsed with `httparse`; the body is framed by `Content-Length`, by
 //! `Transfer-Encoding: chunked`, or by the end of the stream. Bytes may arrive in pieces of any

@@ -1,12 +1,13 @@
 //! Places API (New) answers rewritten as legacy Nearby Search bodies, for clients written
-//! against the legacy API (SPEC.md section 4) when the server's key only opens the New one.
+//! against the legacy API (docs/protocol.md section 4) when the server's key only opens the New
+//! one.
 //!
 //! This is the one place where the herd re-serialises Google's JSON instead of splicing it
 //! (compare [`crate::places::answer`]), because there is no legacy text to splice: the body is built
 //! from the New answer's fields and written the way Google's legacy service writes, byte for
-//! byte (`../shared/places-fixtures/README.md`): JsonCpp's `StyledWriter` with keys sorted,
-//! a 3-space indent, `"key" : value`, scalar arrays inline when short, doubles as `%.16g`,
-//! `<` and `>` as `\u003c` and `\u003e`, and one `\n` at the end.
+//! byte (`tests/data/places/make_places.py` describes it): JsonCpp's `StyledWriter` with keys
+//! sorted, a 3-space indent, `"key" : value`, scalar arrays inline when short, doubles as
+//! `%.16g`, `<` and `>` as `\u003c` and `\u003e`, and one `\n` at the end.
 //!
 //! ## From a New place to a legacy result
 //!
@@ -569,14 +570,14 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    /// A file under the crate's directory: `tests/data/...` or `../shared/places-fixtures/...`.
+    /// A file under the crate's directory, such as `tests/data/...`.
     fn read(path: &str) -> Vec<u8> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
         std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
     }
 
     fn fixture(name: &str) -> Vec<u8> {
-        read(&format!("../shared/places-fixtures/{name}"))
+        read(&format!("tests/data/places/{name}"))
     }
 
     /// Compares as text so that a failure shows both bodies.

@@ -72,10 +72,10 @@ impl Drop for TestDir {
     }
 }
 
-/// Reads `shared/places-fixtures/<name>` (beside the crate: `../shared/places-fixtures`).
+/// Reads `tests/data/places/<name>`, a Google Places sample answer (made by `make_places.py`).
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/places-fixtures")
+        .join("tests/data/places")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
@@ -704,9 +704,9 @@ pub fn dump_store(server: &ServerProc) -> String {
     String::from_utf8_lossy(&text.expect("read")).into_owned()
 }
 
-/// SPEC section 4's newline rules for a relayed body, written from the spec on their own (the
-/// tests' oracle, not the server's code): every run of two or more `\n` becomes one, and
-/// trailing `\n` are removed.
+/// The newline rules of docs/protocol.md section 4 for a relayed body, written from the
+/// document on their own (the tests' oracle, not the server's code): every run of two or more
+/// `\n` becomes one, and trailing `\n` are removed.
 pub fn newline_rules(body: &[u8]) -> Vec<u8> {
     let mut out: Vec<u8> = Vec::with_capacity(body.len());
     for &b in body {

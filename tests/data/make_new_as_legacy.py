@@ -4,11 +4,11 @@ legacy Nearby Search bodies.
 
 Run from the repository root:  python3 tests/data/make_new_as_legacy.py
 
-This is an oracle independent of the herd's code. It parses the New API fixtures with
-Python's json module (exact decimal-to-double conversion), applies the mapping documented in
-src/legacy.rs to plain Python dicts, and writes them with the fixture generator's own
-legacy_dumps (Google's legacy JsonCpp style). The writer's trailing "\\n" is kept: the
-newline rules of SPEC section 4 are applied later, by places.rs.
+This is an oracle independent of the herd's code. It parses the New API samples of
+tests/data/places with Python's json module (exact decimal-to-double conversion), applies the
+mapping documented in src/legacy.rs to plain Python dicts, and writes them with the sample
+generator's own legacy_text (Google's legacy JsonCpp style). The writer's trailing "\\n" is
+kept: the newline rules of docs/protocol.md section 4 are applied later, by places.rs.
 
 Outputs (tests/data/):
   new_as_legacy_{0,1,3,5}.json    new_ok_5.json with the results cut to 0, 1, 3, 5
@@ -22,12 +22,11 @@ import sys
 
 sys.dont_write_bytecode = True
 
-ROOT = os.getcwd()
-FIXTURES = os.path.join(ROOT, '..', 'shared', 'places-fixtures')
-OUT = os.path.join(ROOT, 'tests', 'data')
+OUT = os.path.dirname(os.path.abspath(__file__))
+PLACES = os.path.join(OUT, 'places')
 
-sys.path.insert(0, FIXTURES)
-import gen_fixtures  # noqa: E402  (the fixtures' own writers)
+sys.path.insert(0, PLACES)
+import make_places  # noqa: E402  (the samples' own writers)
 
 PRICE_LEVELS = {
     'PRICE_LEVEL_FREE': 0,
@@ -152,7 +151,7 @@ def new_to_legacy(new, bound):
 
 
 def e7(x):
-    return gen_fixtures.e7(x) * 1e-7
+    return make_places.e7(x) * 1e-7
 
 
 def full_input():
@@ -219,24 +218,24 @@ def write(name, text):
 
 
 def main():
-    new_raw = read(os.path.join(FIXTURES, 'new_ok_5.json'))
+    new_raw = read(os.path.join(PLACES, 'new_ok_5.json'))
     new = json.loads(new_raw)
-    assert gen_fixtures.esf_dumps(new) + '\n' == new_raw, 'ESF writer does not round-trip'
+    assert make_places.new_text(new) == new_raw, 'ESF writer does not round-trip'
     assert len(new['places']) == 5
     for bound in (0, 1, 3, 5):
-        write('new_as_legacy_%d.json' % bound, gen_fixtures.legacy_dumps(new_to_legacy(new, bound)))
+        write('new_as_legacy_%d.json' % bound, make_places.legacy_text(new_to_legacy(new, bound)))
 
-    full_raw = gen_fixtures.esf_dumps(full_input()) + '\n'
+    full_raw = make_places.new_text(full_input())
     write('new_as_legacy_full_input.json', full_raw)
-    write('new_as_legacy_full.json', gen_fixtures.legacy_dumps(new_to_legacy(json.loads(full_raw), 20)))
+    write('new_as_legacy_full.json', make_places.legacy_text(new_to_legacy(json.loads(full_raw), 20)))
 
-    error = json.loads(read(os.path.join(FIXTURES, 'new_error_403.json')))
-    write('new_as_legacy_error_403.json', gen_fixtures.legacy_dumps(new_to_legacy(error, 5)))
+    error = json.loads(read(os.path.join(PLACES, 'new_error_403.json')))
+    write('new_as_legacy_error_403.json', make_places.legacy_text(new_to_legacy(error, 5)))
 
-    # An answer without places is the legacy fixture's ZERO_RESULTS body, byte for byte.
-    zero = read(os.path.join(FIXTURES, 'legacy_zero_results.json'))
-    assert gen_fixtures.legacy_dumps(new_to_legacy({}, 5)) == zero
-    assert gen_fixtures.legacy_dumps(new_to_legacy({'places': []}, 5)) == zero
+    # An answer without places is the legacy sample's ZERO_RESULTS body, byte for byte.
+    zero = read(os.path.join(PLACES, 'legacy_zero_results.json'))
+    assert make_places.legacy_text(new_to_legacy({}, 5)) == zero
+    assert make_places.legacy_text(new_to_legacy({'places': []}, 5)) == zero
 
 
 if __name__ == '__main__':

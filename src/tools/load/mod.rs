@@ -8,8 +8,8 @@
 //!
 //! - **pipelined** (the default): N connections, each keeping P commands outstanding; a reply
 //!   coming back makes room for the next command. Replies come in command order on a
-//!   connection (SPEC.md section 2), so each connection checks them first in, first out against
-//!   the commands it sent.
+//!   connection (docs/protocol.md section 2), so each connection checks them first in, first
+//!   out against the commands it sent.
 //! - **one-shot** (`--one-shot`): the way the course's test clients talk. For each command:
 //!   connect, send it, half-close, read to the end of the stream, close. N such connections
 //!   are under way at once.
