@@ -65,6 +65,51 @@ pub struct Limits {
     pub pending_replies: usize,
     pub max_connections: usize,
     pub peer_output_bytes: usize,
+    /// One connection's share of a turn of the loop: see [`Turn`].
+    pub turn: Turn,
+}
+
+/// How much one connection may take of one turn of the loop before the others get theirs: a
+/// single-threaded server is only as fair as its turns. A connection that still has work when
+/// its share is spent is served again in the next turn, which comes at once.
+///
+/// A client's share is about half a millisecond of the loop: 512 commands (an IAMAT costs a
+/// microsecond or less), read 32 KiB at a time (about 500 IAMATs), as Redis reads 16 KiB per
+/// client per event. A busy client with sixteen commands in flight never comes near it; one that
+/// pipelines a million stops there, and a client behind it waits a turn, not a million commands.
+/// A neighbour's inbound link carries the updates of every client of the herd, and it must keep
+/// up or its sender's output grows until the link is dropped and resynchronised: its share is
+/// eight clients'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn {
+    /// Lines a client's connection runs per turn; 0: no limit.
+    pub lines: usize,
+    /// Bytes read from a client's connection per turn; 0: no limit.
+    pub read_bytes: usize,
+}
+
+impl Turn {
+    pub const LINES: usize = 512;
+    pub const READ_BYTES: usize = 32 * 1024;
+    /// A neighbour's inbound link gets this many clients' share.
+    pub const PEER_SHARE: usize = 8;
+
+    /// A neighbour's inbound link's share.
+    pub fn peer(self) -> Turn {
+        Turn {
+            lines: self.lines.saturating_mul(Turn::PEER_SHARE),
+            read_bytes: self.read_bytes.saturating_mul(Turn::PEER_SHARE),
+        }
+    }
+}
+
+impl Default for Turn {
+    fn default() -> Turn {
+        Turn {
+            lines: Turn::LINES,
+            read_bytes: Turn::READ_BYTES,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -79,6 +124,7 @@ impl Default for Limits {
             pending_replies: 64,
             max_connections: 16384,
             peer_output_bytes: 16 << 20,
+            turn: Turn::default(),
         }
     }
 }
@@ -330,6 +376,10 @@ fn parse_limits(mut t: Table) -> Result<Limits, String> {
         pending_replies: take_uint(&mut t, "pending_replies", at, d.pending_replies)?.max(1),
         max_connections: take_uint(&mut t, "max_connections", at, d.max_connections)?,
         peer_output_bytes: take_uint(&mut t, "peer_output_bytes", at, d.peer_output_bytes)?,
+        turn: Turn {
+            lines: take_uint(&mut t, "turn_lines", at, d.turn.lines)?,
+            read_bytes: take_uint(&mut t, "turn_read_bytes", at, d.turn.read_bytes)?,
+        },
     };
     no_unknown_keys(&t, at)?;
     Ok(limits)

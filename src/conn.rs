@@ -1,212 +1,706 @@
-//! An accepted connection: a client, or a neighbour's inbound peer link once it has greeted.
+//! An accepted connection: a client, or a neighbour until it has proved who it is. The central
+//! machine of the server, in one place: its states, what each event does to it, its deadlines,
+//! and why it closes.
 //!
-//! The connection owns its bytes: [`LineReader`] holds what was read and not yet handled,
-//! [`OutBuf`] what is to be written, and [`Replies`] keeps replies in command order while a
-//! WHATSAT waits on Places. What a line *means* is decided in [`crate::herd`].
+//! ```text
+//!             first line: a command                      end of stream, a limit broken,
+//!  Undecided --------------------------> Client -------  or a peer's line from a client
+//!      |                                    ^          '---------------------------------> Draining
+//!      | blank lines: still Undecided       |                                                 |
+//!      |                                                       replies written; a limit broken:
+//!      | a neighbour's greeting                                write side shut, input drained
+//!      |   no secret: ------------------------------> Peer      |                            |
+//!      |   with a secret: CHALLENGE --> Challenged --PROOF--> Peer      Lingering <----------+
+//!      |                                    |                  |           |                  |
+//!      |                                    | no proof in 5 s  | handed to the neighbour's    | replies
+//!      |                                    v                  v inbound link by the loop     | written
+//!      '---------------------------------> Closed <--------------------------------------------'
+//!                       (freed by the loop at the end of the turn)
+//! ```
+//!
+//! Every event comes through one of three methods: [`Conn::serve`] (bytes arrived, or lines it
+//! holds may run now), [`Conn::flush`] (the end of the turn: write, and decide whether it is
+//! done) and [`Conn::on_timeout`] (the loop's once-a-second sweep: a deadline passed). Every
+//! change of state goes through [`Conn::set_state`], which the trace reads.
+//!
+//! Three things hold a client's commands back, each released by something that comes later:
+//! - its share of the turn is spent ([`crate::config::Turn`]): the loop serves it again in the
+//!   next turn, which comes at once;
+//! - its replies not yet read reach the high-water mark (back-pressure): the end of a turn whose
+//!   write brings them under it runs the rest;
+//! - as many WHATSATs as it may have are waiting on Places: a reply coming back runs the rest.
+//!
+//! The kernel will not wake the loop for bytes already read, so whatever ends the wait runs the
+//! connection again; [`Served::More`] and [`Flushed::Resume`] are how the connection says so.
 
 use std::collections::VecDeque;
-
-use memchr::memchr;
-use std::io::{self, Read, Write};
+use std::fmt;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::peer::{Comparison, Session};
+use crate::config::{Limits, Turn};
+use crate::herd::{Answer, Herd};
+use crate::log::Who;
+use crate::peer::{self, Session};
+use crate::places::pool::Owner;
+use crate::protocol;
+use crate::wire::{Fill, Line, OutBuf, Transport, Wire};
 
-/// Buffers whose capacity outgrows this are freed once empty, so an idle connection holds no
-/// heap memory however busy it once was.
-const KEEP_CAPACITY: usize = 16 * 1024;
+/// A connection's unhandled input stops being read past this (it is waiting on Places, or
+/// sending faster than it reads); reading resumes when its lines are handled.
+pub const INPUT_HIGH_WATER: usize = 256 * 1024;
+/// How long a connection closed for breaking a limit has its input read and dropped after its
+/// last reply, before it is closed (a lingering close, as nginx's `lingering_time`): closing a
+/// socket with unread input resets it, and the reset destroys the reply the client has not read
+/// yet.
+pub const LINGER: Duration = Duration::from_secs(5);
+/// ...and how much of its input is dropped at most before it is closed anyway.
+pub const LINGER_BYTES: usize = 1 << 20;
 
-/// Bytes read from a socket, cut into lines.
-#[derive(Debug, Default)]
-pub struct LineReader {
-    buf: Vec<u8>,
-    /// Start of the first line not yet handed out.
-    start: usize,
-    /// How far past `start` is known to hold no `\n`.
-    scanned: usize,
-    /// The peer has half-closed: a final line without `\n` is still a line.
-    eof: bool,
-    /// An event said the peer closed its side; the end of stream is yet to be read.
-    hangup: bool,
-    /// The last fill stopped at the high-water mark, not at `WouldBlock`: the socket may hold
-    /// more, and the kernel will not say so again.
-    full: bool,
+/// Why a connection closed: printed in the log's `closed:` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client half-closed, and every reply owed was written.
+    EndOfStream,
+    ReadFailed(String),
+    WriteFailed(String),
+    /// A line longer than this many bytes.
+    LineTooLong(usize),
+    /// A line started and not finished within this.
+    LineTimeout(Duration),
+    /// Nothing received and nothing pending for this long.
+    Idle(Duration),
+    /// Replies unread over the soft limit (`bytes`) for longer than `time`.
+    Unread {
+        bytes: usize,
+        time: Duration,
+    },
+    /// Replies unread over the hard cap.
+    OutputCap(usize),
+    /// A client sent a line only peers send: it was answered `?` like any invalid command.
+    PeerLineFromClient,
+    /// A neighbour's handshake failed, as said.
+    Handshake(String),
+    /// A neighbour did not prove itself within this.
+    NotAuthenticated(Duration),
+    /// The neighbour closed its inbound link.
+    PeerClosed(String),
+    /// An inbound link heard nothing for this long.
+    Silent(Duration),
+    /// The neighbour broke the peer protocol, as said.
+    PeerProtocol(String),
+    /// The neighbour dialled a new link, which took this one's place.
+    Replaced(u64),
 }
 
-/// Why a fill stopped.
+impl CloseReason {
+    /// Whether a connection closed for this reason lingers: the client broke a limit and was
+    /// told so with a `?` line, which a reset must not destroy.
+    pub fn lingers(&self) -> bool {
+        matches!(
+            self,
+            CloseReason::LineTooLong(_) | CloseReason::PeerLineFromClient
+        )
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::EndOfStream => write!(f, "end of stream"),
+            CloseReason::ReadFailed(e) => write!(f, "read failed: {e}"),
+            CloseReason::WriteFailed(e) => write!(f, "write failed: {e}"),
+            CloseReason::LineTooLong(max) => write!(f, "line longer than {max} bytes"),
+            CloseReason::LineTimeout(t) => {
+                write!(f, "a line not finished within {} ms", t.as_millis())
+            }
+            CloseReason::Idle(t) => write!(f, "idle for {} ms", t.as_millis()),
+            CloseReason::Unread { bytes, time } => write!(
+                f,
+                "over {bytes} bytes of replies unread for {} ms: the client does not read",
+                time.as_millis()
+            ),
+            CloseReason::OutputCap(cap) => write!(
+                f,
+                "over {cap} bytes of replies unread: the client does not read"
+            ),
+            CloseReason::PeerLineFromClient => write!(f, "a client sent a peer's line"),
+            CloseReason::Handshake(why) | CloseReason::PeerProtocol(why) => write!(f, "{why}"),
+            CloseReason::NotAuthenticated(t) => {
+                write!(f, "did not authenticate within {} s", t.as_secs())
+            }
+            CloseReason::PeerClosed(name) => write!(f, "peer {name} closed its link"),
+            CloseReason::Silent(t) => write!(f, "silent for {} s", t.as_secs()),
+            CloseReason::Replaced(by) => write!(f, "the neighbour dialled again (c{by})"),
+        }
+    }
+}
+
+/// Where an accepted connection is in its life.
+pub enum State {
+    /// Nothing but blank lines yet: the first line decides what it is.
+    Undecided,
+    /// A client: its commands run, its replies go out in command order.
+    Client,
+    /// Neighbour `neighbour` greeted with its nonce `nd`; we answered with our challenge `na`
+    /// and wait, until `until`, for its proof.
+    Challenged {
+        neighbour: usize,
+        nd: Vec<u8>,
+        na: Vec<u8>,
+        until: Instant,
+    },
+    /// Neighbour `neighbour`, proved (or greeted, in a herd without a secret): at the end of the
+    /// turn the loop hands the socket to the neighbour's inbound link.
+    Peer {
+        neighbour: usize,
+        session: Option<Session>,
+    },
+    /// No more input is run: the replies owed are finished and written, then it closes.
+    Draining(CloseReason),
+    /// Closed for breaking a limit, its last reply written and its write side shut: what it
+    /// still sends is read and dropped until it closes too, or until `until`.
+    Lingering { reason: CloseReason, until: Instant },
+    /// Done: the loop frees it at the end of the turn.
+    Closed(CloseReason),
+}
+
+/// Why a connection stopped running its lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Its share of this turn is spent.
+    Turn,
+    /// Its unread replies are at the high-water mark.
+    Output,
+    /// As many WHATSATs as it may have are waiting on Places.
+    Places,
+}
+
+/// What the kernel said of a socket: bytes arrived (`readable`), the other end closed its side
+/// (`hangup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    pub readable: bool,
+    pub hangup: bool,
+}
+
+impl Readiness {
+    /// No event: what the connection already holds may run.
+    pub const HELD: Readiness = Readiness {
+        readable: false,
+        hangup: false,
+    };
+}
+
+/// What a call of [`Conn::serve`] left.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Nothing that the next event, reply or write will not bring back.
+    Done,
+    /// Its share of the turn is spent with work left: serve it again next turn, at once.
+    More,
+}
+
+/// What the end of a turn made of a connection.
+#[must_use]
 #[derive(Debug, PartialEq, Eq)]
-pub enum Fill {
-    /// The socket would block: everything the kernel had is read.
-    Drained,
-    /// End of stream.
-    Eof,
-    /// The buffer reached the high-water mark; the socket may hold more. The kernel will not
-    /// tell us again, so whoever drains the buffer must fill again.
-    Full,
+pub enum Flushed {
+    /// It stays; nothing to do.
+    Open,
+    /// Its replies went out, and lines it holds back may run now: serve it again.
+    Resume,
+    /// Closed: free it (the reason is logged by the loop).
+    Closed(CloseReason),
+    /// A neighbour's link, proved: hand it to the neighbour's inbound link.
+    Peer,
 }
 
-/// One line handed out by [`LineReader::next_line`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Line<'a> {
-    /// A whole line, without its `\n`.
-    Complete(&'a [u8]),
-    /// A line over the limit: its first bytes. Nothing after it can be trusted to be a line.
-    TooLong(&'a [u8]),
+/// One connection's share of the current turn.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    turn: u64,
+    lines: usize,
+    read_bytes: usize,
 }
 
-/// How much of an overlong line is quoted back.
-pub const TOO_LONG_PREFIX: usize = 64;
+/// An accepted connection. `S` is its socket: mio's `TcpStream`, or a scripted one in tests.
+pub struct Conn<S = TcpStream> {
+    /// Unique for the life of the process; names the connection in the log (`c7`).
+    pub id: u64,
+    /// Where it came from.
+    pub addr: SocketAddr,
+    wire: Wire<S>,
+    /// Replies in command order, some waiting on Places.
+    replies: Replies,
+    state: State,
+    /// When bytes last arrived, for the idle timeout.
+    heard: Instant,
+    /// When the first byte of a line whose end has not come arrived, for the line timeout.
+    line_began: Option<Instant>,
+    /// Since when the replies not yet read have been over the soft limit.
+    unread_since: Option<Instant>,
+    /// Why its lines are held back, if they are.
+    held: Option<Held>,
+    /// What is left of its share of the turn.
+    share: Share,
+    /// Input dropped while lingering.
+    lingered: usize,
+}
 
-impl LineReader {
-    /// Reads until the socket would block, the stream ends, or `high_water` bytes are buffered.
-    /// `scratch` is the loop's shared read buffer: only bytes that arrive are kept here.
-    /// `hangup` when the event said the peer closed its side: then it reads to the end.
-    pub fn fill(
+impl<S: Transport> Conn<S> {
+    pub fn new(id: u64, stream: S, addr: SocketAddr, now: Instant) -> Conn<S> {
+        Conn {
+            id,
+            addr,
+            wire: Wire::new(stream),
+            replies: Replies::default(),
+            state: State::Undecided,
+            heard: now,
+            line_began: None,
+            unread_since: None,
+            held: None,
+            share: Share {
+                turn: u64::MAX,
+                lines: 0,
+                read_bytes: 0,
+            },
+            lingered: 0,
+        }
+    }
+
+    pub fn socket(&mut self) -> &mut S {
+        &mut self.wire.stream
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The state's name, for the trace.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Undecided => "Undecided",
+            State::Client => "Client",
+            State::Challenged { .. } => "Challenged",
+            State::Peer { .. } => "Peer",
+            State::Draining(_) => "Draining",
+            State::Lingering { .. } => "Lingering",
+            State::Closed(_) => "Closed",
+        }
+    }
+
+    /// The one place the state changes. Nothing leaves `Closed`.
+    fn set_state(&mut self, next: State) {
+        if !matches!(self.state, State::Closed(_)) {
+            self.state = next;
+        }
+    }
+
+    /// Whether its lines are read and run: before it drains, lingers, closes or is handed over.
+    fn running(&self) -> bool {
+        matches!(
+            self.state,
+            State::Undecided | State::Client | State::Challenged { .. }
+        )
+    }
+
+    /// Reads what arrived and runs its whole lines, as far as its share of the turn, its
+    /// unread replies and its replies waiting on Places allow. With [`Readiness::HELD`] it runs
+    /// what it already holds (and reads again if it had stopped reading with bytes left).
+    pub fn serve(
         &mut self,
-        stream: &mut impl Read,
+        ready: Readiness,
         scratch: &mut [u8],
-        high_water: usize,
-        hangup: bool,
-    ) -> io::Result<Fill> {
-        self.hangup |= hangup;
-        self.full = false;
-        if self.eof {
-            return Ok(Fill::Eof);
+        herd: &mut Herd,
+        slot: usize,
+    ) -> Served {
+        let (now, turn) = (herd.now, herd.turn);
+        let Readiness { readable, hangup } = ready;
+        if self.share.turn != turn {
+            let Turn { lines, read_bytes } = herd.limits.turn;
+            self.share = Share {
+                turn,
+                lines: if lines == 0 { usize::MAX } else { lines },
+                read_bytes: if read_bytes == 0 {
+                    usize::MAX
+                } else {
+                    read_bytes
+                },
+            };
         }
-        loop {
-            if self.buffered() >= high_water {
-                self.full = true;
-                return Ok(Fill::Full);
-            }
-            match stream.read(scratch) {
-                Ok(0) => {
-                    self.eof = true;
-                    return Ok(Fill::Eof);
-                }
-                Ok(n) => {
-                    if self.start > 0 && self.start == self.buf.len() {
-                        self.buf.clear();
-                        self.start = 0;
-                        self.scanned = 0;
-                    }
-                    self.buf.extend_from_slice(&scratch[..n]);
-                    // A short read means the socket's queue is empty: bytes arriving later
-                    // raise a new edge, so the read that would only say `WouldBlock` is
-                    // skipped (one system call fewer per request). Not when the stream's end
-                    // has been signalled: that arrived before this read and raises no new edge.
-                    if n < scratch.len() && !self.hangup {
-                        return Ok(Fill::Drained);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::Drained),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        if let State::Lingering { .. } = self.state {
+            self.drop_input(scratch);
+            return Served::Done;
         }
-    }
-
-    /// Bytes read and not yet handed out as lines.
-    pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
-    }
-
-    pub fn at_eof(&self) -> bool {
-        self.eof
-    }
-
-    /// Whether all that is buffered is the start of a line whose end has not come yet.
-    pub fn waiting_for_newline(&self) -> bool {
-        self.buffered() > 0 && self.scanned == self.buffered()
-    }
-
-    /// Whether the socket may hold bytes not read yet, which no event will announce.
-    pub fn is_full(&self) -> bool {
-        self.full
-    }
-
-    /// The next line, if a whole one is buffered (or the stream ended after a partial one).
-    pub fn next_line(&mut self, max_line_bytes: usize) -> Option<Line<'_>> {
-        let pending = &self.buf[self.start..];
-        let found = memchr(b'\n', &pending[self.scanned..]);
-        let (len, consumed) = match found {
-            Some(i) => (self.scanned + i, self.scanned + i + 1),
-            None if pending.len() > max_line_bytes => (pending.len(), pending.len()),
-            None if self.eof && !pending.is_empty() => (pending.len(), pending.len()),
-            None => {
-                self.scanned = pending.len();
-                return None;
-            }
+        if !self.running() {
+            return Served::Done;
+        }
+        self.held = None;
+        // Replies the kernel still holds count as unread too; it is asked only when the last
+        // write could not take everything (a write that took everything left the kernel less
+        // than the send buffer, which is kept under the mark: see `crate::server`).
+        let in_kernel = match self.wire.out.pending() {
+            0 => 0,
+            _ => self.wire.stream.queued().unwrap_or(0),
         };
-        let line_start = self.start;
-        self.start += consumed;
-        self.scanned = 0;
-        let line = &self.buf[line_start..line_start + len];
-        Some(if len > max_line_bytes {
-            Line::TooLong(&line[..TOO_LONG_PREFIX.min(len)])
-        } else {
-            Line::Complete(line)
-        })
+        let mut read = readable || hangup || self.wire.reader.is_full();
+        loop {
+            let fill = match read && self.share.read_bytes > 0 {
+                true => {
+                    let before = self.wire.reader.buffered();
+                    let high = before
+                        .saturating_add(self.share.read_bytes)
+                        .min(INPUT_HIGH_WATER);
+                    let fill =
+                        (self.wire.reader).fill(&mut self.wire.stream, scratch, high, hangup);
+                    let taken = self.wire.reader.buffered().saturating_sub(before);
+                    self.share.read_bytes = self.share.read_bytes.saturating_sub(taken);
+                    self.heard = now;
+                    fill
+                }
+                false => Ok(Fill::Drained),
+            };
+            let before = self.wire.reader.buffered();
+            self.run_lines(now, herd, slot, in_kernel);
+            match fill {
+                // Handling made room: the socket may hold more, and will not say so again.
+                Ok(Fill::Full) if self.wire.reader.buffered() < before && self.running() => {
+                    read = true
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    self.set_state(State::Closed(CloseReason::ReadFailed(e.to_string())));
+                    break;
+                }
+            }
+        }
+        if self.wire.reader.at_eof() && self.wire.reader.buffered() == 0 && self.running() {
+            self.set_state(State::Draining(CloseReason::EndOfStream));
+        }
+        // The line deadline runs from the first byte of a line whose end has not come.
+        self.line_began = match self.wire.reader.waiting_for_newline() {
+            true => self.line_began.or(Some(now)),
+            false => None,
+        };
+        self.wire.reader.compact();
+        let unread_input = self.wire.reader.is_full() && self.share.read_bytes == 0;
+        match self.held == Some(Held::Turn) || (unread_input && self.running()) {
+            true => Served::More,
+            false => Served::Done,
+        }
     }
 
-    /// Drops handed-out lines from the buffer; frees it when empty and large.
-    pub fn compact(&mut self) {
-        if self.start == 0 {
+    /// Runs the whole lines it holds until one of the three things that hold them back.
+    fn run_lines(&mut self, now: Instant, herd: &mut Herd, slot: usize, in_kernel: usize) {
+        let mark = herd.output_high_water();
+        let owner = Owner { slot, id: self.id };
+        while self.running() {
+            if self.replies.waiting() >= herd.limits.pending_replies {
+                self.held = Some(Held::Places);
+                return;
+            }
+            if self.wire.out.pending() + in_kernel >= mark {
+                self.held = Some(Held::Output);
+                return;
+            }
+            if self.share.lines == 0 {
+                // Only when a line is there to run: an empty buffer holds nothing back.
+                if self.wire.reader.has_line() {
+                    self.held = Some(Held::Turn);
+                }
+                return;
+            }
+            let max_line = match self.state {
+                State::Challenged { .. } => peer::MAX_HANDSHAKE_BYTES,
+                _ => herd.limits.max_line_bytes,
+            };
+            let next = match self.wire.reader.next_line(max_line) {
+                None => return,
+                Some(Line::TooLong(prefix)) => {
+                    herd.log.bytes(Who::Conn(self.id), '<', prefix);
+                    if !matches!(self.state, State::Challenged { .. }) {
+                        let mut reply = b"? ".to_vec();
+                        reply.extend_from_slice(prefix);
+                        reply.extend_from_slice(
+                            format!("... (line longer than {max_line} bytes)\n").as_bytes(),
+                        );
+                        herd.log.bytes(Who::Conn(self.id), '>', &reply);
+                        self.replies.push(&mut self.wire.out, &reply);
+                    }
+                    State::Draining(CloseReason::LineTooLong(max_line))
+                }
+                Some(Line::Complete(line)) => {
+                    self.share.lines -= 1;
+                    match &self.state {
+                        State::Undecided => match greeting(self.id, now, herd, line) {
+                            Some(Ok(Greeted { next, challenge })) => {
+                                if let Some(challenge) = challenge {
+                                    self.wire.out.push(&challenge);
+                                }
+                                next
+                            }
+                            Some(Err(why)) => {
+                                herd.log
+                                    .event(format_args!("c{}", self.id), format_args!("{why}"));
+                                State::Closed(why)
+                            }
+                            // Blank lines leave the question open; anything else makes a client.
+                            None if line.iter().all(|&b| protocol::is_space(b)) => State::Undecided,
+                            None => {
+                                let answer = herd.command(self.id, owner, line);
+                                self.replies.answer(&mut self.wire.out, answer)
+                            }
+                        },
+                        State::Client => {
+                            let answer = herd.command(self.id, owner, line);
+                            self.replies.answer(&mut self.wire.out, answer)
+                        }
+                        State::Challenged {
+                            neighbour, nd, na, ..
+                        } => match proof(self.id, now, herd, *neighbour, nd, na, line) {
+                            Ok(next) => next,
+                            Err(why) => {
+                                herd.log
+                                    .event(format_args!("c{}", self.id), format_args!("{why}"));
+                                State::Closed(why)
+                            }
+                        },
+                        _ => return,
+                    }
+                }
+            };
+            self.set_state(next);
+        }
+    }
+
+    /// Reads and drops what a lingering connection still sends; closes it at its end.
+    fn drop_input(&mut self, scratch: &mut [u8]) {
+        let State::Lingering { reason, .. } = &self.state else {
             return;
+        };
+        let reason = reason.clone();
+        let before = self.wire.reader.buffered();
+        let high = before.saturating_add(self.share.read_bytes);
+        let fill = (self.wire.reader).fill(&mut self.wire.stream, scratch, high, false);
+        let taken = self.wire.reader.buffered() - before;
+        self.share.read_bytes = self.share.read_bytes.saturating_sub(taken);
+        self.lingered += taken;
+        self.wire.reader.discard();
+        match fill {
+            Ok(Fill::Eof) | Err(_) => self.set_state(State::Closed(reason)),
+            _ if self.lingered >= LINGER_BYTES => self.set_state(State::Closed(reason)),
+            _ => {}
         }
-        self.buf.drain(..self.start);
-        self.start = 0;
-        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
-            self.buf = Vec::new();
+    }
+
+    /// Places answered job `job`: its reply takes its place in line, and every reply now at
+    /// the head goes out. The loop serves the connection next: lines may wait behind it.
+    pub fn deliver(&mut self, job: u64, reply: Vec<u8>) {
+        self.replies.complete(&mut self.wire.out, job, reply);
+    }
+
+    /// The end of the turn: writes what is pending and decides what becomes of the connection.
+    pub fn flush(&mut self, now: Instant, limits: &Limits, mark: usize) -> Flushed {
+        if let State::Closed(reason) = &self.state {
+            return Flushed::Closed(reason.clone());
+        }
+        if let State::Peer { .. } = self.state {
+            return Flushed::Peer;
+        }
+        if let Err(e) = self.wire.out.write_to(&mut self.wire.stream) {
+            self.set_state(State::Closed(CloseReason::WriteFailed(e.to_string())));
+        }
+        let pending = self.wire.out.pending();
+        if pending > limits.client_output_bytes {
+            let cap = CloseReason::OutputCap(limits.client_output_bytes);
+            self.set_state(State::Closed(cap));
+        }
+        self.unread_since = match pending > limits.client_output_soft_bytes {
+            true => self.unread_since.or(Some(now)),
+            false => None,
+        };
+        if let State::Draining(reason) = &self.state {
+            if self.replies.is_empty() && pending == 0 {
+                let reason = reason.clone();
+                match reason.lingers() && self.wire.stream.shutdown_write().is_ok() {
+                    true => self.set_state(State::Lingering {
+                        reason,
+                        until: now + LINGER,
+                    }),
+                    false => self.set_state(State::Closed(reason)),
+                }
+            }
+        }
+        match &self.state {
+            State::Closed(reason) => Flushed::Closed(reason.clone()),
+            _ if self.held == Some(Held::Output) => {
+                let in_kernel = match pending {
+                    0 => 0,
+                    _ => self.wire.stream.queued().unwrap_or(0),
+                };
+                match pending + in_kernel < mark {
+                    true => Flushed::Resume,
+                    false => Flushed::Open,
+                }
+            }
+            _ => Flushed::Open,
+        }
+    }
+
+    /// The loop's once-a-second sweep: closes the connection if a deadline of its state has
+    /// passed (a line not finished in time, replies left unread over the soft limit too long,
+    /// a client idle with nothing pending, a neighbour not proved in time, a linger over).
+    /// Safe to call when none has. Returns whether it closed.
+    pub fn on_timeout(&mut self, now: Instant, limits: &Limits) -> bool {
+        let past = |since: Option<Instant>, limit: Duration| {
+            since.is_some_and(|at| now.saturating_duration_since(at) >= limit)
+        };
+        let quiet = now.saturating_duration_since(self.heard);
+        let idle = limits.idle_timeout;
+        let why = match &self.state {
+            State::Closed(_) | State::Peer { .. } => None,
+            State::Lingering { reason, until } => (*until <= now).then(|| reason.clone()),
+            _ if past(self.unread_since, limits.client_output_soft_time) => {
+                Some(CloseReason::Unread {
+                    bytes: limits.client_output_soft_bytes,
+                    time: limits.client_output_soft_time,
+                })
+            }
+            State::Challenged { until, .. } => {
+                (*until <= now).then_some(CloseReason::NotAuthenticated(peer::HANDSHAKE_TIMEOUT))
+            }
+            _ if past(self.line_began, limits.line_timeout) => {
+                Some(CloseReason::LineTimeout(limits.line_timeout))
+            }
+            State::Undecided | State::Client => {
+                (!idle.is_zero() && quiet >= idle && self.replies.is_empty())
+                    .then_some(CloseReason::Idle(idle))
+            }
+            State::Draining(_) => None,
+        };
+        match why {
+            Some(why) => {
+                self.set_state(State::Closed(why));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A proved neighbour's connection, taken apart for its inbound link: which neighbour, its
+    /// session, and the socket with what was read after the proof and what waits to be written.
+    pub fn into_peer(self) -> Option<(usize, Option<Session>, Wire<S>)> {
+        match self.state {
+            State::Peer { neighbour, session } => Some((neighbour, session, self.wire)),
+            _ => None,
         }
     }
 }
 
-/// Bytes waiting to be written to a socket.
-#[derive(Debug, Default)]
-pub struct OutBuf {
-    buf: Vec<u8>,
-    sent: usize,
+/// What a neighbour's greeting made of a connection, and the challenge to send, if any.
+struct Greeted {
+    next: State,
+    challenge: Option<Vec<u8>>,
 }
 
-impl OutBuf {
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// The buffer, to append to in place (a framed peer line is written straight into it).
-    pub fn tail(&mut self) -> &mut Vec<u8> {
-        &mut self.buf
-    }
-
-    /// Bytes not yet written.
-    pub fn pending(&self) -> usize {
-        self.buf.len() - self.sent
-    }
-
-    /// Writes until everything is written or the socket would block.
-    pub fn write_to(&mut self, stream: &mut impl Write) -> io::Result<()> {
-        while self.sent < self.buf.len() {
-            match stream.write(&self.buf[self.sent..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+/// The first line of a connection, if it is a neighbour's greeting: without a herd secret the
+/// connection is that neighbour's link at once; with one, it is challenged. `None` when the
+/// line is not a neighbour's greeting (then it is a client's command).
+fn greeting(
+    id: u64,
+    now: Instant,
+    herd: &mut Herd,
+    line: &[u8],
+) -> Option<Result<Greeted, CloseReason>> {
+    let greeting = peer::parse_greeting(line)?;
+    let neighbour = herd.neighbour(greeting.name)?;
+    herd.log.bytes(Who::Conn(id), '<', line);
+    let name = herd.links[neighbour].name.clone();
+    Some(match (&herd.secret, greeting.nonce) {
+        (None, None) => {
+            herd.log
+                .event(format_args!("c{id}"), format_args!("is peer {name}"));
+            herd.links[neighbour].on_neighbour_greeted(now, &mut herd.log);
+            Ok(Greeted {
+                next: State::Peer {
+                    neighbour,
+                    session: None,
+                },
+                challenge: None,
+            })
         }
-        if self.sent == self.buf.len() {
-            self.sent = 0;
-            if self.buf.capacity() > KEEP_CAPACITY {
-                self.buf = Vec::new();
-            } else {
-                self.buf.clear();
-            }
+        (Some(secret), Some(nd)) => {
+            let Some(na): Option<Vec<u8>> = peer::nonce() else {
+                return Some(Err(CloseReason::Handshake(
+                    "no randomness for a nonce".into(),
+                )));
+            };
+            let proof = secret.proof(b"accept", greeting.name, herd.name.as_bytes(), nd, &na);
+            let mut challenge = [&b"CHALLENGE "[..], &na, b" ", &proof].concat();
+            herd.log.bytes(Who::Conn(id), '>', &challenge);
+            challenge.push(b'\n');
+            Ok(Greeted {
+                next: State::Challenged {
+                    neighbour,
+                    nd: nd.to_vec(),
+                    na,
+                    until: now + peer::HANDSHAKE_TIMEOUT,
+                },
+                challenge: Some(challenge),
+            })
         }
-        Ok(())
+        (Some(_), None) => Err(CloseReason::Handshake(format!(
+            "{name} greeted without authenticating, but this herd has a secret"
+        ))),
+        (None, Some(_)) => Err(CloseReason::Handshake(format!(
+            "{name} wants to authenticate, but this server has no herd secret"
+        ))),
+    })
+}
+
+/// The line after our challenge: the neighbour's proof that it knows the secret.
+fn proof(
+    id: u64,
+    now: Instant,
+    herd: &mut Herd,
+    neighbour: usize,
+    nd: &[u8],
+    na: &[u8],
+    line: &[u8],
+) -> Result<State, CloseReason> {
+    let Some(secret) = &herd.secret else {
+        return Err(CloseReason::Handshake("no challenge to answer".into()));
+    };
+    herd.log.bytes(Who::Conn(id), '<', line);
+    let name = herd.links[neighbour].name.clone();
+    let valid = peer::parse_proof(line).is_some_and(|proof| {
+        secret.verify(
+            proof,
+            b"dial",
+            name.as_bytes(),
+            herd.name.as_bytes(),
+            nd,
+            na,
+        )
+    });
+    if !valid {
+        return Err(CloseReason::Handshake(format!(
+            "{name} failed to prove it knows the herd secret"
+        )));
     }
+    let session = Session::new(secret, nd, na, false);
+    herd.log.event(
+        format_args!("c{id}"),
+        format_args!("is peer {name}, authenticated"),
+    );
+    herd.links[neighbour].on_neighbour_greeted(now, &mut herd.log);
+    Ok(State::Peer {
+        neighbour,
+        session: Some(session),
+    })
 }
 
 /// Replies in the order their commands arrived. While nothing waits on Places a reply goes
@@ -238,6 +732,26 @@ impl Replies {
         self.waiting += 1;
     }
 
+    /// Takes a command's answer in line; returns the state it leaves a client in.
+    fn answer(&mut self, out: &mut OutBuf, answer: Answer) -> State {
+        match answer {
+            Answer::Nothing => State::Client,
+            Answer::Now(reply) => {
+                self.push(out, reply);
+                State::Client
+            }
+            Answer::Later(job) => {
+                self.push_awaiting(job);
+                State::Client
+            }
+            // Answered like any invalid command, then disconnected.
+            Answer::Forged(reply) => {
+                self.push(out, reply);
+                State::Draining(CloseReason::PeerLineFromClient)
+            }
+        }
+    }
+
     /// Fills in job `job`'s reply and releases every reply now at the head of the line.
     pub fn complete(&mut self, out: &mut OutBuf, job: u64, bytes: Vec<u8>) {
         for reply in self.queue.iter_mut() {
@@ -261,206 +775,5 @@ impl Replies {
 
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
-    }
-}
-
-/// What the other end of an accepted connection turned out to be.
-pub enum Role {
-    /// Nothing but blank lines yet: the first line decides.
-    Undecided,
-    Client,
-    /// Neighbour `neighbour` greeted with its nonce `nd`; we answered with our challenge `na`
-    /// and wait, until `until`, for its proof.
-    Challenged {
-        neighbour: usize,
-        nd: Vec<u8>,
-        na: Vec<u8>,
-        until: Instant,
-    },
-    /// The inbound link of a neighbour: records and heartbeats in, heartbeats and `SYNC` out.
-    Peer(PeerSide),
-}
-
-/// An inbound link's state.
-pub struct PeerSide {
-    pub neighbour: usize,
-    /// With a herd secret: the keys and counters that every line is checked with.
-    pub session: Option<Session>,
-    pub last_sent: Instant,
-    /// The neighbour's store compared with ours.
-    pub comparison: Comparison,
-}
-
-impl Role {
-    pub fn is_peer(&self) -> bool {
-        matches!(self, Role::Peer(_) | Role::Challenged { .. })
-    }
-}
-
-/// Where an accepted connection is in its life.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnState {
-    /// Reading commands and answering them.
-    Open,
-    /// No more input will be handled (the client half-closed, or broke a limit): finish the
-    /// pending replies, write them, then close with this reason.
-    Draining(String),
-    /// Done; the loop frees it after the current batch of events.
-    Closed(String),
-}
-
-pub struct Conn {
-    /// Unique for the life of the process; names the connection in the log (`c7`).
-    pub id: u64,
-    pub stream: TcpStream,
-    pub addr: SocketAddr,
-    pub reader: LineReader,
-    pub out: OutBuf,
-    pub replies: Replies,
-    pub role: Role,
-    pub state: ConnState,
-    /// When the last byte arrived, for the idle timeout.
-    pub last_active: Instant,
-    /// Already listed for the loop's end-of-turn write.
-    pub dirty: bool,
-    /// Since when a started line has been waiting for its end (the line deadline).
-    pub partial_since: Option<Instant>,
-    /// Since when unread replies have been over the soft limit.
-    pub over_soft_since: Option<Instant>,
-}
-
-impl Conn {
-    pub fn new(id: u64, stream: TcpStream, addr: SocketAddr, now: Instant) -> Conn {
-        Conn {
-            id,
-            stream,
-            addr,
-            reader: LineReader::default(),
-            out: OutBuf::default(),
-            replies: Replies::default(),
-            role: Role::Undecided,
-            state: ConnState::Open,
-            last_active: now,
-            dirty: false,
-            partial_since: None,
-            over_soft_since: None,
-        }
-    }
-
-    /// The state and role's names, for the trace.
-    pub fn state_name(&self) -> String {
-        let state = match self.state {
-            ConnState::Open => "Open",
-            ConnState::Draining(_) => "Draining",
-            ConnState::Closed(_) => "Closed",
-        };
-        let role = match self.role {
-            Role::Undecided => "Undecided",
-            Role::Client => "Client",
-            Role::Challenged { .. } => "Challenged",
-            Role::Peer(_) => "Peer",
-        };
-        format!("{state}/{role}")
-    }
-
-    /// Moves to a new state; the loop logs the close when it frees the connection.
-    pub fn set_state(&mut self, next: ConnState) {
-        if !matches!(self.state, ConnState::Closed(_)) {
-            self.state = next;
-        }
-    }
-
-    /// Writes what is pending and decides whether the connection is done. Called by the loop
-    /// at the end of the turn, so the replies of a whole batch of commands go out in one write.
-    pub fn flush(&mut self, output_cap: usize) {
-        if let ConnState::Closed(_) = self.state {
-            return;
-        }
-        if let Err(e) = self.out.write_to(&mut self.stream) {
-            self.state = ConnState::Closed(format!("write failed: {e}"));
-            return;
-        }
-        if self.out.pending() > output_cap {
-            self.state = ConnState::Closed(format!(
-                "over {output_cap} bytes of replies unread: the client does not read"
-            ));
-        } else if let ConnState::Draining(reason) = &self.state {
-            if self.replies.is_empty() && self.out.pending() == 0 {
-                self.state = ConnState::Closed(reason.clone());
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lines(reader: &mut LineReader, max: usize) -> Vec<Line<'static>> {
-        let mut out = Vec::new();
-        while let Some(line) = reader.next_line(max) {
-            out.push(match line {
-                Line::Complete(l) => Line::Complete(Vec::leak(l.to_vec())),
-                Line::TooLong(l) => Line::TooLong(Vec::leak(l.to_vec())),
-            });
-        }
-        out
-    }
-
-    #[test]
-    fn lines_arrive_in_pieces() {
-        let mut r = LineReader::default();
-        let mut scratch = [0u8; 4];
-        assert_eq!(
-            r.fill(&mut &b"ab\ncd"[..], &mut scratch, 1000, true)
-                .unwrap(),
-            Fill::Eof
-        );
-        assert_eq!(
-            lines(&mut r, 100),
-            [Line::Complete(b"ab"), Line::Complete(b"cd")]
-        );
-    }
-
-    #[test]
-    fn a_partial_line_waits_for_more_unless_the_stream_ended() {
-        let mut r = LineReader {
-            buf: b"IAMAT a".to_vec(),
-            ..LineReader::default()
-        };
-        assert_eq!(lines(&mut r, 100), []);
-        r.buf.extend_from_slice(b" b c\nx");
-        assert_eq!(lines(&mut r, 100), [Line::Complete(b"IAMAT a b c")]);
-        r.eof = true;
-        assert_eq!(lines(&mut r, 100), [Line::Complete(b"x")]);
-    }
-
-    #[test]
-    fn overlong_lines_are_cut() {
-        let mut r = LineReader {
-            buf: vec![b'x'; 200],
-            ..LineReader::default()
-        };
-        assert_eq!(
-            lines(&mut r, 100),
-            [Line::TooLong(&[b'x'; TOO_LONG_PREFIX])]
-        );
-    }
-
-    #[test]
-    fn replies_keep_command_order() {
-        let mut out = OutBuf::default();
-        let mut replies = Replies::default();
-        replies.push(&mut out, b"1");
-        replies.push_awaiting(7);
-        replies.push(&mut out, b"3");
-        replies.push_awaiting(8);
-        assert_eq!(out.buf, b"1");
-        replies.complete(&mut out, 8, b"4".to_vec());
-        assert_eq!(out.buf, b"1");
-        replies.complete(&mut out, 7, b"2".to_vec());
-        assert_eq!(out.buf, b"1234");
-        assert!(replies.is_empty());
-        assert_eq!(replies.waiting(), 0);
     }
 }

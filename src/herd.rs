@@ -1,30 +1,29 @@
-//! What lines mean: a client's IAMAT and WHATSAT, a neighbour's records, and the flood.
+//! The server's state apart from its sockets, and what a command does to it.
 //!
-//! [`Herd`] is the server's state apart from its sockets: the store, the links to the
-//! neighbours, the Places pool and the log. The loop in [`crate::server`] hands it a connection
-//! whose bytes have arrived; [`Herd::process`] runs every whole line the connection holds, as far
-//! as the connection's limits allow, and leaves the replies in the connection's output.
+//! [`Herd`] holds what every machine of the loop shares: the store, the links to the
+//! neighbours, the Places pool, the log, the limits, and the turn's clock. The machines that own
+//! sockets (a client's connection in [`crate::conn`], a neighbour's inbound link in
+//! [`crate::inbound`]) call into it: [`Herd::command`] runs one client command,
+//! [`Herd::merge_record`] one record from a neighbour, and both flood what changed the store.
 
 use std::time::Instant;
 
 use crate::config::Limits;
-use crate::conn::{Conn, ConnState, Line, OutBuf, PeerSide, Replies, Role};
 use crate::link::{self, Link};
 use crate::log::{Log, Who};
-use crate::peer::{self, Compared, Comparison, PeerLine, Secret, Session};
-use crate::places::pool::PlacesPool;
-use crate::places::{self, Query};
+use crate::peer::Secret;
+use crate::places::pool::Owner;
+use crate::places::{self, PlacesPool, Query};
 use crate::protocol::{self, Command};
-use crate::reactor::Registrar;
-use crate::store::{Merge, Store, DIGEST_PARTS};
+use crate::store::{Merge, Store};
 
 /// The body of every WHATSAT when no API key is configured: Google's own answer to a missing key
 /// is a `REQUEST_DENIED`, so clients see the same shape.
 pub const NO_KEY_MESSAGE: &str =
     "This server has no Google Places API key: set GOOGLE_PLACES_API_KEY or places.key_file.";
 
-/// Lines stop being run while a connection has this much output unwritten (or a quarter of
-/// its cap, if that is less).
+/// A client whose replies not yet read reach this much (or a quarter of its cap, if that is
+/// less) has no more of its commands run until it reads: asyncio's `drain()`.
 pub const OUTPUT_HIGH_WATER: usize = 256 * 1024;
 
 pub struct Herd {
@@ -42,8 +41,24 @@ pub struct Herd {
     pub now: Instant,
     /// This turn's wall-clock time in nanoseconds since the epoch: the receive time of IAMATs.
     pub now_ns: i128,
-    /// Reused for building AT lines, so an IAMAT allocates nothing in the common case.
-    line: Vec<u8>,
+    /// This turn's number: a connection's share of the loop is counted per turn.
+    pub turn: u64,
+    /// The reply being made, reused so that an IAMAT allocates nothing in the common case.
+    reply: Vec<u8>,
+}
+
+/// What a client's command answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer<'a> {
+    /// Nothing: the line was blank.
+    Nothing,
+    /// This reply, now.
+    Now(&'a [u8]),
+    /// A WHATSAT whose reply comes when Places answers job `job`.
+    Later(u64),
+    /// `? LINE`, to a client that spoke the peers' language: it is forging records, and is
+    /// disconnected once answered.
+    Forged(&'a [u8]),
 }
 
 impl Herd {
@@ -66,102 +81,112 @@ impl Herd {
             limits,
             now,
             now_ns: 0,
-            line: Vec::with_capacity(256),
+            turn: 0,
+            reply: Vec::with_capacity(256),
         }
     }
 
-    /// Runs the whole lines buffered in `conn` (slot `slot`). Stops early when the connection
-    /// has as many replies waiting on Places as it may, has [`OUTPUT_HIGH_WATER`] bytes of
-    /// output unwritten, or is no longer open: the unread lines stay buffered, and the loop
-    /// calls this again when a reply completes or the output has gone out.
-    pub fn process(&mut self, conn: &mut Conn, slot: usize, registrar: &Registrar) {
-        // A record is a little longer than the IAMAT it answers (server name, time difference),
-        // so a peer's lines may be longer than a client's.
-        let max_line = match conn.role {
-            Role::Peer(_) => 2 * self.limits.max_line_bytes + 1024,
-            Role::Challenged { .. } => peer::MAX_HANDSHAKE_BYTES,
-            _ => self.limits.max_line_bytes,
+    /// Runs one client command (a whole line, without its `\n`) of connection `id`: an IAMAT is
+    /// stored and flooded if it is news, then answered; a WHATSAT is handed to Places and answered
+    /// later; anything else is answered `? LINE`. The line and the reply are logged.
+    pub fn command(&mut self, id: u64, owner: Owner, line: &[u8]) -> Answer<'_> {
+        self.log.bytes(Who::Conn(id), '<', line);
+        match protocol::parse_command(line) {
+            Command::Blank => Answer::Nothing,
+            Command::Iamat(iamat) => {
+                self.reply.clear();
+                protocol::write_at_line(&mut self.reply, &self.name, self.now_ns, &iamat);
+                if self.store.merge(iamat.client, iamat.time_ns, &self.reply) == Merge::Stored {
+                    // The neighbours get the update before the client gets its reply
+                    // (docs/protocol.md section 5); the loop also writes links before clients.
+                    let record = std::mem::take(&mut self.reply);
+                    self.flood(&record, None);
+                    self.reply = record;
+                }
+                self.reply.push(b'\n');
+                self.log.bytes(Who::Conn(id), '>', &self.reply);
+                Answer::Now(&self.reply)
+            }
+            Command::Whatsat(w) => match self.store.get(w.client) {
+                Some(record) => {
+                    let record = record.to_vec();
+                    self.whatsat(id, owner, &record, &w)
+                }
+                None => self.invalid(id, line),
+            },
+            Command::Invalid => {
+                let forged = matches!(
+                    protocol::first_field(line),
+                    b"AT" | b"PEER" | b"PROOF" | b"CHALLENGE"
+                );
+                match self.invalid(id, line) {
+                    Answer::Now(reply) if forged => Answer::Forged(reply),
+                    answer => answer,
+                }
+            }
+        }
+    }
+
+    /// `? LINE`, logged.
+    pub fn invalid(&mut self, id: u64, line: &[u8]) -> Answer<'_> {
+        self.reply.clear();
+        self.reply.extend_from_slice(b"? ");
+        self.reply.extend_from_slice(line);
+        self.reply.push(b'\n');
+        self.log.bytes(Who::Conn(id), '>', &self.reply);
+        Answer::Now(&self.reply)
+    }
+
+    fn whatsat(
+        &mut self,
+        id: u64,
+        owner: Owner,
+        record: &[u8],
+        w: &protocol::Whatsat,
+    ) -> Answer<'_> {
+        let Some(pool) = &mut self.places else {
+            let body = places::error_body("REQUEST_DENIED", NO_KEY_MESSAGE);
+            self.reply = whatsat_reply(record, &body);
+            self.log.bytes(Who::Conn(id), '>', &self.reply);
+            return Answer::Now(&self.reply);
         };
-        while conn.state == ConnState::Open && conn.replies.waiting() < self.limits.pending_replies
-        {
-            let Some(line) = conn.reader.next_line(max_line) else {
-                break;
-            };
-            let line = match line {
-                Line::Complete(line) => line,
-                Line::TooLong(prefix) => {
-                    self.log.bytes(Who::Conn(conn.id), '<', prefix);
-                    if !conn.role.is_peer() {
-                        let mut reply = b"? ".to_vec();
-                        reply.extend_from_slice(prefix);
-                        reply.extend_from_slice(
-                            format!("... (line longer than {max_line} bytes)\n").as_bytes(),
-                        );
-                        self.log.bytes(Who::Conn(conn.id), '>', &reply);
-                        conn.replies.push(&mut conn.out, &reply);
-                    }
-                    conn.state = ConnState::Draining(format!("line longer than {max_line} bytes"));
-                    break;
-                }
-            };
-            let outcome = match &mut conn.role {
-                Role::Client => Ok(false),
-                Role::Undecided => {
-                    match self.greeting(conn.id, &mut conn.role, &mut conn.out, line) {
-                        Some(outcome) => outcome.map(|()| true),
-                        // Blank lines leave the question open; anything else makes a client.
-                        None if line.iter().all(|&b| protocol::is_space(b)) => Ok(true),
-                        None => {
-                            conn.role = Role::Client;
-                            Ok(false)
-                        }
-                    }
-                }
-                Role::Challenged { .. } => self.proof(conn.id, &mut conn.role, line).map(|()| true),
-                Role::Peer(side) => self.peer_line(side, &mut conn.out, line).map(|()| true),
-            };
-            match outcome {
-                Ok(true) => continue, // a peer's line: done
-                Ok(false) => {}
-                Err(why) => {
-                    // A peer that breaks the protocol or fails to authenticate loses its
-                    // connection; it redials and starts afresh.
-                    self.log
-                        .event(format_args!("c{}", conn.id), format_args!("{why}"));
-                    conn.state = ConnState::Closed(why);
-                    break;
-                }
-            }
-            let forged = self.client_line(
-                conn.id,
-                slot,
-                &mut conn.replies,
-                &mut conn.out,
-                line,
-                registrar,
-            );
-            if forged {
-                // A client that speaks the peers' language is forging records: answered like
-                // any invalid command, then disconnected.
-                conn.state = ConnState::Draining("a client sent a peer's line".into());
-                break;
-            }
-            if conn.out.pending() >= self.output_high_water() {
-                // Back-pressure: the rest waits until the client has read this (asyncio's
-                // drain()). The loop resumes when the output has gone out.
-                break;
+        // A stored record was validated when it was stored, so its location parses.
+        let location = protocol::fields::<6>(record)
+            .map(|(f, _)| f[4])
+            .unwrap_or_default();
+        let Some((latitude, longitude)) = protocol::parse_location(location) else {
+            return self.invalid(id, record);
+        };
+        let query = Query {
+            latitude,
+            longitude,
+            radius_m: &w.radius_m,
+            bound: w.bound,
+        };
+        let job = pool.submit(self.now, owner, record, &query, &mut self.log);
+        pool.dispatch(self.now, &mut self.log);
+        Answer::Later(job)
+    }
+
+    /// A record that neighbour `from` sent: merged, and flooded on if it changed the store.
+    pub fn merge_record(&mut self, record: &[u8], from: usize) {
+        match self.store.merge_record(record) {
+            Some(Merge::Stored) => self.flood(record, Some(from)),
+            Some(Merge::Stale) => {}
+            None => self.log.event(
+                format_args!("peer {}", self.links[from].name),
+                format_args!("ignored a line that is not a valid record"),
+            ),
+        }
+    }
+
+    /// Hands a record that changed the store to every link but the one it came from.
+    pub fn flood(&mut self, line: &[u8], except: Option<usize>) {
+        for (i, link) in self.links.iter_mut().enumerate() {
+            if Some(i) != except {
+                link.send(self.now, line, self.limits.peer_output_bytes, &mut self.log);
             }
         }
-        if conn.reader.at_eof() && conn.state == ConnState::Open && conn.reader.buffered() == 0 {
-            let reason = match &conn.role {
-                Role::Peer(side) => {
-                    format!("peer {} closed its link", self.links[side.neighbour].name)
-                }
-                _ => "end of stream".to_owned(),
-            };
-            conn.set_state(ConnState::Draining(reason));
-        }
-        conn.reader.compact();
     }
 
     /// The links, and what a link needs from the rest of the server, borrowed apart.
@@ -175,266 +200,14 @@ impl Herd {
         (&mut self.links, cx)
     }
 
-    /// Output that stops a connection's lines from running: well below the cap that closes it.
-    fn output_high_water(&self) -> usize {
+    /// Replies unread past this stop a client's commands: well below the cap that closes it.
+    pub fn output_high_water(&self) -> usize {
         OUTPUT_HIGH_WATER.min(self.limits.client_output_bytes / 4)
     }
 
-    fn neighbour(&self, name: &[u8]) -> Option<usize> {
+    /// The index of the neighbour called `name`.
+    pub fn neighbour(&self, name: &[u8]) -> Option<usize> {
         self.links.iter().position(|l| l.name.as_bytes() == name)
-    }
-
-    fn client_line(
-        &mut self,
-        id: u64,
-        slot: usize,
-        replies: &mut Replies,
-        out: &mut OutBuf,
-        line: &[u8],
-        registrar: &Registrar,
-    ) -> bool {
-        self.log.bytes(Who::Conn(id), '<', line);
-        match protocol::parse_command(line) {
-            Command::Blank => {}
-            Command::Iamat(iamat) => {
-                let mut at = std::mem::take(&mut self.line);
-                at.clear();
-                protocol::write_at_line(&mut at, &self.name, self.now_ns, &iamat);
-                if self.store.merge(iamat.client, iamat.time_ns, &at) == Merge::Stored {
-                    // The neighbours get the update before the client gets its reply
-                    // (docs/protocol.md section 5); the loop also writes links before clients.
-                    self.flood(&at, None);
-                }
-                at.push(b'\n');
-                self.log.bytes(Who::Conn(id), '>', &at);
-                replies.push(out, &at);
-                self.line = at;
-            }
-            Command::Whatsat(w) => match self.store.get(w.client) {
-                Some(record) => {
-                    let record = record.to_vec();
-                    self.whatsat(id, slot, replies, out, &record, &w, registrar);
-                }
-                None => self.invalid(id, replies, out, line),
-            },
-            Command::Invalid => {
-                self.invalid(id, replies, out, line);
-                let verb = protocol::first_field(line);
-                return matches!(verb, b"AT" | b"PEER" | b"PROOF" | b"CHALLENGE");
-            }
-        }
-        false
-    }
-
-    fn invalid(&mut self, id: u64, replies: &mut Replies, out: &mut OutBuf, line: &[u8]) {
-        let mut reply = Vec::with_capacity(line.len() + 3);
-        reply.extend_from_slice(b"? ");
-        reply.extend_from_slice(line);
-        reply.push(b'\n');
-        self.log.bytes(Who::Conn(id), '>', &reply);
-        replies.push(out, &reply);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn whatsat(
-        &mut self,
-        id: u64,
-        slot: usize,
-        replies: &mut Replies,
-        out: &mut OutBuf,
-        record: &[u8],
-        w: &protocol::Whatsat,
-        registrar: &Registrar,
-    ) {
-        let Some(pool) = &mut self.places else {
-            let reply = whatsat_reply(
-                record,
-                &places::error_body("REQUEST_DENIED", NO_KEY_MESSAGE),
-            );
-            self.log.bytes(Who::Conn(id), '>', &reply);
-            replies.push(out, &reply);
-            return;
-        };
-        // A stored record was validated when it was stored, so its location parses.
-        let location = protocol::fields::<6>(record)
-            .map(|(f, _)| f[4])
-            .unwrap_or_default();
-        let Some((latitude, longitude)) = protocol::parse_location(location) else {
-            return self.invalid(id, replies, out, record);
-        };
-        let query = Query {
-            latitude,
-            longitude,
-            radius_m: &w.radius_m,
-            bound: w.bound,
-        };
-        let job = pool.submit(self.now, (slot, id), record, &query, &mut self.log);
-        replies.push_awaiting(job);
-        pool.dispatch(self.now, registrar, &mut self.log);
-    }
-
-    /// The first line of a connection, if it is a neighbour's greeting: without a herd secret
-    /// the connection is that neighbour's link at once; with one, it is challenged. `None`
-    /// when the line is not a neighbour's greeting (then it is a client's command).
-    fn greeting(
-        &mut self,
-        id: u64,
-        role: &mut Role,
-        out: &mut OutBuf,
-        line: &[u8],
-    ) -> Option<Result<(), String>> {
-        let greeting = peer::parse_greeting(line)?;
-        let neighbour = self.neighbour(greeting.name)?;
-        self.log.bytes(Who::Conn(id), '<', line);
-        let name = &self.links[neighbour].name;
-        Some(match (&self.secret, greeting.nonce) {
-            (None, None) => {
-                self.log
-                    .event(format_args!("c{id}"), format_args!("is peer {name}"));
-                self.links[neighbour].on_neighbour_greeted(self.now, &mut self.log);
-                *role = Role::Peer(PeerSide {
-                    neighbour,
-                    session: None,
-                    last_sent: self.now,
-                    comparison: Comparison::default(),
-                });
-                Ok(())
-            }
-            (Some(secret), Some(nd)) => {
-                let Some(na): Option<Vec<u8>> = peer::nonce() else {
-                    return Some(Err("no randomness for a nonce".into()));
-                };
-                let proof = secret.proof(b"accept", greeting.name, self.name.as_bytes(), nd, &na);
-                let challenge = [&b"CHALLENGE "[..], &na, b" ", &proof].concat();
-                self.log.bytes(Who::Conn(id), '>', &challenge);
-                out.push(&challenge);
-                out.push(b"\n");
-                *role = Role::Challenged {
-                    neighbour,
-                    nd: nd.to_vec(),
-                    na,
-                    until: self.now + peer::HANDSHAKE_TIMEOUT,
-                };
-                Ok(())
-            }
-            (Some(_), None) => Err(format!(
-                "{name} greeted without authenticating, but this herd has a secret"
-            )),
-            (None, Some(_)) => Err(format!(
-                "{name} wants to authenticate, but this server has no herd secret"
-            )),
-        })
-    }
-
-    /// The line after our challenge: the neighbour's proof that it knows the secret.
-    fn proof(&mut self, id: u64, role: &mut Role, line: &[u8]) -> Result<(), String> {
-        let (
-            Role::Challenged {
-                neighbour, nd, na, ..
-            },
-            Some(secret),
-        ) = (&*role, &self.secret)
-        else {
-            return Err("no challenge to answer".into());
-        };
-        self.log.bytes(Who::Conn(id), '<', line);
-        let name = &self.links[*neighbour].name;
-        let valid = peer::parse_proof(line).is_some_and(|proof| {
-            secret.verify(
-                proof,
-                b"dial",
-                name.as_bytes(),
-                self.name.as_bytes(),
-                nd,
-                na,
-            )
-        });
-        if !valid {
-            return Err(format!("{name} failed to prove it knows the herd secret"));
-        }
-        self.log.event(
-            format_args!("c{id}"),
-            format_args!("is peer {name}, authenticated"),
-        );
-        self.links[*neighbour].on_neighbour_greeted(self.now, &mut self.log);
-        *role = Role::Peer(PeerSide {
-            neighbour: *neighbour,
-            session: Some(Session::new(secret, nd, na, false)),
-            last_sent: self.now,
-            comparison: Comparison::default(),
-        });
-        Ok(())
-    }
-
-    /// A line on a neighbour's inbound link: a record to merge (and flood if it is news), a
-    /// heartbeat, or the digests of the neighbour's store and of its parts.
-    fn peer_line(
-        &mut self,
-        side: &mut PeerSide,
-        out: &mut OutBuf,
-        line: &[u8],
-    ) -> Result<(), String> {
-        let from = side.neighbour;
-        self.log.bytes(Who::Peer(&self.links[from].name), '<', line);
-        let payload = match &mut side.session {
-            Some(session) => session.open(line)?,
-            None => line,
-        };
-        match peer::parse_line(payload) {
-            Some(PeerLine::Record(record)) => match self.store.merge_record(record) {
-                Some(Merge::Stored) => self.flood(record, Some(from)),
-                Some(Merge::Stale) => {}
-                None => self.log.event(
-                    format_args!("peer {}", self.links[from].name),
-                    format_args!("ignored a line that is not a valid record"),
-                ),
-            },
-            Some(PeerLine::Ping) => {}
-            Some(PeerLine::Parts { first, digests }) => side.comparison.parts(first, &digests),
-            Some(PeerLine::Digest { count, digest }) => {
-                // While our link is still copying our store to the neighbour, its store lacks
-                // some of ours: not a difference to act on.
-                let copying = self.links[from].copying();
-                let compared = side.comparison.digest(count, digest, &self.store, copying);
-                let Compared::Resync(parts) = compared else {
-                    return Ok(());
-                };
-                // Still different: each side sends the other what differs.
-                let what = match &parts {
-                    None => "the whole store".to_string(),
-                    Some(set) => format!("{} of {} parts", set.len(), DIGEST_PARTS),
-                };
-                self.log.event(
-                    format_args!("peer {}", self.links[from].name),
-                    format_args!(
-                        "stores differ ({count} records, {digest:016x}; here {}, {:016x}): resyncing {what} both ways",
-                        self.store.len(),
-                        self.store.digest()
-                    ),
-                );
-                peer::frame(
-                    side.session.as_mut(),
-                    &peer::sync_line(parts.as_ref()),
-                    out.tail(),
-                );
-                side.last_sent = self.now;
-                self.links[from].resync(&self.store, parts);
-            }
-            Some(PeerLine::Sync(_)) | None => self.log.event(
-                format_args!("peer {}", self.links[from].name),
-                format_args!("ignored a line an inbound link does not carry"),
-            ),
-        }
-        Ok(())
-    }
-
-    /// Hands a record that changed the store to every link but the one it came from.
-    fn flood(&mut self, line: &[u8], except: Option<usize>) {
-        for (i, link) in self.links.iter_mut().enumerate() {
-            if Some(i) != except {
-                link.send(self.now, line, self.limits.peer_output_bytes, &mut self.log);
-            }
-        }
     }
 }
 

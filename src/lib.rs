@@ -7,6 +7,7 @@ pub mod bytes;
 pub mod config;
 pub mod conn;
 pub mod herd;
+pub mod inbound;
 pub mod link;
 pub mod log;
 pub mod peer;

@@ -25,17 +25,16 @@
 //! seconds the digests of the store and of its parts, which the neighbour compares with its own
 //! (see [`crate::peer`]); `SYNC` asks for some parts, or all, again.
 
-use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::conn::{Fill, LineReader, OutBuf};
 use crate::log::{Log, Who};
 use crate::peer::{self, PartSet, PeerLine, Secret, Session};
-use crate::reactor::{Registrar, Source};
+use crate::reactor::Want;
 use crate::store::{Store, DIGEST_PARTS};
+use crate::wire::{Fill, Line, Transport, Wire};
 
 pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FIRST_RETRY: Duration = Duration::from_millis(50);
@@ -46,9 +45,14 @@ pub const MAX_RETRY: Duration = Duration::from_secs(2);
 /// in well under a millisecond; a connect younger than this is left to finish.
 pub const STALE_CONNECT: Duration = Duration::from_millis(250);
 /// The store is copied into a link's output only while less than this is waiting, so a sync
-/// of a large store neither stalls the loop nor trips the output cap. A copy of some parts
-/// passes over the other parts' records at a byte each: a few milliseconds for a million.
+/// of a large store never trips the output cap. A copy of some parts passes over the other
+/// parts' records at a byte each: a few milliseconds for a million.
 const SYNC_LOW_WATER: usize = 64 * 1024;
+/// The most of a copy of the store one turn writes, however fast the neighbour takes it: about
+/// a millisecond of the loop, so that clients and the other links get their turn while a large
+/// store is copied. A copy with more to send asks for the next turn at once
+/// ([`Link::wants_turn`]).
+const SYNC_TURN_BYTES: usize = 256 * 1024;
 /// Longest line a neighbour may write on this link (its lines are short: PING, SYNC, CHALLENGE).
 const MAX_LINE_BYTES: usize = 1024;
 
@@ -59,26 +63,16 @@ pub fn backoff(failures: u32) -> Duration {
         .min(MAX_RETRY)
 }
 
-/// What an open link holds, whatever its state.
-struct Wire {
-    stream: TcpStream,
-    out: OutBuf,
-    reader: LineReader,
-}
-
 // One per neighbour, so the size of the largest state costs nothing worth boxing for.
 #[allow(clippy::large_enum_variant)]
-enum LinkState {
+enum LinkState<S> {
     /// Waiting to redial.
     Down { retry_at: Instant },
     /// A non-blocking connect in flight; WRITABLE says it ended, one way or the other.
-    Connecting {
-        stream: TcpStream,
-        deadline: Instant,
-    },
+    Connecting { stream: S, deadline: Instant },
     /// Greeting sent with our nonce `nd`; waiting for the neighbour's CHALLENGE.
     Authenticating {
-        wire: Wire,
+        wire: Wire<S>,
         nd: Vec<u8>,
         deadline: Instant,
     },
@@ -86,7 +80,7 @@ enum LinkState {
     /// of the store being copied, up to `sync_end` (the store's size when the copy began;
     /// later records are flooded anyway); `sync_parts` the parts copied, or `None` for all.
     Up {
-        wire: Wire,
+        wire: Wire<S>,
         session: Option<Session>,
         sync: usize,
         sync_end: usize,
@@ -97,15 +91,14 @@ enum LinkState {
     },
 }
 
-pub struct Link {
+/// The link to one neighbour. `S` is its socket: mio's `TcpStream`, or a scripted one in tests.
+pub struct Link<S = TcpStream> {
     /// The neighbour's name.
     pub name: String,
-    /// This link's index among the neighbours, which is also its token's.
-    index: usize,
     addr: SocketAddr,
     /// Failed attempts since the link was last up.
     failures: u32,
-    state: LinkState,
+    state: LinkState<S>,
 }
 
 /// What the link needs from the server around it.
@@ -116,15 +109,37 @@ pub struct Context<'a> {
     pub log: &'a mut Log,
 }
 
-impl Link {
-    pub fn new(name: String, index: usize, addr: SocketAddr, now: Instant) -> Link {
+impl<S: Transport> Link<S> {
+    pub fn new(name: String, addr: SocketAddr, now: Instant) -> Link<S> {
         Link {
             name,
-            index,
             addr,
             failures: 0,
             state: LinkState::Down { retry_at: now },
         }
+    }
+
+    /// The link's socket, if it has one: for the loop to register after [`Want::Register`].
+    pub fn socket(&mut self) -> Option<&mut S> {
+        match &mut self.state {
+            LinkState::Down { .. } => None,
+            LinkState::Connecting { stream, .. } => Some(stream),
+            LinkState::Authenticating { wire, .. } | LinkState::Up { wire, .. } => {
+                Some(&mut wire.stream)
+            }
+        }
+    }
+
+    /// The loop could not register the socket the link opened.
+    pub fn on_register_failed(&mut self, now: Instant, log: &mut Log, why: &str) {
+        self.go_down(now, log, &format!("cannot register the socket: {why}"));
+    }
+
+    /// Whether the link wants the next turn at once, without waiting for an event or a
+    /// deadline: a copy of the store that the neighbour is taking as fast as it is written.
+    pub fn wants_turn(&self) -> bool {
+        matches!(&self.state, LinkState::Up { wire, sync, sync_end, .. }
+            if sync < sync_end && wire.out.pending() < SYNC_LOW_WATER)
     }
 
     /// When the link next needs the loop, without any event.
@@ -192,12 +207,11 @@ impl Link {
         self.state = LinkState::Down { retry_at: now };
     }
 
-    /// Fires whatever deadline has passed; safe to call when none has.
-    pub fn on_timeout(&mut self, now: Instant, registrar: &Registrar, cx: &mut Context) {
+    /// Fires whatever deadline has passed; safe to call when none has. Asks the loop to register
+    /// the socket when it has dialled.
+    pub fn on_timeout(&mut self, now: Instant, cx: &mut Context) -> Want {
         let why = match &mut self.state {
-            LinkState::Down { retry_at } if *retry_at <= now => {
-                return self.dial(now, registrar, cx.log)
-            }
+            LinkState::Down { retry_at } if *retry_at <= now => return self.dial(now, cx.log),
             LinkState::Connecting { deadline, .. } if *deadline <= now => {
                 format!("no answer within {} ms", PEER_CONNECT_TIMEOUT.as_millis())
             }
@@ -233,44 +247,38 @@ impl Link {
                     send(wire, session, b"PING");
                     *last_sent = now;
                 }
-                return;
+                return Want::Nothing;
             }
-            _ => return,
+            _ => return Want::Nothing,
         };
         self.go_down(now, cx.log, &why);
+        Want::Nothing
     }
 
-    fn dial(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
-        let attempt = TcpStream::connect(self.addr).and_then(|mut stream| {
-            // A record goes out as soon as it is flooded: not held back by Nagle's algorithm
-            // until the neighbour acknowledges the last one, which it may delay.
-            stream.set_nodelay(true)?;
-            registrar.attach(&mut stream, Source::Link(self.index))?;
-            Ok(stream)
-        });
-        match attempt {
+    /// Starts a non-blocking connect; the loop registers the socket, and its first event says
+    /// how the connect ended.
+    fn dial(&mut self, now: Instant, log: &mut Log) -> Want {
+        match S::connect(self.addr) {
             Ok(stream) => {
                 self.state = LinkState::Connecting {
                     stream,
                     deadline: now + PEER_CONNECT_TIMEOUT,
                 };
+                Want::Register
             }
-            Err(e) => self.go_down(now, log, &e.to_string()),
+            Err(e) => {
+                self.go_down(now, log, &e.to_string());
+                Want::Nothing
+            }
         }
     }
 
-    /// A readiness event on the link's socket.
+    /// A readiness event on the link's socket, of either kind.
     pub fn on_ready(&mut self, now: Instant, scratch: &mut [u8], cx: &mut Context) {
         if let LinkState::Connecting { stream, .. } = &mut self.state {
-            // The connect has ended if the socket has an error or a peer address; neither
-            // means the event was spurious and the connect is still in flight.
-            let outcome = match stream.take_error() {
-                Ok(Some(e)) | Err(e) => Err(e),
-                Ok(None) => stream.peer_addr().map(|_| ()),
-            };
-            match outcome {
-                Ok(()) => self.greet(now, cx),
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+            match stream.connected() {
+                Ok(true) => self.greet(now, cx),
+                Ok(false) => return, // a spurious event: still in flight
                 Err(e) => return self.go_down(now, cx.log, &e.to_string()),
             }
         }
@@ -286,11 +294,7 @@ impl Link {
         else {
             return;
         };
-        let mut wire = Wire {
-            stream,
-            out: OutBuf::default(),
-            reader: LineReader::default(),
-        };
+        let mut wire = Wire::new(stream);
         let nd = match cx.secret {
             Some(_) => match peer::nonce() {
                 Some(nd) => Some(nd),
@@ -314,10 +318,10 @@ impl Link {
     fn come_up(
         &mut self,
         now: Instant,
-        wire: Wire,
+        wire: Wire<S>,
         session: Option<Session>,
         cx: &mut Context,
-    ) -> LinkState {
+    ) -> LinkState<S> {
         self.failures = 0;
         cx.log.event(
             format_args!("link {}", self.name),
@@ -370,8 +374,8 @@ impl Link {
             _ => return None,
         };
         let line = match wire.reader.next_line(MAX_LINE_BYTES)? {
-            crate::conn::Line::Complete(line) => line.to_vec(),
-            crate::conn::Line::TooLong(_) => b"(an overlong line)".to_vec(),
+            Line::Complete(line) => line.to_vec(),
+            Line::TooLong(_) => b"(an overlong line)".to_vec(),
         };
         wire.reader.compact();
         Some(line)
@@ -518,6 +522,7 @@ impl Link {
             } => (wire, session, sync, sync_end, &*sync_parts, last_sent),
             _ => return,
         };
+        let mut synced = 0;
         let result = loop {
             while *sync < *sync_end && wire.out.pending() < SYNC_LOW_WATER {
                 let wanted = match sync_parts {
@@ -526,15 +531,19 @@ impl Link {
                 };
                 if let Some(record) = store.at(*sync).filter(|_| wanted) {
                     log.bytes(Who::Link(&self.name), '>', &record.line);
+                    let before = wire.out.pending();
                     send(wire, session, &record.line);
+                    synced += wire.out.pending() - before;
                     *last_sent = now;
                 }
                 *sync += 1;
             }
             let before = wire.out.pending();
             let result = wire.out.write_to(&mut wire.stream);
-            // Keep going while the kernel takes everything and the sync has more to send.
-            if result.is_err() || wire.out.pending() != 0 || before == 0 || *sync >= *sync_end {
+            // Keep going while the kernel takes everything, the copy has more to send, and this
+            // turn's share of it is not spent ([`Link::wants_turn`] asks for the next).
+            let more = *sync < *sync_end && synced < SYNC_TURN_BYTES;
+            if result.is_err() || wire.out.pending() != 0 || before == 0 || !more {
                 break result;
             }
         };
@@ -545,7 +554,7 @@ impl Link {
 }
 
 /// Frames one payload onto the wire's output.
-fn send(wire: &mut Wire, session: &mut Option<Session>, payload: &[u8]) {
+fn send<S>(wire: &mut Wire<S>, session: &mut Option<Session>, payload: &[u8]) {
     peer::frame(session.as_mut(), payload, wire.out.tail());
 }
 
@@ -558,7 +567,7 @@ mod tests {
         let t0 = Instant::now();
         let mut log = Log::discard();
         let addr = SocketAddr::from(([127, 0, 0, 1], 9));
-        let mut link = Link::new("Bona".into(), 0, addr, t0);
+        let mut link: Link = Link::new("Bona".into(), addr, t0);
         for _ in 0..7 {
             link.go_down(t0, &mut log, "refused");
         }

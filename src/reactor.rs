@@ -1,17 +1,24 @@
-//! Tokens and registration: the only code that talks to `mio::Registry`, and the one
-//! place that knows what a [`Token`] means.
+//! The poll, its tokens, and every registration: the only code that talks to `mio::Registry`,
+//! and the one place that knows what a [`Token`] means.
 //!
-//! Every socket is registered once, for both READABLE and WRITABLE, when it is created, and never
-//! re-registered. mio's readiness is edge-triggered: WRITABLE fires when a socket first becomes
-//! writable and then again only after a write has hit `WouldBlock` and the kernel has made room.
-//! So the interest costs nothing while output flows, and the loop never pays an `epoll_ctl` per
-//! reply to arm and disarm it (the trap "WRITABLE left on forever" belongs to level-triggered
-//! loops such as Redis's, where it would wake the loop on every turn).
+//! The state machines never register anything. A machine that opens a socket (a link dialling
+//! its neighbour, a Places slot connecting) says so to the loop, which registers it here; an
+//! accepted connection handed to a neighbour's inbound link is moved here to that link's token.
+//!
+//! Every socket is registered once, for both READABLE and WRITABLE, when it is created, and
+//! never re-registered. mio's readiness is edge-triggered: WRITABLE fires when a socket first
+//! becomes writable and then again only after a write has hit `WouldBlock` and the kernel has
+//! made room. So the interest costs nothing while output flows, and the loop never pays an
+//! `epoll_ctl` per reply to arm and disarm it (the trap "WRITABLE left on forever" belongs to
+//! level-triggered loops such as Redis's, where it would wake the loop on every turn). Closing a
+//! socket removes it from the poll, so a socket is simply dropped when its machine is done.
 
 use std::io;
+use std::time::Duration;
 
-use mio::net::TcpStream;
-use mio::{Interest, Registry, Token};
+use mio::event::Source as MioSource;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 /// What a token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,18 +27,21 @@ pub enum Source {
     Listener,
     /// The [`mio::Waker`] that helper threads (DNS) use to wake the loop.
     Waker,
-    /// SIGTERM or SIGINT.
+    /// SIGTERM, SIGINT or SIGUSR1.
     Signals,
-    /// The link dialled to neighbour `i`.
+    /// The link this server dialled to neighbour `i`.
     Link(usize),
+    /// The link neighbour `i` dialled to this server.
+    Inbound(usize),
     /// Slot `i` of the Places connection pool.
     Places(usize),
-    /// Slot `i` of the accepted connections (clients and inbound peers).
+    /// Slot `i` of the accepted connections: clients, and neighbours until they have proved who
+    /// they are.
     Conn(usize),
 }
 
-/// The token layout: three fixed tokens, then one per neighbour, one per Places slot, and the
-/// accepted connections after them.
+/// The token layout: three fixed tokens, then two per neighbour (the link each way), one per
+/// Places slot, and the accepted connections after them.
 #[derive(Debug, Clone, Copy)]
 pub struct Tokens {
     links: usize,
@@ -46,53 +56,108 @@ impl Tokens {
     }
 
     pub fn token(&self, source: Source) -> Token {
+        let (links, places) = (self.links, self.places);
         Token(match source {
             Source::Listener => 0,
             Source::Waker => 1,
             Source::Signals => 2,
             Source::Link(i) => FIXED + i,
-            Source::Places(i) => FIXED + self.links + i,
-            Source::Conn(i) => FIXED + self.links + self.places + i,
+            Source::Inbound(i) => FIXED + links + i,
+            Source::Places(i) => FIXED + 2 * links + i,
+            Source::Conn(i) => FIXED + 2 * links + places + i,
         })
     }
 
     pub fn source(&self, token: Token) -> Source {
+        let (links, places) = (self.links, self.places);
         match token.0 {
             0 => Source::Listener,
             1 => Source::Waker,
             2 => Source::Signals,
-            t if t < FIXED + self.links => Source::Link(t - FIXED),
-            t if t < FIXED + self.links + self.places => Source::Places(t - FIXED - self.links),
-            t => Source::Conn(t - FIXED - self.links - self.places),
+            t if t < FIXED + links => Source::Link(t - FIXED),
+            t if t < FIXED + 2 * links => Source::Inbound(t - FIXED - links),
+            t if t < FIXED + 2 * links + places => Source::Places(t - FIXED - 2 * links),
+            t => Source::Conn(t - FIXED - 2 * links - places),
         }
     }
 }
 
-/// Registers sockets for the state machines that create them.
-pub struct Registrar<'a> {
-    registry: &'a Registry,
+/// The poll and its registry, with the server's token layout.
+pub struct Reactor {
+    poll: Poll,
     tokens: Tokens,
 }
 
-impl<'a> Registrar<'a> {
-    pub fn new(registry: &'a Registry, tokens: Tokens) -> Registrar<'a> {
-        Registrar { registry, tokens }
+impl Reactor {
+    /// A poll for a server with `links` neighbours and `places` Places slots.
+    pub fn new(links: usize, places: usize) -> Result<Reactor, String> {
+        let poll = Poll::new().map_err(|e| format!("cannot create the poll: {e}"))?;
+        Ok(Reactor {
+            poll,
+            tokens: Tokens::new(links, places),
+        })
+    }
+
+    /// What `token` stands for.
+    pub fn source(&self, token: Token) -> Source {
+        self.tokens.source(token)
+    }
+
+    /// The waker helper threads use to wake the loop.
+    pub fn waker(&self) -> Result<Waker, String> {
+        Waker::new(self.poll.registry(), self.tokens.token(Source::Waker))
+            .map_err(|e| format!("cannot create the waker: {e}"))
+    }
+
+    /// Registers the listening socket (READABLE: a connection to accept) or the signals.
+    pub fn register_readable(
+        &self,
+        handle: &mut impl MioSource,
+        source: Source,
+    ) -> Result<(), String> {
+        (self.poll.registry())
+            .register(handle, self.tokens.token(source), Interest::READABLE)
+            .map_err(|e| format!("cannot register with the poll: {e}"))
+    }
+
+    /// Registers the listener.
+    pub fn listen(&self, listener: &mut TcpListener) -> Result<(), String> {
+        self.register_readable(listener, Source::Listener)
     }
 
     /// Registers a new socket for both readiness kinds, once (see the module docs).
     pub fn attach(&self, stream: &mut TcpStream, source: Source) -> io::Result<()> {
-        self.registry.register(
+        self.poll.registry().register(
             stream,
             self.tokens.token(source),
             Interest::READABLE | Interest::WRITABLE,
         )
     }
 
-    /// Deregisters a socket about to be dropped.
-    pub fn detach(&self, stream: &mut TcpStream) {
-        // Closing the descriptor removes it from epoll anyway; a failure here changes nothing.
-        let _ = self.registry.deregister(stream);
+    /// Moves a registered socket to another token: an accepted connection that turned out to be
+    /// a neighbour's link. The kernel reports its readiness afresh.
+    pub fn move_to(&self, stream: &mut TcpStream, source: Source) -> io::Result<()> {
+        self.poll.registry().reregister(
+            stream,
+            self.tokens.token(source),
+            Interest::READABLE | Interest::WRITABLE,
+        )
     }
+
+    /// Waits for events until `timeout` (`None`: until there is one).
+    pub fn poll(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+        self.poll.poll(events, timeout)
+    }
+}
+
+/// What a state machine asks of the loop after a step.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Nothing.
+    Nothing,
+    /// It opened a socket: register it under the machine's token.
+    Register,
 }
 
 #[cfg(test)]
@@ -108,12 +173,17 @@ mod tests {
             Source::Signals,
             Source::Link(0),
             Source::Link(2),
+            Source::Inbound(0),
+            Source::Inbound(2),
             Source::Places(0),
             Source::Places(3),
             Source::Conn(0),
-            Source::Conn(10_000),
+            Source::Conn(1000),
         ] {
-            assert_eq!(t.source(t.token(s)), s);
+            assert_eq!(t.source(t.token(s)), s, "{s:?}");
         }
+        // The layout leaves no token to two sources.
+        let all: Vec<usize> = (0..20).map(|n| t.token(t.source(Token(n))).0).collect();
+        assert_eq!(all, (0..20).collect::<Vec<_>>());
     }
 }

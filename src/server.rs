@@ -2,63 +2,74 @@
 //!
 //! [`Server::run`] turns the loop in four phases, after Redis's `aeProcessEvents`:
 //!
-//! 1. sleep in `poll` until an event or the earliest deadline;
-//! 2. read the clock once, then dispatch each event to the state machine its token names;
-//! 3. fire the deadlines that have passed (links to redial, Places jobs past their time, idle
-//!    clients);
+//! 1. sleep in `poll` until an event or the earliest deadline (not at all when a connection
+//!    still has work from the last turn);
+//! 2. read the clock once, then dispatch each event to the state machine its token names, and
+//!    serve again the connections whose share of the last turn ran out;
+//! 3. fire the deadlines that have passed (links to redial, Places jobs past their time,
+//!    heartbeats, and once a second the clients' timeouts);
 //! 4. `before_sleep`: write what the turn produced, links first (a neighbour hears of
 //!    an update before the client that sent it), then clients, free the connections that
 //!    closed, and write the log.
 //!
+//! The loop owns the machines and their sockets: the accepted connections ([`Conn`]), the links
+//! to the neighbours both ways ([`Link`], [`Inbound`]) and the Places pool. The machines return
+//! what they want of it ([`Want`], [`Served`], [`Flushed`]); only the loop registers sockets
+//! ([`Reactor`]) and frees connections.
+//!
 //! Handlers never free a connection in the middle of a batch of events: they mark it closed,
 //! and phase 4 frees it, so an event later in the same batch cannot find its slot reused.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::event::Event;
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Waker};
+use mio::{Events, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{resolve, Config};
-use crate::conn::{Conn, ConnState, Fill, Role};
+use crate::conn::{CloseReason, Conn, Flushed, Readiness, Served};
 use crate::herd::{whatsat_reply, Herd};
+use crate::inbound::Inbound;
 use crate::link::Link;
 use crate::log::{Log, Who};
-use crate::peer::{self, Secret};
+use crate::peer::Secret;
 use crate::places::pool::{tls_config, PlacesPool};
-use crate::reactor::{Registrar, Source, Tokens};
+use crate::reactor::{Reactor, Source, Want};
 use crate::store::Store;
 use crate::trace::{self, trace_loop};
 
-/// How often the connections are checked for idleness. A timer per connection would cost a heap
+/// How often the connections' deadlines are checked. A timer per connection would cost a heap
 /// entry per accept; one walk over 10,000 connections a second costs microseconds.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Size of the one read buffer shared by every connection.
 const READ_CHUNK: usize = 64 * 1024;
-/// A connection's unhandled input stops being read past this (it is waiting on Places, or
-/// sending faster than it reads); reading resumes when its lines are handled.
-const INPUT_HIGH_WATER: usize = 256 * 1024;
 
 pub struct Server {
-    poll: Poll,
-    tokens: Tokens,
+    reactor: Reactor,
     listener: Option<TcpListener>,
     signals: Signals,
     /// Kept alive for the helper threads that wake the loop.
     _waker: Arc<Waker>,
+    /// The accepted connections, by slot; a slot's token is `Source::Conn(slot)`.
     conns: Vec<Option<Conn>>,
     free_slots: Vec<usize>,
     open_conns: usize,
     next_conn_id: u64,
-    /// When the connections are next checked for idleness.
+    /// The link each neighbour dialled to us, by neighbour.
+    inbound: Vec<Inbound>,
+    /// When the connections' deadlines are next checked.
     sweep_at: Instant,
-    /// Connections with something to write or to decide, for the end of the turn.
-    dirty: Vec<usize>,
+    /// Connections with something to write or to decide at the end of the turn. A slot may be
+    /// listed twice; the second time finds nothing to do.
+    to_flush: Vec<usize>,
+    /// Connections whose share of the turn ran out with work left: served again in the next
+    /// turn, which then comes without sleeping.
+    again: Vec<Source>,
     scratch: Vec<u8>,
     herd: Herd,
     /// Where SIGUSR1 writes the store.
@@ -87,12 +98,8 @@ impl Server {
         let tls = tls_config(config.places.ca_file.as_deref())?;
         let log_path = config.log_path(name);
         let mut log = Log::open(&log_path)?;
-        let poll = Poll::new().map_err(|e| format!("cannot create the poll: {e}"))?;
-        let tokens = Tokens::new(neighbour_addrs.len(), config.places.pool_size);
-        let waker = Arc::new(
-            Waker::new(poll.registry(), tokens.token(Source::Waker))
-                .map_err(|e| format!("cannot create the waker: {e}"))?,
-        );
+        let reactor = Reactor::new(neighbour_addrs.len(), config.places.pool_size)?;
+        let waker = Arc::new(reactor.waker()?);
         let places = key
             .map(|key| PlacesPool::new(&config.places, key, tls, waker.clone()))
             .transpose()?;
@@ -100,28 +107,18 @@ impl Server {
         let mut listener =
             TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        let limits = config.limits.clone();
+        let mark = crate::herd::OUTPUT_HIGH_WATER.min(limits.client_output_bytes / 4);
+        keep_send_buffers_under(&listener, mark);
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])
             .map_err(|e| format!("cannot catch signals: {e}"))?;
-        let registry = poll.registry();
-        registry
-            .register(
-                &mut listener,
-                tokens.token(Source::Listener),
-                Interest::READABLE,
-            )
-            .and_then(|()| {
-                registry.register(
-                    &mut signals,
-                    tokens.token(Source::Signals),
-                    Interest::READABLE,
-                )
-            })
-            .map_err(|e| format!("cannot register with the poll: {e}"))?;
+        reactor.register_readable(&mut listener, Source::Listener)?;
+        reactor.register_readable(&mut signals, Source::Signals)?;
         let now = Instant::now();
+        let inbound = neighbour_addrs.iter().map(|_| Inbound::default()).collect();
         let links = neighbour_addrs
             .into_iter()
-            .enumerate()
-            .map(|(i, (n, a))| Link::new(n, i, a, now))
+            .map(|(n, a)| Link::new(n, a, now))
             .collect();
         log.set_time(SystemTime::now());
         log.event(
@@ -141,8 +138,7 @@ impl Server {
         );
         let _ = io::stdout().flush();
         Ok(Server {
-            poll,
-            tokens,
+            reactor,
             listener: Some(listener),
             signals,
             _waker: waker,
@@ -150,18 +146,12 @@ impl Server {
             free_slots: Vec::new(),
             open_conns: 0,
             next_conn_id: 1,
+            inbound,
             sweep_at: now + SWEEP_INTERVAL,
-            dirty: Vec::new(),
+            to_flush: Vec::new(),
+            again: Vec::new(),
             scratch: vec![0; READ_CHUNK],
-            herd: Herd::new(
-                name.to_owned(),
-                secret,
-                links,
-                places,
-                log,
-                config.limits.clone(),
-                now,
-            ),
+            herd: Herd::new(name.to_owned(), secret, links, places, log, limits, now),
             dump_path: config.log_dir.join(format!("{name}.store")),
             stopping: false,
         })
@@ -170,11 +160,13 @@ impl Server {
     /// Runs until SIGTERM or SIGINT.
     pub fn run(&mut self) -> Result<(), String> {
         let mut events = Events::with_capacity(1024);
-        let mut turn: u64 = 0;
         while !self.stopping {
-            let timeout = self
-                .next_deadline()
-                .map(|at| at.saturating_duration_since(Instant::now()));
+            let timeout = match self.has_work() {
+                true => Some(Duration::ZERO),
+                false => {
+                    (self.next_deadline()).map(|at| at.saturating_duration_since(Instant::now()))
+                }
+            };
             if trace::enabled() {
                 let name = &self.herd.name;
                 match timeout {
@@ -185,22 +177,22 @@ impl Server {
                     None => trace_loop!("{name} sleep: until an event"),
                 }
             }
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.reactor.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(format!("poll failed: {e}"));
                 }
             }
             self.begin_turn();
-            turn += 1;
             if trace::enabled() {
+                let woken = self.describe(&events);
                 trace_loop!(
-                    "{} turn {turn}: woken by {}",
+                    "{} turn {}: woken by {woken}",
                     self.herd.name,
-                    self.describe(&events)
+                    self.herd.turn
                 );
             }
             for event in events.iter() {
-                let source = self.tokens.source(event.token());
+                let source = self.reactor.source(event.token());
                 let before = trace::enabled().then(|| self.snapshot(Some(source)));
                 self.dispatch(event);
                 if let Some(before) = before {
@@ -208,6 +200,7 @@ impl Server {
                 }
             }
             let before = trace::enabled().then(|| self.snapshot(None));
+            self.serve_again();
             self.fire_deadlines();
             self.before_sleep();
             if let Some(before) = before {
@@ -218,15 +211,22 @@ impl Server {
         Ok(())
     }
 
+    /// Whether the next turn must come at once: a connection's share ran out with work left, or
+    /// a link copying the store wants more of it written.
+    fn has_work(&self) -> bool {
+        !self.again.is_empty() || self.herd.links.iter().any(Link::wants_turn)
+    }
+
     /// What woke the loop, for the trace: `c3 readable`, `link Bona writable`, ...
     fn describe(&self, events: &Events) -> String {
         let mut woke: Vec<String> = Vec::new();
         for event in events.iter() {
-            let who = match self.tokens.source(event.token()) {
+            let who = match self.reactor.source(event.token()) {
                 Source::Listener => "the listener".to_owned(),
                 Source::Waker => "the waker (a DNS answer)".to_owned(),
                 Source::Signals => "a signal".to_owned(),
                 Source::Link(i) => format!("link {}", self.herd.links[i].name),
+                Source::Inbound(i) => format!("peer {}", self.herd.links[i].name),
                 Source::Places(i) => format!("places#{i}"),
                 Source::Conn(slot) => match &self.conns.get(slot) {
                     Some(Some(conn)) => format!("c{}", conn.id),
@@ -242,38 +242,36 @@ impl Server {
             woke.push(format!("{who} {how}"));
         }
         match woke.is_empty() {
-            true => "nothing: a deadline came".to_owned(),
+            true => "nothing: a deadline came, or work left from the last turn".to_owned(),
             false => woke.join(", "),
         }
     }
 
-    /// The states of `source`'s machines (with `None`: of the links, the Places slots and the
-    /// connections), for the trace to compare before and after a step.
+    /// The states of `source`'s machines (with `None`: of every machine), for the trace to
+    /// compare before and after a step.
     fn snapshot(&self, source: Option<Source>) -> trace::Snapshot {
+        let all = source.is_none();
         let mut states = Vec::new();
-        let links = self.herd.links.iter().enumerate();
-        for (i, link) in links.filter(|(i, _)| source.map_or(true, |s| s == Source::Link(*i))) {
-            states.push((
-                format!("link {} (#{i})", link.name),
-                link.state_name().to_owned(),
-            ));
+        for (i, link) in self.herd.links.iter().enumerate() {
+            if all || source == Some(Source::Link(i)) {
+                let state = link.state_name().to_owned();
+                states.push((format!("link {} (#{i})", link.name), state));
+            }
+            if all || source == Some(Source::Inbound(i)) {
+                let state = self.inbound[i].state_name().to_owned();
+                states.push((format!("peer {} (#{i})", link.name), state));
+            }
         }
-        if source.map_or(true, |s| matches!(s, Source::Places(_) | Source::Waker)) {
-            for (i, state) in self
-                .herd
-                .places
-                .iter()
-                .flat_map(|p| p.slot_states())
-                .enumerate()
-            {
+        if all || matches!(source, Some(Source::Places(_) | Source::Waker)) {
+            let slots = self.herd.places.iter().flat_map(|p| p.slot_states());
+            for (i, state) in slots.enumerate() {
                 states.push((format!("places#{i}"), state.to_owned()));
             }
         }
         for (slot, conn) in self.conns.iter().enumerate() {
-            if let Some(conn) = conn {
-                if source.map_or(true, |s| s == Source::Conn(slot) || s == Source::Listener) {
-                    states.push((format!("c{}", conn.id), conn.state_name()));
-                }
+            let Some(conn) = conn else { continue };
+            if all || source == Some(Source::Conn(slot)) || source == Some(Source::Listener) {
+                states.push((format!("c{}", conn.id), conn.state_name().to_owned()));
             }
         }
         trace::Snapshot(states)
@@ -282,6 +280,7 @@ impl Server {
     /// Reads the clock, once for the whole turn.
     fn begin_turn(&mut self) {
         let wall = SystemTime::now();
+        self.herd.turn += 1;
         self.herd.now = Instant::now();
         self.herd.now_ns = wall
             .duration_since(UNIX_EPOCH)
@@ -289,20 +288,23 @@ impl Server {
         self.herd.log.set_time(wall);
     }
 
-    /// The earliest deadline of anything: a link, the Places pool, a connection's reminder.
+    /// The earliest deadline of anything: a link either way, the Places pool, the sweep.
     fn next_deadline(&self) -> Option<Instant> {
         let links = self.herd.links.iter().filter_map(Link::deadline);
+        let inbound = self.inbound.iter().filter_map(Inbound::deadline);
         let places = self.herd.places.as_ref().and_then(PlacesPool::deadline);
-        links.chain(places).chain([self.sweep_at]).min()
+        links
+            .chain(inbound)
+            .chain(places)
+            .chain([self.sweep_at])
+            .min()
     }
 
     fn dispatch(&mut self, event: &Event) {
-        let registrar = Registrar::new(self.poll.registry(), self.tokens);
-        let herd = &mut self.herd;
-        let now = herd.now;
-        match self.tokens.source(event.token()) {
+        match self.reactor.source(event.token()) {
             Source::Listener => self.accept(),
             Source::Signals => {
+                let herd = &mut self.herd;
                 for signal in self.signals.pending() {
                     if signal == SIGUSR1 {
                         dump_store(&herd.store, &self.dump_path, &mut herd.log);
@@ -316,29 +318,37 @@ impl Server {
                 }
             }
             Source::Waker => {
-                if let Some(pool) = &mut herd.places {
-                    pool.on_wake(herd.now, &registrar, &mut herd.log);
+                if let Some(pool) = &mut self.herd.places {
+                    pool.on_wake(self.herd.now, &mut self.herd.log);
                 }
-                self.deliver_places();
+                self.after_places();
             }
             Source::Link(i) => {
-                let (links, mut cx) = herd.links_and_context();
+                let now = self.herd.now;
+                let (links, mut cx) = self.herd.links_and_context();
                 if let Some(link) = links.get_mut(i) {
                     link.on_ready(now, &mut self.scratch, &mut cx);
                 }
             }
+            Source::Inbound(i) => {
+                let hangup = event.is_read_closed() || event.is_error();
+                self.serve_inbound(i, hangup);
+            }
             Source::Places(i) => {
-                if let Some(pool) = &mut herd.places {
-                    pool.on_ready(i, herd.now, &registrar, &mut herd.log);
+                if let Some(pool) = &mut self.herd.places {
+                    pool.on_ready(i, self.herd.now, &mut self.herd.log);
                 }
-                self.deliver_places();
+                self.after_places();
             }
             Source::Conn(slot) => {
                 // WRITABLE too: lines held back while the output was full may run now, and the
                 // end of the turn writes what waits.
                 let hangup = event.is_read_closed() || event.is_error();
-                self.service_conn(slot, event.is_readable(), hangup);
-                self.mark_dirty(slot);
+                let ready = Readiness {
+                    readable: event.is_readable(),
+                    hangup,
+                };
+                self.serve_conn(slot, ready);
             }
         }
     }
@@ -365,7 +375,7 @@ impl Server {
             let id = self.next_conn_id;
             self.next_conn_id += 1;
             if self.open_conns >= self.herd.limits.max_connections {
-                let _ = stream.write(b"? server busy\n");
+                refuse(&mut stream, &mut self.scratch);
                 self.herd.log.event(
                     format_args!("c{id}"),
                     format_args!("refused from {addr}: {} connections open", self.open_conns),
@@ -377,8 +387,7 @@ impl Server {
                 self.conns.push(None);
                 self.conns.len() - 1
             });
-            let registrar = Registrar::new(self.poll.registry(), self.tokens);
-            if let Err(e) = registrar.attach(&mut stream, Source::Conn(slot)) {
+            if let Err(e) = self.reactor.attach(&mut stream, Source::Conn(slot)) {
                 self.herd
                     .log
                     .event(format_args!("c{id}"), format_args!("cannot register: {e}"));
@@ -393,195 +402,215 @@ impl Server {
         }
     }
 
-    /// Reads what connection `slot` sent and runs its lines, until its socket would block or
-    /// it must wait: on Places, or on a client that has not read its replies yet. `readable`
-    /// when the kernel said there are bytes; `hangup` when it said the client closed its side.
-    /// Returns whether it left output to write.
-    fn service_conn(&mut self, slot: usize, readable: bool, hangup: bool) -> bool {
-        let registrar = Registrar::new(self.poll.registry(), self.tokens);
+    /// Runs connection `slot`: what arrived, or what it holds.
+    fn serve_conn(&mut self, slot: usize, ready: Readiness) {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-            return false;
+            return;
         };
-        let mut read = readable || hangup || conn.reader.is_full();
-        while conn.state == ConnState::Open {
-            let fill = if read {
-                conn.reader.fill(
-                    &mut conn.stream,
-                    &mut self.scratch,
-                    INPUT_HIGH_WATER,
-                    hangup,
-                )
-            } else {
-                Ok(Fill::Drained)
+        let served = conn.serve(ready, &mut self.scratch, &mut self.herd, slot);
+        if served == Served::More {
+            self.again.push(Source::Conn(slot));
+        }
+        self.to_flush.push(slot);
+        // A WHATSAT may have opened a connection to Places.
+        self.register_places();
+    }
+
+    /// Runs neighbour `i`'s inbound link; `hangup` when the event said the neighbour closed its
+    /// side.
+    fn serve_inbound(&mut self, i: usize, hangup: bool) {
+        let Some(inbound) = self.inbound.get_mut(i) else {
+            return;
+        };
+        match inbound.serve(hangup, &mut self.scratch, &mut self.herd, i) {
+            Ok(Served::More) => self.again.push(Source::Inbound(i)),
+            Ok(Served::Done) => {}
+            Err(reason) => self.close_inbound(i, reason),
+        }
+    }
+
+    fn close_inbound(&mut self, i: usize, reason: CloseReason) {
+        if let Some(id) = self.inbound.get_mut(i).and_then(Inbound::close) {
+            self.herd
+                .log
+                .event(format_args!("c{id}"), format_args!("closed: {reason}"));
+        }
+    }
+
+    /// Serves again what ran out of its share in the last turn.
+    fn serve_again(&mut self) {
+        for source in std::mem::take(&mut self.again) {
+            match source {
+                Source::Conn(slot) => self.serve_conn(slot, Readiness::HELD),
+                Source::Inbound(i) => self.serve_inbound(i, false),
+                _ => {}
+            }
+        }
+    }
+
+    /// Registers the sockets the Places pool opened.
+    fn register_places(&mut self) {
+        let Some(pool) = &mut self.herd.places else {
+            return;
+        };
+        for slot in pool.take_opened() {
+            let outcome = match pool.socket(slot) {
+                Some(socket) => self.reactor.attach(socket, Source::Places(slot)),
+                None => Ok(()),
             };
-            let before = conn.reader.buffered();
-            self.herd.process(conn, slot, &registrar);
-            match fill {
-                // Handling made room: the socket may hold more, and will not say so again.
-                Ok(Fill::Full) if conn.reader.buffered() < before => read = true,
-                Ok(_) => break,
-                Err(e) => conn.set_state(ConnState::Closed(format!("read failed: {e}"))),
-            }
-        }
-        if read {
-            conn.last_active = self.herd.now;
-        }
-        // The line deadline runs from the first byte of a line whose end has not come.
-        conn.partial_since = match conn.reader.waiting_for_newline() {
-            true => conn.partial_since.or(Some(self.herd.now)),
-            false => None,
-        };
-        conn.out.pending() > 0
-    }
-
-    fn mark_dirty(&mut self, slot: usize) {
-        if let Some(Some(conn)) = self.conns.get_mut(slot) {
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(slot);
+            if let Err(e) = outcome {
+                pool.on_register_failed(slot, &mut self.herd.log, &e.to_string());
             }
         }
     }
 
-    /// Hands finished Places jobs to their connections, which may then run more lines.
-    fn deliver_places(&mut self) {
+    /// After the Places pool has run: registers what it opened, and hands finished jobs to
+    /// their connections, which may then run more lines.
+    fn after_places(&mut self) {
+        self.register_places();
         let Some(pool) = &mut self.herd.places else {
             return;
         };
         for done in std::mem::take(&mut pool.done) {
-            let (slot, id) = done.owner;
+            let slot = done.owner.slot;
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
-            if conn.id != id {
+            if conn.id != done.owner.id {
                 continue; // the client left; its slot now holds another
             }
             let reply = whatsat_reply(&done.record, &done.body);
-            self.herd.log.bytes(Who::Conn(id), '>', &reply);
-            conn.replies.complete(&mut conn.out, done.job, reply);
+            self.herd.log.bytes(Who::Conn(conn.id), '>', &reply);
+            conn.deliver(done.job, reply);
             // Lines may wait behind the reply, and input behind a full buffer.
-            self.service_conn(slot, false, false);
-            self.mark_dirty(slot);
+            self.serve_conn(slot, Readiness::HELD);
         }
     }
 
     fn fire_deadlines(&mut self) {
         let now = self.herd.now;
-        let registrar = Registrar::new(self.poll.registry(), self.tokens);
-        let herd = &mut self.herd;
-        let (links, mut cx) = herd.links_and_context();
-        for link in links {
-            link.on_timeout(now, &registrar, &mut cx);
-        }
-        if let Some(pool) = &mut herd.places {
-            if pool.deadline().is_some_and(|at| at <= now) {
-                pool.on_timeout(now, &registrar, &mut herd.log);
+        let (links, mut cx) = self.herd.links_and_context();
+        for (i, link) in links.iter_mut().enumerate() {
+            if link.on_timeout(now, &mut cx) == Want::Register {
+                let outcome = match link.socket() {
+                    Some(socket) => self.reactor.attach(socket, Source::Link(i)),
+                    None => Ok(()),
+                };
+                if let Err(e) = outcome {
+                    link.on_register_failed(now, cx.log, &e.to_string());
+                }
             }
         }
-        self.deliver_places();
+        for i in 0..self.inbound.len() {
+            let due = self.inbound[i].deadline().is_some_and(|at| at <= now);
+            if let (true, Err(reason)) = (due, self.inbound[i].on_timeout(now)) {
+                self.close_inbound(i, reason);
+            }
+        }
+        if let Some(pool) = &mut self.herd.places {
+            if pool.deadline().is_some_and(|at| at <= now) {
+                pool.on_timeout(now, &mut self.herd.log);
+            }
+        }
+        self.after_places();
         if self.sweep_at <= now {
             self.sweep_at = now + SWEEP_INTERVAL;
             self.sweep(now);
         }
     }
 
-    /// Once a second: closes the connections past a limit of time (a line not finished in
-    /// time, replies left unread over the soft limit too long, a client idle with nothing
-    /// pending, a peer link silent, a peer not authenticated in time), and sends heartbeats on
-    /// inbound peer links that have been quiet.
+    /// Once a second: every connection checks its deadlines (see [`Conn::on_timeout`]).
     fn sweep(&mut self, now: Instant) {
-        let limits = self.herd.limits.clone();
-        let idle = limits.idle_timeout;
-        let past = |since: Option<Instant>, limit: Duration| {
-            since.is_some_and(|at| now.saturating_duration_since(at) >= limit)
-        };
         for slot in 0..self.conns.len() {
-            let Some(conn) = &mut self.conns[slot] else {
-                continue;
-            };
-            let quiet = now.saturating_duration_since(conn.last_active);
-            let close = match &mut conn.role {
-                _ if past(conn.partial_since, limits.line_timeout) => Some(format!(
-                    "a line not finished within {} ms",
-                    limits.line_timeout.as_millis()
-                )),
-                _ if past(conn.over_soft_since, limits.client_output_soft_time) => Some(format!(
-                    "over {} bytes of replies unread for {} ms: the client does not read",
-                    limits.client_output_soft_bytes,
-                    limits.client_output_soft_time.as_millis()
-                )),
-                Role::Peer(_) if quiet >= peer::DEAD_AFTER => {
-                    Some(format!("silent for {} s", peer::DEAD_AFTER.as_secs()))
+            if let Some(conn) = &mut self.conns[slot] {
+                if conn.on_timeout(now, &self.herd.limits) {
+                    self.to_flush.push(slot);
                 }
-                Role::Peer(side)
-                    if now.saturating_duration_since(side.last_sent)
-                        >= peer::HEARTBEAT_INTERVAL =>
-                {
-                    peer::frame(side.session.as_mut(), b"PING", conn.out.tail());
-                    side.last_sent = now;
-                    self.mark_dirty(slot);
-                    None
-                }
-                Role::Peer(_) => None,
-                Role::Challenged { until, .. } if *until <= now => Some(format!(
-                    "did not authenticate within {} s",
-                    peer::HANDSHAKE_TIMEOUT.as_secs()
-                )),
-                Role::Challenged { .. } => None,
-                Role::Client | Role::Undecided => {
-                    (!idle.is_zero() && quiet >= idle && conn.replies.is_empty())
-                        .then(|| format!("idle for {} ms", idle.as_millis()))
-                }
-            };
-            if let Some(reason) = close {
-                if let Some(conn) = &mut self.conns[slot] {
-                    conn.set_state(ConnState::Closed(reason));
-                }
-                self.mark_dirty(slot);
             }
         }
     }
 
-    /// End of the turn: links write first, then clients; closed connections are freed; the log
-    /// is written.
+    /// End of the turn: links write first, then clients; closed connections are freed, proved
+    /// neighbours handed to their inbound links; the log is written.
     fn before_sleep(&mut self) {
         let herd = &mut self.herd;
         for link in &mut herd.links {
             link.flush(herd.now, &herd.store, &mut herd.log);
         }
-        for slot in std::mem::take(&mut self.dirty) {
-            // All written, but lines wait behind the back-pressure: no event will come for
-            // bytes already held, so run them now and write again.
-            while self.write_conn(slot) && self.service_conn(slot, false, false) {}
+        for i in 0..self.inbound.len() {
+            if let Err(reason) = self.inbound[i].flush() {
+                self.close_inbound(i, reason);
+            }
+        }
+        while let Some(slot) = self.to_flush.pop() {
+            self.flush_conn(slot);
         }
         self.herd.log.flush();
     }
 
-    /// Writes connection `slot`'s output, and frees it if it is done. Returns whether it has
-    /// written everything while lines it already holds are waiting to run.
-    fn write_conn(&mut self, slot: usize) -> bool {
+    /// Writes connection `slot`'s output and does what that decides: nothing, run the lines it
+    /// held back, free it, or hand it to a neighbour's inbound link.
+    fn flush_conn(&mut self, slot: usize) {
+        let mark = self.herd.output_high_water();
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-            return false;
+            return;
         };
-        conn.dirty = false;
-        conn.flush(self.herd.limits.client_output_bytes);
-        conn.over_soft_since = match conn.out.pending() > self.herd.limits.client_output_soft_bytes
-        {
-            true => conn.over_soft_since.or(Some(self.herd.now)),
-            false => None,
-        };
-        if let ConnState::Closed(reason) = &conn.state {
-            self.herd.log.event(
-                format_args!("c{}", conn.id),
-                format_args!("closed: {reason}"),
-            );
-            self.conns[slot] = None;
-            self.free_slots.push(slot);
-            self.open_conns -= 1;
-            return false;
+        match conn.flush(self.herd.now, &self.herd.limits, mark) {
+            Flushed::Open => {}
+            // Written, but lines wait behind the back-pressure: no event will come for bytes
+            // already held, so run them now (they are flushed again after).
+            Flushed::Resume => self.serve_conn(slot, Readiness::HELD),
+            Flushed::Closed(reason) => {
+                self.herd.log.event(
+                    format_args!("c{}", conn.id),
+                    format_args!("closed: {reason}"),
+                );
+                self.free(slot);
+            }
+            Flushed::Peer => {
+                if let Some(conn) = self.free(slot) {
+                    self.hand_over(conn);
+                }
+            }
         }
-        let held = conn.reader.buffered() > 0 || conn.reader.is_full();
-        conn.out.pending() == 0 && held && conn.state == ConnState::Open
+    }
+
+    /// Frees slot `slot`, returning its connection.
+    fn free(&mut self, slot: usize) -> Option<Conn> {
+        let conn = self.conns.get_mut(slot)?.take()?;
+        self.free_slots.push(slot);
+        self.open_conns -= 1;
+        Some(conn)
+    }
+
+    /// A neighbour's connection, proved: it becomes the neighbour's inbound link, on the link's
+    /// token. What it read after the proof is run at once: no event will come for it.
+    fn hand_over(&mut self, conn: Conn) {
+        let id = conn.id;
+        let Some((neighbour, session, mut wire)) = conn.into_peer() else {
+            return;
+        };
+        if let Err(e) = self
+            .reactor
+            .move_to(&mut wire.stream, Source::Inbound(neighbour))
+        {
+            self.herd.log.event(
+                format_args!("c{id}"),
+                format_args!("closed: cannot register: {e}"),
+            );
+            return;
+        }
+        let now = self.herd.now;
+        if let Some(old) = self.inbound[neighbour].adopt(now, id, wire, session) {
+            let reason = CloseReason::Replaced(id);
+            self.herd
+                .log
+                .event(format_args!("c{old}"), format_args!("closed: {reason}"));
+        }
+        self.serve_inbound(neighbour, false);
+        if let Err(reason) = self.inbound[neighbour].flush() {
+            self.close_inbound(neighbour, reason);
+        }
     }
 
     /// SIGTERM or SIGINT: stop accepting, write what is pending once, write the log.
@@ -591,14 +620,53 @@ impl Server {
         for link in &mut herd.links {
             link.flush(herd.now, &herd.store, &mut herd.log);
         }
+        for inbound in &mut self.inbound {
+            let _ = inbound.flush();
+        }
+        let limits = herd.limits.clone();
         for conn in self.conns.iter_mut().flatten() {
-            conn.flush(usize::MAX);
+            let _ = conn.flush(herd.now, &limits, usize::MAX);
         }
         herd.log.event(
             format_args!("server {}", herd.name),
             format_args!("stopped"),
         );
         herd.log.flush();
+    }
+}
+
+/// Refuses a connection past `max_connections` with `? server busy`, without destroying that
+/// line: the write side is shut after it, and what the client already sent is read and dropped
+/// (closing a socket with unread input would reset it, and the reset would take the line with
+/// it). Input still to come may yet reset it; a refused connection gets no slot to linger in.
+fn refuse(stream: &mut mio::net::TcpStream, scratch: &mut [u8]) {
+    let _ = stream.write(b"? server busy\n");
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    for _ in 0..4 {
+        match stream.read(scratch) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+}
+
+/// Keeps the send buffer of every accepted connection under a client's high-water mark, so
+/// that what the kernel holds for a client that does not read counts toward the mark, and a
+/// write that could not take everything (which the mark waits for) comes before the mark is
+/// reached. Set on the listener, whose connections take it over: no system call per accept.
+/// Linux doubles the size asked for, for its bookkeeping; a quarter of the mark is asked.
+fn keep_send_buffers_under(listener: &TcpListener, mark: usize) {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::try_from(mark / 4).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads one int through the pointer, which is valid for its size.
+    unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 

@@ -1,10 +1,71 @@
 //! Bytes on a non-blocking socket: [`LineReader`] cuts what arrives into lines, [`OutBuf`]
 //! holds what waits to be written. Every connection of the server (a client, a peer link either
 //! way) and of the load generator moves its bytes through these two.
+//!
+//! The state machines hold their socket as a [`Transport`]: mio's `TcpStream` in the server,
+//! and in their tests a [`script::Script`] that plays a conversation from memory, so that a
+//! machine is driven with scripted events and an explicit `now`, with no socket at all.
 
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 
 use memchr::memchr;
+
+/// What a state machine needs of its socket beyond reading and writing.
+pub trait Transport: Read + Write + Sized {
+    /// Starts a non-blocking connect to `addr`; [`Transport::connected`] says when it ends.
+    fn connect(addr: SocketAddr) -> io::Result<Self>;
+    /// How a non-blocking connect ended: `Ok(true)` connected, `Ok(false)` still in flight (a
+    /// readiness event may be spurious), `Err` refused or failed.
+    fn connected(&self) -> io::Result<bool>;
+    /// Closes the writing side: the other end reads what was written, then the end of the
+    /// stream, and may still send.
+    fn shutdown_write(&self) -> io::Result<()>;
+    /// The bytes written that the kernel still holds, not yet acknowledged by the other end,
+    /// where the operating system says (Linux's `SIOCOUTQ`); `None` elsewhere.
+    fn queued(&self) -> Option<usize>;
+}
+
+impl Transport for mio::net::TcpStream {
+    fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let stream = mio::net::TcpStream::connect(addr)?;
+        // A line goes out as soon as it is written: not held back by Nagle's algorithm until
+        // the other end acknowledges the last one, which it may delay.
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    fn connected(&self) -> io::Result<bool> {
+        // The connect has ended if the socket has an error or a peer address; neither means the
+        // event was spurious and the connect is still in flight.
+        match self.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => match self.peer_addr() {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn queued(&self) -> Option<usize> {
+        use std::os::fd::AsRawFd;
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which is valid.
+        let done = unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &mut bytes) };
+        (done == 0).then(|| usize::try_from(bytes).unwrap_or(0))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn queued(&self) -> Option<usize> {
+        None
+    }
+}
 
 /// Buffers whose capacity outgrows this are freed once empty, so an idle connection holds no
 /// heap memory however busy it once was.
@@ -118,6 +179,19 @@ impl LineReader {
         self.full
     }
 
+    /// Whether a whole line may be buffered (bytes not yet searched for a `\n`, or a last line
+    /// the end of the stream made whole).
+    pub fn has_line(&self) -> bool {
+        self.buffered() > self.scanned || (self.eof && self.buffered() > 0)
+    }
+
+    /// Drops everything buffered.
+    pub fn discard(&mut self) {
+        self.start = self.buf.len();
+        self.scanned = 0;
+        self.compact();
+    }
+
     /// The next line, if a whole one is buffered (or the stream ended after a partial one).
     pub fn next_line(&mut self, max_line_bytes: usize) -> Option<Line<'_>> {
         let pending = &self.buf[self.start..];
@@ -143,8 +217,11 @@ impl LineReader {
     }
 
     /// Drops handed-out lines from the buffer; frees it when empty and large.
+    /// Moving what is left to the front costs a copy of it, so it is done once at least half
+    /// the buffer has been handed out: a connection that holds many lines back (its share of
+    /// the turn spent) does not copy them all at every turn.
     pub fn compact(&mut self) {
-        if self.start == 0 {
+        if self.start == 0 || self.start < self.buf.len() - self.start {
             return;
         }
         self.buf.drain(..self.start);
@@ -197,6 +274,139 @@ impl OutBuf {
             }
         }
         Ok(())
+    }
+}
+
+/// An open connection: its socket and its two buffers.
+pub struct Wire<S> {
+    pub stream: S,
+    pub reader: LineReader,
+    pub out: OutBuf,
+}
+
+impl<S> Wire<S> {
+    pub fn new(stream: S) -> Wire<S> {
+        Wire {
+            stream,
+            reader: LineReader::default(),
+            out: OutBuf::default(),
+        }
+    }
+}
+
+/// A socket played from memory, for the state machines' tests.
+#[cfg(test)]
+pub mod script {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::io::{self, Read, Write};
+    use std::net::SocketAddr;
+
+    use super::Transport;
+
+    /// One step of what the other end does, as the next read sees it.
+    #[derive(Debug, Clone)]
+    pub enum Step {
+        /// These bytes arrive (a read takes as many as fit; the rest stays first in line).
+        Data(Vec<u8>),
+        /// Nothing yet: the read would block.
+        Block,
+        /// The other end closed its side.
+        Eof,
+    }
+
+    /// A scripted socket: reads play `input`, writes land in `output` until `room` runs out.
+    #[derive(Debug, Default)]
+    pub struct Script {
+        pub input: VecDeque<Step>,
+        pub output: Vec<u8>,
+        /// Bytes a write may still take; `None`: any number.
+        pub room: Option<usize>,
+        /// What [`Transport::queued`] says.
+        pub queued: usize,
+        pub write_shut: std::cell::Cell<bool>,
+        /// What [`Transport::connected`] says: `Some(true)` connected, `Some(false)` refused,
+        /// `None` still in flight.
+        pub connect: Option<bool>,
+    }
+
+    thread_local! {
+        /// What the next [`Transport::connect`] calls of this thread return, in order.
+        pub static DIALS: RefCell<VecDeque<io::Result<Script>>> =
+            const { RefCell::new(VecDeque::new()) };
+    }
+
+    impl Script {
+        pub fn reading(steps: &[Step]) -> Script {
+            Script {
+                input: steps.iter().cloned().collect(),
+                connect: Some(true),
+                ..Script::default()
+            }
+        }
+    }
+
+    impl Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.input.pop_front() {
+                None | Some(Step::Block) => Err(io::ErrorKind::WouldBlock.into()),
+                Some(Step::Eof) => {
+                    self.input.push_front(Step::Eof);
+                    Ok(0)
+                }
+                Some(Step::Data(mut bytes)) => {
+                    let n = bytes.len().min(buf.len());
+                    buf[..n].copy_from_slice(&bytes[..n]);
+                    if n < bytes.len() {
+                        self.input.push_front(Step::Data(bytes.split_off(n)));
+                    }
+                    Ok(n)
+                }
+            }
+        }
+    }
+
+    impl Write for Script {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = self.room.map_or(buf.len(), |room| room.min(buf.len()));
+            if n == 0 && !buf.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if let Some(room) = &mut self.room {
+                *room -= n;
+            }
+            self.output.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Transport for Script {
+        fn connect(_: SocketAddr) -> io::Result<Script> {
+            DIALS
+                .with(|dials| dials.borrow_mut().pop_front())
+                .unwrap_or_else(|| Err(io::ErrorKind::ConnectionRefused.into()))
+        }
+
+        fn connected(&self) -> io::Result<bool> {
+            match self.connect {
+                Some(true) => Ok(true),
+                Some(false) => Err(io::ErrorKind::ConnectionRefused.into()),
+                None => Ok(false),
+            }
+        }
+
+        fn shutdown_write(&self) -> io::Result<()> {
+            self.write_shut.set(true);
+            Ok(())
+        }
+
+        fn queued(&self) -> Option<usize> {
+            Some(self.queued)
+        }
     }
 }
 

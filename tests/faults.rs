@@ -2394,8 +2394,9 @@ fn over_the_connection_limit_the_extra_client_is_refused_and_peer_links_stay_up(
     });
     wait_linked(&herd);
     let bailey = herd.get("Bailey");
-    // Bailey's two neighbours' inbound links are two of its connections: clients fill the rest.
-    let mut held: Vec<Client> = (0..MAX_CONNECTIONS - 2)
+    // Neighbours' links do not count against max_connections (each neighbour has a place of
+    // its own): clients fill them all.
+    let mut held: Vec<Client> = (0..MAX_CONNECTIONS)
         .map(|i| {
             let mut c = Client::connect(bailey.addr);
             iamat_on(&mut c, "Bailey", &format!("held-{i}.cs.ucla.edu"));

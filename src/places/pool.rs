@@ -21,7 +21,7 @@
 //! `getaddrinfo` in an executor).
 
 use std::collections::VecDeque;
-use std::io::{self, BufRead, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
@@ -37,7 +37,7 @@ use crate::config::PlacesConfig;
 use crate::log::Log;
 use crate::places::http::ResponseReader;
 use crate::places::{self, Api, Output};
-use crate::reactor::{Registrar, Source};
+use crate::wire::Transport;
 
 /// How long a kept-alive connection may sit unused before we close it ourselves.
 const IDLE_KEEP: Duration = Duration::from_secs(30);
@@ -72,11 +72,19 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<ClientConfig>
     Ok(Arc::new(config))
 }
 
+/// Whom a job's answer goes to: the connection in slot `slot` of the loop's table, if it is still
+/// connection `id` (a connection that left may have had its slot taken by another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub slot: usize,
+    pub id: u64,
+}
+
 /// One WHATSAT's request, from the moment it is made until it is answered.
 pub struct Job {
     pub id: u64,
-    /// Whom to answer: the connection's slot and id. The pool only carries it.
-    pub owner: (usize, u64),
+    /// Whom to answer. The pool only carries it.
+    pub owner: Owner,
     /// The stored AT record that starts the reply. The pool only carries it.
     pub record: Box<[u8]>,
     request: places::Request,
@@ -89,7 +97,7 @@ pub struct Job {
 
 /// A finished job: the reply body, Google's or an error in Google's vocabulary.
 pub struct Done {
-    pub owner: (usize, u64),
+    pub owner: Owner,
     pub job: u64,
     pub record: Box<[u8]>,
     pub body: Vec<u8>,
@@ -115,8 +123,8 @@ enum Transfer {
 }
 
 /// A TCP connection with TLS on it.
-struct Tls {
-    stream: TcpStream,
+struct Tls<S> {
+    stream: S,
     tls: ClientConnection,
     /// Bytes just read from the socket: kept for the connection's life, not zeroed afresh
     /// for every read.
@@ -125,25 +133,25 @@ struct Tls {
     number: u64,
 }
 
-enum Slot {
+enum Slot<S> {
     Empty,
     /// TCP connect in flight. The request already waits inside rustls, which sends it as soon
     /// as the handshake allows.
     Connecting {
-        conn: Tls,
+        conn: Tls<S>,
         job: Job,
     },
     /// TLS handshake, request and response in flight. `reused` if the connection served an
     /// earlier request (then a close before any answer is worth one retry).
     Exchanging {
-        conn: Tls,
+        conn: Tls<S>,
         job: Job,
         response: ResponseReader,
         reused: bool,
     },
     /// Kept alive for the next job.
     Idle {
-        conn: Tls,
+        conn: Tls<S>,
         until: Instant,
     },
 }
@@ -158,7 +166,9 @@ enum Address {
     Known { list: Vec<SocketAddr>, next: usize },
 }
 
-pub struct PlacesPool {
+/// The pool of connections to Places. `S` is their socket: mio's `TcpStream`, or a scripted
+/// one in tests.
+pub struct PlacesPool<S = TcpStream> {
     api: Api,
     output: Output,
     host: String,
@@ -173,7 +183,9 @@ pub struct PlacesPool {
     server_name: ServerName<'static>,
     address: Address,
     waker: Arc<Waker>,
-    slots: Vec<Slot>,
+    slots: Vec<Slot<S>>,
+    /// Slots whose new socket the loop is to register ([`PlacesPool::take_opened`]).
+    opened: Vec<usize>,
     queue: VecDeque<Job>,
     next_job: u64,
     connections_made: u64,
@@ -181,13 +193,13 @@ pub struct PlacesPool {
     pub done: Vec<Done>,
 }
 
-impl PlacesPool {
+impl<S: Transport> PlacesPool<S> {
     pub fn new(
         cfg: &PlacesConfig,
         key: String,
         tls: Arc<ClientConfig>,
         waker: Arc<Waker>,
-    ) -> Result<PlacesPool, String> {
+    ) -> Result<PlacesPool<S>, String> {
         let server_name = ServerName::try_from(cfg.host.clone())
             .map_err(|e| format!("places.url host {:?}: {e}", cfg.host))?;
         let address = match cfg.host.parse::<IpAddr>() {
@@ -213,6 +225,7 @@ impl PlacesPool {
             address,
             waker,
             slots: (0..cfg.pool_size).map(|_| Slot::Empty).collect(),
+            opened: Vec::new(),
             queue: VecDeque::new(),
             next_job: 1,
             connections_made: 0,
@@ -235,7 +248,7 @@ impl PlacesPool {
     pub fn submit(
         &mut self,
         now: Instant,
-        owner: (usize, u64),
+        owner: Owner,
         record: &[u8],
         query: &places::Query,
         log: &mut Log,
@@ -290,7 +303,7 @@ impl PlacesPool {
     }
 
     /// Starts queued jobs on idle or empty slots, as far as they go.
-    pub fn dispatch(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
+    pub fn dispatch(&mut self, now: Instant, log: &mut Log) {
         while let Some(job) = self.queue.pop_front() {
             if job.deadline <= now {
                 self.fail(job, log, &self.timed_out());
@@ -335,7 +348,7 @@ impl PlacesPool {
                     return;
                 }
             };
-            match self.connect(i, addr, registrar) {
+            match self.connect(i, addr) {
                 Ok(mut conn) => {
                     log.event(
                         format_args!("places #{}", job.id),
@@ -354,13 +367,12 @@ impl PlacesPool {
         }
     }
 
-    fn connect(&mut self, slot: usize, addr: SocketAddr, registrar: &Registrar) -> io::Result<Tls> {
+    /// Starts a connect for slot `slot`; the loop registers the socket ([`Self::take_opened`]).
+    fn connect(&mut self, slot: usize, addr: SocketAddr) -> io::Result<Tls<S>> {
         let tls = ClientConnection::new(self.tls.clone(), self.server_name.clone())
             .map_err(io::Error::other)?;
-        let mut stream = TcpStream::connect(addr)?;
-        registrar.attach(&mut stream, Source::Places(slot))?;
-        // Requests are small and latency matters more than packet count.
-        let _ = stream.set_nodelay(true);
+        let stream = S::connect(addr)?;
+        self.opened.push(slot);
         self.connections_made += 1;
         Ok(Tls {
             stream,
@@ -397,7 +409,7 @@ impl PlacesPool {
     }
 
     /// The waker fired: a look-up may have finished.
-    pub fn on_wake(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
+    pub fn on_wake(&mut self, now: Instant, log: &mut Log) {
         let Address::Resolving(rx) = &self.address else {
             return;
         };
@@ -413,7 +425,7 @@ impl PlacesPool {
                     format_args!("{} is {:?}", self.host, list),
                 );
                 self.address = Address::Known { list, next: 0 };
-                self.dispatch(now, registrar, log);
+                self.dispatch(now, log);
             }
             outcome => {
                 let why = match outcome {
@@ -438,16 +450,15 @@ impl PlacesPool {
     }
 
     /// A readiness event on slot `i`'s socket.
-    pub fn on_ready(&mut self, i: usize, now: Instant, registrar: &Registrar, log: &mut Log) {
-        match &mut self.slots[i] {
+    pub fn on_ready(&mut self, i: usize, now: Instant, log: &mut Log) {
+        let Some(slot) = self.slots.get_mut(i) else {
+            return;
+        };
+        match slot {
             Slot::Empty => {}
             Slot::Connecting { conn, .. } => {
-                let outcome = match conn.stream.take_error() {
-                    Ok(Some(e)) | Err(e) => Err(e),
-                    Ok(None) => conn.stream.peer_addr().map(|_| ()),
-                };
-                match outcome {
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {} // still connecting
+                match conn.stream.connected() {
+                    Ok(false) => {} // a spurious event: still connecting
                     Err(e) => {
                         let Slot::Connecting { job, .. } =
                             std::mem::replace(&mut self.slots[i], Slot::Empty)
@@ -458,7 +469,7 @@ impl PlacesPool {
                         let why = format!("cannot connect to {}:{}: {e}", self.host, self.port);
                         self.fail(job, log, &why);
                     }
-                    Ok(()) => {
+                    Ok(true) => {
                         let Slot::Connecting { conn, job } =
                             std::mem::replace(&mut self.slots[i], Slot::Empty)
                         else {
@@ -485,7 +496,7 @@ impl PlacesPool {
                 }
             }
         }
-        self.dispatch(now, registrar, log);
+        self.dispatch(now, log);
     }
 
     /// Moves bytes for the exchange in slot `i` and finishes it when the response is whole.
@@ -576,7 +587,7 @@ impl PlacesPool {
     }
 
     /// Fires deadlines; safe to call when none has passed.
-    pub fn on_timeout(&mut self, now: Instant, registrar: &Registrar, log: &mut Log) {
+    pub fn on_timeout(&mut self, now: Instant, log: &mut Log) {
         for i in 0..self.slots.len() {
             let expired = match &self.slots[i] {
                 Slot::Connecting { job, .. } | Slot::Exchanging { job, .. } => job.deadline <= now,
@@ -594,7 +605,33 @@ impl PlacesPool {
                 _ => {} // an idle connection past its time: dropping it closes it
             }
         }
-        self.dispatch(now, registrar, log);
+        self.dispatch(now, log);
+    }
+
+    /// Slots with a new socket since the last call, for the loop to register.
+    pub fn take_opened(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.opened)
+    }
+
+    /// Slot `i`'s socket, if it has one.
+    pub fn socket(&mut self, i: usize) -> Option<&mut S> {
+        match self.slots.get_mut(i)? {
+            Slot::Empty => None,
+            Slot::Connecting { conn, .. }
+            | Slot::Exchanging { conn, .. }
+            | Slot::Idle { conn, .. } => Some(&mut conn.stream),
+        }
+    }
+
+    /// The loop could not register slot `i`'s new socket: its job fails, as a refused connect.
+    pub fn on_register_failed(&mut self, i: usize, log: &mut Log, why: &str) {
+        if let Some(Slot::Connecting { job, .. }) = self
+            .slots
+            .get_mut(i)
+            .map(|slot| std::mem::replace(slot, Slot::Empty))
+        {
+            self.fail(job, log, &format!("cannot register the socket: {why}"));
+        }
     }
 
     fn timed_out(&self) -> String {
@@ -623,7 +660,7 @@ impl PlacesPool {
     }
 }
 
-impl Tls {
+impl<S: Transport> Tls<S> {
     /// The TLS pump: writes what rustls has to send, then reads until the socket would block
     /// or [`TRANSFER_STEP`] bytes are in, decrypting as it goes, and writes again (reading can
     /// make rustls want to answer, as in the handshake). Plaintext goes to `deliver`, a piece
