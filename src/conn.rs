@@ -332,8 +332,7 @@ impl<S: Transport> Conn<S> {
             };
         }
         if let State::Lingering { .. } = self.state {
-            self.drop_input(scratch);
-            return Served::Done;
+            return self.drop_input(scratch, hangup);
         }
         if !self.running() {
             return Served::Done;
@@ -477,14 +476,14 @@ impl<S: Transport> Conn<S> {
     }
 
     /// Reads and drops what a lingering connection still sends; closes it at its end.
-    fn drop_input(&mut self, scratch: &mut [u8]) {
+    fn drop_input(&mut self, scratch: &mut [u8], hangup: bool) -> Served {
         let State::Lingering { reason, .. } = &self.state else {
-            return;
+            return Served::Done;
         };
         let reason = reason.clone();
         let before = self.wire.reader.buffered();
         let high = before.saturating_add(self.share.read_bytes);
-        let fill = (self.wire.reader).fill(&mut self.wire.stream, scratch, high, false);
+        let fill = (self.wire.reader).fill(&mut self.wire.stream, scratch, high, hangup);
         let taken = self.wire.reader.buffered() - before;
         self.share.read_bytes = self.share.read_bytes.saturating_sub(taken);
         self.lingered += taken;
@@ -492,8 +491,10 @@ impl<S: Transport> Conn<S> {
         match fill {
             Ok(Fill::Eof) | Err(_) => self.set_state(State::Closed(reason)),
             _ if self.lingered >= LINGER_BYTES => self.set_state(State::Closed(reason)),
-            _ => {}
+            Ok(Fill::Full) => return Served::More,
+            Ok(Fill::Drained) => {}
         }
+        Served::Done
     }
 
     /// Places answered job `job`: its reply takes its place in line, and every reply now at
@@ -775,5 +776,430 @@ impl Replies {
 
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The machine driven with scripted sockets and an explicit `now`: each test is a state and
+    //! an event, and says what the connection does and becomes.
+
+    use super::*;
+    use crate::link::Link;
+    use crate::log::Log;
+    use crate::peer::Secret;
+    use crate::wire::script::{Script, Step};
+
+    const SCRATCH: usize = 64 * 1024;
+
+    /// A lone server called `Test`, whose clock reads 100 s past the epoch, with neighbour
+    /// `Bona` and `secret`, if given.
+    fn herd(secret: Option<&str>) -> Herd {
+        let now = Instant::now();
+        let bona = Link::new("Bona".into(), SocketAddr::from(([127, 0, 0, 1], 9)), now);
+        let secret = secret.map(|s| Secret::new(s.as_bytes()));
+        let mut herd = Herd::new(
+            "Test".into(),
+            secret,
+            vec![bona],
+            None,
+            Log::discard(),
+            Limits::default(),
+            now,
+        );
+        herd.now_ns = 100_000_000_000;
+        herd.turn = 1;
+        herd
+    }
+
+    fn conn(steps: &[Step]) -> Conn<Script> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 40000));
+        Conn::new(7, Script::reading(steps), addr, Instant::now())
+    }
+
+    fn data(bytes: &str) -> Step {
+        Step::Data(bytes.as_bytes().to_vec())
+    }
+
+    /// Serves once as if the socket were readable.
+    fn serve(c: &mut Conn<Script>, herd: &mut Herd) -> Served {
+        let ready = Readiness {
+            readable: true,
+            hangup: false,
+        };
+        c.serve(ready, &mut vec![0; SCRATCH], herd, 0)
+    }
+
+    /// Serves once as if the other end had sent its last bytes and closed its side.
+    fn serve_hangup(c: &mut Conn<Script>, herd: &mut Herd) -> Served {
+        let ready = Readiness {
+            readable: true,
+            hangup: true,
+        };
+        c.serve(ready, &mut vec![0; SCRATCH], herd, 0)
+    }
+
+    fn flush(c: &mut Conn<Script>, herd: &Herd) -> Flushed {
+        c.flush(herd.now, &herd.limits, herd.output_high_water())
+    }
+
+    fn written(c: &Conn<Script>) -> String {
+        String::from_utf8_lossy(&c.wire.stream.output).into_owned()
+    }
+
+    fn next_turn(herd: &mut Herd) {
+        herd.turn += 1;
+    }
+
+    #[test]
+    fn undecided_with_a_command_becomes_a_client_and_is_answered_at_the_turns_end() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("IAMAT kiwi +1+1 99.5\n")]);
+        assert_eq!(serve(&mut c, &mut herd), Served::Done);
+        assert_eq!(c.state_name(), "Client");
+        assert_eq!(written(&c), "", "replies wait for the end of the turn");
+        assert_eq!(flush(&mut c, &herd), Flushed::Open);
+        assert_eq!(written(&c), "AT Test +0.500000000 kiwi +1+1 99.5\n");
+    }
+
+    #[test]
+    fn undecided_with_blank_lines_stays_undecided() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("\n \t\n")]);
+        let _ = serve(&mut c, &mut herd);
+        assert_eq!(c.state_name(), "Undecided");
+        let _ = flush(&mut c, &herd);
+        assert_eq!(written(&c), "");
+    }
+
+    #[test]
+    fn client_with_an_invalid_line_is_answered_with_a_question_mark() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("hello there\r\n")]);
+        let _ = serve(&mut c, &mut herd);
+        let _ = flush(&mut c, &herd);
+        assert_eq!(written(&c), "? hello there\r\n");
+        assert_eq!(c.state_name(), "Client");
+    }
+
+    #[test]
+    fn client_at_the_end_of_its_stream_drains_then_closes() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("IAMAT kiwi +1+1 100"), Step::Eof]);
+        let _ = serve_hangup(&mut c, &mut herd);
+        assert_eq!(
+            c.state_name(),
+            "Draining",
+            "a last line without \\n still runs"
+        );
+        assert_eq!(
+            flush(&mut c, &herd),
+            Flushed::Closed(CloseReason::EndOfStream)
+        );
+        assert_eq!(written(&c), "AT Test +0.000000000 kiwi +1+1 100\n");
+    }
+
+    #[test]
+    fn client_with_an_overlong_line_is_told_then_lingers_until_its_input_ends() {
+        let mut herd = herd(None);
+        herd.limits.max_line_bytes = 64;
+        let mut c = conn(&[data(&"x".repeat(100)), data("\nmore input")]);
+        let _ = serve(&mut c, &mut herd);
+        assert_eq!(c.state_name(), "Draining");
+        assert_eq!(flush(&mut c, &herd), Flushed::Open);
+        let told = format!("? {}... (line longer than 64 bytes)\n", "x".repeat(64));
+        assert_eq!(written(&c), told);
+        assert_eq!(c.state_name(), "Lingering");
+        assert!(c.wire.stream.write_shut.get(), "the write side is shut");
+        // What it still sends is read and dropped, and its end closes it.
+        c.wire.stream.input.push_back(data("and more\n"));
+        c.wire.stream.input.push_back(Step::Eof);
+        next_turn(&mut herd);
+        let _ = serve_hangup(&mut c, &mut herd);
+        assert_eq!(
+            flush(&mut c, &herd),
+            Flushed::Closed(CloseReason::LineTooLong(64))
+        );
+        assert_eq!(written(&c), told, "nothing more is written");
+    }
+
+    #[test]
+    fn lingering_ends_at_its_deadline() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("AT forged\n")]);
+        let _ = serve(&mut c, &mut herd);
+        let _ = flush(&mut c, &herd);
+        assert_eq!(written(&c), "? AT forged\n");
+        assert_eq!(c.state_name(), "Lingering");
+        let limits = herd.limits.clone();
+        assert!(!c.on_timeout(herd.now + LINGER / 2, &limits));
+        assert!(c.on_timeout(herd.now + LINGER, &limits));
+        assert_eq!(
+            flush(&mut c, &herd),
+            Flushed::Closed(CloseReason::PeerLineFromClient)
+        );
+    }
+
+    #[test]
+    fn client_whose_share_of_the_turn_is_spent_is_served_again_with_no_new_event() {
+        let mut herd = herd(None);
+        herd.limits.turn.lines = 2;
+        let five: String = (0..5).map(|i| format!("IAMAT c{i} +1+1 100\n")).collect();
+        // All five lines arrive at once; the script has nothing more to give.
+        let mut c = conn(&[data(&five)]);
+        assert_eq!(serve(&mut c, &mut herd), Served::More);
+        let _ = flush(&mut c, &herd);
+        assert_eq!(written(&c).lines().count(), 2);
+        // A second serve in the same turn gets no more.
+        assert_eq!(
+            c.serve(Readiness::HELD, &mut [0; 8], &mut herd, 0),
+            Served::More
+        );
+        assert_eq!(written(&c).lines().count(), 2);
+        next_turn(&mut herd);
+        assert_eq!(
+            c.serve(Readiness::HELD, &mut [0; 8], &mut herd, 0),
+            Served::More
+        );
+        let _ = flush(&mut c, &herd);
+        assert_eq!(written(&c).lines().count(), 4);
+        next_turn(&mut herd);
+        assert_eq!(
+            c.serve(Readiness::HELD, &mut [0; 8], &mut herd, 0),
+            Served::Done
+        );
+        let _ = flush(&mut c, &herd);
+        assert_eq!(written(&c).lines().count(), 5);
+    }
+
+    #[test]
+    fn client_whose_read_share_is_spent_reads_the_rest_next_turn() {
+        let mut herd = herd(None);
+        herd.limits.turn.read_bytes = 16;
+        let line = "IAMAT kiwi +1+1 100\n";
+        let mut c = conn(&[data(&line.repeat(3))]);
+        // A read takes what fits in the scratch buffer: 16 bytes, the turn's share.
+        let ready = Readiness {
+            readable: true,
+            hangup: false,
+        };
+        assert_eq!(c.serve(ready, &mut [0; 16], &mut herd, 0), Served::More);
+        assert_eq!(written(&c), "");
+        for _ in 0..8 {
+            next_turn(&mut herd);
+            let _ = c.serve(Readiness::HELD, &mut [0; 16], &mut herd, 0);
+        }
+        let _ = flush(&mut c, &herd);
+        assert_eq!(written(&c).lines().count(), 3);
+    }
+
+    #[test]
+    fn client_at_the_high_water_mark_runs_no_more_until_its_replies_go_out() {
+        let mut herd = herd(None);
+        herd.limits.client_output_bytes = 4096; // a mark of 1 KiB
+        let hundred: String = (0..100)
+            .map(|i| format!("IAMAT c{i:02} +1+1 100\n"))
+            .collect();
+        let mut c = conn(&[data(&hundred)]);
+        c.wire.stream.room = Some(0); // the kernel takes nothing
+        let _ = serve(&mut c, &mut herd);
+        let reply_len = "AT Test +0.000000000 c00 +1+1 100\n".len();
+        let ran = c.wire.out.pending() / reply_len;
+        assert_eq!(
+            ran,
+            1024_usize.div_ceil(reply_len),
+            "lines run up to the mark"
+        );
+        assert_eq!(flush(&mut c, &herd), Flushed::Open, "nothing went out");
+        // The kernel takes it all and holds it: it still counts as unread.
+        c.wire.stream.room = None;
+        c.wire.stream.queued = 0;
+        assert_eq!(flush(&mut c, &herd), Flushed::Resume);
+        next_turn(&mut herd);
+        let _ = c.serve(Readiness::HELD, &mut [0; 8], &mut herd, 0);
+        assert_eq!(
+            c.wire.out.pending() / reply_len,
+            ran,
+            "the next mark's worth"
+        );
+        c.wire.stream.room = Some(0);
+        c.wire.stream.queued = 1024;
+        // What the kernel holds is asked only when a write was short; with a full mark's worth
+        // still in the kernel, nothing more runs.
+        assert_eq!(flush(&mut c, &herd), Flushed::Open);
+        next_turn(&mut herd);
+        let _ = c.serve(Readiness::HELD, &mut [0; 8], &mut herd, 0);
+        assert_eq!(c.wire.out.pending() / reply_len, ran);
+    }
+
+    #[test]
+    fn client_over_its_output_cap_is_closed_at_once() {
+        let mut herd = herd(None);
+        herd.limits.client_output_bytes = 64;
+        let mut c = conn(&[data("IAMAT a +1+1 1\n")]);
+        c.wire.stream.room = Some(0);
+        let _ = serve(&mut c, &mut herd);
+        assert_eq!(flush(&mut c, &herd), Flushed::Open, "under the cap");
+        // A reply that comes later (a WHATSAT's) takes the unread replies over the cap.
+        c.replies.push_awaiting(1);
+        c.deliver(1, vec![b'x'; 64]);
+        assert_eq!(
+            flush(&mut c, &herd),
+            Flushed::Closed(CloseReason::OutputCap(64))
+        );
+    }
+
+    #[test]
+    fn client_with_replies_unread_over_the_soft_limit_too_long_is_closed() {
+        let mut herd = herd(None);
+        herd.limits.client_output_soft_bytes = 10;
+        let mut c = conn(&[data("IAMAT a +1+1 1\n")]);
+        c.wire.stream.room = Some(0);
+        let _ = serve(&mut c, &mut herd);
+        let _ = flush(&mut c, &herd);
+        let limits = herd.limits.clone();
+        let soft = limits.client_output_soft_time;
+        assert!(!c.on_timeout(herd.now + soft / 2, &limits));
+        assert!(c.on_timeout(herd.now + soft, &limits));
+        let unread = CloseReason::Unread {
+            bytes: 10,
+            time: soft,
+        };
+        assert_eq!(flush(&mut c, &herd), Flushed::Closed(unread));
+    }
+
+    #[test]
+    fn client_with_a_line_unfinished_past_the_line_timeout_is_closed() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("IAMAT ki")]);
+        let _ = serve(&mut c, &mut herd);
+        let limits = herd.limits.clone();
+        assert!(!c.on_timeout(herd.now + limits.line_timeout / 2, &limits));
+        assert!(c.on_timeout(herd.now + limits.line_timeout, &limits));
+        let why = CloseReason::LineTimeout(limits.line_timeout);
+        assert_eq!(flush(&mut c, &herd), Flushed::Closed(why));
+    }
+
+    #[test]
+    fn client_idle_with_nothing_pending_is_closed_at_the_idle_timeout() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("IAMAT a +1+1 1\n")]);
+        let _ = serve(&mut c, &mut herd);
+        let _ = flush(&mut c, &herd);
+        let limits = herd.limits.clone();
+        assert!(!c.on_timeout(herd.now + limits.idle_timeout / 2, &limits));
+        assert!(c.on_timeout(herd.now + limits.idle_timeout, &limits));
+        let mut never = limits.clone();
+        never.idle_timeout = Duration::ZERO;
+        let mut d = conn(&[]);
+        assert!(!d.on_timeout(herd.now + Duration::from_secs(1 << 20), &never));
+    }
+
+    #[test]
+    fn undecided_greeted_by_a_neighbour_without_a_secret_becomes_its_peer() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("PEER herd/1 Bona\nAT Bona +0.000000001 k +1+1 5\n")]);
+        let _ = serve(&mut c, &mut herd);
+        assert_eq!(c.state_name(), "Peer");
+        // The record after the greeting is the inbound link's, not run here.
+        assert!(herd.store.is_empty());
+        assert_eq!(flush(&mut c, &herd), Flushed::Peer);
+        let (neighbour, session, mut wire) = c.into_peer().expect("a peer");
+        assert_eq!((neighbour, session.is_none()), (0, true));
+        match wire.reader.next_line(1024) {
+            Some(Line::Complete(line)) => assert_eq!(line, b"AT Bona +0.000000001 k +1+1 5"),
+            other => panic!("{other:?}"),
+        }
+        // The greeting made the link back to Bona due at once.
+        assert_eq!(herd.links[0].deadline(), Some(herd.now));
+    }
+
+    #[test]
+    fn undecided_greeted_with_a_nonce_is_challenged_and_becomes_a_peer_on_a_good_proof() {
+        let secret = Secret::new(b"0123456789abcdef0123");
+        let mut herd = herd(Some("0123456789abcdef0123"));
+        let nd = "00112233445566778899aabbccddeeff";
+        let mut c = conn(&[data(&format!("PEER herd/1 Bona {nd}\n"))]);
+        let _ = serve(&mut c, &mut herd);
+        assert_eq!(c.state_name(), "Challenged");
+        let _ = flush(&mut c, &herd);
+        let challenge = written(&c);
+        let (na, proof) =
+            peer::parse_challenge(challenge.trim_end().as_bytes()).expect("a challenge");
+        assert!(secret.verify(proof, b"accept", b"Bona", b"Test", nd.as_bytes(), na));
+        let mine = secret.proof(b"dial", b"Bona", b"Test", nd.as_bytes(), na);
+        let proof_line = format!("PROOF {}\n", String::from_utf8_lossy(&mine));
+        c.wire.stream.input.push_back(data(&proof_line));
+        let _ = serve(&mut c, &mut herd);
+        assert_eq!(c.state_name(), "Peer");
+        let (_, session, _) = c.into_peer().expect("a peer");
+        assert!(session.is_some());
+    }
+
+    #[test]
+    fn challenged_with_a_wrong_proof_or_none_in_time_is_closed() {
+        let mut herd = herd(Some("0123456789abcdef0123"));
+        let nd = "00112233445566778899aabbccddeeff";
+        let greeting = format!("PEER herd/1 Bona {nd}\n");
+        let wrong = format!("PROOF {}\n", "ab".repeat(32));
+        let mut c = conn(&[data(&greeting), data(&wrong)]);
+        let _ = serve(&mut c, &mut herd);
+        assert_eq!(c.state_name(), "Challenged");
+        let _ = serve(&mut c, &mut herd);
+        let why = CloseReason::Handshake("Bona failed to prove it knows the herd secret".into());
+        assert_eq!(flush(&mut c, &herd), Flushed::Closed(why));
+
+        let mut late = conn(&[data(&greeting)]);
+        let _ = serve(&mut late, &mut herd);
+        let limits = herd.limits.clone();
+        assert!(!late.on_timeout(herd.now + peer::HANDSHAKE_TIMEOUT / 2, &limits));
+        assert!(late.on_timeout(herd.now + peer::HANDSHAKE_TIMEOUT, &limits));
+        let why = CloseReason::NotAuthenticated(peer::HANDSHAKE_TIMEOUT);
+        assert_eq!(flush(&mut late, &herd), Flushed::Closed(why));
+    }
+
+    #[test]
+    fn a_greeting_that_does_not_match_the_herds_secret_setting_is_refused() {
+        let mut herd = herd(Some("0123456789abcdef0123"));
+        let mut c = conn(&[data("PEER herd/1 Bona\n")]);
+        let _ = serve(&mut c, &mut herd);
+        let why = "Bona greeted without authenticating, but this herd has a secret";
+        assert_eq!(
+            flush(&mut c, &herd),
+            Flushed::Closed(CloseReason::Handshake(why.into()))
+        );
+    }
+
+    #[test]
+    fn a_whatsat_without_a_key_is_answered_at_once_with_googles_shape() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("IAMAT kiwi +1+1 100\nWHATSAT kiwi 10 1\n")]);
+        let _ = serve(&mut c, &mut herd);
+        let _ = flush(&mut c, &herd);
+        let text = written(&c);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("AT Test +0.000000000 kiwi +1+1 100"));
+        assert_eq!(lines.next(), Some("AT Test +0.000000000 kiwi +1+1 100"));
+        assert!(text.contains("\"status\" : \"REQUEST_DENIED\""), "{text}");
+        assert!(text.ends_with("}\n\n"), "{text}");
+    }
+
+    #[test]
+    fn replies_keep_command_order() {
+        let mut out = OutBuf::default();
+        let mut replies = Replies::default();
+        replies.push(&mut out, b"1");
+        replies.push_awaiting(7);
+        replies.push(&mut out, b"3");
+        replies.push_awaiting(8);
+        assert_eq!(out.pending(), 1);
+        replies.complete(&mut out, 8, b"4".to_vec());
+        assert_eq!(out.pending(), 1);
+        replies.complete(&mut out, 7, b"2".to_vec());
+        let mut sent = Vec::new();
+        out.write_to(&mut sent).expect("a Vec takes everything");
+        assert_eq!(sent, b"1234");
+        assert!(replies.is_empty());
+        assert_eq!(replies.waiting(), 0);
     }
 }

@@ -318,3 +318,197 @@ fn on_line(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The inbound link driven with scripted sockets and an explicit `now`.
+
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::config::Limits;
+    use crate::link::Link;
+    use crate::log::Log;
+    use crate::peer::Secret;
+    use crate::store::Store;
+    use crate::wire::script::{Script, Step};
+
+    fn herd() -> Herd {
+        let now = Instant::now();
+        let bona = Link::new("Bona".into(), SocketAddr::from(([127, 0, 0, 1], 9)), now);
+        let mut herd = Herd::new(
+            "Test".into(),
+            None,
+            vec![bona],
+            None,
+            Log::discard(),
+            Limits::default(),
+            now,
+        );
+        herd.turn = 1;
+        herd
+    }
+
+    fn adopted(herd: &Herd, steps: &[Step], session: Option<Session>) -> Inbound<Script> {
+        let mut inbound = Inbound::default();
+        let old = inbound.adopt(herd.now, 3, Wire::new(Script::reading(steps)), session);
+        assert_eq!(old, None);
+        inbound
+    }
+
+    fn lines(text: &str) -> Step {
+        Step::Data(text.as_bytes().to_vec())
+    }
+
+    fn serve(inbound: &mut Inbound<Script>, herd: &mut Herd) -> Result<Served, CloseReason> {
+        inbound.serve(false, &mut [0; 4096], herd, 0)
+    }
+
+    fn written(inbound: &mut Inbound<Script>) -> String {
+        let _ = inbound.flush();
+        let out = inbound
+            .socket()
+            .map(|s| s.output.clone())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn up_merges_the_records_it_reads_and_ignores_what_is_not_one() {
+        let mut herd = herd();
+        let mut inbound = adopted(
+            &herd,
+            &[lines(
+                "AT Bona +0.000000001 k +1+1 5\nAT Bona +1 bad +1+1 5\nPING\n",
+            )],
+            None,
+        );
+        assert_eq!(serve(&mut inbound, &mut herd), Ok(Served::Done));
+        assert_eq!(
+            herd.store.get(b"k"),
+            Some(&b"AT Bona +0.000000001 k +1+1 5"[..])
+        );
+        assert_eq!(herd.store.len(), 1);
+        assert_eq!(
+            written(&mut inbound),
+            "",
+            "an inbound link writes only PING and SYNC"
+        );
+    }
+
+    #[test]
+    fn up_at_the_end_of_the_stream_closes() {
+        let mut herd = herd();
+        let mut inbound = adopted(&herd, &[Step::Eof], None);
+        assert_eq!(
+            serve(&mut inbound, &mut herd),
+            Err(CloseReason::PeerClosed("Bona".into()))
+        );
+    }
+
+    #[test]
+    fn up_and_quiet_sends_a_heartbeat_and_silent_for_five_seconds_closes() {
+        let herd = herd();
+        let mut inbound = adopted(&herd, &[], None);
+        assert_eq!(
+            inbound.deadline(),
+            Some(herd.now + peer::HEARTBEAT_INTERVAL)
+        );
+        assert_eq!(
+            inbound.on_timeout(herd.now + peer::HEARTBEAT_INTERVAL),
+            Ok(())
+        );
+        assert_eq!(written(&mut inbound), "PING\n");
+        assert_eq!(
+            inbound.on_timeout(herd.now + peer::DEAD_AFTER),
+            Err(CloseReason::Silent(peer::DEAD_AFTER))
+        );
+    }
+
+    #[test]
+    fn stores_that_keep_differing_are_resynchronised_by_asking_for_the_parts_that_differ() {
+        let mut herd = herd();
+        let mut theirs = Store::default();
+        theirs.merge(b"k", 5, b"AT Bona +0.000000001 k +1+1 5");
+        let digests: String = peer::store_lines(&theirs)
+            .iter()
+            .map(|l| format!("{}\n", String::from_utf8_lossy(l)))
+            .collect();
+        let mut inbound = adopted(&herd, &[lines(&digests)], None);
+        let _ = serve(&mut inbound, &mut herd);
+        assert_eq!(written(&mut inbound), "", "once may be updates in flight");
+        inbound
+            .socket()
+            .expect("up")
+            .input
+            .push_back(lines(&digests));
+        let _ = serve(&mut inbound, &mut herd);
+        let text = written(&mut inbound);
+        let part = crate::store::part_of(b"k");
+        let mut set = peer::PartSet::default();
+        set.insert(part);
+        let want = format!(
+            "{}\n",
+            String::from_utf8_lossy(&peer::sync_line(Some(&set)))
+        );
+        assert_eq!(
+            text, want,
+            "twice in a row: the part that differs, asked for"
+        );
+    }
+
+    #[test]
+    fn a_line_that_fails_its_tag_closes_the_link() {
+        let mut herd = herd();
+        let secret = Secret::new(b"0123456789abcdef0123");
+        let (nd, na) = (&b"0011"[..], &b"2233"[..]);
+        let session = Session::new(&secret, nd, na, false);
+        let mut sender = Session::new(&secret, nd, na, true);
+        let mut good = Vec::new();
+        peer::frame(
+            Some(&mut sender),
+            b"AT Bona +0.000000001 k +1+1 5",
+            &mut good,
+        );
+        let mut forged = good.clone();
+        forged[3] ^= 1;
+        let mut inbound = adopted(&herd, &[Step::Data(forged)], Some(session));
+        assert!(matches!(
+            serve(&mut inbound, &mut herd),
+            Err(CloseReason::PeerProtocol(_))
+        ));
+        assert!(herd.store.is_empty());
+        let mut inbound = adopted(
+            &herd,
+            &[Step::Data(good)],
+            Some(Session::new(&secret, nd, na, false)),
+        );
+        assert_eq!(serve(&mut inbound, &mut herd), Ok(Served::Done));
+        assert_eq!(herd.store.len(), 1);
+    }
+
+    #[test]
+    fn a_link_whose_share_of_the_turn_is_spent_is_served_again_with_no_new_event() {
+        let mut herd = herd();
+        herd.limits.turn.lines = 1; // a neighbour's share: eight lines
+        let records: String = (0..20)
+            .map(|i| format!("AT Bona +0.000000001 c{i:02} +1+1 5\n"))
+            .collect();
+        let mut inbound = adopted(&herd, &[lines(&records)], None);
+        assert_eq!(serve(&mut inbound, &mut herd), Ok(Served::More));
+        assert_eq!(herd.store.len(), 8);
+        herd.turn += 1;
+        assert_eq!(serve(&mut inbound, &mut herd), Ok(Served::More));
+        herd.turn += 1;
+        assert_eq!(serve(&mut inbound, &mut herd), Ok(Served::Done));
+        assert_eq!(herd.store.len(), 20);
+    }
+
+    #[test]
+    fn a_newer_connection_from_the_neighbour_takes_the_old_ones_place() {
+        let herd = herd();
+        let mut inbound = adopted(&herd, &[], None);
+        let old = inbound.adopt(herd.now, 9, Wire::new(Script::reading(&[])), None);
+        assert_eq!((old, inbound.id()), (Some(3), Some(9)));
+    }
+}

@@ -560,7 +560,252 @@ fn send<S>(wire: &mut Wire<S>, session: &mut Option<Session>, payload: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    //! The link driven with scripted sockets and an explicit `now`.
+
     use super::*;
+    use crate::wire::script::{Script, Step, DIALS};
+
+    const NEIGHBOUR: &str = "Bona";
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9))
+    }
+
+    /// What the link needs around it: our name, the secret, a store and a log.
+    struct Around {
+        secret: Option<Secret>,
+        store: Store,
+        log: Log,
+    }
+
+    impl Around {
+        fn new(secret: Option<&str>) -> Around {
+            Around {
+                secret: secret.map(|s| Secret::new(s.as_bytes())),
+                store: Store::default(),
+                log: Log::discard(),
+            }
+        }
+
+        fn cx(&mut self) -> Context<'_> {
+            Context {
+                server: "Test",
+                secret: self.secret.as_ref(),
+                store: &self.store,
+                log: &mut self.log,
+            }
+        }
+    }
+
+    /// The next connect returns `script`.
+    fn dials(script: Script) {
+        DIALS.with(|d| d.borrow_mut().push_back(Ok(script)));
+    }
+
+    fn written(link: &mut Link<Script>) -> String {
+        let out = link.socket().map(|s| s.output.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// A link that has dialled and connected at `t0`, without a secret: up.
+    fn up(around: &mut Around, t0: Instant) -> Link<Script> {
+        let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
+        dials(Script::reading(&[]));
+        assert_eq!(link.on_timeout(t0, &mut around.cx()), Want::Register);
+        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        assert_eq!(link.state_name(), "Up");
+        link
+    }
+
+    #[test]
+    fn down_at_its_retry_time_dials_and_asks_for_registration() {
+        let t0 = Instant::now();
+        let mut around = Around::new(None);
+        let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
+        dials(Script {
+            connect: None,
+            ..Script::default()
+        });
+        assert_eq!(link.on_timeout(t0, &mut around.cx()), Want::Register);
+        assert_eq!(link.state_name(), "Connecting");
+        assert_eq!(link.deadline(), Some(t0 + PEER_CONNECT_TIMEOUT));
+        // A spurious event changes nothing.
+        link.on_ready(t0, &mut [0; 64], &mut around.cx());
+        assert_eq!(link.state_name(), "Connecting");
+    }
+
+    #[test]
+    fn connecting_refused_or_unanswered_goes_down_and_waits_longer_each_time() {
+        let t0 = Instant::now();
+        let mut around = Around::new(None);
+        let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
+        dials(Script {
+            connect: Some(false),
+            ..Script::default()
+        });
+        let _ = link.on_timeout(t0, &mut around.cx());
+        link.on_ready(t0, &mut [0; 64], &mut around.cx());
+        assert_eq!(link.state_name(), "Down");
+        assert_eq!(link.deadline(), Some(t0 + backoff(0)));
+        let t1 = t0 + backoff(0);
+        dials(Script {
+            connect: None,
+            ..Script::default()
+        });
+        let _ = link.on_timeout(t1, &mut around.cx());
+        assert_eq!(link.state_name(), "Connecting");
+        let t2 = t1 + PEER_CONNECT_TIMEOUT;
+        assert_eq!(link.on_timeout(t2, &mut around.cx()), Want::Nothing);
+        assert_eq!(link.state_name(), "Down");
+        assert_eq!(link.deadline(), Some(t2 + backoff(1)));
+    }
+
+    #[test]
+    fn connected_without_a_secret_greets_is_up_and_copies_the_store() {
+        let t0 = Instant::now();
+        let mut around = Around::new(None);
+        around
+            .store
+            .merge(b"k", 5, b"AT Test +0.000000001 k +1+1 5");
+        let mut link = up(&mut around, t0);
+        link.flush(t0, &around.store, &mut around.log);
+        assert_eq!(
+            written(&mut link),
+            "PEER herd/1 Test\nAT Test +0.000000001 k +1+1 5\n"
+        );
+        // Then whatever is flooded.
+        link.send(
+            t0,
+            b"AT Test +0.000000001 j +1+1 6",
+            1 << 20,
+            &mut around.log,
+        );
+        link.flush(t0, &around.store, &mut around.log);
+        assert!(written(&mut link).ends_with("j +1+1 6\n"));
+    }
+
+    #[test]
+    fn up_sends_a_heartbeat_when_quiet_and_its_digests_every_three_seconds() {
+        let t0 = Instant::now();
+        let mut around = Around::new(None);
+        let mut link = up(&mut around, t0);
+        link.flush(t0, &around.store, &mut around.log);
+        let greeted = written(&mut link).len();
+        let t1 = t0 + peer::HEARTBEAT_INTERVAL;
+        // The neighbour keeps the link alive meanwhile.
+        link.socket()
+            .expect("up")
+            .input
+            .push_back(Step::Data(b"PING\n".to_vec()));
+        link.on_ready(t1, &mut [0; 64], &mut around.cx());
+        let _ = link.on_timeout(t1, &mut around.cx());
+        link.flush(t1, &around.store, &mut around.log);
+        assert_eq!(&written(&mut link)[greeted..], "PING\n");
+        let t3 = t0 + peer::DIGEST_INTERVAL;
+        link.socket()
+            .expect("up")
+            .input
+            .push_back(Step::Data(b"PING\n".to_vec()));
+        link.on_ready(t3, &mut [0; 64], &mut around.cx());
+        let _ = link.on_timeout(t3, &mut around.cx());
+        link.flush(t3, &around.store, &mut around.log);
+        let text = written(&mut link);
+        let digests: Vec<&str> = text[greeted + 5..].lines().collect();
+        assert_eq!(digests.len(), 9, "8 PARTS lines and a DIGEST: {digests:?}");
+        assert!(digests[8].starts_with("DIGEST 0 "));
+    }
+
+    #[test]
+    fn up_and_silent_for_five_seconds_goes_down() {
+        let t0 = Instant::now();
+        let mut around = Around::new(None);
+        let mut link = up(&mut around, t0);
+        let _ = link.on_timeout(t0 + peer::DEAD_AFTER / 2, &mut around.cx());
+        assert_eq!(link.state_name(), "Up");
+        let _ = link.on_timeout(t0 + peer::DEAD_AFTER, &mut around.cx());
+        assert_eq!(link.state_name(), "Down");
+    }
+
+    #[test]
+    fn a_record_for_a_link_that_is_down_is_dropped_and_one_over_the_cap_drops_the_link() {
+        let t0 = Instant::now();
+        let mut around = Around::new(None);
+        let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
+        link.send(t0, b"AT Test +0.000000001 k +1+1 5", 10, &mut around.log);
+        assert!(
+            link.socket().is_none(),
+            "nothing queued for a link that is down"
+        );
+        let mut link = up(&mut around, t0);
+        link.socket().expect("up").room = Some(0); // the neighbour reads nothing
+        link.send(t0, b"AT Test +0.000000001 k +1+1 5", 10, &mut around.log);
+        assert_eq!(link.state_name(), "Down");
+    }
+
+    #[test]
+    fn with_a_secret_the_link_proves_itself_after_checking_the_neighbours_challenge() {
+        let t0 = Instant::now();
+        let mut around = Around::new(Some("0123456789abcdef0123"));
+        let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
+        dials(Script::reading(&[]));
+        let _ = link.on_timeout(t0, &mut around.cx());
+        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        assert_eq!(link.state_name(), "Authenticating");
+        link.flush(t0, &around.store, &mut around.log);
+        let greeting = written(&mut link);
+        let nd = greeting
+            .trim_end()
+            .rsplit(' ')
+            .next()
+            .expect("a nonce")
+            .to_owned();
+        let secret = Secret::new(b"0123456789abcdef0123");
+        let na = "ffeeddccbbaa99887766554433221100";
+        let proof = secret.proof(
+            b"accept",
+            b"Test",
+            NEIGHBOUR.as_bytes(),
+            nd.as_bytes(),
+            na.as_bytes(),
+        );
+        let challenge = format!("CHALLENGE {na} {}\n", String::from_utf8_lossy(&proof));
+        link.socket()
+            .expect("a socket")
+            .input
+            .push_back(Step::Data(challenge.into_bytes()));
+        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        assert_eq!(link.state_name(), "Up");
+        link.flush(t0, &around.store, &mut around.log);
+        let ours = secret.proof(
+            b"dial",
+            b"Test",
+            NEIGHBOUR.as_bytes(),
+            nd.as_bytes(),
+            na.as_bytes(),
+        );
+        let text = written(&mut link);
+        assert!(
+            text.contains(&format!("PROOF {}\n", String::from_utf8_lossy(&ours))),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_challenge_with_a_wrong_proof_takes_the_link_down() {
+        let t0 = Instant::now();
+        let mut around = Around::new(Some("0123456789abcdef0123"));
+        let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
+        dials(Script::reading(&[]));
+        let _ = link.on_timeout(t0, &mut around.cx());
+        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        let forged = format!("CHALLENGE {} {}\n", "ab".repeat(16), "cd".repeat(32));
+        link.socket()
+            .expect("a socket")
+            .input
+            .push_back(Step::Data(forged.into_bytes()));
+        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        assert_eq!(link.state_name(), "Down");
+    }
 
     #[test]
     fn a_greeting_makes_a_waiting_link_due_now_with_its_backoff_reset() {

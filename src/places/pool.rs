@@ -739,3 +739,246 @@ fn read_plain(tls: &mut ClientConnection, mut deliver: impl FnMut(&[u8])) -> Res
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A slot driven through its states with an explicit `now`, over an in-memory socket whose
+    //! other end is a real rustls server in the same thread: the TLS pump, the HTTP reader and
+    //! keep-alive, with no socket at all.
+
+    use std::cell::RefCell;
+    use std::io::Read;
+
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::{ServerConfig, ServerConnection};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::places::Query;
+    use crate::protocol::parse_location;
+
+    /// Google's answer, cut to the bound by the pool: two results, one kept.
+    const BODY: &str = "{\n   \"html_attributions\" : [],\n   \"results\" : [\n      {\n         \"name\" : \"one\"\n      },\n      {\n         \"name\" : \"two\"\n      }\n   ],\n   \"status\" : \"OK\"\n}\n";
+    const CUT: &str = "{\n   \"html_attributions\" : [],\n   \"results\" : [\n      {\n         \"name\" : \"one\"\n      }\n   ],\n   \"status\" : \"OK\"\n}";
+
+    /// The server end of an in-memory connection: bytes the client writes go straight into a
+    /// rustls server, and what it answers is what the client reads. Every request (a head
+    /// ending in a blank line) gets `response`, unless `silent`.
+    struct Pipe {
+        server: ServerConnection,
+        response: Vec<u8>,
+        silent: bool,
+        received: Vec<u8>,
+        answered: usize,
+    }
+
+    thread_local! {
+        /// What the next connect finds at the other end: a TLS server and how it answers.
+        static SERVER: RefCell<Option<(Arc<ServerConfig>, Vec<u8>, bool)>> =
+            const { RefCell::new(None) };
+        static CONNECTS: RefCell<usize> = const { RefCell::new(0) };
+    }
+
+    impl Transport for Pipe {
+        fn connect(_: SocketAddr) -> io::Result<Pipe> {
+            CONNECTS.with(|c| *c.borrow_mut() += 1);
+            let (config, response, silent) = SERVER
+                .with(|s| s.borrow().clone())
+                .ok_or(io::ErrorKind::ConnectionRefused)?;
+            Ok(Pipe {
+                server: ServerConnection::new(config).map_err(io::Error::other)?,
+                response,
+                silent,
+                received: Vec::new(),
+                answered: 0,
+            })
+        }
+
+        fn connected(&self) -> io::Result<bool> {
+            Ok(true)
+        }
+
+        fn shutdown_write(&self) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn queued(&self) -> Option<usize> {
+            None
+        }
+    }
+
+    impl Write for Pipe {
+        fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len();
+            while !buf.is_empty() {
+                self.server.read_tls(&mut buf)?;
+                self.server
+                    .process_new_packets()
+                    .map_err(io::Error::other)?;
+            }
+            let mut plain = [0u8; 4096];
+            loop {
+                match self.server.reader().read(&mut plain) {
+                    Ok(0) => break,
+                    Ok(got) => self.received.extend_from_slice(&plain[..got]),
+                    Err(_) => break, // nothing more for now
+                }
+            }
+            let requests = self
+                .received
+                .windows(4)
+                .filter(|w| w == b"\r\n\r\n")
+                .count();
+            while !self.silent && self.answered < requests {
+                self.server.writer().write_all(&self.response)?;
+                self.answered += 1;
+            }
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Read for Pipe {
+        fn read(&mut self, mut buf: &mut [u8]) -> io::Result<usize> {
+            match self.server.wants_write() {
+                true => self.server.write_tls(&mut buf),
+                false => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+    }
+
+    /// A certificate for 127.0.0.1, the client's one root; a server that answers `response`.
+    fn serve(response: &str, silent: bool) -> Arc<ClientConfig> {
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("a SAN");
+        let cert = params.self_signed(&key).expect("a certificate");
+        let der = cert.der().clone();
+        let private = PrivateKeyDer::from(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], private)
+            .expect("a server configuration");
+        SERVER.with(|s| {
+            *s.borrow_mut() = Some((Arc::new(server), response.as_bytes().to_vec(), silent))
+        });
+        let mut roots = RootCertStore::empty();
+        roots.add(der).expect("a root");
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(client)
+    }
+
+    fn pool(tls: Arc<ClientConfig>) -> (PlacesPool<Pipe>, mio::Poll) {
+        let text = "[places]\nurl = \"https://127.0.0.1:443/maps/api/place/nearbysearch/json\"\ntimeout_ms = 2000\npool_size = 1\n\n[[server]]\nname = \"Test\"\nport = 1\n";
+        let config = Config::parse(text, std::path::Path::new(".")).expect("a configuration");
+        let poll = mio::Poll::new().expect("a poll");
+        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).expect("a waker"));
+        let pool = PlacesPool::new(&config.places, "KEY".into(), tls, waker).expect("a pool");
+        (pool, poll)
+    }
+
+    fn submit(pool: &mut PlacesPool<Pipe>, now: Instant, log: &mut Log) -> u64 {
+        let (latitude, longitude) = parse_location(b"+34.068930-118.445127").expect("a location");
+        let query = Query {
+            latitude,
+            longitude,
+            radius_m: b"10000",
+            bound: 1,
+        };
+        let owner = Owner { slot: 0, id: 1 };
+        let job = pool.submit(now, owner, b"AT Test +0 kiwi +1+1 1", &query, log);
+        pool.dispatch(now, log);
+        job
+    }
+
+    /// Readiness events on slot 0, as a socket would raise them, until a job is done.
+    fn pump_until_done(pool: &mut PlacesPool<Pipe>, now: Instant, log: &mut Log) -> Done {
+        for _ in 0..20 {
+            pool.on_ready(0, now, log);
+            if let Some(done) = pool.done.pop() {
+                return done;
+            }
+        }
+        panic!(
+            "no answer after 20 events; slots: {:?}",
+            pool.slot_states().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_job_connects_shakes_hands_asks_and_keeps_the_connection_for_the_next() {
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        );
+        let (mut pool, _poll) = pool(serve(&response, false));
+        let mut log = Log::discard();
+        let now = Instant::now();
+        CONNECTS.with(|c| *c.borrow_mut() = 0);
+        let job = submit(&mut pool, now, &mut log);
+        assert_eq!(
+            pool.take_opened(),
+            [0],
+            "a new socket for the loop to register"
+        );
+        assert_eq!(pool.slot_states().collect::<Vec<_>>(), ["Connecting"]);
+        let done = pump_until_done(&mut pool, now, &mut log);
+        assert_eq!(done.job, job);
+        assert_eq!(String::from_utf8_lossy(&done.body), CUT);
+        assert_eq!(pool.slot_states().collect::<Vec<_>>(), ["Idle"]);
+        // The next job goes out on the same connection: no connect, no handshake.
+        let second = submit(&mut pool, now, &mut log);
+        assert_eq!(pool.take_opened(), Vec::<usize>::new());
+        let done = pump_until_done(&mut pool, now, &mut log);
+        assert_eq!(
+            (done.job, String::from_utf8_lossy(&done.body)),
+            (second, CUT.into())
+        );
+        assert_eq!(CONNECTS.with(|c| *c.borrow()), 1);
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_is_answered_with_an_error_in_googles_shape() {
+        let (mut pool, _poll) = pool(serve("", true));
+        let mut log = Log::discard();
+        let now = Instant::now();
+        let job = submit(&mut pool, now, &mut log);
+        for _ in 0..5 {
+            pool.on_ready(0, now, &mut log);
+        }
+        assert!(pool.done.is_empty(), "the server never answers");
+        assert_eq!(pool.deadline(), Some(now + Duration::from_millis(2000)));
+        pool.on_timeout(now + Duration::from_millis(1999), &mut log);
+        assert!(pool.done.is_empty(), "not yet");
+        pool.on_timeout(now + Duration::from_millis(2000), &mut log);
+        let done = pool.done.pop().expect("answered at the deadline");
+        assert_eq!(done.job, job);
+        let body = String::from_utf8_lossy(&done.body);
+        assert!(body.contains("\"status\" : \"UNKNOWN_ERROR\""), "{body}");
+        assert!(body.contains("did not answer within 2000 ms"), "{body}");
+        assert_eq!(pool.slot_states().collect::<Vec<_>>(), ["Empty"]);
+    }
+
+    #[test]
+    fn a_connection_that_cannot_be_registered_fails_its_job() {
+        let (mut pool, _poll) = pool(serve("", true));
+        let mut log = Log::discard();
+        let now = Instant::now();
+        let job = submit(&mut pool, now, &mut log);
+        for slot in pool.take_opened() {
+            pool.on_register_failed(slot, &mut log, "no more descriptors");
+        }
+        let done = pool.done.pop().expect("failed at once");
+        assert_eq!(done.job, job);
+        assert!(String::from_utf8_lossy(&done.body).contains("cannot register the socket"));
+    }
+}
