@@ -772,10 +772,12 @@ mod tests {
         answered: usize,
     }
 
+    /// A TLS server, what it answers, and whether it keeps silent instead.
+    type Far = (Arc<ServerConfig>, Vec<u8>, bool);
+
     thread_local! {
-        /// What the next connect finds at the other end: a TLS server and how it answers.
-        static SERVER: RefCell<Option<(Arc<ServerConfig>, Vec<u8>, bool)>> =
-            const { RefCell::new(None) };
+        /// What the next connect finds at the other end.
+        static SERVER: RefCell<Option<Far>> = const { RefCell::new(None) };
         static CONNECTS: RefCell<usize> = const { RefCell::new(0) };
     }
 
