@@ -67,6 +67,19 @@ pub struct Limits {
     pub peer_output_bytes: usize,
     /// One connection's share of a turn of the loop: see [`Turn`].
     pub turn: Turn,
+    /// The longest client id an IAMAT or a neighbour's record may carry.
+    pub max_client_id_bytes: usize,
+    /// The most clients the store holds; a new client past it is refused.
+    pub max_clients: usize,
+    /// How far ahead of this server's clock a client time may lie: further, and an IAMAT is
+    /// invalid and a neighbour's record refused (a far-future time would pin its client).
+    pub client_time_ahead: Duration,
+    /// A new connection's first line must come within this.
+    pub first_line_timeout: Duration,
+    /// The most connections open from one address at once; 0: no cap.
+    pub max_connections_per_address: usize,
+    /// WHATSATs one client address may send per minute; 0: no limit.
+    pub whatsat_per_minute: usize,
 }
 
 /// How much one connection may take of one turn of the loop before the others get theirs: a
@@ -125,6 +138,12 @@ impl Default for Limits {
             max_connections: 16384,
             peer_output_bytes: 16 << 20,
             turn: Turn::default(),
+            max_client_id_bytes: 256,
+            max_clients: 1_000_000,
+            client_time_ahead: Duration::from_secs(60),
+            first_line_timeout: Duration::from_secs(10),
+            max_connections_per_address: 1024,
+            whatsat_per_minute: 0,
         }
     }
 }
@@ -380,6 +399,18 @@ fn parse_limits(mut t: Table) -> Result<Limits, String> {
             lines: take_uint(&mut t, "turn_lines", at, d.turn.lines)?,
             read_bytes: take_uint(&mut t, "turn_read_bytes", at, d.turn.read_bytes)?,
         },
+        max_client_id_bytes: take_uint(&mut t, "max_client_id_bytes", at, d.max_client_id_bytes)?
+            .max(1),
+        max_clients: take_uint(&mut t, "max_clients", at, d.max_clients)?,
+        client_time_ahead: take_ms(&mut t, "client_time_ahead_ms", at, d.client_time_ahead)?,
+        first_line_timeout: take_ms(&mut t, "first_line_timeout_ms", at, d.first_line_timeout)?,
+        max_connections_per_address: take_uint(
+            &mut t,
+            "max_connections_per_address",
+            at,
+            d.max_connections_per_address,
+        )?,
+        whatsat_per_minute: take_uint(&mut t, "whatsat_per_minute", at, d.whatsat_per_minute)?,
     };
     no_unknown_keys(&t, at)?;
     Ok(limits)

@@ -59,6 +59,9 @@ pub const LINGER: Duration = Duration::from_secs(5);
 /// ...and how much of its input is dropped at most before it is closed anyway.
 pub const LINGER_BYTES: usize = 1 << 20;
 
+/// What a connection is told when every place is taken.
+pub const BUSY: &[u8] = b"? server busy\n";
+
 /// Why a connection closed: printed in the log's `closed:` line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
@@ -93,6 +96,10 @@ pub enum CloseReason {
     PeerProtocol(String),
     /// The neighbour dialled a new link, which took this one's place.
     Replaced(u64),
+    /// No first line within this.
+    NoFirstLine(Duration),
+    /// Every place was taken: it was told `? server busy`.
+    Busy,
 }
 
 impl CloseReason {
@@ -101,7 +108,7 @@ impl CloseReason {
     pub fn lingers(&self) -> bool {
         matches!(
             self,
-            CloseReason::LineTooLong(_) | CloseReason::PeerLineFromClient
+            CloseReason::LineTooLong(_) | CloseReason::PeerLineFromClient | CloseReason::Busy
         )
     }
 }
@@ -134,14 +141,18 @@ impl fmt::Display for CloseReason {
             CloseReason::PeerClosed(name) => write!(f, "peer {name} closed its link"),
             CloseReason::Silent(t) => write!(f, "silent for {} s", t.as_secs()),
             CloseReason::Replaced(by) => write!(f, "the neighbour dialled again (c{by})"),
+            CloseReason::NoFirstLine(t) => write!(f, "no first line within {} ms", t.as_millis()),
+            CloseReason::Busy => write!(f, "every place is taken: told the server is busy"),
         }
     }
 }
 
 /// Where an accepted connection is in its life.
 pub enum State {
-    /// Nothing but blank lines yet: the first line decides what it is.
-    Undecided,
+    /// Nothing but blank lines yet: the first line decides what it is, and must come by
+    /// `until`. `peers_only` when it took one of the places kept for neighbours (the client
+    /// places were all taken): then only a neighbour's greeting is welcome.
+    Undecided { until: Instant, peers_only: bool },
     /// A client: its commands run, its replies go out in command order.
     Client,
     /// Neighbour `neighbour` greeted with its nonce `nd`; we answered with our challenge `na`
@@ -232,6 +243,8 @@ pub struct Conn<S = TcpStream> {
     pub id: u64,
     /// Where it came from.
     pub addr: SocketAddr,
+    /// It took one of the places kept for neighbours.
+    pub reserved: bool,
     wire: Wire<S>,
     /// Replies in command order, some waiting on Places.
     replies: Replies,
@@ -251,13 +264,23 @@ pub struct Conn<S = TcpStream> {
 }
 
 impl<S: Transport> Conn<S> {
-    pub fn new(id: u64, stream: S, addr: SocketAddr, now: Instant) -> Conn<S> {
+    /// A connection accepted at `now`, whose first line must come by `until`. `peers_only`
+    /// when it took a place kept for neighbours.
+    pub fn new(
+        id: u64,
+        stream: S,
+        addr: SocketAddr,
+        now: Instant,
+        until: Instant,
+        peers_only: bool,
+    ) -> Conn<S> {
         Conn {
             id,
             addr,
+            reserved: peers_only,
             wire: Wire::new(stream),
             replies: Replies::default(),
-            state: State::Undecided,
+            state: State::Undecided { until, peers_only },
             heard: now,
             line_began: None,
             unread_since: None,
@@ -282,7 +305,7 @@ impl<S: Transport> Conn<S> {
     /// The state's name, for the trace.
     pub fn state_name(&self) -> &'static str {
         match self.state {
-            State::Undecided => "Undecided",
+            State::Undecided { .. } => "Undecided",
             State::Client => "Client",
             State::Challenged { .. } => "Challenged",
             State::Peer { .. } => "Peer",
@@ -303,7 +326,7 @@ impl<S: Transport> Conn<S> {
     fn running(&self) -> bool {
         matches!(
             self.state,
-            State::Undecided | State::Client | State::Challenged { .. }
+            State::Undecided { .. } | State::Client | State::Challenged { .. }
         )
     }
 
@@ -434,7 +457,7 @@ impl<S: Transport> Conn<S> {
                 Some(Line::Complete(line)) => {
                     self.share.lines -= 1;
                     match &self.state {
-                        State::Undecided => match greeting(self.id, now, herd, line) {
+                        State::Undecided { peers_only, .. } => match greeting(self.id, now, herd, line) {
                             Some(Ok(Greeted { next, challenge })) => {
                                 if let Some(challenge) = challenge {
                                     self.wire.out.push(&challenge);
@@ -447,19 +470,37 @@ impl<S: Transport> Conn<S> {
                                 State::Closed(why)
                             }
                             // Blank lines leave the question open; anything else makes a client.
-                            None if line.iter().all(|&b| protocol::is_space(b)) => State::Undecided,
+                            None if line.iter().all(|&b| protocol::is_space(b)) => {
+                                continue;
+                            }
+                            // A place kept for neighbours, taken by a client: the server is full.
+                            None if *peers_only => {
+                                herd.log.bytes(Who::Conn(self.id), '<', line);
+                                herd.log.bytes(Who::Conn(self.id), '>', BUSY);
+                                self.replies.push(&mut self.wire.out, BUSY);
+                                State::Draining(CloseReason::Busy)
+                            }
                             None => {
-                                let answer = herd.command(self.id, owner, line);
+                                let answer = herd.command(self.id, owner, self.addr.ip(), line);
                                 self.replies.answer(&mut self.wire.out, answer)
                             }
                         },
                         State::Client => {
-                            let answer = herd.command(self.id, owner, line);
+                            let answer = herd.command(self.id, owner, self.addr.ip(), line);
                             self.replies.answer(&mut self.wire.out, answer)
                         }
                         State::Challenged {
                             neighbour, nd, na, ..
-                        } => match proof(self.id, now, herd, *neighbour, nd, na, line) {
+                        } => match proof(
+                            self.id,
+                            now,
+                            herd,
+                            *neighbour,
+                            nd,
+                            na,
+                            line,
+                            &mut self.wire.out,
+                        ) {
                             Ok(next) => next,
                             Err(why) => {
                                 herd.log
@@ -576,10 +617,11 @@ impl<S: Transport> Conn<S> {
             _ if past(self.line_began, limits.line_timeout) => {
                 Some(CloseReason::LineTimeout(limits.line_timeout))
             }
-            State::Undecided | State::Client => {
-                (!idle.is_zero() && quiet >= idle && self.replies.is_empty())
-                    .then_some(CloseReason::Idle(idle))
+            State::Undecided { until, .. } => {
+                (*until <= now).then_some(CloseReason::NoFirstLine(limits.first_line_timeout))
             }
+            State::Client => (!idle.is_zero() && quiet >= idle && self.replies.is_empty())
+                .then_some(CloseReason::Idle(idle)),
             State::Draining(_) => None,
         };
         match why {
@@ -633,14 +675,15 @@ fn greeting(
                 challenge: None,
             })
         }
-        (Some(secret), Some(nd)) => {
+        (Some(_), Some(nd)) => {
             let Some(na): Option<Vec<u8>> = peer::nonce() else {
                 return Some(Err(CloseReason::Handshake(
                     "no randomness for a nonce".into(),
                 )));
             };
-            let proof = secret.proof(b"accept", greeting.name, herd.name.as_bytes(), nd, &na);
-            let mut challenge = [&b"CHALLENGE "[..], &na, b" ", &proof].concat();
+            // Only a nonce: nothing that depends on the secret goes to a connection that has
+            // not proved it knows the secret (docs/protocol.md section 5).
+            let mut challenge = [&b"CHALLENGE "[..], &na].concat();
             herd.log.bytes(Who::Conn(id), '>', &challenge);
             challenge.push(b'\n');
             Ok(Greeted {
@@ -662,7 +705,9 @@ fn greeting(
     })
 }
 
-/// The line after our challenge: the neighbour's proof that it knows the secret.
+/// The line after our challenge: the neighbour's proof that it knows the secret. A good one is
+/// answered with ours, written into `out`; neither is logged.
+#[allow(clippy::too_many_arguments)]
 fn proof(
     id: u64,
     now: Instant,
@@ -671,11 +716,11 @@ fn proof(
     nd: &[u8],
     na: &[u8],
     line: &[u8],
+    out: &mut OutBuf,
 ) -> Result<State, CloseReason> {
     let Some(secret) = &herd.secret else {
         return Err(CloseReason::Handshake("no challenge to answer".into()));
     };
-    herd.log.bytes(Who::Conn(id), '<', line);
     let name = herd.links[neighbour].name.clone();
     let valid = peer::parse_proof(line).is_some_and(|proof| {
         secret.verify(
@@ -693,6 +738,8 @@ fn proof(
         )));
     }
     let session = Session::new(secret, nd, na, false);
+    let ours = secret.proof(b"accept", name.as_bytes(), herd.name.as_bytes(), nd, na);
+    out.push(&[&b"PROOF "[..], &ours, b"\n"].concat());
     herd.log.event(
         format_args!("c{id}"),
         format_args!("is peer {name}, authenticated"),
@@ -1115,7 +1162,7 @@ mod tests {
     }
 
     #[test]
-    fn undecided_greeted_with_a_nonce_is_challenged_and_becomes_a_peer_on_a_good_proof() {
+    fn undecided_greeted_with_a_nonce_is_challenged_and_proves_itself_only_after_a_good_proof() {
         let secret = Secret::new(b"0123456789abcdef0123");
         let mut herd = herd(Some("0123456789abcdef0123"));
         let nd = "00112233445566778899aabbccddeeff";
@@ -1124,16 +1171,23 @@ mod tests {
         assert_eq!(c.state_name(), "Challenged");
         let _ = flush(&mut c, &herd);
         let challenge = written(&c);
-        let (na, proof) =
-            peer::parse_challenge(challenge.trim_end().as_bytes()).expect("a challenge");
-        assert!(secret.verify(proof, b"accept", b"Bona", b"Test", nd.as_bytes(), na));
+        // A nonce, and nothing that depends on the secret.
+        let na = peer::parse_challenge(challenge.trim_end().as_bytes()).expect("a challenge");
+        assert_eq!(challenge.len(), "CHALLENGE \n".len() + 32);
         let mine = secret.proof(b"dial", b"Bona", b"Test", nd.as_bytes(), na);
         let proof_line = format!("PROOF {}\n", String::from_utf8_lossy(&mine));
         c.wire.stream.input.push_back(data(&proof_line));
         let _ = serve(&mut c, &mut herd);
         assert_eq!(c.state_name(), "Peer");
-        let (_, session, _) = c.into_peer().expect("a peer");
+        let (_, session, wire) = c.into_peer().expect("a peer");
         assert!(session.is_some());
+        // Its own proof waits in the output, for the inbound link to write first.
+        let mut out = Vec::new();
+        let mut pending = wire.out;
+        pending.write_to(&mut out).expect("a Vec takes everything");
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let theirs = peer::parse_proof(text.trim_end().as_bytes()).expect("a proof");
+        assert!(secret.verify(theirs, b"accept", b"Bona", b"Test", nd.as_bytes(), na));
     }
 
     #[test]

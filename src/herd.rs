@@ -6,6 +6,8 @@
 //! [`crate::inbound`]) call into it: [`Herd::command`] runs one client command,
 //! [`Herd::merge_record`] one record from a neighbour, and both flood what changed the store.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Instant;
 
 use crate::config::Limits;
@@ -15,7 +17,7 @@ use crate::peer::Secret;
 use crate::places::pool::Owner;
 use crate::places::{self, PlacesPool, Query};
 use crate::protocol::{self, Command};
-use crate::store::{Merge, Store};
+use crate::store::{Bounds, Merge, Store};
 
 /// The body of every WHATSAT when no API key is configured: Google's own answer to a missing key
 /// is a `REQUEST_DENIED`, so clients see the same shape.
@@ -45,6 +47,44 @@ pub struct Herd {
     pub turn: u64,
     /// The reply being made, reused so that an IAMAT allocates nothing in the common case.
     reply: Vec<u8>,
+    /// What is left of each client address's WHATSATs this minute, when they are limited.
+    allowance: Allowance,
+}
+
+/// WHATSATs per client address, when `whatsat_per_minute` limits them (each is a call to
+/// Google, billed to the key): a bucket of tokens per address, refilled evenly over a minute.
+#[derive(Default)]
+struct Allowance {
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+/// Addresses remembered at most; past it, those whose bucket is full again are forgotten.
+const ALLOWANCE_ADDRESSES: usize = 65_536;
+
+impl Allowance {
+    /// Takes one WHATSAT from `addr`'s bucket; `false` if it is empty.
+    fn take(&mut self, addr: IpAddr, per_minute: usize, now: Instant) -> bool {
+        if per_minute == 0 {
+            return true;
+        }
+        let full = per_minute as f64;
+        let refill = |(tokens, at): (f64, Instant)| {
+            let since = now.saturating_duration_since(at).as_secs_f64();
+            (tokens + since * full / 60.0).min(full)
+        };
+        if self.buckets.len() >= ALLOWANCE_ADDRESSES {
+            self.buckets.retain(|_, bucket| refill(*bucket) < full);
+        }
+        let bucket = self.buckets.entry(addr).or_insert((full, now));
+        let tokens = refill(*bucket);
+        *bucket = (tokens - 1.0, now);
+        if tokens >= 1.0 {
+            true
+        } else {
+            bucket.0 = tokens;
+            false
+        }
+    }
 }
 
 /// What a client's command answered.
@@ -74,7 +114,7 @@ impl Herd {
         Herd {
             name,
             secret,
-            store: Store::default(),
+            store: Store::new(limits.max_clients),
             links,
             places,
             log,
@@ -83,25 +123,47 @@ impl Herd {
             now_ns: 0,
             turn: 0,
             reply: Vec::with_capacity(256),
+            allowance: Allowance::default(),
         }
     }
 
     /// Runs one client command (a whole line, without its `\n`) of connection `id`: an IAMAT is
     /// stored and flooded if it is news, then answered; a WHATSAT is handed to Places and answered
     /// later; anything else is answered `? LINE`. The line and the reply are logged.
-    pub fn command(&mut self, id: u64, owner: Owner, line: &[u8]) -> Answer<'_> {
+    pub fn command(&mut self, id: u64, owner: Owner, from: IpAddr, line: &[u8]) -> Answer<'_> {
         self.log.bytes(Who::Conn(id), '<', line);
         match protocol::parse_command(line) {
             Command::Blank => Answer::Nothing,
             Command::Iamat(iamat) => {
+                // A client id too long, or a time too far ahead (it would pin the client's
+                // record until then, on every server): invalid.
+                if iamat.client.len() > self.limits.max_client_id_bytes
+                    || iamat.time_ns > self.latest_client_time()
+                {
+                    return self.invalid(id, line);
+                }
                 self.reply.clear();
                 protocol::write_at_line(&mut self.reply, &self.name, self.now_ns, &iamat);
-                if self.store.merge(iamat.client, iamat.time_ns, &self.reply) == Merge::Stored {
-                    // The neighbours get the update before the client gets its reply
-                    // (docs/protocol.md section 5); the loop also writes links before clients.
-                    let record = std::mem::take(&mut self.reply);
-                    self.flood(&record, None);
-                    self.reply = record;
+                match self.store.merge(iamat.client, iamat.time_ns, &self.reply) {
+                    Merge::Stored => {
+                        // The neighbours get the update before the client gets its reply
+                        // (docs/protocol.md section 5); the loop also writes links before
+                        // clients.
+                        let record = std::mem::take(&mut self.reply);
+                        self.flood(&record, None);
+                        self.reply = record;
+                    }
+                    Merge::Full => {
+                        self.log.event(
+                            format_args!("c{id}"),
+                            format_args!(
+                                "refused a new client: the store holds {} clients (max_clients)",
+                                self.store.len()
+                            ),
+                        );
+                        return self.invalid(id, line);
+                    }
+                    _ => {}
                 }
                 self.reply.push(b'\n');
                 self.log.bytes(Who::Conn(id), '>', &self.reply);
@@ -110,6 +172,16 @@ impl Herd {
             Command::Whatsat(w) => match self.store.get(w.client) {
                 Some(record) => {
                     let record = record.to_vec();
+                    let per_minute = self.limits.whatsat_per_minute;
+                    if !self.allowance.take(from, per_minute, self.now) {
+                        let message = format!(
+                            "This server answers at most {per_minute} WHATSATs a minute from one address."
+                        );
+                        let body = places::error_body("OVER_QUERY_LIMIT", &message);
+                        self.reply = whatsat_reply(&record, &body);
+                        self.log.bytes(Who::Conn(id), '>', &self.reply);
+                        return Answer::Now(&self.reply);
+                    }
                     self.whatsat(id, owner, &record, &w)
                 }
                 None => self.invalid(id, line),
@@ -170,14 +242,32 @@ impl Herd {
 
     /// A record that neighbour `from` sent: merged, and flooded on if it changed the store.
     pub fn merge_record(&mut self, record: &[u8], from: usize) {
-        match self.store.merge_record(record) {
-            Some(Merge::Stored) => self.flood(record, Some(from)),
-            Some(Merge::Stale) => {}
-            None => self.log.event(
-                format_args!("peer {}", self.links[from].name),
-                format_args!("ignored a line that is not a valid record"),
-            ),
-        }
+        let bounds = Bounds {
+            max_id_bytes: self.limits.max_client_id_bytes,
+            latest_ns: self.latest_client_time(),
+        };
+        let why = match self.store.merge_record(record, &bounds) {
+            Some(Merge::Stored) => return self.flood(record, Some(from)),
+            Some(Merge::Stale) => return,
+            None => "ignored a line that is not a valid record",
+            Some(Merge::Full) => {
+                "refused a record of a new client: the store is full (max_clients)"
+            }
+            Some(Merge::Ahead) => {
+                "refused a record whose client time lies too far ahead (client_time_ahead_ms)"
+            }
+            Some(Merge::LongId) => "refused a record whose client id is too long",
+        };
+        self.log.event(
+            format_args!("peer {}", self.links[from].name),
+            format_args!("{why}"),
+        );
+    }
+
+    /// The latest client time accepted now, in nanoseconds since the epoch.
+    fn latest_client_time(&self) -> i128 {
+        self.now_ns
+            .saturating_add(self.limits.client_time_ahead.as_nanos() as i128)
     }
 
     /// Hands a record that changed the store to every link but the one it came from.

@@ -190,14 +190,15 @@ impl<S: Transport> Inbound<S> {
                     Some(Line::Complete(line)) => line,
                 };
                 *lines -= 1;
-                let name = &herd.links[from].name;
-                herd.log.bytes(Who::Peer(name), '<', line);
                 let payload = match session {
                     Some(session) => {
                         (session.open(line)).map_err(|e| CloseReason::PeerProtocol(e.to_owned()))?
                     }
                     None => line,
                 };
+                // Logged once its tag is checked: a forged line never appears as the
+                // neighbour's.
+                herd.log.bytes(Who::Peer(&herd.links[from].name), '<', line);
                 on_line(
                     now,
                     herd,

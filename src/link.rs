@@ -5,10 +5,10 @@
 //! deadline it waits for, so changing state cancels the old deadline:
 //!
 //! ```text
-//!          retry_at: connect()          connected: greeting     CHALLENGE verified: PROOF
-//!   Down ---------------------> Connecting -----------> Authenticating -----------------> Up
-//!    ^                              |     (no secret: straight to Up)  |                   |
-//!    '------------------------------+----------------------------------+-------------------'
+//!        retry_at: connect()        connected: greeting      CHALLENGE: PROOF     PROOF checked
+//!   Down -------------------> Connecting ---------> Authenticating ---------> Proving ---------> Up
+//!    ^                            |   (no secret: straight to Up)   |            |               |
+//!    '----------------------------+---------------------------------+------------+---------------'
 //!     refused, deadline passed, bad challenge, EOF, error, silent for 5 s, output over its cap:
 //!     backoff doubles, 50 ms up to 2 s
 //! ```
@@ -76,6 +76,15 @@ enum LinkState<S> {
         nd: Vec<u8>,
         deadline: Instant,
     },
+    /// Our PROOF sent for the neighbour's nonce `na`; waiting for the neighbour's own, until
+    /// the same deadline. Nothing else is sent before it comes: records go only to a neighbour
+    /// that has proved it knows the secret.
+    Proving {
+        wire: Wire<S>,
+        nd: Vec<u8>,
+        na: Vec<u8>,
+        deadline: Instant,
+    },
     /// Connected (and authenticated, with a secret). `sync` is the position of the next record
     /// of the store being copied, up to `sync_end` (the store's size when the copy began;
     /// later records are flooded anyway); `sync_parts` the parts copied, or `None` for all.
@@ -124,9 +133,9 @@ impl<S: Transport> Link<S> {
         match &mut self.state {
             LinkState::Down { .. } => None,
             LinkState::Connecting { stream, .. } => Some(stream),
-            LinkState::Authenticating { wire, .. } | LinkState::Up { wire, .. } => {
-                Some(&mut wire.stream)
-            }
+            LinkState::Authenticating { wire, .. }
+            | LinkState::Proving { wire, .. }
+            | LinkState::Up { wire, .. } => Some(&mut wire.stream),
         }
     }
 
@@ -146,9 +155,9 @@ impl<S: Transport> Link<S> {
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
             LinkState::Down { retry_at } => Some(*retry_at),
-            LinkState::Connecting { deadline, .. } | LinkState::Authenticating { deadline, .. } => {
-                Some(*deadline)
-            }
+            LinkState::Connecting { deadline, .. }
+            | LinkState::Authenticating { deadline, .. }
+            | LinkState::Proving { deadline, .. } => Some(*deadline),
             LinkState::Up {
                 last_heard,
                 last_sent,
@@ -168,6 +177,7 @@ impl<S: Transport> Link<S> {
             LinkState::Down { .. } => "Down",
             LinkState::Connecting { .. } => "Connecting",
             LinkState::Authenticating { .. } => "Authenticating",
+            LinkState::Proving { .. } => "Proving",
             LinkState::Up { .. } => "Up",
         }
     }
@@ -217,6 +227,10 @@ impl<S: Transport> Link<S> {
             }
             LinkState::Authenticating { deadline, .. } if *deadline <= now => format!(
                 "no challenge within {} s: is the herd secret set on both?",
+                peer::HANDSHAKE_TIMEOUT.as_secs()
+            ),
+            LinkState::Proving { deadline, .. } if *deadline <= now => format!(
+                "the neighbour did not prove itself within {} s",
                 peer::HANDSHAKE_TIMEOUT.as_secs()
             ),
             LinkState::Up { last_heard, .. } if *last_heard + peer::DEAD_AFTER <= now => {
@@ -351,7 +365,9 @@ impl<S: Transport> Link<S> {
     /// Reads what the neighbour wrote: its challenge, heartbeats, and requests to resync.
     fn read(&mut self, now: Instant, scratch: &mut [u8], cx: &mut Context) -> Result<(), String> {
         let wire = match &mut self.state {
-            LinkState::Authenticating { wire, .. } | LinkState::Up { wire, .. } => wire,
+            LinkState::Authenticating { wire, .. }
+            | LinkState::Proving { wire, .. }
+            | LinkState::Up { wire, .. } => wire,
             _ => return Ok(()),
         };
         let fill = wire
@@ -370,7 +386,9 @@ impl<S: Transport> Link<S> {
 
     fn next_line(&mut self) -> Option<Vec<u8>> {
         let wire = match &mut self.state {
-            LinkState::Authenticating { wire, .. } | LinkState::Up { wire, .. } => wire,
+            LinkState::Authenticating { wire, .. }
+            | LinkState::Proving { wire, .. }
+            | LinkState::Up { wire, .. } => wire,
             _ => return None,
         };
         let line = match wire.reader.next_line(MAX_LINE_BYTES)? {
@@ -382,25 +400,47 @@ impl<S: Transport> Link<S> {
     }
 
     fn on_line(&mut self, now: Instant, line: &[u8], cx: &mut Context) -> Result<(), String> {
-        cx.log.bytes(Who::Link(&self.name), '<', line);
+        let (me, them) = (cx.server.as_bytes(), self.name.as_bytes());
         match &mut self.state {
             LinkState::Authenticating { nd, .. } => {
+                cx.log.bytes(Who::Link(&self.name), '<', line);
                 let secret = cx.secret.ok_or("no secret")?;
-                let (na, proof) = peer::parse_challenge(line)
+                let na = peer::parse_challenge(line)
                     .ok_or("the neighbour did not answer with a challenge: is the herd secret set on both?")?;
-                let (me, them) = (cx.server.as_bytes(), self.name.as_bytes());
-                if !secret.verify(proof, b"accept", me, them, nd, na) {
+                let mut proof = b"PROOF ".to_vec();
+                proof.extend_from_slice(&secret.proof(b"dial", me, them, nd, na));
+                let na = na.to_vec();
+                let LinkState::Authenticating {
+                    mut wire,
+                    nd,
+                    deadline,
+                } = std::mem::replace(&mut self.state, LinkState::Down { retry_at: now })
+                else {
+                    return Ok(());
+                };
+                // The proof itself is never logged.
+                send(&mut wire, &mut None, &proof);
+                self.state = LinkState::Proving {
+                    wire,
+                    nd,
+                    na,
+                    deadline,
+                };
+                Ok(())
+            }
+            LinkState::Proving { nd, na, .. } => {
+                let secret = cx.secret.ok_or("no secret")?;
+                let proved = peer::parse_proof(line)
+                    .is_some_and(|proof| secret.verify(proof, b"accept", me, them, nd, na));
+                if !proved {
                     return Err("the neighbour's proof is wrong: the herd secrets differ".into());
                 }
-                let mut reply = b"PROOF ".to_vec();
-                reply.extend_from_slice(&secret.proof(b"dial", me, them, nd, na));
                 let session = Session::new(secret, nd, na, true);
-                let LinkState::Authenticating { mut wire, .. } =
+                let LinkState::Proving { wire, .. } =
                     std::mem::replace(&mut self.state, LinkState::Down { retry_at: now })
                 else {
                     return Ok(());
                 };
-                send(&mut wire, &mut None, &reply);
                 self.state = self.come_up(now, wire, Some(session), cx);
                 Ok(())
             }
@@ -413,6 +453,9 @@ impl<S: Transport> Link<S> {
                     Some(session) => session.open(line)?,
                     None => line,
                 };
+                // Logged once its tag is checked: a forged line never appears as the
+                // neighbour's.
+                cx.log.bytes(Who::Link(&self.name), '<', line);
                 *last_heard = now;
                 match peer::parse_line(payload) {
                     Some(PeerLine::Ping) => {}
@@ -504,7 +547,7 @@ impl<S: Transport> Link<S> {
     /// Called at the end of every turn.
     pub fn flush(&mut self, now: Instant, store: &Store, log: &mut Log) {
         let (wire, session, sync, sync_end, sync_parts, last_sent) = match &mut self.state {
-            LinkState::Authenticating { wire, .. } => {
+            LinkState::Authenticating { wire, .. } | LinkState::Proving { wire, .. } => {
                 let result = wire.out.write_to(&mut wire.stream);
                 if let Err(e) = result {
                     self.go_down(now, log, &format!("write failed: {e}"));
@@ -743,7 +786,7 @@ mod tests {
     }
 
     #[test]
-    fn with_a_secret_the_link_proves_itself_after_checking_the_neighbours_challenge() {
+    fn with_a_secret_the_link_proves_itself_first_and_is_up_once_the_neighbour_has() {
         let t0 = Instant::now();
         let mut around = Around::new(Some("0123456789abcdef0123"));
         let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
@@ -761,50 +804,56 @@ mod tests {
             .to_owned();
         let secret = Secret::new(b"0123456789abcdef0123");
         let na = "ffeeddccbbaa99887766554433221100";
-        let proof = secret.proof(
-            b"accept",
-            b"Test",
-            NEIGHBOUR.as_bytes(),
-            nd.as_bytes(),
-            na.as_bytes(),
+        let input = |link: &mut Link<Script>, line: String| {
+            let socket = link.socket().expect("a socket");
+            socket.input.push_back(Step::Data(line.into_bytes()));
+        };
+        input(&mut link, format!("CHALLENGE {na}\n"));
+        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        assert_eq!(link.state_name(), "Proving");
+        link.flush(t0, &around.store, &mut around.log);
+        let (d, a) = (nd.as_bytes(), na.as_bytes());
+        let ours = secret.proof(b"dial", b"Test", NEIGHBOUR.as_bytes(), d, a);
+        let text = written(&mut link);
+        assert!(text.ends_with(&format!("PROOF {}\n", String::from_utf8_lossy(&ours))));
+        let theirs = secret.proof(b"accept", b"Test", NEIGHBOUR.as_bytes(), d, a);
+        input(
+            &mut link,
+            format!("PROOF {}\n", String::from_utf8_lossy(&theirs)),
         );
-        let challenge = format!("CHALLENGE {na} {}\n", String::from_utf8_lossy(&proof));
-        link.socket()
-            .expect("a socket")
-            .input
-            .push_back(Step::Data(challenge.into_bytes()));
         link.on_ready(t0, &mut [0; 1024], &mut around.cx());
         assert_eq!(link.state_name(), "Up");
-        link.flush(t0, &around.store, &mut around.log);
-        let ours = secret.proof(
-            b"dial",
-            b"Test",
-            NEIGHBOUR.as_bytes(),
-            nd.as_bytes(),
-            na.as_bytes(),
-        );
-        let text = written(&mut link);
-        assert!(
-            text.contains(&format!("PROOF {}\n", String::from_utf8_lossy(&ours))),
-            "{text}"
-        );
     }
 
     #[test]
-    fn a_challenge_with_a_wrong_proof_takes_the_link_down() {
+    fn a_neighbour_whose_proof_is_wrong_or_late_gets_no_record() {
         let t0 = Instant::now();
         let mut around = Around::new(Some("0123456789abcdef0123"));
-        let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
-        dials(Script::reading(&[]));
-        let _ = link.on_timeout(t0, &mut around.cx());
-        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
-        let forged = format!("CHALLENGE {} {}\n", "ab".repeat(16), "cd".repeat(32));
-        link.socket()
-            .expect("a socket")
-            .input
-            .push_back(Step::Data(forged.into_bytes()));
-        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
-        assert_eq!(link.state_name(), "Down");
+        around
+            .store
+            .merge(b"k", 5, b"AT Test +0.000000001 k +1+1 5");
+        let na = "ffeeddccbbaa99887766554433221100";
+        for wrong in [Some(format!("PROOF {}\n", "cd".repeat(32))), None] {
+            let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
+            dials(Script::reading(&[Step::Data(
+                format!("CHALLENGE {na}\n").into_bytes(),
+            )]));
+            let _ = link.on_timeout(t0, &mut around.cx());
+            link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+            assert_eq!(link.state_name(), "Proving");
+            match wrong {
+                Some(line) => {
+                    let socket = link.socket().expect("a socket");
+                    socket.input.push_back(Step::Data(line.into_bytes()));
+                    link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+                }
+                None => {
+                    let late = t0 + peer::HANDSHAKE_TIMEOUT;
+                    let _ = link.on_timeout(late, &mut around.cx());
+                }
+            }
+            assert_eq!(link.state_name(), "Down");
+        }
     }
 
     #[test]

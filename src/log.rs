@@ -9,6 +9,7 @@
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::ops::Range;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -35,10 +36,17 @@ impl Log {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create log directory {}: {e}", dir.display()))?;
         }
+        // The log holds what clients sent and the herd's own business: only its owner reads it
+        // (a file made earlier with looser permissions is tightened).
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
+            .and_then(|file| {
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                Ok(file)
+            })
             .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
         let length = file
             .metadata()

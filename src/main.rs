@@ -217,24 +217,37 @@ fn api_key(config: &Config) -> Result<Option<String>, String> {
 }
 
 /// The herd secret from `HERD_SECRET`, else from `secret_file`; `None` if neither is set (then
-/// peers identify by their greeting alone).
+/// peers identify by their greeting alone). A `HERD_SECRET` that is set but empty counts as not
+/// set, here as in `herd up`.
 fn herd_secret(config: &Config) -> Result<Option<Secret>, String> {
-    let text = match std::env::var("HERD_SECRET")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-    {
+    let text = match herd::peer::secret_from_env() {
         Some(text) => text,
         None => match &config.secret_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("secret_file {}: {e}", path.display()))?,
+            Some(path) => read_secret_file(path)?,
             None => return Ok(None),
         },
     };
     let text = text.trim();
-    if text.len() < 16 {
-        return Err("the herd secret must be at least 16 characters".into());
-    }
+    herd::peer::check_secret(text)?;
     Ok(Some(Secret::new(text.as_bytes())))
+}
+
+/// The secret in `path`, which only its owner may read: like ssh with a private key, a secret
+/// others can read is refused rather than used.
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("secret_file {shown}: {e}"))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "secret_file {shown} can be read or written by others (mode {:o}): chmod 600 it",
+            mode & 0o777
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("secret_file {shown}: {e}"))
 }
 
 /// A key goes into a request line and a header: it must be one printable token.

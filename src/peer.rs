@@ -19,12 +19,15 @@
 //! on the whole digest, and a difference there asks for the whole store (`SYNC`).
 //!
 //! With a secret, both sides prove they know it before anything else is accepted, with fresh
-//! nonces so that no earlier exchange can be replayed:
+//! nonces so that no earlier exchange can be replayed. The dialler proves first: the acceptor,
+//! whose port anyone can reach, says nothing that depends on the secret to anyone who has not
+//! proved it knows the secret already, so a stranger gets nothing to guess the secret from.
 //!
 //! ```text
 //! dialler  -> PEER herd/1 NAME ND               ND, NA: 16 random bytes, in hex
-//! acceptor -> CHALLENGE NA HMAC(secret, "accept" NAME-D NAME-A ND NA)
+//! acceptor -> CHALLENGE NA
 //! dialler  -> PROOF HMAC(secret, "dial" NAME-D NAME-A ND NA)
+//! acceptor -> PROOF HMAC(secret, "accept" NAME-D NAME-A ND NA)     only after checking the first
 //! then every line both ways: PAYLOAD SEQ TAG     TAG = HMAC(session key, direction SEQ PAYLOAD)
 //! ```
 //!
@@ -37,6 +40,7 @@ use std::time::Duration;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::bytes::hex;
 use crate::protocol::{fields, GREETING_VERB, PROTOCOL_VERSION};
 use crate::store::{Store, DIGEST_PARTS};
 
@@ -68,14 +72,19 @@ impl Secret {
         Secret(hmac::Key::new(hmac::HMAC_SHA256, bytes))
     }
 
-    fn sign(&self, parts: &[&[u8]]) -> hmac::Tag {
-        let mut ctx = hmac::Context::with_key(&self.0);
+    /// The bytes a proof signs: each part length-prefixed, so that no two different lists of
+    /// parts sign the same bytes.
+    fn message(parts: &[&[u8]]) -> Vec<u8> {
+        let mut message = Vec::with_capacity(128);
         for part in parts {
-            // Length-prefixed, so that no two different lists of parts sign the same bytes.
-            ctx.update(&(part.len() as u32).to_be_bytes());
-            ctx.update(part);
+            message.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            message.extend_from_slice(part);
         }
-        ctx.sign()
+        message
+    }
+
+    fn sign(&self, parts: &[&[u8]]) -> hmac::Tag {
+        hmac::sign(&self.0, &Secret::message(parts))
     }
 
     /// The proof one side sends: `role` is `b"accept"` or `b"dial"`.
@@ -90,7 +99,7 @@ impl Secret {
         hex(self.sign(&[role, dialler, acceptor, nd, na]).as_ref())
     }
 
-    /// Checks a proof in constant time.
+    /// Checks a proof, with ring's own verification (in constant time).
     pub fn verify(
         &self,
         proof: &[u8],
@@ -100,9 +109,53 @@ impl Secret {
         nd: &[u8],
         na: &[u8],
     ) -> bool {
-        let expected = self.proof(role, dialler, acceptor, nd, na);
-        same(&expected, proof)
+        let Some(tag) = unhex(proof) else {
+            return false;
+        };
+        let message = Secret::message(&[role, dialler, acceptor, nd, na]);
+        hmac::verify(&self.0, &message, &tag).is_ok()
     }
+}
+
+/// `HERD_SECRET`, unless it is unset or empty (an empty one counts as not set, everywhere).
+pub fn secret_from_env() -> Option<String> {
+    std::env::var("HERD_SECRET")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+}
+
+/// Checks that a herd secret carries at least 128 bits: written as hex, at least 32 digits;
+/// as base64, at least 22 characters; and not a run of a few characters repeated (fewer than
+/// ten different ones, which a random secret of that length has with a chance under one in a
+/// billion). A passphrase is refused: its bits cannot be told from its length.
+pub fn check_secret(text: &str) -> Result<(), String> {
+    const HOW: &str = "make one with `openssl rand -hex 32`";
+    let hex = text.bytes().all(|b| b.is_ascii_hexdigit());
+    let base64 = text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'='));
+    let bits = match (hex, base64) {
+        (true, _) => text.len() * 4,
+        (false, true) => text.trim_end_matches('=').len() * 6,
+        (false, false) => {
+            return Err(format!(
+                "the herd secret must be written in hex or base64 (128 bits at least): {HOW}"
+            ))
+        }
+    };
+    if bits < 128 {
+        return Err(format!(
+            "the herd secret carries {bits} bits, fewer than 128: {HOW}"
+        ));
+    }
+    let mut seen = [false; 256];
+    text.bytes().for_each(|b| seen[usize::from(b)] = true);
+    if seen.iter().filter(|&&s| s).count() < 10 {
+        return Err(format!(
+            "the herd secret repeats a few characters; it must be random: {HOW}"
+        ));
+    }
+    Ok(())
 }
 
 /// A fresh nonce, in hex. `None` only if the operating system has no randomness to give.
@@ -112,24 +165,34 @@ pub fn nonce() -> Option<Vec<u8>> {
     Some(hex(&bytes))
 }
 
-/// A random herd secret, in hex, for `herd up`.
+/// A random herd secret, in hex, for `herd up`: 256 bits.
 pub fn new_secret() -> Option<String> {
     let mut bytes = [0u8; 32];
     SystemRandom::new().fill(&mut bytes).ok()?;
     String::from_utf8(hex(&bytes)).ok()
 }
 
-fn hex(bytes: &[u8]) -> Vec<u8> {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    bytes
-        .iter()
-        .flat_map(|&b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]])
+/// The bytes written in lower-case hex `text`; `None` if it is not that.
+fn unhex(text: &[u8]) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |d: u8| match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        _ => None,
+    };
+    text.chunks_exact(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
         .collect()
 }
 
-/// Compares in time that depends only on the length, so a forger learns nothing from timing.
+/// Compares two tags in time that depends only on their length, so a forger learns nothing
+/// from timing: ring's comparison (its constant-time `CRYPTO_memcmp`), which ring still
+/// exports for this under a deprecated name.
+#[allow(deprecated)]
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    ring::constant_time::verify_slices_are_equal(a, b).is_ok()
 }
 
 fn is_hex(text: &[u8], len: usize) -> bool {
@@ -175,12 +238,11 @@ pub fn greeting(name: &str, nonce: Option<&[u8]>) -> Vec<u8> {
     line
 }
 
-/// Parses `CHALLENGE NA PROOF`.
-pub fn parse_challenge(line: &[u8]) -> Option<(&[u8], &[u8])> {
-    match fields::<3>(line)? {
-        ([b"CHALLENGE", na, proof], 3) if is_hex(na, 2 * NONCE_BYTES) && is_hex(proof, 64) => {
-            Some((na, proof))
-        }
+/// Parses `CHALLENGE NA`: the acceptor's nonce, and nothing that proves anything yet (the
+/// acceptor proves itself only to a dialler that has proved itself first).
+pub fn parse_challenge(line: &[u8]) -> Option<&[u8]> {
+    match fields::<2>(line)? {
+        ([b"CHALLENGE", na], 2) if is_hex(na, 2 * NONCE_BYTES) => Some(na),
         _ => None,
     }
 }

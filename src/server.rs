@@ -20,7 +20,10 @@
 //! Handlers never free a connection in the middle of a batch of events: they mark it closed,
 //! and phase 4 frees it, so an event later in the same batch cannot find its slot reused.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,6 +34,7 @@ use mio::{Events, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::bytes::escape_into;
 use crate::config::{resolve, Config};
 use crate::conn::{CloseReason, Conn, Flushed, Readiness, Served};
 use crate::herd::{whatsat_reply, Herd};
@@ -48,6 +52,11 @@ use crate::trace::{self, trace_loop};
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Size of the one read buffer shared by every connection.
 const READ_CHUNK: usize = 64 * 1024;
+/// Places kept for each neighbour beyond `max_connections`, so that clients filling the server
+/// never keep a neighbour out: its new link, and one more while the old one is found dead. A
+/// connection in such a place must greet as a neighbour; anything else is told the server is
+/// busy. A neighbour's link, once proved, holds no place at all.
+const RESERVED_PER_NEIGHBOUR: usize = 2;
 
 pub struct Server {
     reactor: Reactor,
@@ -59,6 +68,10 @@ pub struct Server {
     conns: Vec<Option<Conn>>,
     free_slots: Vec<usize>,
     open_conns: usize,
+    /// Connections open in the places kept for neighbours.
+    reserved_conns: usize,
+    /// Connections open from each address.
+    per_address: HashMap<IpAddr, usize>,
     next_conn_id: u64,
     /// The link each neighbour dialled to us, by neighbour.
     inbound: Vec<Inbound>,
@@ -131,6 +144,12 @@ impl Server {
                 format_args!("no Places API key: WHATSAT answers REQUEST_DENIED"),
             );
         }
+        if secret.is_none() && !me.neighbors.is_empty() {
+            let warning = "has neighbours and no herd secret: anyone who can reach its port can \
+                           claim to be a neighbour and send records (set HERD_SECRET or secret_file)";
+            log::warn!("server {name} {warning}");
+            log.event(format_args!("server {name}"), format_args!("{warning}"));
+        }
         log.flush();
         println!(
             "{name} listening on {bound}, logging to {}",
@@ -145,6 +164,8 @@ impl Server {
             conns: Vec::new(),
             free_slots: Vec::new(),
             open_conns: 0,
+            reserved_conns: 0,
+            per_address: HashMap::new(),
             next_conn_id: 1,
             inbound,
             sweep_at: now + SWEEP_INTERVAL,
@@ -374,11 +395,24 @@ impl Server {
             };
             let id = self.next_conn_id;
             self.next_conn_id += 1;
-            if self.open_conns >= self.herd.limits.max_connections {
+            let limits = &self.herd.limits;
+            let from_there = self.per_address.get(&addr.ip()).copied().unwrap_or(0);
+            let full = self.open_conns >= limits.max_connections;
+            let reserve = RESERVED_PER_NEIGHBOUR * self.herd.links.len();
+            let refusal = if limits.max_connections_per_address != 0
+                && from_there >= limits.max_connections_per_address
+            {
+                Some(format!("{from_there} connections open from there"))
+            } else if full && self.reserved_conns >= reserve {
+                Some(format!("{} connections open", self.open_conns))
+            } else {
+                None
+            };
+            if let Some(why) = refusal {
                 refuse(&mut stream, &mut self.scratch);
                 self.herd.log.event(
                     format_args!("c{id}"),
-                    format_args!("refused from {addr}: {} connections open", self.open_conns),
+                    format_args!("refused from {addr}: {why}"),
                 );
                 continue;
             }
@@ -397,8 +431,12 @@ impl Server {
             self.herd
                 .log
                 .event(format_args!("c{id}"), format_args!("accepted from {addr}"));
-            self.conns[slot] = Some(Conn::new(id, stream, addr, self.herd.now));
+            let now = self.herd.now;
+            let until = now + self.herd.limits.first_line_timeout;
+            self.conns[slot] = Some(Conn::new(id, stream, addr, now, until, full));
             self.open_conns += 1;
+            self.reserved_conns += usize::from(full);
+            *self.per_address.entry(addr.ip()).or_default() += 1;
         }
     }
 
@@ -580,6 +618,14 @@ impl Server {
         let conn = self.conns.get_mut(slot)?.take()?;
         self.free_slots.push(slot);
         self.open_conns -= 1;
+        self.reserved_conns -= usize::from(conn.reserved);
+        let ip = conn.addr.ip();
+        if let Some(count) = self.per_address.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_address.remove(&ip);
+            }
+        }
         Some(conn)
     }
 
@@ -671,9 +717,11 @@ fn keep_send_buffers_under(listener: &TcpListener, mark: usize) {
 }
 
 /// Writes every record, sorted, under a first line with their count and digest, so that the
-/// stores of a herd can be compared (`kill -USR1`, then compare the `.store` files). Written
-/// beside and renamed into place, so a reader never sees half a file. It blocks the loop for
-/// as long as the write takes: an operator's (or a test's) request, not a hot path.
+/// stores of a herd can be compared (`kill -USR1`, then compare the `.store` files). Bytes a
+/// client sent are escaped as in the log, so a client id cannot forge a line or a terminal
+/// escape in it; the file is its owner's alone. Written beside and renamed into place, so a
+/// reader never sees half a file. It blocks the loop for as long as the write takes: an
+/// operator's (or a test's) request, not a hot path.
 fn dump_store(store: &Store, path: &Path, log: &mut Log) {
     let mut lines: Vec<&[u8]> = (0..store.len())
         .filter_map(|i| store.at(i).map(|r| &*r.line))
@@ -686,11 +734,18 @@ fn dump_store(store: &Store, path: &Path, log: &mut Log) {
     )
     .into_bytes();
     for line in lines {
-        text.extend_from_slice(line);
+        escape_into(&mut text, line);
         text.push(b'\n');
     }
     let partial = path.with_extension("store.partial");
-    let outcome = std::fs::write(&partial, &text).and_then(|()| std::fs::rename(&partial, path));
+    let outcome = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .and_then(|mut file| file.write_all(&text))
+        .and_then(|()| std::fs::rename(&partial, path));
     let what = match outcome {
         Ok(()) => format!("{} records written to {}", store.len(), path.display()),
         Err(e) => format!("cannot write {}: {e}", path.display()),

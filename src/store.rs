@@ -30,6 +30,29 @@ pub enum Merge {
     Stored,
     /// The store already held this record or a newer one: nothing changed, nothing to flood.
     Stale,
+    /// A new client, and the store already holds as many as it may: refused.
+    Full,
+    /// A record whose client time lies further ahead of this server's clock than it may:
+    /// refused (it would pin its client's record until then, on every server).
+    Ahead,
+    /// A record whose client id is longer than a client id may be: refused.
+    LongId,
+}
+
+/// What a record from a neighbour must keep to: checked here, where it is parsed anyway.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub max_id_bytes: usize,
+    /// The latest client time accepted, in nanoseconds since the epoch.
+    pub latest_ns: i128,
+}
+
+impl Bounds {
+    /// No bound at all.
+    pub const NONE: Bounds = Bounds {
+        max_id_bytes: usize::MAX,
+        latest_ns: i128::MAX,
+    };
 }
 
 /// How many parts the store's digest is also kept in.
@@ -37,6 +60,9 @@ pub const DIGEST_PARTS: usize = 256;
 
 #[derive(Debug)]
 pub struct Store {
+    /// The most clients the store holds: the memory a flood of new client ids can make a
+    /// server hold is bounded by it.
+    max_clients: usize,
     records: Vec<Record>,
     index: HashMap<Box<[u8]>, usize>,
     /// The wrapping sum of [`record_hash`] over every record: the same for the same set of
@@ -51,7 +77,15 @@ pub struct Store {
 
 impl Default for Store {
     fn default() -> Store {
+        Store::new(usize::MAX)
+    }
+}
+
+impl Store {
+    /// An empty store for at most `max_clients` clients.
+    pub fn new(max_clients: usize) -> Store {
         Store {
+            max_clients,
             records: Vec::new(),
             index: HashMap::new(),
             digest: 0,
@@ -113,6 +147,9 @@ impl Store {
         if let Some(&at) = self.index.get(client) {
             return self.replace_if_newer(at, time_ns, line);
         }
+        if self.records.len() >= self.max_clients {
+            return Merge::Full;
+        }
         self.index.insert(client.into(), self.records.len());
         let part = part_of(client);
         self.count(part, record_hash(line));
@@ -155,17 +192,26 @@ impl Store {
     /// most records once per path, so an exact copy of the record held is known as stale before
     /// any checking (it was checked when it was stored), and a record for a client already held
     /// costs one lookup, not two.
-    pub fn merge_record(&mut self, line: &[u8]) -> Option<Merge> {
+    pub fn merge_record(&mut self, line: &[u8], bounds: &Bounds) -> Option<Merge> {
         // For a valid record, the fourth field is the client (`parse_at_record` splits on
         // single spaces too).
         let Some(&at) = self.index.get(fourth_field(line)) else {
             let record = parse_at_record(line)?;
+            if record.client.len() > bounds.max_id_bytes {
+                return Some(Merge::LongId);
+            }
+            if record.time_ns > bounds.latest_ns {
+                return Some(Merge::Ahead);
+            }
             return Some(self.merge(record.client, record.time_ns, line));
         };
         if *self.records[at].line == *line {
             return Some(Merge::Stale);
         }
         let record = parse_at_record(line)?;
+        if record.time_ns > bounds.latest_ns {
+            return Some(Merge::Ahead);
+        }
         Some(self.replace_if_newer(at, record.time_ns, line))
     }
 
@@ -219,8 +265,8 @@ mod tests {
     fn a_record_line_merges_as_its_fields_say() {
         const HELD: &[u8] = b"AT A +0.000000001 k +1+1 5";
         let mut store = Store::default();
-        assert_eq!(store.merge_record(HELD), Some(Merge::Stored));
-        assert_eq!(store.merge_record(HELD), Some(Merge::Stale));
+        assert_eq!(store.merge_record(HELD, &Bounds::NONE), Some(Merge::Stored));
+        assert_eq!(store.merge_record(HELD, &Bounds::NONE), Some(Merge::Stale));
         let cases: [(&[u8], Option<Merge>); 7] = [
             (b"AT A +0.000000001 k +1+1 4", Some(Merge::Stale)), // older
             (b"AT A +0.000000001 k +1+1 6", Some(Merge::Stored)), // newer
@@ -232,7 +278,7 @@ mod tests {
         ];
         for (line, merged) in cases {
             assert_eq!(
-                store.merge_record(line),
+                store.merge_record(line, &Bounds::NONE),
                 merged,
                 "{}",
                 String::from_utf8_lossy(line)
@@ -245,6 +291,34 @@ mod tests {
         same.merge(b"k", 6_000_000_000, b"AT B +0.000000001 k +1+1 6");
         same.merge(b"j", 1_000_000_000, b"AT A +0.000000001 j +1+1 1");
         assert_eq!(store.digest(), same.digest());
+    }
+
+    #[test]
+    fn a_bounded_store_refuses_new_clients_past_its_cap_and_records_out_of_bounds() {
+        let mut store = Store::new(2);
+        assert_eq!(store.merge(b"a", 1, b"AT A +0 a +1+1 1"), Merge::Stored);
+        assert_eq!(store.merge(b"b", 1, b"AT A +0 b +1+1 1"), Merge::Stored);
+        assert_eq!(store.merge(b"c", 1, b"AT A +0 c +1+1 1"), Merge::Full);
+        assert_eq!(store.len(), 2);
+        // A client already held is still updated.
+        assert_eq!(store.merge(b"a", 2, b"AT A +0 a +1+1 2"), Merge::Stored);
+        let bounds = Bounds {
+            max_id_bytes: 3,
+            latest_ns: 10_000_000_000,
+        };
+        let mut open = Store::default();
+        let cases: [(&[u8], Merge); 4] = [
+            (b"AT A +0.000000000 abcd +1+1 1", Merge::LongId),
+            (b"AT A +0.000000000 abc +1+1 10.000000001", Merge::Ahead),
+            (b"AT A +0.000000000 abc +1+1 10", Merge::Stored),
+            // A client held may not be pinned either.
+            (b"AT A +0.000000000 abc +1+1 11", Merge::Ahead),
+        ];
+        for (line, merged) in cases {
+            let shown = String::from_utf8_lossy(line);
+            assert_eq!(open.merge_record(line, &bounds), Some(merged), "{shown}");
+        }
+        assert_eq!(open.len(), 1);
     }
 
     #[test]

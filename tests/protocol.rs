@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::*;
 use herd::peer::{self, PartSet};
-use herd::store::{part_of, Merge, Store};
+use herd::store::{part_of, Bounds, Merge, Store};
 
 /// The body a server without an API key answers a valid WHATSAT with.
 const NO_KEY_BODY: &[u8] = b"{\"html_attributions\" : [], \"results\" : [], \"status\" : \
@@ -925,7 +925,7 @@ fn a_part_that_differs_at_two_digests_in_a_row_is_copied_again_and_nothing_else(
         let reply = exchange(addr, iamat.as_bytes());
         let line = reply.strip_suffix(b"\n").expect("a whole AT line").to_vec();
         assert_eq!(
-            held.merge_record(&line),
+            held.merge_record(&line, &Bounds::NONE),
             Some(Merge::Stored),
             "{}",
             show(&line)
@@ -948,7 +948,7 @@ fn a_part_that_differs_at_two_digests_in_a_row_is_copied_again_and_nothing_else(
     let last = records.last().expect("records");
     let mut lacking = Store::default();
     for record in &records[..records.len() - 1] {
-        lacking.merge_record(record);
+        lacking.merge_record(record, &Bounds::NONE);
     }
     let mut to_bailey = Client::connect(addr);
     to_bailey.send(b"PEER herd/1 Bona\n");

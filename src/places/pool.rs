@@ -95,6 +95,30 @@ pub struct Job {
     retried: bool,
 }
 
+/// What kind of failure a client is told of, in Google's `error_message`; the detail is the
+/// log's alone (it may name addresses, certificates, or what Google sent).
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// No answer within the timeout.
+    Late,
+    /// Too many requests already waiting for a connection.
+    Busy,
+    /// Anything else: no connection, TLS, HTTP, or a body that is not an answer.
+    Failed,
+}
+
+impl Failure {
+    fn told(self) -> &'static str {
+        match self {
+            Failure::Late => "Google Places did not answer in time",
+            Failure::Busy => "too many requests are waiting for Google Places",
+            Failure::Failed => {
+                "Google Places could not be reached, or its answer could not be read"
+            }
+        }
+    }
+}
+
 /// A finished job: the reply body, Google's or an error in Google's vocabulary.
 pub struct Done {
     pub owner: Owner,
@@ -284,7 +308,7 @@ impl<S: Transport> PlacesPool<S> {
         };
         if self.queue.len() >= self.max_queue {
             let why = format!("{} Places requests are already waiting", self.queue.len());
-            self.fail(job, log, &why);
+            self.fail(job, log, Failure::Busy, &why);
         } else {
             self.queue.push_back(job);
         }
@@ -306,7 +330,7 @@ impl<S: Transport> PlacesPool<S> {
     pub fn dispatch(&mut self, now: Instant, log: &mut Log) {
         while let Some(job) = self.queue.pop_front() {
             if job.deadline <= now {
-                self.fail(job, log, &self.timed_out());
+                self.fail(job, log, Failure::Late, &self.timed_out());
                 continue;
             }
             if let Some(i) = self
@@ -320,7 +344,7 @@ impl<S: Transport> PlacesPool<S> {
                     unreachable!("position found an idle slot")
                 };
                 if let Err(e) = conn.tls.writer().write_all(&job.request.bytes) {
-                    self.fail(job, log, &format!("cannot send the request: {e}"));
+                    self.fail(job, log, Failure::Failed, &format!("cannot send the request: {e}"));
                     continue;
                 }
                 self.slots[i] = Slot::Exchanging {
@@ -356,12 +380,15 @@ impl<S: Transport> PlacesPool<S> {
                     );
                     match conn.tls.writer().write_all(&job.request.bytes) {
                         Ok(()) => self.slots[i] = Slot::Connecting { conn, job },
-                        Err(e) => self.fail(job, log, &format!("cannot send the request: {e}")),
+                        Err(e) => {
+                            let why = format!("cannot send the request: {e}");
+                            self.fail(job, log, Failure::Failed, &why)
+                        }
                     }
                 }
                 Err(e) => {
                     self.next_address();
-                    self.fail(job, log, &format!("cannot connect to {addr}: {e}"));
+                    self.fail(job, log, Failure::Failed, &format!("cannot connect to {addr}: {e}"));
                 }
             }
         }
@@ -434,7 +461,7 @@ impl<S: Transport> PlacesPool<S> {
                 };
                 self.address = Address::Unknown;
                 for job in std::mem::take(&mut self.queue) {
-                    self.fail(job, log, &why);
+                    self.fail(job, log, Failure::Failed, &why);
                 }
             }
         }
@@ -467,7 +494,7 @@ impl<S: Transport> PlacesPool<S> {
                         };
                         self.next_address();
                         let why = format!("cannot connect to {}:{}: {e}", self.host, self.port);
-                        self.fail(job, log, &why);
+                        self.fail(job, log, Failure::Failed, &why);
                     }
                     Ok(true) => {
                         let Slot::Connecting { conn, job } =
@@ -560,7 +587,7 @@ impl<S: Transport> PlacesPool<S> {
                             format_args!("places #{}", job.id),
                             format_args!("failed: {why}"),
                         );
-                        places::error_body("UNKNOWN_ERROR", &why)
+                        places::error_body("UNKNOWN_ERROR", Failure::Failed.told())
                     }
                 };
                 if resp.keep_alive {
@@ -582,7 +609,7 @@ impl<S: Transport> PlacesPool<S> {
                     ..job
                 });
             }
-            Err(why) => self.fail(job, log, &why),
+            Err(why) => self.fail(job, log, Failure::Failed, &why),
         }
     }
 
@@ -600,7 +627,7 @@ impl<S: Transport> PlacesPool<S> {
             match std::mem::replace(&mut self.slots[i], Slot::Empty) {
                 Slot::Connecting { job, .. } | Slot::Exchanging { job, .. } => {
                     let why = self.timed_out();
-                    self.fail(job, log, &why);
+                    self.fail(job, log, Failure::Late, &why);
                 }
                 _ => {} // an idle connection past its time: dropping it closes it
             }
@@ -630,7 +657,8 @@ impl<S: Transport> PlacesPool<S> {
             .get_mut(i)
             .map(|slot| std::mem::replace(slot, Slot::Empty))
         {
-            self.fail(job, log, &format!("cannot register the socket: {why}"));
+            let why = format!("cannot register the socket: {why}");
+            self.fail(job, log, Failure::Failed, &why);
         }
     }
 
@@ -641,12 +669,15 @@ impl<S: Transport> PlacesPool<S> {
         )
     }
 
-    fn fail(&mut self, job: Job, log: &mut Log, why: &str) {
+    /// Answers `job` with an `UNKNOWN_ERROR` body. The client is told only what kind of failure
+    /// it was ([`Failure`]); the detail (addresses, TLS errors, what Google sent) goes to the
+    /// log.
+    fn fail(&mut self, job: Job, log: &mut Log, failure: Failure, why: &str) {
         log.event(
             format_args!("places #{}", job.id),
             format_args!("failed: {why}"),
         );
-        let body = places::error_body("UNKNOWN_ERROR", why);
+        let body = places::error_body("UNKNOWN_ERROR", failure.told());
         self.finish(job, body);
     }
 
@@ -966,7 +997,7 @@ mod tests {
         assert_eq!(done.job, job);
         let body = String::from_utf8_lossy(&done.body);
         assert!(body.contains("\"status\" : \"UNKNOWN_ERROR\""), "{body}");
-        assert!(body.contains("did not answer within 2000 ms"), "{body}");
+        assert!(body.contains("Google Places did not answer in time"), "{body}");
         assert_eq!(pool.slot_states().collect::<Vec<_>>(), ["Empty"]);
     }
 
@@ -981,6 +1012,9 @@ mod tests {
         }
         let done = pool.done.pop().expect("failed at once");
         assert_eq!(done.job, job);
-        assert!(String::from_utf8_lossy(&done.body).contains("cannot register the socket"));
+        // The client is told the kind of failure, never the detail.
+        let body = String::from_utf8_lossy(&done.body);
+        assert!(body.contains("could not be reached"), "{body}");
+        assert!(!body.contains("descriptors"), "{body}");
     }
 }

@@ -30,7 +30,7 @@ pub fn run(config_path: &Path, config: &Config, trace: bool) -> Result<i32, Stri
         .map_err(|e| format!("cannot catch signals: {e}"))?;
     // The servers of a local herd authenticate each other with a secret made for this run,
     // unless one is configured.
-    let configured = std::env::var_os("HERD_SECRET").is_some() || config.secret_file.is_some();
+    let configured = crate::peer::secret_from_env().is_some() || config.secret_file.is_some();
     let secret = match configured {
         true => None,
         false => Some(crate::peer::new_secret().ok_or("no randomness for the herd secret")?),
