@@ -1,19 +1,21 @@
-//! What every scenario shares ([`Bench`]): the plan, the CPUs, the alternation of the
-//! implementations round after round, the measurements per implementation ([`Runs`]), and what
-//! the bench noticed on the way (the run log, the problems, the prototype's event loop, the
-//! runs that other work disturbed).
+//! What every scenario shares ([`Bench`]): the plan, the stacks, the CPUs, the alternation of
+//! the stacks round after round, the measurements per stack ([`Runs`]), and what the bench
+//! noticed on the way (the run log, the problems, the prototype's event loop, the runs that
+//! other work disturbed).
 
 use std::cell::{Cell, RefCell};
 
 use crate::affinity::Cpus;
 use crate::process::Server;
 use crate::procfs::OTHER_WORK_PERCENT;
-use crate::stacks::Impl;
+use crate::stacks::{Figures, PerStack, Stack, Stacks};
 use crate::Plan;
 
 /// What every scenario shares.
 pub struct Bench {
     pub plan: Plan,
+    /// What the run compares, in the order it runs them.
+    pub stacks: Stacks,
     pub cpus: Cpus,
     /// This process's open-file limit, raised as far as allowed.
     pub fd_limit: u64,
@@ -29,48 +31,41 @@ pub struct Bench {
     pub measured_loads: Cell<usize>,
 }
 
-/// One scenario's measurements, per implementation, in round order.
+/// One scenario's measurements, per stack, in round order.
 pub struct Runs<T> {
-    pub herd: Vec<T>,
-    pub prototype: Vec<T>,
-}
-
-/// A figure of both implementations; `None` where it was not measured.
-#[derive(Clone, Copy, Default)]
-pub struct Pair {
-    pub herd: Option<f64>,
-    pub prototype: Option<f64>,
+    /// The stacks measured, in the order they ran.
+    stacks: Vec<Stack>,
+    runs: PerStack<Vec<T>>,
 }
 
 impl<T> Runs<T> {
-    pub fn new() -> Runs<T> {
+    pub fn new(stacks: &[Stack]) -> Runs<T> {
         Runs {
-            herd: Vec::new(),
-            prototype: Vec::new(),
+            stacks: stacks.to_vec(),
+            runs: PerStack::default(),
         }
     }
 
-    pub fn push(&mut self, imp: Impl, run: T) {
-        match imp {
-            Impl::Herd => self.herd.push(run),
-            Impl::Prototype => self.prototype.push(run),
-        }
+    pub fn push(&mut self, stack: Stack, run: T) {
+        self.runs[stack].push(run);
     }
 
-    pub fn of(&self, imp: Impl) -> &[T] {
-        match imp {
-            Impl::Herd => &self.herd,
-            Impl::Prototype => &self.prototype,
-        }
+    pub fn of(&self, stack: Stack) -> &[T] {
+        &self.runs[stack]
+    }
+
+    /// The stacks measured, in the order they ran.
+    pub fn stacks(&self) -> &[Stack] {
+        &self.stacks
     }
 
     /// `choose` (the best, or the worst, of the rounds) over `value` of each run.
-    pub fn figure(&self, choose: fn(&[f64]) -> Option<f64>, value: impl Fn(&T) -> f64) -> Pair {
-        let pick = |runs: &[T]| choose(&runs.iter().map(&value).collect::<Vec<_>>());
-        Pair {
-            herd: pick(&self.herd),
-            prototype: pick(&self.prototype),
+    pub fn figure(&self, choose: fn(&[f64]) -> Option<f64>, value: impl Fn(&T) -> f64) -> Figures {
+        let mut figures = Figures::default();
+        for &stack in &self.stacks {
+            figures[stack] = choose(&self.of(stack).iter().map(&value).collect::<Vec<_>>());
         }
+        figures
     }
 }
 
@@ -93,17 +88,18 @@ impl Bench {
         self.runs.borrow_mut().push(line);
     }
 
-    /// Runs `run` for each implementation in turn, `plan.rounds` times: herd, prototype, herd,
-    /// prototype. The rounds are numbered from 1.
+    /// Runs `run` for each stack in turn, `plan.rounds` times: herd, prototype, (baseline,)
+    /// herd, prototype, ... The rounds are numbered from 1.
     pub fn alternate<T>(
         &self,
-        mut run: impl FnMut(Impl, usize) -> Result<T, String>,
+        mut run: impl FnMut(Stack, usize) -> Result<T, String>,
     ) -> Result<Runs<T>, String> {
-        let mut runs = Runs::new();
+        let mut runs = Runs::new(self.stacks.list());
         for round in 1..=self.plan.rounds {
-            for imp in Impl::BOTH {
-                let result = run(imp, round).map_err(|e| format!("{imp}, round {round}: {e}"))?;
-                runs.push(imp, result);
+            for &stack in self.stacks.list() {
+                let result =
+                    run(stack, round).map_err(|e| format!("{stack}, round {round}: {e}"))?;
+                runs.push(stack, result);
             }
         }
         Ok(runs)

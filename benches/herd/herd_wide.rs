@@ -4,13 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::bench::{highest, lowest, Bench, Pair};
+use crate::bench::{highest, lowest, Bench};
 use crate::config::{Logs, HERD_2023};
 use crate::load::LoadSpec;
 use crate::probe::converge;
 use crate::process::Cluster;
 use crate::procfs::cpu_split;
-use crate::stacks::Impl;
+use crate::stacks::{Figures, Stack};
 use crate::table::{fmt_count, fmt_micros, fmt_rate, Better, Goal, Row, Unit};
 
 /// How long every server may take to show every marker after a herd-wide load.
@@ -41,7 +41,7 @@ impl HerdWide {
     }
 }
 
-/// One round of the herd-wide scenario, for one implementation.
+/// One round of the herd-wide scenario, for one stack.
 struct HerdWideRound {
     /// The run as the herd is meant to run: every line logged to disk.
     logged: HerdWide,
@@ -60,18 +60,17 @@ struct HerdWideRound {
 /// what the kernel's TCP work costs without it, and what that leaves of the time per update
 /// that 30 times the prototype allows.
 pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
-    let runs = bench.alternate(|imp, round| {
+    let runs = bench.alternate(|stack, round| {
         // A failure here costs the comparison, not the scenario's other rows.
-        let discarded = match imp {
-            Impl::Herd => {
-                let label = format!("logs to /dev/null, round {round}");
-                herd_wide_run(bench, imp, &label, Logs::Discarded)
-                    .map_err(|e| bench.problem(format!("herd-wide, {label}: {e}")))
-                    .ok()
-            }
-            Impl::Prototype => None,
+        let discarded = if stack == Stack::Herd {
+            let label = format!("logs to /dev/null, round {round}");
+            herd_wide_run(bench, stack, &label, Logs::Discarded)
+                .map_err(|e| bench.problem(format!("herd-wide, {label}: {e}")))
+                .ok()
+        } else {
+            None
         };
-        let logged = herd_wide_run(bench, imp, &format!("round {round}"), Logs::Files)?;
+        let logged = herd_wide_run(bench, stack, &format!("round {round}"), Logs::Files)?;
         Ok(HerdWideRound { logged, discarded })
     })?;
     let mut absorbed = Row::new(
@@ -86,15 +85,15 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
         "acknowledged IAMATs ÷ (load seconds + time until every server held a marker sent \
          after the load); 5 load generators share one core",
     );
-    for imp in Impl::BOTH {
-        if runs.of(imp).iter().any(|r| r.logged.client_bound) {
+    for &stack in runs.stacks() {
+        if runs.of(stack).iter().any(|r| r.logged.client_bound) {
             absorbed = absorbed.note(format!(
-                "{imp}: some of the 5 load generators were client-bound"
+                "{stack}: some of the 5 load generators were client-bound"
             ));
         }
     }
-    let prototype = absorbed.values.prototype;
-    let herd_rounds = runs.of(Impl::Herd);
+    let prototype = absorbed.values[Stack::Prototype];
+    let herd_rounds = runs.of(Stack::Herd);
     let cpu: Vec<[[f64; 2]; 2]> = herd_rounds
         .iter()
         .filter_map(|r| {
@@ -117,10 +116,7 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
         "Herd-wide IAMAT, logs linked to /dev/null (the herd only)",
         Unit::PerSecond,
         Better::Higher,
-        Pair {
-            herd: discarded,
-            prototype: None,
-        },
+        Figures::only(Stack::Herd, discarded),
     )
     .note(
         "the same run in the herd's turn of each round, before the herd's own, with every \
@@ -217,9 +213,9 @@ fn herd_wide_budget(rounds: &[[[f64; 2]; 2]], wanted: f64) -> Option<String> {
     ))
 }
 
-/// One herd-wide run (see [`run`]) of `imp`, its servers logging where `logs` says.
-fn herd_wide_run(bench: &Bench, imp: Impl, label: &str, logs: Logs) -> Result<HerdWide, String> {
-    let herd = Cluster::start_with_logs(bench, imp, HERD_2023, None, logs)?;
+/// One herd-wide run (see [`run`]) of `stack`, its servers logging where `logs` says.
+fn herd_wide_run(bench: &Bench, stack: Stack, label: &str, logs: Logs) -> Result<HerdWide, String> {
+    let herd = Cluster::start_with_logs(bench, stack, HERD_2023, None, logs)?;
     herd.await_links()?;
     let servers_cpu = || {
         herd.servers
@@ -250,7 +246,7 @@ fn herd_wide_run(bench: &Bench, imp: Impl, label: &str, logs: Logs) -> Result<He
     for ((load, spec), server) in loads.into_iter().zip(&specs).zip(&herd.servers) {
         let report = bench.finish_load(load, spec)?;
         bench.record_load(
-            &format!("herd-wide at {}, {imp}, {label}", server.name),
+            &format!("herd-wide at {}, {stack}, {label}", server.name),
             &report,
         );
         reports.push(report);
@@ -274,7 +270,7 @@ fn herd_wide_run(bench: &Bench, imp: Impl, label: &str, logs: Logs) -> Result<He
             format!("; server CPU per update {user:.2} µs user + {system:.2} µs system")
         });
     bench.record(format!(
-        "herd-wide, {imp}, {label}: {} IAMAT acknowledged in {:.2} s, every server held every \
+        "herd-wide, {stack}, {label}: {} IAMAT acknowledged in {:.2} s, every server held every \
          marker {} later: {}{cpu}",
         fmt_count(run.acknowledged as f64),
         run.load_seconds,

@@ -11,7 +11,6 @@ use crate::affinity::pin;
 use crate::bench::{highest, lowest, Bench, Runs};
 use crate::process::{Proc, Server};
 use crate::procfs::{CpuMeter, CpuShare, OTHER_WORK_PERCENT};
-use crate::stacks::Impl;
 use crate::table::{fmt_count, fmt_micros, fmt_rate, Better, Goal, Row, Unit};
 
 /// What a load generator may take beyond its warm-up and measured window: connecting, priming
@@ -274,9 +273,9 @@ pub fn load_rows<T>(
     if let Some(label) = chart {
         throughput = throughput.chart(label);
     }
-    for imp in Impl::BOTH {
+    for &stack in runs.stacks() {
         let bound: Vec<f64> = runs
-            .of(imp)
+            .of(stack)
             .iter()
             .map(&report)
             .filter(|r| r.client_bound)
@@ -284,22 +283,22 @@ pub fn load_rows<T>(
             .collect();
         if let Some(cpu) = highest(&bound) {
             throughput = throughput.note(format!(
-                "{imp}: the load generator was client-bound ({cpu:.0}% of its core) in {} of \
+                "{stack}: the load generator was client-bound ({cpu:.0}% of its core) in {} of \
                  {} runs: the figure is at least partly the client's limit",
                 bound.len(),
-                runs.of(imp).len()
+                runs.of(stack).len()
             ));
         }
     }
-    for imp in Impl::BOTH {
+    for &stack in runs.stacks() {
         let server_cpu: Vec<f64> = runs
-            .of(imp)
+            .of(stack)
             .iter()
             .filter_map(|r| Some(report(r).server_cpu?.process))
             .collect();
         if let Some(cpu) = highest(&server_cpu).filter(|cpu| *cpu < 80.0) {
             throughput = throughput.note(format!(
-                "{imp}: the server used at most {cpu:.0}% of its core over a run: something \
+                "{stack}: the server used at most {cpu:.0}% of its core over a run: something \
                  else set the pace"
             ));
         }

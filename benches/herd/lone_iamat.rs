@@ -7,13 +7,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::affinity::pin;
-use crate::bench::{highest, Bench, Pair};
+use crate::bench::{highest, Bench};
 use crate::ceiling;
 use crate::config::LONE;
 use crate::load::{load_rows, LoadReport, LoadSpec, LOAD_SLACK};
 use crate::process::{parse_ready_line, Cluster, Proc, Server, SERVER_READY_TIMEOUT};
 use crate::procfs::time_wait_sockets;
-use crate::stacks::Impl;
+use crate::stacks::{Figures, Stack};
 use crate::table::{fmt_count, fmt_rate, Better, Goal, Row, Unit};
 use crate::CEILING_FLAG;
 
@@ -22,27 +22,28 @@ use crate::CEILING_FLAG;
 /// connection, 50 under way at once, as the course's test clients talk.
 pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
     let plan = &bench.plan;
-    let runs = bench.alternate(|imp, round| {
+    let runs = bench.alternate(|stack, round| {
         // The ceiling runs in the herd's turn, just before it, on the same footing.
-        let ceiling = match imp {
-            Impl::Herd => Some(ceiling_loads(bench, round)?),
-            Impl::Prototype => None,
+        let ceiling = if stack == Stack::Herd {
+            Some(ceiling_loads(bench, round)?)
+        } else {
+            None
         };
-        let lone = Cluster::start(bench, imp, LONE, None)?;
+        let lone = Cluster::start(bench, stack, LONE, None)?;
         let server = &lone.servers[0];
         let base = LoadSpec::iamat(server.addr, plan.load, plan.warmup);
-        let one = bench.load(&format!("lone 50×1, {imp} round {round}"), &base, server)?;
+        let one = bench.load(&format!("lone 50×1, {stack} round {round}"), &base, server)?;
         let sixteen = LoadSpec {
             in_flight: 16,
             ..base.clone()
         };
         let sixteen = bench.load(
-            &format!("lone 50×16, {imp} round {round}"),
+            &format!("lone 50×16, {stack} round {round}"),
             &sixteen,
             server,
         )?;
-        let one_shot = load_one_shot(bench, &imp.to_string(), round, base, server)?;
-        if imp == Impl::Prototype {
+        let one_shot = load_one_shot(bench, &stack.to_string(), round, base, server)?;
+        if stack == Stack::Prototype {
             bench.note_event_loop(server);
         }
         Ok(([one, sixteen, one_shot], ceiling))
@@ -56,7 +57,7 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
     );
     let throughput = |i: usize| runs.figure(highest, |r| r.0[i].per_second);
     let ceiling_of = |i: usize| {
-        let ceiling = runs.of(Impl::Herd).iter().filter_map(|r| r.1.as_ref());
+        let ceiling = runs.of(Stack::Herd).iter().filter_map(|r| r.1.as_ref());
         highest(&ceiling.map(|c| c[i].per_second).collect::<Vec<_>>())
     };
     rows.push(ceiling_row(
@@ -154,20 +155,20 @@ fn start_ceiling(bench: &Bench) -> Result<Server, String> {
 }
 
 /// A row of the ceiling's throughput under a load, in the herd's column, against the
-/// prototype's. The note says whether the target ratio `times` is within the best that this
-/// load reached against any server, the herd and the bare one.
-fn ceiling_row(what: &str, ceiling: Option<f64>, measured: Pair, times: f64) -> Row {
+/// prototype's (the other stacks' columns stay empty). The note says whether the target ratio
+/// `times` is within the best that this load reached against any server, the herd and the bare
+/// one.
+fn ceiling_row(what: &str, ceiling: Option<f64>, measured: Figures, times: f64) -> Row {
+    let mut values = Figures::only(Stack::Herd, ceiling);
+    values[Stack::Prototype] = measured[Stack::Prototype];
     let mut row = Row::new(
         format!("Ceiling of this machine, {what} (a bare server, in the herd's column)"),
         Unit::PerSecond,
         Better::Higher,
-        Pair {
-            herd: ceiling,
-            prototype: measured.prototype,
-        },
+        values,
     );
     if let (Some(ceiling), Some(herd), Some(prototype)) =
-        (ceiling, measured.herd, measured.prototype)
+        (ceiling, measured[Stack::Herd], measured[Stack::Prototype])
     {
         let wanted = prototype * times;
         let reached = ceiling.max(herd);

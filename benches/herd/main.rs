@@ -5,13 +5,15 @@
 //! the load generator, and for WHATSAT a fake Google Places over real HTTPS
 //! (`tests/common/fake_places.rs`) running in this process. The bench prints one table, figure |
 //! herd | prototype | ratio | target, and writes `target/bench/results.md` and
-//! `target/bench/herd-vs-prototype.svg`.
+//! `target/bench/herd-vs-prototype.svg`. Given `--baseline PATH`, another build of the herd runs
+//! beside them as a third stack, with a column of its own and one for the herd's ratio to it.
 //!
 //! ```text
 //! cargo bench --bench herd                # every scenario, a few minutes on two cores
 //! cargo bench --bench herd -- --save      # also copy both files into benches/results/
 //! cargo bench --bench herd -- --smoke     # a tiny round of every scenario, for CI
 //! cargo bench --bench herd -- memory      # only the scenarios whose name holds a word
+//! cargo bench --bench herd -- --baseline /path/to/old/herd lone   # this build against another
 //! cargo bench --bench herd -- --help      # the options, and nothing run
 //! ```
 //!
@@ -30,8 +32,8 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`stacks`] | the implementations compared, and how each starts a server |
-//! | [`bench`] | what every scenario is handed: the plan, the CPUs, the alternation of the implementations, the run log and the problems |
+//! | [`stacks`] | the stacks compared (the herd, the prototype, an earlier build of the herd), and how each starts a server |
+//! | [`bench`] | what every scenario is handed: the plan, the stacks, the CPUs, the alternation of the stacks, the run log and the problems |
 //! | [`config`] | temporary directories, the herds' shapes, configuration files, free ports, sample answers |
 //! | [`process`] | child processes that die with the bench, servers, and clusters of servers |
 //! | [`load`] | runs of `herd load`, its reports, and the rows a load figure makes |
@@ -46,15 +48,16 @@
 //!
 //! - Servers run on CPU 0; load generators, the probes of this process and the fake Places run
 //!   on CPU 1 (when the machine has two CPUs), so client work never steals the server's core.
-//! - Each scenario runs the herd and the prototype in alternation (herd, prototype, herd,
-//!   prototype), every run on freshly started servers, and each figure is the better of the
-//!   rounds: a slow drift of the machine (a noisy neighbour, a cold cache) hits both sides.
+//! - Each scenario runs the stacks in alternation (herd, prototype, herd, prototype; with a
+//!   baseline, herd, prototype, baseline, ...), every run on freshly started servers, and each
+//!   figure is the better of the rounds: a slow drift of the machine (a noisy neighbour, a cold
+//!   cache) hits every side.
 //!   Memory is measured once (it does not drift) and start-up is the median of five tries.
 //! - Logging is on, as in production: every server writes every line to its log file, in a
 //!   temporary directory removed after the run.
 //! - Only [`whatsat`] talks to Places. The other scenarios run the servers without an API key,
 //!   so a WHATSAT used as a probe is answered at once (the stored AT line, then Google's
-//!   `REQUEST_DENIED` body) by both implementations.
+//!   `REQUEST_DENIED` body) by every stack.
 //!
 //! This is a benchmark, not a test: it asserts nothing about speed. It exits non-zero only when
 //! something did not run (a server did not start, a load reported errors, a record never
@@ -82,6 +85,7 @@ mod table;
 mod whatsat;
 
 use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -89,7 +93,8 @@ use affinity::{set_affinity, Cpus};
 use bench::Bench;
 use config::{manifest_dir, target_dir};
 use process::raise_fd_limit;
-use report::{chart_svg, fmt_minutes, results_markdown, write_results, Machine};
+use report::{baseline_note, chart_svg, fmt_minutes, results_markdown, write_results, Machine};
+use stacks::Stacks;
 use table::{Row, Table};
 
 // `fake_places.rs` is shared with the tests, whose harness calls its temporary directory
@@ -99,7 +104,7 @@ use config::TempDir as TestDir;
 /// How big a run is: the full bench, or the smoke round CI runs.
 struct Plan {
     smoke: bool,
-    /// Runs per implementation, alternated (herd, prototype, herd, prototype, ...).
+    /// Runs per stack, alternated (herd, prototype, herd, prototype, ...).
     rounds: usize,
     /// The measured window of a throughput load, and the warm-up before it.
     load: Duration,
@@ -180,6 +185,8 @@ struct Options {
     save: bool,
     /// Words: only scenarios whose name contains one of them run.
     filters: Vec<String>,
+    /// Another build of `herd` to run beside this one, as the baseline stack.
+    baseline: Option<PathBuf>,
 }
 
 /// What `cargo bench --bench herd -- --help` prints.
@@ -187,7 +194,7 @@ fn usage() -> String {
     let names: Vec<&str> = SCENARIOS.iter().map(|(name, _)| *name).collect();
     format!(
         "The herd against its Python asyncio prototype: both run every scenario in alternation,
-and one table compares them.
+and one table compares them, a column each.
 
 usage: cargo bench --bench herd [-- [OPTION | WORD]...]
 
@@ -196,16 +203,21 @@ usage: cargo bench --bench herd [-- [OPTION | WORD]...]
   --smoke     a tiny round of every scenario, in seconds: both herds build, start and answer
               (what CI runs); its figures mean nothing, and go to bench/smoke/
   --save      after a full run, also copy both files into benches/results/ (ignored with
-              --smoke or a WORD)
+              --smoke, a WORD or --baseline)
   WORD        only the scenarios whose name contains WORD, in any case; the partial table goes
               to bench/partial/
+  --baseline PATH
+              also run PATH, another build of herd (`PATH serve`), in the same alternation: a
+              baseline column, and a `vs baseline` column of how many times better this build
+              is on each row (below 1: the change made that path slower)
   -h, --help  print this and run nothing
 
 Scenarios, in the order they run:
   {}
 
 Exit status: 0 when everything ran; 1 when something did not (a server did not start, a load
-reported errors, a record never arrived in time); 2 for an unknown option.",
+reported errors, a record never arrived in time); 2 for an unknown option or a baseline that
+is not a file.",
         names.join("\n  ")
     )
 }
@@ -217,11 +229,21 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         return Ok(None);
     }
     let mut options = Options::default();
-    for arg in args {
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
         match arg.as_str() {
             "--smoke" => options.smoke = true,
             "--save" => options.save = true,
             "--bench" => {}
+            "--baseline" => {
+                let path = args
+                    .next()
+                    .ok_or("--baseline needs the path of a herd binary")?;
+                options.baseline = Some(baseline_binary(path)?);
+            }
+            with_path if with_path.starts_with("--baseline=") => {
+                options.baseline = Some(baseline_binary(&with_path["--baseline=".len()..])?);
+            }
             word if !word.starts_with('-') => options.filters.push(word.to_owned()),
             other => {
                 return Err(format!(
@@ -231,6 +253,16 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         }
     }
     Ok(Some(options))
+}
+
+/// The absolute path of the baseline's binary: its servers run in their own directories.
+fn baseline_binary(path: &str) -> Result<PathBuf, String> {
+    let absolute = std::fs::canonicalize(path).map_err(|e| format!("--baseline {path}: {e}"))?;
+    if absolute.is_file() {
+        Ok(absolute)
+    } else {
+        Err(format!("--baseline {path}: not a file"))
+    }
 }
 
 fn main() -> ExitCode {
@@ -245,6 +277,7 @@ fn main() -> ExitCode {
         smoke,
         save,
         filters,
+        baseline,
     } = match parse_args(&args) {
         Ok(Some(options)) => options,
         Ok(None) => {
@@ -258,6 +291,7 @@ fn main() -> ExitCode {
     };
     let bench = Bench {
         plan: if smoke { Plan::smoke() } else { Plan::full() },
+        stacks: Stacks::new(baseline),
         cpus: Cpus::detect(),
         // Raised first, so that every server started inherits the raised limit too.
         fd_limit: raise_fd_limit(),
@@ -289,7 +323,7 @@ fn main() -> ExitCode {
                 .any(|f| name.to_lowercase().contains(&f.to_lowercase()))
     };
     let started = Instant::now();
-    let mut table = Table::default();
+    let mut table = Table::new(bench.stacks.list());
     for (name, scenario) in SCENARIOS.into_iter().filter(|(name, _)| chosen(name)) {
         eprintln!("== {name}");
         let t = Instant::now();
@@ -310,6 +344,9 @@ fn main() -> ExitCode {
         bench.plan.rounds,
         fmt_minutes(took)
     );
+    if let Some(baseline) = baseline_note(&bench) {
+        println!("{baseline}.");
+    }
     if let Some(disturbed) = bench.disturbance() {
         println!("{disturbed}");
     }
@@ -331,8 +368,11 @@ fn main() -> ExitCode {
     if let Err(e) = write_results(&out, &markdown, &svg) {
         bench.problem(e);
     }
-    if save && (smoke || !filters.is_empty()) {
-        eprintln!("--save is ignored for a smoke round or a filtered run: not a full result");
+    if save && (smoke || !filters.is_empty() || bench.stacks.baseline().is_some()) {
+        eprintln!(
+            "--save is ignored for a smoke round, a filtered run or a run with a baseline: not a \
+             full result"
+        );
     } else if save {
         if let Err(e) = write_results(&manifest_dir().join("benches/results"), &markdown, &svg) {
             bench.problem(e);

@@ -11,7 +11,7 @@ use crate::load::{LoadReport, LoadSpec};
 use crate::probe::Client;
 use crate::process::Cluster;
 use crate::procfs::{open_fds, rss_bytes};
-use crate::stacks::Impl;
+use crate::stacks::Stack;
 use crate::table::{fmt_count, Better, Goal, Row, Unit};
 
 /// Resident sizes of one lone server.
@@ -41,8 +41,8 @@ impl Memory {
 
 /// Resident size of a lone server at start and with `n` idle client connections open (opened
 /// from this process, which raised its own open-file limit).
-fn rss_with_idle_connections(bench: &Bench, imp: Impl, n: usize) -> Result<(f64, f64), String> {
-    let lone = Cluster::start(bench, imp, LONE, None)?;
+fn rss_with_idle_connections(bench: &Bench, stack: Stack, n: usize) -> Result<(f64, f64), String> {
+    let lone = Cluster::start(bench, stack, LONE, None)?;
     let server = &lone.servers[0];
     let pid = server.proc.pid();
     let start = rss_bytes(pid)?;
@@ -63,7 +63,7 @@ fn rss_with_idle_connections(bench: &Bench, imp: Impl, n: usize) -> Result<(f64,
     while open_fds(pid)? < fds_at_start + n {
         if Instant::now() >= accepted {
             return Err(format!(
-                "{imp} accepted {} of {n} connections in 30 s",
+                "{stack} accepted {} of {n} connections in 30 s",
                 open_fds(pid)?.saturating_sub(fds_at_start)
             ));
         }
@@ -92,11 +92,11 @@ fn average_digits(n: u64) -> f64 {
 /// each (or as many as it stored within the plan's budget), and the average stored AT line.
 fn rss_with_stored_clients(
     bench: &Bench,
-    imp: Impl,
+    stack: Stack,
     n: u64,
 ) -> Result<(f64, f64, LoadReport, f64), String> {
     const PREFIX: &str = "mem-";
-    let lone = Cluster::start(bench, imp, LONE, None)?;
+    let lone = Cluster::start(bench, stack, LONE, None)?;
     let server = &lone.servers[0];
     let pid = server.proc.pid();
     let start = rss_bytes(pid)?;
@@ -108,7 +108,7 @@ fn rss_with_stored_clients(
         id_prefix: Some(PREFIX.to_string()),
         ..LoadSpec::iamat(server.addr, bench.plan.stored_budget, Duration::ZERO)
     };
-    let label = format!("{} stored clients, {imp}", fmt_count(n as f64));
+    let label = format!("{} stored clients, {stack}", fmt_count(n as f64));
     let report = bench.load(&label, &spec, server)?;
     let end = rss_bytes(pid)?;
     // The stored line of one generated client, as the server holds it; the others differ
@@ -129,7 +129,7 @@ fn rss_with_stored_clients(
 }
 
 /// Resident memory of one lone server: at start, with many idle client connections, and with
-/// many stored clients. Measured once per implementation: sizes do not drift like timings.
+/// many stored clients. Measured once per stack: sizes do not drift like timings.
 pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
     let plan = &bench.plan;
     let fd_limit = bench.fd_limit;
@@ -143,13 +143,13 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
             plan.idle_connections
         ));
     }
-    let mut runs = Runs::new();
-    for imp in Impl::BOTH {
+    let mut runs = Runs::new(bench.stacks.list());
+    for &stack in bench.stacks.list() {
         let (start, with_idle) =
-            rss_with_idle_connections(bench, imp, n).map_err(|e| format!("{imp}: {e}"))?;
+            rss_with_idle_connections(bench, stack, n).map_err(|e| format!("{stack}: {e}"))?;
         let (stored_start, stored_end, report, at_line_bytes) =
-            rss_with_stored_clients(bench, imp, plan.stored_clients)
-                .map_err(|e| format!("{imp}: {e}"))?;
+            rss_with_stored_clients(bench, stack, plan.stored_clients)
+                .map_err(|e| format!("{stack}: {e}"))?;
         let run = Memory {
             start,
             with_idle,
@@ -161,7 +161,7 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
             at_line_bytes,
         };
         bench.record(format!(
-            "memory, {imp}: {} at start, {} with {} idle connections; {} → {} storing {} \
+            "memory, {stack}: {} at start, {} with {} idle connections; {} → {} storing {} \
              clients in {:.1} s (AT lines of {:.1} bytes on average)",
             Unit::MiB.format(run.start),
             Unit::MiB.format(run.with_idle),
@@ -172,7 +172,7 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
             run.stored_seconds,
             run.at_line_bytes
         ));
-        runs.push(imp, run);
+        runs.push(stack, run);
     }
     let conns = fmt_count(n as f64);
     let mut per_client = Row::new(
@@ -185,18 +185,18 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
         runs.figure(lowest, Memory::per_client_overhead),
     )
     .goal(Goal::AtMost(300.0));
-    for imp in Impl::BOTH {
-        for run in runs.of(imp) {
+    for &stack in runs.stacks() {
+        for run in runs.of(stack) {
             if run.stored < plan.stored_clients {
                 per_client = per_client.note(format!(
-                    "{imp} stored only {} clients in its {} s: the figure is over those",
+                    "{stack} stored only {} clients in its {} s: the figure is over those",
                     fmt_count(run.stored as f64),
                     plan.stored_budget.as_secs()
                 ));
             }
         }
     }
-    if let Some(run) = runs.herd.first() {
+    if let Some(run) = runs.of(Stack::Herd).first() {
         per_client = per_client.note(format!(
             "(RSS after − RSS before) ÷ clients − the average AT line ({:.1} bytes)",
             run.at_line_bytes

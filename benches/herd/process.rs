@@ -1,5 +1,5 @@
-//! Processes: a child that cannot outlive the bench ([`Proc`]), a running server of either
-//! implementation ([`Server`]), and the servers of one configuration ([`Cluster`]).
+//! Processes: a child that cannot outlive the bench ([`Proc`]), a running server of any stack
+//! ([`Server`]), and the servers of one configuration ([`Cluster`]).
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -15,7 +15,7 @@ use crate::bench::Bench;
 use crate::config::{discard_logs, free_ports, write_config, Logs, TempDir, Topology};
 use crate::fake_places::FakePlaces;
 use crate::probe::converge;
-use crate::stacks::Impl;
+use crate::stacks::Stack;
 
 /// The API key given to servers in the WHATSAT scenario (the fake accepts any).
 const API_KEY: &str = "bench-key";
@@ -216,7 +216,7 @@ impl Drop for Proc {
     }
 }
 
-/// A running server of either implementation.
+/// A running server of any stack.
 pub struct Server {
     pub name: String,
     pub addr: SocketAddr,
@@ -224,7 +224,7 @@ pub struct Server {
     pub proc: Proc,
 }
 
-/// Parses the ready line both implementations print: `NAME listening on HOST:PORT, logging to
+/// Parses the ready line every stack prints: `NAME listening on HOST:PORT, logging to
 /// PATH` (the path relative to the working directory, `cwd`).
 pub fn parse_ready_line(line: &str, name: &str, cwd: &Path) -> Option<(SocketAddr, PathBuf)> {
     let rest = line.trim_end().strip_prefix(name)?;
@@ -237,7 +237,7 @@ pub fn parse_ready_line(line: &str, name: &str, cwd: &Path) -> Option<(SocketAdd
 /// returns once it has printed its ready line.
 fn start_server(
     bench: &Bench,
-    imp: Impl,
+    stack: Stack,
     name: &str,
     config: &Path,
     with_key: bool,
@@ -245,13 +245,13 @@ fn start_server(
     let cwd = config
         .parent()
         .expect("the configuration is in a directory");
-    let mut command = imp.serve_command(name, config);
+    let mut command = bench.stacks.serve_command(stack, name, config);
     command.current_dir(cwd).env_remove("GOOGLE_PLACES_API_KEY");
     if with_key {
         command.env("GOOGLE_PLACES_API_KEY", API_KEY);
     }
     pin(&mut command, bench.cpus.server);
-    let mut proc = Proc::spawn(format!("{imp} {name}"), &mut command)?;
+    let mut proc = Proc::spawn(format!("{stack} {name}"), &mut command)?;
     let (addr, log) = proc.wait_line(SERVER_READY_TIMEOUT, |line| {
         parse_ready_line(line, name, cwd)
     })?;
@@ -267,7 +267,7 @@ fn start_server(
 /// servers are killed before the directory is removed (fields drop in declaration order).
 pub struct Cluster {
     pub servers: Vec<Server>,
-    pub _dir: TempDir,
+    _dir: TempDir,
 }
 
 impl Cluster {
@@ -275,22 +275,22 @@ impl Cluster {
     /// API key) when there is one, else without a key.
     pub fn start(
         bench: &Bench,
-        imp: Impl,
+        stack: Stack,
         topology: Topology,
         places: Option<&FakePlaces>,
     ) -> Result<Cluster, String> {
-        Cluster::start_with_logs(bench, imp, topology, places, Logs::Files)
+        Cluster::start_with_logs(bench, stack, topology, places, Logs::Files)
     }
 
     /// [`Cluster::start`], with the servers' logs where `logs` says.
     pub fn start_with_logs(
         bench: &Bench,
-        imp: Impl,
+        stack: Stack,
         topology: Topology,
         places: Option<&FakePlaces>,
         logs: Logs,
     ) -> Result<Cluster, String> {
-        let dir = TempDir::new(&imp.to_string());
+        let dir = TempDir::new(&stack.to_string());
         let ports = free_ports(topology.len())?;
         let config = write_config(&dir, topology, &ports, places)?;
         if logs == Logs::Discarded {
@@ -298,7 +298,7 @@ impl Cluster {
         }
         let mut servers = Vec::with_capacity(topology.len());
         for (name, _) in topology {
-            let server = start_server(bench, imp, name, &config, places.is_some())?;
+            let server = start_server(bench, stack, name, &config, places.is_some())?;
             if logs == Logs::Discarded {
                 let logs_to = std::fs::canonicalize(&server.log).unwrap_or_default();
                 if logs_to != Path::new("/dev/null") {

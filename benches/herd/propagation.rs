@@ -11,7 +11,8 @@ use crate::load::LoadSpec;
 use crate::probe::{percentile_us, propagation_samples};
 use crate::process::{Cluster, Server};
 use crate::procfs::CpuMeter;
-use crate::table::{fmt_count, fmt_micros, fmt_rate, Better, Goal, Row, Unit};
+use crate::stacks::{Figures, Stack};
+use crate::table::{and_list, fmt_count, fmt_micros, fmt_rate, Better, Goal, Row, Unit};
 
 /// One propagation run: the samples of each variant.
 struct Propagation {
@@ -35,20 +36,20 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
     /// Long enough for every idle sample; only a broken herd comes near it.
     const IDLE_WINDOW: Duration = Duration::from_secs(60);
     let samples = bench.plan.propagation_samples;
-    let runs = bench.alternate(|imp, round| {
-        let herd = Cluster::start(bench, imp, HERD_2023, None)?;
+    let runs = bench.alternate(|stack, round| {
+        let herd = Cluster::start(bench, stack, HERD_2023, None)?;
         herd.await_links()?;
         let (bailey, jaquez) = (herd.server("Bailey"), herd.server("Jaquez"));
         let idle = propagation_samples(bailey, jaquez, "idle", samples, IDLE_WINDOW)?;
-        let label = format!("background load at Bailey, {imp} round {round}");
+        let label = format!("background load at Bailey, {stack} round {round}");
         let (loaded, loaded_rate) = loaded_propagation(bench, bailey, jaquez, &label)?;
         drop(herd);
 
-        let goloman = Cluster::start(bench, imp, HERD_GOLOMAN, None)?;
+        let goloman = Cluster::start(bench, stack, HERD_GOLOMAN, None)?;
         goloman.await_links()?;
         let (welsh, hands) = (goloman.server("Welsh"), goloman.server("Hands"));
         let far = propagation_samples(welsh, hands, "goloman", samples, IDLE_WINDOW)?;
-        let label = format!("background load at Welsh, {imp} round {round}");
+        let label = format!("background load at Welsh, {stack} round {round}");
         let (far_loaded, far_loaded_rate) = loaded_propagation(bench, welsh, hands, &label)?;
 
         let run = Propagation {
@@ -69,7 +70,7 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
             )
         };
         bench.record(format!(
-            "propagation, {imp} round {round}: Bailey→Jaquez idle {}; under load {}; \
+            "propagation, {stack} round {round}: Bailey→Jaquez idle {}; under load {}; \
              Welsh→Hands idle {}; under load {}",
             describe(&run.idle),
             describe(&run.loaded),
@@ -135,16 +136,20 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
             p99 = p99.chart("propagation p99, idle, 2 hops");
         }
         if let Some(rate) = background {
-            let reached = runs.figure(lowest, rate);
-            let count = runs.figure(lowest, |r| pick(r).len() as f64);
+            // "X (herd)", "Y (prototype)", ... in the stacks' order.
+            let each = |figures: Figures, format: fn(f64) -> String| -> Vec<String> {
+                let value = |stack: Stack| figures[stack].map_or("—".into(), format);
+                let stacks = runs.stacks().iter();
+                stacks.map(|&s| format!("{} ({s})", value(s))).collect()
+            };
+            let reached = each(runs.figure(lowest, rate), fmt_rate);
+            let count = each(runs.figure(lowest, |r| pick(r).len() as f64), fmt_count);
             p99 = p99.note(format!(
-                "the background load reached {} (herd) and {} (prototype) of the {} asked; \
-                 the fewest samples in a round: {} (herd), {} (prototype) of {samples}",
-                reached.herd.map_or("—".into(), fmt_rate),
-                reached.prototype.map_or("—".into(), fmt_rate),
+                "the background load reached {} of the {} asked; the fewest samples in a \
+                 round: {} of {samples}",
+                and_list(&reached),
                 fmt_rate(BACKGROUND_RATE as f64),
-                count.herd.map_or("—".into(), fmt_count),
-                count.prototype.map_or("—".into(), fmt_count),
+                count.join(", "),
             ));
         }
         rows.push(p99);

@@ -10,7 +10,8 @@ use crate::affinity::Cpus;
 use crate::bench::{highest, Bench};
 use crate::config::manifest_dir;
 use crate::process::Proc;
-use crate::table::{fmt_ratio, Better, Goal, Row, Table};
+use crate::stacks::Stack;
+use crate::table::{and_list, fmt_ratio, Better, Goal, Row, Table};
 
 /// What the figures were measured on.
 pub struct Machine {
@@ -77,9 +78,9 @@ fn xml(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// A horizontal grouped bar chart of the main figures: per figure, a herd bar and a prototype
-/// bar on the figure's own linear scale (the figures have different units), each labelled with
-/// its value, and on the right how many times better the herd is.
+/// A horizontal grouped bar chart of the main figures: per figure, a bar per stack on the
+/// figure's own linear scale (the figures have different units), each labelled with its value,
+/// and on the right how many times better the herd is than the prototype.
 pub fn chart_svg(table: &Table, machine: &Machine, event_loop: &str, cpus: &Cpus) -> String {
     const WIDTH: f64 = 1000.0;
     const LABEL_END: f64 = 330.0;
@@ -87,12 +88,14 @@ pub fn chart_svg(table: &Table, machine: &Machine, event_loop: &str, cpus: &Cpus
     const BAR_MAX: f64 = 400.0;
     const RATIO_END: f64 = 980.0;
     const TOP: f64 = 100.0;
-    const GROUP: f64 = 54.0;
-    const HERD_COLOUR: &str = "#d95f02";
-    const PROTOTYPE_COLOUR: &str = "#7570b3";
+    /// A bar and the gap below it; a figure's group is one step per stack and a margin.
+    const BAR_STEP: f64 = 20.0;
+    const GROUP_MARGIN: f64 = 14.0;
 
+    let stacks = table.stacks();
+    let group = GROUP_MARGIN + BAR_STEP * stacks.len() as f64;
     let rows: Vec<&Row> = table.rows.iter().filter(|r| r.chart.is_some()).collect();
-    let height = TOP + GROUP * rows.len() as f64 + 30.0;
+    let height = TOP + group * rows.len() as f64 + 30.0;
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -120,18 +123,26 @@ pub fn chart_svg(table: &Table, machine: &Machine, event_loop: &str, cpus: &Cpus
             }
         ))
     );
-    // The legend.
+    // The legend: a swatch and a label per stack, each entry about 8 px a character wide.
+    let mut x = 20.0;
+    for stack in stacks {
+        let label = stack.label();
+        let _ = write!(
+            svg,
+            "<rect x=\"{x}\" y=\"66\" width=\"14\" height=\"14\" fill=\"{}\"/>\
+             <text x=\"{}\" y=\"78\">{label}</text>",
+            stack.colour(),
+            x + 20.0
+        );
+        x += 48.0 + 8.0 * label.len() as f64;
+    }
     let _ = writeln!(
         svg,
-        "<rect x=\"20\" y=\"66\" width=\"14\" height=\"14\" fill=\"{HERD_COLOUR}\"/>\
-         <text x=\"40\" y=\"78\">herd</text>\
-         <rect x=\"100\" y=\"66\" width=\"14\" height=\"14\" fill=\"{PROTOTYPE_COLOUR}\"/>\
-         <text x=\"120\" y=\"78\">prototype</text>\
-         <text x=\"220\" y=\"78\" fill=\"#555\" font-size=\"12\">each figure on its own scale; \
+        "<text x=\"{x}\" y=\"78\" fill=\"#555\" font-size=\"12\">each figure on its own scale; \
          right: how many times better the herd is</text>"
     );
     for (i, row) in rows.iter().enumerate() {
-        let y = TOP + GROUP * i as f64;
+        let y = TOP + group * i as f64;
         let direction = match row.better {
             Better::Higher => "higher is better",
             Better::Lower => "lower is better",
@@ -145,17 +156,14 @@ pub fn chart_svg(table: &Table, machine: &Machine, event_loop: &str, cpus: &Cpus
             xml(row.chart.unwrap_or_default()),
             y + 33.0
         );
-        let scale = highest(&[
-            row.values.herd.unwrap_or(0.0),
-            row.values.prototype.unwrap_or(0.0),
-        ])
-        .filter(|m| *m > 0.0)
-        .unwrap_or(1.0);
-        let bars = [
-            (row.values.herd, HERD_COLOUR, y + 4.0),
-            (row.values.prototype, PROTOTYPE_COLOUR, y + 24.0),
-        ];
-        for (value, colour, bar_y) in bars {
+        let values: Vec<f64> = stacks
+            .iter()
+            .map(|&stack| row.values[stack].unwrap_or(0.0))
+            .collect();
+        let scale = highest(&values).filter(|m| *m > 0.0).unwrap_or(1.0);
+        for (k, &stack) in stacks.iter().enumerate() {
+            let (value, colour) = (row.values[stack], stack.colour());
+            let bar_y = y + 4.0 + BAR_STEP * k as f64;
             let length = value.map_or(0.0, |v| (BAR_MAX * v / scale).max(2.0));
             let text = value.map_or("not measured".to_string(), |v| row.unit.format(v));
             let _ = writeln!(
@@ -194,7 +202,7 @@ pub fn chart_svg(table: &Table, machine: &Machine, event_loop: &str, cpus: &Cpus
         let _ = writeln!(
             svg,
             "<line x1=\"20\" x2=\"{RATIO_END}\" y1=\"{y2}\" y2=\"{y2}\" stroke=\"#ddd\"/>",
-            y2 = y + GROUP - 6.0
+            y2 = y + group - 6.0
         );
     }
     svg.push_str("</svg>\n");
@@ -211,10 +219,21 @@ pub fn results_markdown(bench: &Bench, table: &Table, machine: &Machine, took: D
     let mut md = String::from("# herd vs its Python asyncio prototype\n\n");
     let _ = writeln!(md, "- Machine: {}", machine.describe());
     let _ = writeln!(md, "- Date: {}", machine.date);
+    let mut options = Vec::new();
+    if bench.plan.smoke {
+        options.push("--smoke".to_string());
+    }
+    if let Some(baseline) = bench.stacks.baseline() {
+        options.push(format!("--baseline {}", baseline.display()));
+    }
     let _ = writeln!(
         md,
         "- Command: `cargo bench --bench herd{}` (commit {}, took {})",
-        if bench.plan.smoke { " -- --smoke" } else { "" },
+        if options.is_empty() {
+            String::new()
+        } else {
+            format!(" -- {}", options.join(" "))
+        },
         if machine.commit.is_empty() {
             "unknown"
         } else {
@@ -229,11 +248,15 @@ pub fn results_markdown(bench: &Bench, table: &Table, machine: &Machine, took: D
     let _ = writeln!(md, "- {}; logging on.", bench.cpus.describe());
     let _ = writeln!(
         md,
-        "- Each figure is the better of {} rounds, herd and prototype run in alternation on \
-         freshly started servers; memory is measured once, start-up is a median. A ratio above \
-         1 means the herd is better.",
-        bench.plan.rounds
+        "- Each figure is the better of {} rounds, {} run in alternation on freshly started \
+         servers; memory is measured once, start-up is a median. A ratio above 1 means the herd \
+         is better.",
+        bench.plan.rounds,
+        and_list(&labels(bench.stacks.list())),
     );
+    if let Some(baseline) = baseline_note(bench) {
+        let _ = writeln!(md, "- {baseline}");
+    }
     if let Some(disturbed) = bench.disturbance() {
         let _ = writeln!(md, "- {disturbed}");
     }
@@ -252,6 +275,22 @@ pub fn results_markdown(bench: &Bench, table: &Table, machine: &Machine, took: D
         }
     }
     md
+}
+
+/// The stacks' labels, in order.
+fn labels(stacks: &[Stack]) -> Vec<String> {
+    stacks.iter().map(|s| s.label().to_string()).collect()
+}
+
+/// What the baseline column is, when the run has one.
+pub fn baseline_note(bench: &Bench) -> Option<String> {
+    let baseline = bench.stacks.baseline()?;
+    Some(format!(
+        "The baseline column is another build of the herd, `{} serve`, run in the same \
+         alternation; vs baseline above 1: this build is better on that row, below 1: it is \
+         slower",
+        baseline.display()
+    ))
 }
 
 pub fn fmt_minutes(d: Duration) -> String {

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::Pair;
+use crate::stacks::{Figures, Stack};
 
 /// Which way a figure is better; orients the ratio so that above 1 means the herd is better.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -56,7 +56,7 @@ pub struct Row {
     pub figure: String,
     pub unit: Unit,
     pub better: Better,
-    pub values: Pair,
+    pub values: Figures,
     pub goals: Vec<Goal>,
     /// The short label of this figure in the chart, if it is one of the main figures.
     pub chart: Option<&'static str>,
@@ -64,7 +64,7 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(figure: impl Into<String>, unit: Unit, better: Better, values: Pair) -> Row {
+    pub fn new(figure: impl Into<String>, unit: Unit, better: Better, values: Figures) -> Row {
         Row {
             figure: figure.into(),
             unit,
@@ -91,12 +91,18 @@ impl Row {
         self
     }
 
-    /// How many times better the herd is: above 1, the herd wins.
+    /// How many times better the herd is than the prototype, what the targets speak of: above
+    /// 1, the herd wins.
     pub fn ratio(&self) -> Option<f64> {
-        let (herd, prototype) = (self.values.herd?, self.values.prototype?);
+        self.ratio_to(Stack::Prototype)
+    }
+
+    /// How many times better the herd is than `other`: above 1, the herd wins.
+    pub fn ratio_to(&self, other: Stack) -> Option<f64> {
+        let (herd, other) = (self.values[Stack::Herd]?, self.values[other]?);
         let ratio = match self.better {
-            Better::Higher => herd / prototype,
-            Better::Lower => prototype / herd,
+            Better::Higher => herd / other,
+            Better::Lower => other / herd,
         };
         ratio.is_finite().then_some(ratio)
     }
@@ -111,15 +117,15 @@ impl Row {
                     Goal::Times(x) => (format!("≥ {x}×"), self.ratio().map(|r| r >= x)),
                     Goal::AtLeast(v) => (
                         format!("≥ {}", self.unit.format(v)),
-                        self.values.herd.map(|h| h >= v),
+                        self.values[Stack::Herd].map(|h| h >= v),
                     ),
                     Goal::AtMost(v) => (
                         format!("≤ {}", self.unit.format(v)),
-                        self.values.herd.map(|h| h <= v),
+                        self.values[Stack::Herd].map(|h| h <= v),
                     ),
                     Goal::Below(v) => (
                         format!("< {}", self.unit.format(v)),
-                        self.values.herd.map(|h| h < v),
+                        self.values[Stack::Herd].map(|h| h < v),
                     ),
                 };
                 let mark = match met {
@@ -134,18 +140,51 @@ impl Row {
     }
 }
 
-/// The one table the bench prints.
-#[derive(Default)]
+/// The one table the bench prints: the figure, a column per stack, the herd's ratio to the
+/// prototype (and to the baseline, when there is one), and the targets.
 pub struct Table {
+    /// The stacks' columns, in this order.
+    stacks: Vec<Stack>,
     pub rows: Vec<Row>,
 }
 
 impl Table {
-    const HEADER: [&'static str; 5] = ["figure", "herd", "prototype", "ratio", "target"];
+    pub fn new(stacks: &[Stack]) -> Table {
+        Table {
+            stacks: stacks.to_vec(),
+            rows: Vec::new(),
+        }
+    }
 
-    /// The cells of every row, with footnote numbers on figures that have notes, and the
-    /// footnotes.
-    fn cells(&self) -> (Vec<[String; 5]>, Vec<String>) {
+    /// The stacks' columns, in order.
+    pub fn stacks(&self) -> &[Stack] {
+        &self.stacks
+    }
+
+    /// The ratio columns, each the herd against another stack: `ratio` against the prototype
+    /// (what the targets speak of), and `vs baseline` against an earlier build of the herd, when
+    /// the run has one.
+    fn comparisons(&self) -> Vec<(String, Stack)> {
+        let mut columns = vec![("ratio".to_string(), Stack::Prototype)];
+        if self.stacks.contains(&Stack::Baseline) {
+            columns.push((format!("vs {}", Stack::Baseline), Stack::Baseline));
+        }
+        columns
+    }
+
+    /// The column headers: the figure, the stacks, the ratios, the target.
+    fn header(&self) -> Vec<String> {
+        let mut header = vec!["figure".to_string()];
+        header.extend(self.stacks.iter().map(|s| s.label().to_string()));
+        header.extend(self.comparisons().into_iter().map(|(name, _)| name));
+        header.push("target".to_string());
+        header
+    }
+
+    /// The cells of every row, in the header's order, with footnote numbers on figures that
+    /// have notes, and the footnotes.
+    fn cells(&self) -> (Vec<Vec<String>>, Vec<String>) {
+        let comparisons = self.comparisons();
         let mut footnotes = Vec::new();
         let rows = self
             .rows
@@ -157,13 +196,12 @@ impl Table {
                     let _ = write!(figure, " [{}]", footnotes.len());
                 }
                 let value = |v: Option<f64>| v.map_or("—".to_string(), |v| row.unit.format(v));
-                [
-                    figure,
-                    value(row.values.herd),
-                    value(row.values.prototype),
-                    row.ratio().map_or("—".to_string(), fmt_ratio),
-                    row.target(),
-                ]
+                let mut cells = vec![figure];
+                cells.extend(self.stacks.iter().map(|&stack| value(row.values[stack])));
+                let ratio = |other: Stack| row.ratio_to(other).map_or("—".to_string(), fmt_ratio);
+                cells.extend(comparisons.iter().map(|&(_, other)| ratio(other)));
+                cells.push(row.target());
+                cells
             })
             .collect();
         (rows, footnotes)
@@ -171,21 +209,24 @@ impl Table {
 
     /// Aligned columns, for the terminal.
     pub fn to_text(&self) -> String {
+        let header = self.header();
         let (rows, footnotes) = self.cells();
-        let width = |i: usize| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([Self::HEADER[i].len()])
-                .max()
-                .unwrap_or(0)
-        };
-        let widths: Vec<usize> = (0..5).map(width).collect();
-        let line = |cells: [&str; 5]| {
+        let last = header.len() - 1;
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                rows.iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([header[i].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String]| {
             let mut out = String::new();
             for (i, cell) in cells.iter().enumerate() {
                 let pad = widths[i].saturating_sub(cell.chars().count());
                 // The figure and the target read left to right; numbers line up on the right.
-                if i == 0 || i == 4 {
+                if i == 0 || i == last {
                     let _ = write!(out, "{cell}{}  ", " ".repeat(pad));
                 } else {
                     let _ = write!(out, "{}{cell}  ", " ".repeat(pad));
@@ -194,10 +235,10 @@ impl Table {
             out.trim_end().to_string() + "\n"
         };
         let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-        let mut out = line(Self::HEADER);
-        out.push_str(&line(std::array::from_fn(|i| dashes[i].as_str())));
+        let mut out = line(&header);
+        out.push_str(&line(&dashes));
         for row in &rows {
-            out.push_str(&line(row.each_ref().map(String::as_str)));
+            out.push_str(&line(row));
         }
         for (i, note) in footnotes.iter().enumerate() {
             let _ = writeln!(out, "[{}] {note}", i + 1);
@@ -206,9 +247,11 @@ impl Table {
     }
 
     pub fn to_markdown(&self) -> String {
+        let header = self.header();
         let (rows, footnotes) = self.cells();
-        let mut out =
-            String::from("| figure | herd | prototype | ratio | target |\n|---|--:|--:|--:|---|\n");
+        let mut out = format!("| {} |\n|---|", header.join(" | "));
+        out.push_str(&"--:|".repeat(header.len() - 2));
+        out.push_str("---|\n");
         for row in &rows {
             let _ = writeln!(out, "| {} |", row.join(" | "));
         }
@@ -219,6 +262,15 @@ impl Table {
             }
         }
         out
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+pub fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
 }
 

@@ -22,11 +22,11 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
     let body = fixture("legacy_ok_20.json")?;
     let mut rows = Vec::new();
     for delay_ms in [0u64, 20] {
-        let runs = bench.alternate(|imp, round| {
+        let runs = bench.alternate(|stack, round| {
             let delay = Duration::from_millis(delay_ms);
             let fake = FakePlaces::start(Behaviour::ok(body.clone()).delayed(delay));
             // Declared after the fake, so dropped (killed) before it.
-            let lone = Cluster::start(bench, imp, LONE, Some(&fake))?;
+            let lone = Cluster::start(bench, stack, LONE, Some(&fake))?;
             let server = &lone.servers[0];
             let spec = LoadSpec {
                 mix: "whatsat",
@@ -34,7 +34,7 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
                 radius_km: Some(10),
                 ..LoadSpec::iamat(server.addr, plan.load, plan.warmup)
             };
-            let label = format!("WHATSAT, Places +{delay_ms} ms, {imp} round {round}");
+            let label = format!("WHATSAT, Places +{delay_ms} ms, {stack} round {round}");
             let report = bench.load(&label, &spec, server)?;
             let handshakes = fake.handshakes();
             bench.record(format!(
