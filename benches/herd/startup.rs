@@ -1,0 +1,84 @@
+//! Scenario 6, start-up: the time from spawning a server to its first answer.
+
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::affinity::pin;
+use crate::bench::{Bench, Runs};
+use crate::config::{free_ports, write_config, TempDir, LONE};
+use crate::probe::{Client, READ_STEP};
+use crate::process::{Proc, SERVER_READY_TIMEOUT};
+use crate::stacks::Stack;
+use crate::table::{fmt_micros, Better, Goal, Row, Unit};
+
+/// Time from spawning a lone server until it answers an IAMAT: connect attempts back to back
+/// (a refused connect on loopback fails at once), each followed by an IAMAT.
+fn time_to_first_answer(bench: &Bench, stack: Stack) -> Result<Duration, String> {
+    let dir = TempDir::new("startup");
+    let port = free_ports(1)?[0];
+    let config = write_config(&dir, LONE, &[port], None)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut command = bench.stacks.serve_command(stack, "Bailey", &config);
+    command
+        .current_dir(&dir.path)
+        .env_remove("GOOGLE_PLACES_API_KEY");
+    pin(&mut command, bench.cpus.server);
+    let spawned = Instant::now();
+    let _server = Proc::spawn(format!("{stack} Bailey"), &mut command)?;
+    let deadline = spawned + SERVER_READY_TIMEOUT;
+    loop {
+        if let Ok(stream) = TcpStream::connect(addr) {
+            let _ = stream.set_nodelay(true);
+            let _ = stream.set_read_timeout(Some(READ_STEP));
+            let mut client = Client {
+                stream,
+                addr,
+                buf: Vec::new(),
+            };
+            if client.iamat("startup", deadline).is_ok() {
+                return Ok(spawned.elapsed());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{stack} did not answer within {SERVER_READY_TIMEOUT:?}"
+            ));
+        }
+        thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Start-up time, the median of a few tries, alternating the stacks.
+pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
+    let mut runs = Runs::new(bench.stacks.list());
+    for _ in 0..bench.plan.startup_samples {
+        for &stack in bench.stacks.list() {
+            runs.push(stack, time_to_first_answer(bench, stack)?);
+        }
+    }
+    for &stack in runs.stacks() {
+        let times: Vec<String> = runs
+            .of(stack)
+            .iter()
+            .map(|d| fmt_micros(d.as_secs_f64() * 1e6))
+            .collect();
+        bench.record(format!("start-up, {stack}: {}", times.join(", ")));
+    }
+    let median = |times: &[f64]| -> Option<f64> {
+        let mut times = times.to_vec();
+        times.sort_by(f64::total_cmp);
+        times.get(times.len() / 2).copied()
+    };
+    Ok(vec![Row::new(
+        format!(
+            "Start-up: spawn to first IAMAT answered (median of {})",
+            bench.plan.startup_samples
+        ),
+        Unit::Micros,
+        Better::Lower,
+        runs.figure(median, |d| d.as_secs_f64() * 1e6),
+    )
+    .goal(Goal::AtMost(50_000.0))
+    .chart("start-up to first answer")])
+}

@@ -1,0 +1,327 @@
+//! The table the bench prints: one [`Row`] per figure, with its unit, which way is better, its
+//! targets and notes; the table as aligned text and as Markdown; and the number formats.
+
+use std::fmt::Write as _;
+
+use crate::stacks::{Figures, Stack};
+
+/// Which way a figure is better; orients the ratio so that above 1 means the herd is better.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+/// What a value counts; every value is kept in the unit named here.
+#[derive(Clone, Copy)]
+pub enum Unit {
+    /// Requests per second.
+    PerSecond,
+    /// A duration, in microseconds.
+    Micros,
+    /// Memory, in bytes, shown in MiB.
+    MiB,
+    /// Memory, in bytes.
+    Bytes,
+    Count,
+}
+
+impl Unit {
+    pub fn format(self, value: f64) -> String {
+        match self {
+            Unit::PerSecond => fmt_rate(value),
+            Unit::Micros => fmt_micros(value),
+            Unit::MiB if value % (1024.0 * 1024.0) == 0.0 => {
+                format!("{:.0} MiB", value / (1024.0 * 1024.0)) // a round target, "64 MiB"
+            }
+            Unit::MiB => format!("{:.1} MiB", value / (1024.0 * 1024.0)),
+            Unit::Bytes => format!("{} B", fmt_count(value)),
+            Unit::Count => fmt_count(value),
+        }
+    }
+}
+
+/// A target of issue 3, item 4, for the herd's figure.
+#[derive(Clone, Copy)]
+pub enum Goal {
+    /// At least this many times better than the prototype.
+    Times(f64),
+    AtLeast(f64),
+    AtMost(f64),
+    Below(f64),
+}
+
+/// One line of the table.
+pub struct Row {
+    pub figure: String,
+    pub unit: Unit,
+    pub better: Better,
+    pub values: Figures,
+    pub goals: Vec<Goal>,
+    /// The short label of this figure in the chart, if it is one of the main figures.
+    pub chart: Option<&'static str>,
+    pub notes: Vec<String>,
+}
+
+impl Row {
+    pub fn new(figure: impl Into<String>, unit: Unit, better: Better, values: Figures) -> Row {
+        Row {
+            figure: figure.into(),
+            unit,
+            better,
+            values,
+            goals: Vec::new(),
+            chart: None,
+            notes: Vec::new(),
+        }
+    }
+
+    pub fn goal(mut self, goal: Goal) -> Row {
+        self.goals.push(goal);
+        self
+    }
+
+    pub fn chart(mut self, label: &'static str) -> Row {
+        self.chart = Some(label);
+        self
+    }
+
+    pub fn note(mut self, note: impl Into<String>) -> Row {
+        self.notes.push(note.into());
+        self
+    }
+
+    /// How many times better the herd is than the prototype, what the targets speak of: above
+    /// 1, the herd wins.
+    pub fn ratio(&self) -> Option<f64> {
+        self.ratio_to(Stack::Prototype)
+    }
+
+    /// How many times better the herd is than `other`: above 1, the herd wins.
+    pub fn ratio_to(&self, other: Stack) -> Option<f64> {
+        let (herd, other) = (self.values[Stack::Herd]?, self.values[other]?);
+        let ratio = match self.better {
+            Better::Higher => herd / other,
+            Better::Lower => other / herd,
+        };
+        ratio.is_finite().then_some(ratio)
+    }
+
+    /// The targets, each with ✓ or ✗ (? when the figure is missing).
+    pub fn target(&self) -> String {
+        let checks: Vec<String> = self
+            .goals
+            .iter()
+            .map(|goal| {
+                let (text, met) = match *goal {
+                    Goal::Times(x) => (format!("≥ {x}×"), self.ratio().map(|r| r >= x)),
+                    Goal::AtLeast(v) => (
+                        format!("≥ {}", self.unit.format(v)),
+                        self.values[Stack::Herd].map(|h| h >= v),
+                    ),
+                    Goal::AtMost(v) => (
+                        format!("≤ {}", self.unit.format(v)),
+                        self.values[Stack::Herd].map(|h| h <= v),
+                    ),
+                    Goal::Below(v) => (
+                        format!("< {}", self.unit.format(v)),
+                        self.values[Stack::Herd].map(|h| h < v),
+                    ),
+                };
+                let mark = match met {
+                    Some(true) => "✓",
+                    Some(false) => "✗",
+                    None => "?",
+                };
+                format!("{text} {mark}")
+            })
+            .collect();
+        checks.join(", ")
+    }
+}
+
+/// The one table the bench prints: the figure, a column per stack, the herd's ratio to the
+/// prototype (and to the baseline, when there is one), and the targets.
+pub struct Table {
+    /// The stacks' columns, in this order.
+    stacks: Vec<Stack>,
+    pub rows: Vec<Row>,
+}
+
+impl Table {
+    pub fn new(stacks: &[Stack]) -> Table {
+        Table {
+            stacks: stacks.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// The stacks' columns, in order.
+    pub fn stacks(&self) -> &[Stack] {
+        &self.stacks
+    }
+
+    /// The ratio columns, each the herd against another stack: `ratio` against the prototype
+    /// (what the targets speak of), and `vs baseline` against an earlier build of the herd, when
+    /// the run has one.
+    fn comparisons(&self) -> Vec<(String, Stack)> {
+        let mut columns = vec![("ratio".to_string(), Stack::Prototype)];
+        if self.stacks.contains(&Stack::Baseline) {
+            columns.push((format!("vs {}", Stack::Baseline), Stack::Baseline));
+        }
+        columns
+    }
+
+    /// The column headers: the figure, the stacks, the ratios, the target.
+    fn header(&self) -> Vec<String> {
+        let mut header = vec!["figure".to_string()];
+        header.extend(self.stacks.iter().map(|s| s.label().to_string()));
+        header.extend(self.comparisons().into_iter().map(|(name, _)| name));
+        header.push("target".to_string());
+        header
+    }
+
+    /// The cells of every row, in the header's order, with footnote numbers on figures that
+    /// have notes, and the footnotes.
+    fn cells(&self) -> (Vec<Vec<String>>, Vec<String>) {
+        let comparisons = self.comparisons();
+        let mut footnotes = Vec::new();
+        let rows = self
+            .rows
+            .iter()
+            .map(|row| {
+                let mut figure = row.figure.clone();
+                for note in &row.notes {
+                    footnotes.push(note.clone());
+                    let _ = write!(figure, " [{}]", footnotes.len());
+                }
+                let value = |v: Option<f64>| v.map_or("—".to_string(), |v| row.unit.format(v));
+                let mut cells = vec![figure];
+                cells.extend(self.stacks.iter().map(|&stack| value(row.values[stack])));
+                let ratio = |other: Stack| row.ratio_to(other).map_or("—".to_string(), fmt_ratio);
+                cells.extend(comparisons.iter().map(|&(_, other)| ratio(other)));
+                cells.push(row.target());
+                cells
+            })
+            .collect();
+        (rows, footnotes)
+    }
+
+    /// Aligned columns, for the terminal.
+    pub fn to_text(&self) -> String {
+        let header = self.header();
+        let (rows, footnotes) = self.cells();
+        let last = header.len() - 1;
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                rows.iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([header[i].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String]| {
+            let mut out = String::new();
+            for (i, cell) in cells.iter().enumerate() {
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                // The figure and the target read left to right; numbers line up on the right.
+                if i == 0 || i == last {
+                    let _ = write!(out, "{cell}{}  ", " ".repeat(pad));
+                } else {
+                    let _ = write!(out, "{}{cell}  ", " ".repeat(pad));
+                }
+            }
+            out.trim_end().to_string() + "\n"
+        };
+        let dashes: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        let mut out = line(&header);
+        out.push_str(&line(&dashes));
+        for row in &rows {
+            out.push_str(&line(row));
+        }
+        for (i, note) in footnotes.iter().enumerate() {
+            let _ = writeln!(out, "[{}] {note}", i + 1);
+        }
+        out
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let header = self.header();
+        let (rows, footnotes) = self.cells();
+        let mut out = format!("| {} |\n|---|", header.join(" | "));
+        out.push_str(&"--:|".repeat(header.len() - 2));
+        out.push_str("---|\n");
+        for row in &rows {
+            let _ = writeln!(out, "| {} |", row.join(" | "));
+        }
+        if !footnotes.is_empty() {
+            out.push('\n');
+            for (i, note) in footnotes.iter().enumerate() {
+                let _ = writeln!(out, "[{}] {note}  ", i + 1);
+            }
+        }
+        out
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+pub fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+pub fn fmt_count(value: f64) -> String {
+    if !value.is_finite() {
+        return "—".to_string();
+    }
+    let negative = value < 0.0;
+    let digits = format!("{:.0}", value.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if negative {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+pub fn fmt_rate(per_second: f64) -> String {
+    if per_second < 100.0 {
+        format!("{per_second:.1}/s")
+    } else {
+        format!("{}/s", fmt_count(per_second))
+    }
+}
+
+pub fn fmt_micros(us: f64) -> String {
+    if !us.is_finite() {
+        "—".to_string()
+    } else if us < 1_000.0 {
+        format!("{us:.0} µs")
+    } else if us < 1_000_000.0 && us % 1_000.0 == 0.0 {
+        format!("{:.0} ms", us / 1e3) // a round target, "50 ms"
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+pub fn fmt_ratio(ratio: f64) -> String {
+    if ratio >= 10.0 {
+        format!("{ratio:.0}×")
+    } else if ratio >= 1.0 {
+        format!("{ratio:.1}×")
+    } else {
+        format!("{ratio:.2}×")
+    }
+}
