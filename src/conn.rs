@@ -46,6 +46,7 @@ use crate::log::Who;
 use crate::peer::{self, Session};
 use crate::places::pool::Owner;
 use crate::protocol;
+use crate::trace::{self, trace_lines, trace_loop};
 use crate::wire::{Fill, Line, OutBuf, Transport, Wire};
 
 /// A connection's unhandled input stops being read past this (it is waiting on Places, or
@@ -381,6 +382,9 @@ impl<S: Transport> Conn<S> {
                     let taken = self.wire.reader.buffered().saturating_sub(before);
                     self.share.read_bytes = self.share.read_bytes.saturating_sub(taken);
                     self.heard = now;
+                    if taken > 0 {
+                        trace_loop!("  c{} read {taken} bytes", self.id);
+                    }
                     fill
                 }
                 false => Ok(Fill::Drained),
@@ -457,34 +461,36 @@ impl<S: Transport> Conn<S> {
                 Some(Line::Complete(line)) => {
                     self.share.lines -= 1;
                     match &self.state {
-                        State::Undecided { peers_only, .. } => match greeting(self.id, now, herd, line) {
-                            Some(Ok(Greeted { next, challenge })) => {
-                                if let Some(challenge) = challenge {
-                                    self.wire.out.push(&challenge);
+                        State::Undecided { peers_only, .. } => {
+                            match greeting(self.id, now, herd, line) {
+                                Some(Ok(Greeted { next, challenge })) => {
+                                    if let Some(challenge) = challenge {
+                                        self.wire.out.push(&challenge);
+                                    }
+                                    next
                                 }
-                                next
+                                Some(Err(why)) => {
+                                    herd.log
+                                        .event(format_args!("c{}", self.id), format_args!("{why}"));
+                                    State::Closed(why)
+                                }
+                                // Blank lines leave the question open; anything else makes a client.
+                                None if line.iter().all(|&b| protocol::is_space(b)) => {
+                                    continue;
+                                }
+                                // A place kept for neighbours, taken by a client: the server is full.
+                                None if *peers_only => {
+                                    herd.log.bytes(Who::Conn(self.id), '<', line);
+                                    herd.log.bytes(Who::Conn(self.id), '>', BUSY);
+                                    self.replies.push(&mut self.wire.out, BUSY);
+                                    State::Draining(CloseReason::Busy)
+                                }
+                                None => {
+                                    let answer = herd.command(self.id, owner, self.addr.ip(), line);
+                                    self.replies.answer(&mut self.wire.out, answer)
+                                }
                             }
-                            Some(Err(why)) => {
-                                herd.log
-                                    .event(format_args!("c{}", self.id), format_args!("{why}"));
-                                State::Closed(why)
-                            }
-                            // Blank lines leave the question open; anything else makes a client.
-                            None if line.iter().all(|&b| protocol::is_space(b)) => {
-                                continue;
-                            }
-                            // A place kept for neighbours, taken by a client: the server is full.
-                            None if *peers_only => {
-                                herd.log.bytes(Who::Conn(self.id), '<', line);
-                                herd.log.bytes(Who::Conn(self.id), '>', BUSY);
-                                self.replies.push(&mut self.wire.out, BUSY);
-                                State::Draining(CloseReason::Busy)
-                            }
-                            None => {
-                                let answer = herd.command(self.id, owner, self.addr.ip(), line);
-                                self.replies.answer(&mut self.wire.out, answer)
-                            }
-                        },
+                        }
                         State::Client => {
                             let answer = herd.command(self.id, owner, self.addr.ip(), line);
                             self.replies.answer(&mut self.wire.out, answer)
@@ -551,6 +557,9 @@ impl<S: Transport> Conn<S> {
         }
         if let State::Peer { .. } = self.state {
             return Flushed::Peer;
+        }
+        if trace::enabled() {
+            trace_lines(&format!("c{}", self.id), '>', self.wire.out.unsent());
         }
         if let Err(e) = self.wire.out.write_to(&mut self.wire.stream) {
             self.set_state(State::Closed(CloseReason::WriteFailed(e.to_string())));
@@ -661,6 +670,7 @@ fn greeting(
     let greeting = peer::parse_greeting(line)?;
     let neighbour = herd.neighbour(greeting.name)?;
     herd.log.bytes(Who::Conn(id), '<', line);
+    trace_loop!("  c{id} < {}", trace::shown(line));
     let name = herd.links[neighbour].name.clone();
     Some(match (&herd.secret, greeting.nonce) {
         (None, None) => {
@@ -861,7 +871,24 @@ mod tests {
 
     fn conn(steps: &[Step]) -> Conn<Script> {
         let addr = SocketAddr::from(([127, 0, 0, 1], 40000));
-        Conn::new(7, Script::reading(steps), addr, Instant::now())
+        let now = Instant::now();
+        let first_line = Limits::default().first_line_timeout;
+        Conn::new(
+            7,
+            Script::reading(steps),
+            addr,
+            now,
+            now + first_line,
+            false,
+        )
+    }
+
+    /// A connection in one of the places kept for neighbours.
+    fn reserved(steps: &[Step]) -> Conn<Script> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 40001));
+        let now = Instant::now();
+        let first_line = Limits::default().first_line_timeout;
+        Conn::new(8, Script::reading(steps), addr, now, now + first_line, true)
     }
 
     fn data(bytes: &str) -> Step {
@@ -917,6 +944,39 @@ mod tests {
         assert_eq!(c.state_name(), "Undecided");
         let _ = flush(&mut c, &herd);
         assert_eq!(written(&c), "");
+    }
+
+    #[test]
+    fn undecided_without_a_first_line_in_time_is_closed() {
+        let herd = herd(None);
+        let limits = herd.limits.clone();
+        // Blank lines are no first line.
+        let mut c = conn(&[data("\n\n")]);
+        let mut h = herd;
+        let _ = serve(&mut c, &mut h);
+        let deadline = h.now + limits.first_line_timeout;
+        assert!(!c.on_timeout(deadline - Duration::from_millis(1), &limits));
+        assert!(c.on_timeout(deadline + Duration::from_millis(1), &limits));
+        let why = CloseReason::NoFirstLine(limits.first_line_timeout);
+        assert_eq!(flush(&mut c, &h), Flushed::Closed(why));
+    }
+
+    #[test]
+    fn a_place_kept_for_neighbours_takes_a_greeting_and_turns_a_client_away() {
+        let mut herd = herd(None);
+        let mut client = reserved(&[data("IAMAT kiwi +1+1 100\n")]);
+        let _ = serve(&mut client, &mut herd);
+        let _ = flush(&mut client, &herd);
+        assert_eq!(written(&client), "? server busy\n");
+        assert_eq!(
+            client.state_name(),
+            "Lingering",
+            "told, then closed without a reset"
+        );
+        assert!(herd.store.is_empty(), "its command was not run");
+        let mut neighbour = reserved(&[data("PEER herd/1 Bona\n")]);
+        let _ = serve(&mut neighbour, &mut herd);
+        assert_eq!(neighbour.state_name(), "Peer");
     }
 
     #[test]
@@ -1136,9 +1196,12 @@ mod tests {
         let limits = herd.limits.clone();
         assert!(!c.on_timeout(herd.now + limits.idle_timeout / 2, &limits));
         assert!(c.on_timeout(herd.now + limits.idle_timeout, &limits));
+        // With the timeout off, a client is never closed for idling.
         let mut never = limits.clone();
         never.idle_timeout = Duration::ZERO;
-        let mut d = conn(&[]);
+        let mut d = conn(&[data("IAMAT a +1+1 1\n")]);
+        let _ = serve(&mut d, &mut herd);
+        let _ = flush(&mut d, &herd);
         assert!(!d.on_timeout(herd.now + Duration::from_secs(1 << 20), &never));
     }
 

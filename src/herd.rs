@@ -18,6 +18,7 @@ use crate::places::pool::Owner;
 use crate::places::{self, PlacesPool, Query};
 use crate::protocol::{self, Command};
 use crate::store::{Bounds, Merge, Store};
+use crate::trace::{self, trace_loop};
 
 /// The body of every WHATSAT when no API key is configured: Google's own answer to a missing key
 /// is a `REQUEST_DENIED`, so clients see the same shape.
@@ -132,6 +133,7 @@ impl Herd {
     /// later; anything else is answered `? LINE`. The line and the reply are logged.
     pub fn command(&mut self, id: u64, owner: Owner, from: IpAddr, line: &[u8]) -> Answer<'_> {
         self.log.bytes(Who::Conn(id), '<', line);
+        trace_loop!("  c{id} < {}", trace::shown(line));
         match protocol::parse_command(line) {
             Command::Blank => Answer::Nothing,
             Command::Iamat(iamat) => {
@@ -146,6 +148,7 @@ impl Herd {
                 protocol::write_at_line(&mut self.reply, &self.name, self.now_ns, &iamat);
                 match self.store.merge(iamat.client, iamat.time_ns, &self.reply) {
                     Merge::Stored => {
+                        trace_loop!("  store {}: stored", trace::shown(iamat.client));
                         // The neighbours get the update before the client gets its reply
                         // (docs/protocol.md section 5); the loop also writes links before
                         // clients.
@@ -246,7 +249,18 @@ impl Herd {
             max_id_bytes: self.limits.max_client_id_bytes,
             latest_ns: self.latest_client_time(),
         };
-        let why = match self.store.merge_record(record, &bounds) {
+        let merged = self.store.merge_record(record, &bounds);
+        if trace::enabled() {
+            let client = record.split(|&b| b == b' ').nth(3).unwrap_or_default();
+            let what = match merged {
+                Some(Merge::Stored) => "stored",
+                Some(Merge::Stale) => "not news (held already, or older)",
+                None => "not a valid record",
+                Some(_) => "refused",
+            };
+            trace_loop!("  store {}: {what}", trace::shown(client));
+        }
+        let why = match merged {
             Some(Merge::Stored) => return self.flood(record, Some(from)),
             Some(Merge::Stale) => return,
             None => "ignored a line that is not a valid record",

@@ -28,6 +28,7 @@ use crate::herd::Herd;
 use crate::log::Who;
 use crate::peer::{self, Compared, Comparison, PeerLine, Session};
 use crate::store::DIGEST_PARTS;
+use crate::trace::{self, trace_loop};
 use crate::wire::{Fill, Line, OutBuf, Transport, Wire};
 
 /// The link from one neighbour. `S` is its socket: mio's `TcpStream`, or a scripted one in tests.
@@ -174,6 +175,7 @@ impl<S: Transport> Inbound<S> {
                     *read_bytes = read_bytes.saturating_sub(taken);
                     if taken > 0 {
                         *heard = now;
+                        trace_loop!("  peer {} read {taken} bytes", herd.links[from].name);
                     }
                     fill.map_err(|e| CloseReason::ReadFailed(e.to_string()))?
                 }
@@ -199,6 +201,11 @@ impl<S: Transport> Inbound<S> {
                 // Logged once its tag is checked: a forged line never appears as the
                 // neighbour's.
                 herd.log.bytes(Who::Peer(&herd.links[from].name), '<', line);
+                trace_loop!(
+                    "  peer {} < {}",
+                    herd.links[from].name,
+                    trace::shown(payload)
+                );
                 on_line(
                     now,
                     herd,

@@ -34,6 +34,7 @@ use crate::log::{Log, Who};
 use crate::peer::{self, PartSet, PeerLine, Secret, Session};
 use crate::reactor::Want;
 use crate::store::{Store, DIGEST_PARTS};
+use crate::trace::{self, trace_loop};
 use crate::wire::{Fill, Line, Transport, Wire};
 
 pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -318,6 +319,7 @@ impl<S: Transport> Link<S> {
         };
         let greeting = peer::greeting(cx.server, nd.as_deref());
         cx.log.bytes(Who::Link(&self.name), '>', &greeting);
+        trace_loop!("  link {} > {}", self.name, trace::shown(&greeting));
         send(&mut wire, &mut None, &greeting);
         self.state = match nd {
             Some(nd) => LinkState::Authenticating {
@@ -456,6 +458,7 @@ impl<S: Transport> Link<S> {
                 // Logged once its tag is checked: a forged line never appears as the
                 // neighbour's.
                 cx.log.bytes(Who::Link(&self.name), '<', line);
+                trace_loop!("  link {} < {}", self.name, trace::shown(payload));
                 *last_heard = now;
                 match peer::parse_line(payload) {
                     Some(PeerLine::Ping) => {}
@@ -507,6 +510,7 @@ impl<S: Transport> Link<S> {
             return;
         };
         log.bytes(Who::Link(&self.name), '>', line);
+        trace_loop!("  link {} > {}", self.name, trace::shown(line));
         send(wire, session, line);
         *last_sent = now;
         if wire.out.pending() > cap {
@@ -574,6 +578,7 @@ impl<S: Transport> Link<S> {
                 };
                 if let Some(record) = store.at(*sync).filter(|_| wanted) {
                     log.bytes(Who::Link(&self.name), '>', &record.line);
+                    trace_loop!("  link {} > {}", self.name, trace::shown(&record.line));
                     let before = wire.out.pending();
                     send(wire, session, &record.line);
                     synced += wire.out.pending() - before;

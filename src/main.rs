@@ -68,6 +68,13 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
     opts.optflag("h", "help", "explain the commands");
     opts.optflag("V", "version", "print the version");
     opts.optflag("t", "trace", "print what the loop does, turn by turn");
+    opts.optopt(
+        "",
+        "trace-svg",
+        "up: draw the trace as a sequence diagram",
+        "FILE",
+    );
+    opts.optopt("o", "output", "trace-svg: where the drawing goes", "FILE");
     let matches = opts
         .parse(&args)
         .map_err(|e| usage(format!("{e} (see herd --help)")))?;
@@ -101,7 +108,11 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
         }
         ["up"] => {
             let (config_path, config) = load()?;
-            match herd::tools::up::run(&config_path, &config, trace) {
+            let tracing = herd::tools::up::Tracing {
+                on: trace,
+                svg: matches.opt_str("trace-svg").map(PathBuf::from),
+            };
+            match herd::tools::up::run(&config_path, &config, &tracing) {
                 Ok(0) => Ok(()),
                 Ok(code) => Err(Failure(code as u8, "the herd stopped with an error".into())),
                 Err(e) => Err(Failure(1, e)),
@@ -118,12 +129,27 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
             &config_path,
         ),
         ["send", server, line] => talk(server, line, &config_path),
+        ["trace-svg", trace] => trace_svg(trace, matches.opt_str("output")),
+        ["serve"] => Err(usage(
+            "serve needs the NAME of a server of the configuration: herd serve NAME",
+        )),
         [] => Err(usage("no command given (see herd --help)")),
         _ => Err(usage(format!(
             "unknown command line {:?} (see herd --help)",
             matches.free.join(" ")
         ))),
     }
+}
+
+/// `herd trace-svg TRACE [-o FILE]`: a saved trace drawn as a sequence diagram, into `FILE`
+/// (default: the trace's name with `.svg`).
+fn trace_svg(trace: &str, output: Option<String>) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(trace).map_err(|e| usage(format!("{trace}: {e}")))?;
+    let output = output.map_or_else(|| Path::new(trace).with_extension("svg"), PathBuf::from);
+    std::fs::write(&output, herd::tools::trace_svg::draw(&text))
+        .map_err(|e| Failure(1, format!("cannot write {}: {e}", output.display())))?;
+    println!("{}", output.display());
+    Ok(())
 }
 
 /// Sends one line to `server` (a name in the configuration, or HOST:PORT) and prints the

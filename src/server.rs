@@ -108,6 +108,7 @@ impl Server {
             let other = config.server(n)?;
             neighbour_addrs.push((n.clone(), resolve(&other.host, Some(other.port))?));
         }
+        trace::set_server(name);
         let tls = tls_config(config.places.ca_file.as_deref())?;
         let log_path = config.log_path(name);
         let mut log = Log::open(&log_path)?;
@@ -189,13 +190,9 @@ impl Server {
                 }
             };
             if trace::enabled() {
-                let name = &self.herd.name;
                 match timeout {
-                    Some(t) => trace_loop!(
-                        "{name} sleep: up to {} ms (the next deadline)",
-                        t.as_millis()
-                    ),
-                    None => trace_loop!("{name} sleep: until an event"),
+                    Some(t) => trace_loop!("sleep: up to {} ms (the next deadline)", t.as_millis()),
+                    None => trace_loop!("sleep: until an event"),
                 }
             }
             if let Err(e) = self.reactor.poll(&mut events, timeout) {
@@ -206,18 +203,14 @@ impl Server {
             self.begin_turn();
             if trace::enabled() {
                 let woken = self.describe(&events);
-                trace_loop!(
-                    "{} turn {}: woken by {woken}",
-                    self.herd.name,
-                    self.herd.turn
-                );
+                trace_loop!("turn {}: woken by {woken}", self.herd.turn);
             }
             for event in events.iter() {
                 let source = self.reactor.source(event.token());
                 let before = trace::enabled().then(|| self.snapshot(Some(source)));
                 self.dispatch(event);
                 if let Some(before) = before {
-                    before.trace_changes(&self.herd.name, &self.snapshot(Some(source)));
+                    before.trace_changes(&self.snapshot(Some(source)));
                 }
             }
             let before = trace::enabled().then(|| self.snapshot(None));
@@ -225,7 +218,7 @@ impl Server {
             self.fire_deadlines();
             self.before_sleep();
             if let Some(before) = before {
-                before.trace_changes(&self.herd.name, &self.snapshot(None));
+                before.trace_changes(&self.snapshot(None));
             }
         }
         self.shut_down();

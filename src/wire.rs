@@ -254,6 +254,11 @@ impl OutBuf {
         self.buf.len() - self.sent
     }
 
+    /// The bytes not yet written.
+    pub fn unsent(&self) -> &[u8] {
+        &self.buf[self.sent..]
+    }
+
     /// Writes until everything is written or the socket would block.
     pub fn write_to(&mut self, stream: &mut impl Write) -> io::Result<()> {
         while self.sent < self.buf.len() {

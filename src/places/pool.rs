@@ -37,6 +37,7 @@ use crate::config::PlacesConfig;
 use crate::log::Log;
 use crate::places::http::ResponseReader;
 use crate::places::{self, Api, Output};
+use crate::trace::trace_loop;
 use crate::wire::Transport;
 
 /// How long a kept-alive connection may sit unused before we close it ourselves.
@@ -296,6 +297,7 @@ impl<S: Transport> PlacesPool<S> {
             format_args!("places #{id}"),
             format_args!("{}", request.summary),
         );
+        trace_loop!("  places #{id} > {}", request.summary);
         let job = Job {
             id,
             owner,
@@ -344,7 +346,12 @@ impl<S: Transport> PlacesPool<S> {
                     unreachable!("position found an idle slot")
                 };
                 if let Err(e) = conn.tls.writer().write_all(&job.request.bytes) {
-                    self.fail(job, log, Failure::Failed, &format!("cannot send the request: {e}"));
+                    self.fail(
+                        job,
+                        log,
+                        Failure::Failed,
+                        &format!("cannot send the request: {e}"),
+                    );
                     continue;
                 }
                 self.slots[i] = Slot::Exchanging {
@@ -388,7 +395,12 @@ impl<S: Transport> PlacesPool<S> {
                 }
                 Err(e) => {
                     self.next_address();
-                    self.fail(job, log, Failure::Failed, &format!("cannot connect to {addr}: {e}"));
+                    self.fail(
+                        job,
+                        log,
+                        Failure::Failed,
+                        &format!("cannot connect to {addr}: {e}"),
+                    );
                 }
             }
         }
@@ -682,6 +694,7 @@ impl<S: Transport> PlacesPool<S> {
     }
 
     fn finish(&mut self, job: Job, body: Vec<u8>) {
+        trace_loop!("  places #{} < {} bytes", job.id, body.len());
         self.done.push(Done {
             owner: job.owner,
             job: job.id,
@@ -997,7 +1010,10 @@ mod tests {
         assert_eq!(done.job, job);
         let body = String::from_utf8_lossy(&done.body);
         assert!(body.contains("\"status\" : \"UNKNOWN_ERROR\""), "{body}");
-        assert!(body.contains("Google Places did not answer in time"), "{body}");
+        assert!(
+            body.contains("Google Places did not answer in time"),
+            "{body}"
+        );
         assert_eq!(pool.slot_states().collect::<Vec<_>>(), ["Empty"]);
     }
 

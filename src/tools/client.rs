@@ -24,9 +24,15 @@ pub fn server_address(server: &str, config: Option<&Config>) -> Result<SocketAdd
     if server.contains(':') {
         return resolve(server, None);
     }
-    Err(format!(
-        "{server:?} is neither a server of the configuration nor HOST:PORT"
-    ))
+    match config {
+        Some(_) => Err(format!(
+            "{server:?} is neither a server of the configuration nor HOST:PORT"
+        )),
+        None => Err(format!(
+            "no herd.toml here or beside the program, so {server:?} must be HOST:PORT \
+             (or give --config PATH)"
+        )),
+    }
 }
 
 /// `IAMAT CLIENT LOCATION NOW`, with the current time to the nanosecond.

@@ -5,4 +5,5 @@
 
 pub mod client;
 pub mod load;
+pub mod trace_svg;
 pub mod up;

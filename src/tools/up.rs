@@ -2,10 +2,15 @@
 //! herd on one machine. Ctrl-C or SIGTERM stops them all; if one of them dies, the rest are
 //! stopped too, so a half herd never keeps running unnoticed.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
@@ -21,9 +26,45 @@ struct Running {
     child: Child,
 }
 
+/// What `herd up` does with its servers' traces.
+#[derive(Debug, Clone, Default)]
+pub struct Tracing {
+    /// Every server traces its loop (see [`crate::trace`]); `up` prints their traces merged in
+    /// time order.
+    pub on: bool,
+    /// Also draws the merged trace into this file when the herd stops
+    /// ([`crate::tools::trace_svg`]).
+    pub svg: Option<PathBuf>,
+}
+
 /// Runs the herd until a signal; returns the exit code.
-/// With `trace`, every server traces its loop (see [`crate::trace`]).
-pub fn run(config_path: &Path, config: &Config, trace: bool) -> Result<i32, String> {
+pub fn run(config_path: &Path, config: &Config, tracing: &Tracing) -> Result<i32, String> {
+    let trace = tracing.on || tracing.svg.is_some();
+    let merger = trace.then(|| Merger::start(tracing.svg.is_some()));
+    let code = run_herd(
+        config_path,
+        config,
+        trace,
+        merger.as_ref().map(Merger::sender),
+    );
+    if let Some(merger) = merger {
+        let lines = merger.finish();
+        if let Some(path) = &tracing.svg {
+            let svg = crate::tools::trace_svg::draw(&lines.join("\n"));
+            std::fs::write(path, svg)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            println!("herd up: the trace is drawn in {}", path.display());
+        }
+    }
+    code
+}
+
+fn run_herd(
+    config_path: &Path,
+    config: &Config,
+    trace: bool,
+    traces: Option<Sender<String>>,
+) -> Result<i32, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     // Registered before any child exists, so no SIGCHLD is missed.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD])
@@ -46,6 +87,10 @@ pub fn run(config_path: &Path, config: &Config, trace: bool) -> Result<i32, Stri
             .args(trace.then_some("--trace"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            .stderr(match traces {
+                Some(_) => Stdio::piped(),
+                None => Stdio::inherit(),
+            })
             .envs(secret.iter().map(|s| ("HERD_SECRET", s)))
             // Its own process group: a terminal's Ctrl-C reaches `up`, which stops the herd in order.
             .process_group(0);
@@ -69,15 +114,32 @@ pub fn run(config_path: &Path, config: &Config, trace: bool) -> Result<i32, Stri
         }
     }
     for running in &mut herd {
+        if let (Some(stderr), Some(traces)) = (running.child.stderr.take(), &traces) {
+            let traces = traces.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let _ = traces.send(line);
+                }
+            });
+        }
         let Some(stdout) = running.child.stdout.take() else {
             continue;
         };
         let mut lines = BufReader::new(stdout);
         let mut ready = String::new();
         if lines.read_line(&mut ready).unwrap_or(0) == 0 {
+            // It exited before it was up: `up` stops the rest and exits as that server did (2
+            // for a bad configuration or a port in use, as `herd serve` would).
             let name = running.name.clone();
+            let code = running
+                .child
+                .wait()
+                .ok()
+                .and_then(|s| s.code())
+                .unwrap_or(1);
+            eprintln!("herd up: server {name} did not start (its error is above)");
             stop(&mut herd);
-            return Err(format!("server {name} did not start (its error is above)"));
+            return Ok(code);
         }
         print!("{ready}");
         // Anything else a server prints is passed on.
@@ -142,4 +204,71 @@ fn stop(herd: &mut [Running]) -> bool {
         }
     }
     clean
+}
+
+/// Prints the servers' traces merged in time order: a line waits until nothing earlier can still
+/// come (its servers write within milliseconds of the time stamp), then goes out in order. Lines
+/// without a time stamp (warnings, errors) go out at once.
+struct Merger {
+    sender: Sender<String>,
+    printer: JoinHandle<Vec<String>>,
+}
+
+/// How long a trace line waits for earlier ones from other servers.
+const MERGE_WAIT_US: u64 = 50_000;
+/// The most lines kept for the drawing.
+const KEEP_LINES: usize = 1_000_000;
+
+impl Merger {
+    fn start(keep: bool) -> Merger {
+        let (sender, lines) = mpsc::channel::<String>();
+        let printer = std::thread::spawn(move || {
+            let mut waiting: BinaryHeap<Reverse<(u64, u64, String)>> = BinaryHeap::new();
+            let mut kept = Vec::new();
+            let mut count = 0u64;
+            let out = |line: String, kept: &mut Vec<String>| {
+                eprintln!("{line}");
+                if keep && kept.len() < KEEP_LINES {
+                    kept.push(line);
+                }
+            };
+            loop {
+                let received = lines.recv_timeout(std::time::Duration::from_millis(10));
+                let ended = matches!(received, Err(RecvTimeoutError::Disconnected));
+                if let Ok(line) = received {
+                    let stamp = line.split_whitespace().next().and_then(|t| t.parse().ok());
+                    match stamp {
+                        Some(stamp) => {
+                            count += 1;
+                            waiting.push(Reverse((stamp, count, line)));
+                        }
+                        None => out(line, &mut kept),
+                    }
+                }
+                let ripe = crate::trace::now_us().saturating_sub(MERGE_WAIT_US);
+                while let Some(Reverse((stamp, _, _))) = waiting.peek() {
+                    if *stamp > ripe && !ended {
+                        break;
+                    }
+                    if let Some(Reverse((_, _, line))) = waiting.pop() {
+                        out(line, &mut kept);
+                    }
+                }
+                if ended {
+                    return kept;
+                }
+            }
+        });
+        Merger { sender, printer }
+    }
+
+    fn sender(&self) -> Sender<String> {
+        self.sender.clone()
+    }
+
+    /// Waits for every server's trace to end, prints what is left, returns the lines kept.
+    fn finish(self) -> Vec<String> {
+        drop(self.sender);
+        self.printer.join().unwrap_or_default()
+    }
 }
