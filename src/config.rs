@@ -7,16 +7,29 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use crate::aof::{parse_fsync, Fsync, COMPACT_MIN_BYTES};
 use crate::places::{Api, Output};
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub log_dir: PathBuf,
+    /// Where each server keeps its records on disk (`<data_dir>/<NAME>.aof`); `None`: in
+    /// memory only.
+    pub data_dir: Option<PathBuf>,
+    pub store: StoreConfig,
     /// A file holding the herd secret, used when `HERD_SECRET` is not set.
     pub secret_file: Option<PathBuf>,
     pub servers: Vec<ServerConfig>,
     pub places: PlacesConfig,
     pub limits: Limits,
+}
+
+/// `[store]`: how the records on disk are kept.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub fsync: Fsync,
+    /// A file smaller than this is never compacted.
+    pub compact_min_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +180,12 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message().trim()))?;
         let log_dir = base.join(take_str(&mut top, "log_dir", "")?.unwrap_or("logs".into()));
+        let data_dir = match take_str(&mut top, "data_dir", "")? {
+            None => Some(base.join("data")),
+            Some(dir) if dir.is_empty() => None,
+            Some(dir) => Some(base.join(dir)),
+        };
+        let store = parse_store(take_table(&mut top, "store")?)?;
         let secret_file = take_str(&mut top, "secret_file", "")?.map(|p| base.join(p));
         let servers = match top.remove("server") {
             Some(Value::Array(list)) => list
@@ -182,6 +201,8 @@ impl Config {
         check_herd(&servers)?;
         Ok(Config {
             log_dir,
+            data_dir,
+            store,
             secret_file,
             servers,
             places,
@@ -370,6 +391,23 @@ fn split_https_url(url: &str) -> Result<(String, u16, String), String> {
     }
     let path = if path.is_empty() { "/" } else { path };
     Ok((host.to_owned(), port, path.to_owned()))
+}
+
+fn parse_store(mut t: Table) -> Result<StoreConfig, String> {
+    let at = "store.";
+    let fsync = match take_str(&mut t, "fsync", at)?.as_deref() {
+        None => Fsync::EverySec,
+        Some(text) => parse_fsync(text).ok_or_else(|| {
+            format!("store.fsync is {text:?}: it must be \"always\", \"everysec\" or \"no\"")
+        })?,
+    };
+    let compact_min_bytes =
+        take_uint(&mut t, "compact_min_bytes", at, COMPACT_MIN_BYTES as usize)? as u64;
+    no_unknown_keys(&t, at)?;
+    Ok(StoreConfig {
+        fsync,
+        compact_min_bytes,
+    })
 }
 
 fn parse_limits(mut t: Table) -> Result<Limits, String> {

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::aof::Aof;
 use crate::config::Limits;
 use crate::link::{self, Link};
 use crate::log::{Log, Who};
@@ -38,6 +39,8 @@ pub struct Herd {
     pub links: Vec<Link>,
     /// `None` when no API key is configured.
     pub places: Option<PlacesPool>,
+    /// The store on disk; `None` when it is kept in memory only.
+    pub aof: Option<Aof>,
     pub log: Log,
     pub limits: Limits,
     /// This turn's time, read once by the loop.
@@ -118,6 +121,7 @@ impl Herd {
             store: Store::new(limits.max_clients),
             links,
             places,
+            aof: None,
             log,
             limits,
             now,
@@ -149,6 +153,9 @@ impl Herd {
                 match self.store.merge(iamat.client, iamat.time_ns, &self.reply) {
                     Merge::Stored => {
                         trace_loop!("  store {}: stored", trace::shown(iamat.client));
+                        if let Some(aof) = &mut self.aof {
+                            aof.append(&self.reply);
+                        }
                         // The neighbours get the update before the client gets its reply
                         // (docs/protocol.md section 5); the loop also writes links before
                         // clients.
@@ -261,7 +268,12 @@ impl Herd {
             trace_loop!("  store {}: {what}", trace::shown(client));
         }
         let why = match merged {
-            Some(Merge::Stored) => return self.flood(record, Some(from)),
+            Some(Merge::Stored) => {
+                if let Some(aof) = &mut self.aof {
+                    aof.append(record);
+                }
+                return self.flood(record, Some(from));
+            }
             Some(Merge::Stale) => return,
             None => "ignored a line that is not a valid record",
             Some(Merge::Full) => {

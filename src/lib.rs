@@ -3,6 +3,7 @@
 // (.cargo/config.toml: --document-private-items), so its links to private items resolve.
 #![allow(rustdoc::private_intra_doc_links)]
 
+pub mod aof;
 pub mod bytes;
 pub mod config;
 pub mod conn;

@@ -34,6 +34,7 @@ use mio::{Events, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::aof::Aof;
 use crate::bytes::escape_into;
 use crate::config::{resolve, Config};
 use crate::conn::{CloseReason, Conn, Flushed, Readiness, Served};
@@ -87,6 +88,8 @@ pub struct Server {
     herd: Herd,
     /// Where SIGUSR1 writes the store.
     dump_path: PathBuf,
+    /// The store's file could not be written at the last try (said once, until it works again).
+    disk_failing: bool,
     stopping: bool,
 }
 
@@ -111,47 +114,84 @@ impl Server {
         trace::set_server(name);
         let tls = tls_config(config.places.ca_file.as_deref())?;
         let log_path = config.log_path(name);
-        let mut log = Log::open(&log_path)?;
+        let log = Log::open(&log_path)?;
         let reactor = Reactor::new(neighbour_addrs.len(), config.places.pool_size)?;
         let waker = Arc::new(reactor.waker()?);
         let places = key
             .map(|key| PlacesPool::new(&config.places, key, tls, waker.clone()))
             .transpose()?;
-        // mio sets SO_REUSEADDR, so a restarted server rebinds its port at once.
-        let mut listener =
-            TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        let bound = listener.local_addr().map_err(|e| e.to_string())?;
-        let limits = config.limits.clone();
-        let mark = crate::herd::OUTPUT_HIGH_WATER.min(limits.client_output_bytes / 4);
-        keep_send_buffers_under(&listener, mark);
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])
-            .map_err(|e| format!("cannot catch signals: {e}"))?;
-        reactor.register_readable(&mut listener, Source::Listener)?;
-        reactor.register_readable(&mut signals, Source::Signals)?;
         let now = Instant::now();
         let inbound = neighbour_addrs.iter().map(|_| Inbound::default()).collect();
         let links = neighbour_addrs
             .into_iter()
             .map(|(n, a)| Link::new(n, a, now))
             .collect();
-        log.set_time(SystemTime::now());
-        log.event(
+        let limits = config.limits.clone();
+        let mut herd = Herd::new(name.to_owned(), secret, links, places, log, limits, now);
+        herd.log.set_time(SystemTime::now());
+        // The store on disk is replayed before the listener opens: nothing is answered from a
+        // store that is not whole.
+        if let Some(dir) = &config.data_dir {
+            let started = Instant::now();
+            let (store, cfg) = (&mut herd.store, &config.store);
+            let (aof, seen) =
+                Aof::open(dir, name, cfg.fsync, cfg.compact_min_bytes, store, &waker)?;
+            herd.log.event(
+                format_args!("store"),
+                format_args!(
+                    "replayed {} records of {} into {} clients in {} ms",
+                    seen.records,
+                    aof.path().display(),
+                    herd.store.len(),
+                    started.elapsed().as_millis()
+                ),
+            );
+            if seen.cut > 0 {
+                herd.log.event(
+                    format_args!("store"),
+                    format_args!(
+                        "cut {} bytes of a torn last record off {}",
+                        seen.cut,
+                        aof.path().display()
+                    ),
+                );
+            }
+            if seen.refused > 0 {
+                herd.log.event(
+                    format_args!("store"),
+                    format_args!("{} records refused: the store is full", seen.refused),
+                );
+            }
+            herd.aof = Some(aof);
+        }
+        // mio sets SO_REUSEADDR, so a restarted server rebinds its port at once.
+        let mut listener =
+            TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        let mark = crate::herd::OUTPUT_HIGH_WATER.min(herd.limits.client_output_bytes / 4);
+        keep_send_buffers_under(&listener, mark);
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])
+            .map_err(|e| format!("cannot catch signals: {e}"))?;
+        reactor.register_readable(&mut listener, Source::Listener)?;
+        reactor.register_readable(&mut signals, Source::Signals)?;
+        herd.log.event(
             format_args!("server {name}"),
             format_args!("listening on {bound}"),
         );
-        if places.is_none() {
-            log.event(
+        if herd.places.is_none() {
+            herd.log.event(
                 format_args!("server {name}"),
                 format_args!("no Places API key: WHATSAT answers REQUEST_DENIED"),
             );
         }
-        if secret.is_none() && !me.neighbors.is_empty() {
+        if herd.secret.is_none() && !me.neighbors.is_empty() {
             let warning = "has neighbours and no herd secret: anyone who can reach its port can \
                            claim to be a neighbour and send records (set HERD_SECRET or secret_file)";
             log::warn!("server {name} {warning}");
-            log.event(format_args!("server {name}"), format_args!("{warning}"));
+            herd.log
+                .event(format_args!("server {name}"), format_args!("{warning}"));
         }
-        log.flush();
+        herd.log.flush();
         println!(
             "{name} listening on {bound}, logging to {}",
             log_path.display()
@@ -173,8 +213,9 @@ impl Server {
             to_flush: Vec::new(),
             again: Vec::new(),
             scratch: vec![0; READ_CHUNK],
-            herd: Herd::new(name.to_owned(), secret, links, places, log, limits, now),
+            herd,
             dump_path: config.log_dir.join(format!("{name}.store")),
+            disk_failing: false,
             stopping: false,
         })
     }
@@ -228,7 +269,9 @@ impl Server {
     /// Whether the next turn must come at once: a connection's share ran out with work left, or
     /// a link copying the store wants more of it written.
     fn has_work(&self) -> bool {
-        !self.again.is_empty() || self.herd.links.iter().any(Link::wants_turn)
+        !self.again.is_empty()
+            || self.herd.links.iter().any(Link::wants_turn)
+            || self.herd.aof.as_ref().is_some_and(Aof::wants_turn)
     }
 
     /// What woke the loop, for the trace: `c3 readable`, `link Bona writable`, ...
@@ -573,10 +616,37 @@ impl Server {
                 self.close_inbound(i, reason);
             }
         }
+        // The turn's records reach the file (and the disk, with fsync = "always") before the
+        // replies that acknowledge them leave.
+        self.end_turn_on_disk();
         while let Some(slot) = self.to_flush.pop() {
             self.flush_conn(slot);
         }
         self.herd.log.flush();
+    }
+
+    /// Writes the turn's records to the store's file. A disk that fails is said once in the
+    /// log (and again each time it fails after working), and the server goes on from memory.
+    fn end_turn_on_disk(&mut self) {
+        let herd = &mut self.herd;
+        let Some(aof) = &mut herd.aof else {
+            return;
+        };
+        let mut said: Vec<String> = aof.take_failures();
+        match aof.end_turn(&herd.store) {
+            Ok(Some(what)) => said.push(what),
+            Ok(None) => self.disk_failing = false,
+            Err(e) if !self.disk_failing => {
+                self.disk_failing = true;
+                log::error!("{e}");
+                said.push(e);
+            }
+            Err(_) => {}
+        }
+        for what in said {
+            herd.log
+                .event(format_args!("store"), format_args!("{what}"));
+        }
     }
 
     /// Writes connection `slot`'s output and does what that decides: nothing, run the lines it
@@ -661,6 +731,12 @@ impl Server {
         }
         for inbound in &mut self.inbound {
             let _ = inbound.flush();
+        }
+        if let Some(aof) = &mut herd.aof {
+            if let Err(e) = aof.close(&herd.store) {
+                log::error!("{e}");
+                herd.log.event(format_args!("store"), format_args!("{e}"));
+            }
         }
         let limits = herd.limits.clone();
         for conn in self.conns.iter_mut().flatten() {

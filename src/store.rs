@@ -64,6 +64,8 @@ pub struct Store {
     /// server hold is bounded by it.
     max_clients: usize,
     records: Vec<Record>,
+    /// The bytes of every record line held.
+    bytes: usize,
     index: HashMap<Box<[u8]>, usize>,
     /// The wrapping sum of [`record_hash`] over every record: the same for the same set of
     /// records whatever order they arrived in, and updated in O(1) by each merge.
@@ -87,6 +89,7 @@ impl Store {
         Store {
             max_clients,
             records: Vec::new(),
+            bytes: 0,
             index: HashMap::new(),
             digest: 0,
             parts: vec![0; DIGEST_PARTS].into_boxed_slice(),
@@ -151,6 +154,7 @@ impl Store {
             return Merge::Full;
         }
         self.index.insert(client.into(), self.records.len());
+        self.bytes += line.len();
         let part = part_of(client);
         self.count(part, record_hash(line));
         self.part_at.push(part);
@@ -168,6 +172,7 @@ impl Store {
             return Merge::Stale;
         }
         let change = record_hash(line).wrapping_sub(record_hash(&held.line));
+        self.bytes = self.bytes + line.len() - held.line.len();
         *held = Record {
             time_ns,
             line: line.into(),
@@ -222,6 +227,11 @@ impl Store {
 
     pub fn len(&self) -> usize {
         self.records.len()
+    }
+
+    /// The bytes of every record line held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,0 +1,583 @@
+//! The store on disk: an append-only file of records, replayed at start, so that a server
+//! remembers every location across a restart (Redis's AOF, in the same spirit).
+//!
+//! Every record that changed the store, a client's IAMAT or a neighbour's, is appended as one
+//! line: its CRC-32C in eight hex digits, a space, and the `AT` line, as it is stored. A record
+//! never holds a `\n`, so a line is a record; the checksum tells a whole record from a torn or
+//! damaged one.
+//!
+//! ```text
+//! 5be0c2f3 AT Bailey +0.263873386 kiwi.cs.ucla.edu +34.068930-118.445127 1621464827.959498503
+//! ```
+//!
+//! The turn's records are written at the end of the turn, in one `write`. When they reach the
+//! disk depends on `[store] fsync`, with Redis's meanings:
+//!
+//! - `always`: the loop calls `fdatasync` after that write and before it writes the turn's
+//!   replies (a group commit: one per turn, however many records), so an acknowledged IAMAT is
+//!   on disk;
+//! - `everysec` (the default): a helper thread calls `fdatasync` on its own descriptor of the
+//!   file once a second when something was written, so at most about two seconds of records are
+//!   lost in a crash of the machine (none when only the server dies). This is the one place
+//!   besides DNS where the loop hands work away: the thread only waits on the disk, and wakes
+//!   the loop when a sync fails;
+//! - `no`: the kernel writes when it likes.
+//!
+//! Start-up replays the file into the store before the listener opens. A torn tail (the last
+//! record cut short by a crash, or damaged) is cut off, and one log line says how many bytes;
+//! a damaged record with whole records after it stops start-up with the file and its offset.
+//!
+//! The file grows with every update; once it is twice the size of the live records (and at
+//! least `compact_min_bytes`), it is compacted: the store's records are written to a new file
+//! a slice per turn, while new records go to both files; then the new file is synced, renamed
+//! over the old one, and the directory synced. A crash at any moment leaves either the old file
+//! or the new one whole, and either replays to the store (replay merges, newest wins, so a
+//! record in a file twice is harmless).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::Waker;
+
+use crate::store::{Bounds, Merge, Store};
+
+/// When records reach the disk: Redis's `appendfsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Always,
+    EverySec,
+    No,
+}
+
+/// The smallest file worth compacting, unless configured.
+pub const COMPACT_MIN_BYTES: u64 = 64 << 20;
+/// How much of the store a compaction writes per turn: about a millisecond of the loop.
+const COMPACT_TURN_BYTES: usize = 256 * 1024;
+/// How often the helper thread syncs an `everysec` file.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// CRC-32C (Castagnoli), the checksum of a record; the table is made once, at compile time.
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    !bytes.iter().fold(!0u32, |crc, &b| {
+        CRC_TABLE[usize::from((crc as u8) ^ b)] ^ (crc >> 8)
+    })
+}
+
+/// Appends `record` as a line of the file: its checksum, a space, the record, `\n`.
+fn frame(record: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(format!("{:08x} ", crc32c(record)).as_bytes());
+    out.extend_from_slice(record);
+    out.push(b'\n');
+}
+
+/// The record of one line of the file (without its `\n`), if its checksum holds.
+fn unframe(line: &[u8]) -> Option<&[u8]> {
+    let (sum, record) = (line.get(..8)?, line.get(9..)?);
+    if line.get(8) != Some(&b' ') {
+        return None;
+    }
+    let sum = u32::from_str_radix(std::str::from_utf8(sum).ok()?, 16).ok()?;
+    (crc32c(record) == sum).then_some(record)
+}
+
+/// What a replay found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Replayed {
+    /// Records read, and how many changed the store (the rest were older copies).
+    pub records: u64,
+    pub stored: u64,
+    /// Bytes of a torn tail cut off the file.
+    pub cut: u64,
+    /// Records the store refused (its bounds are tighter than when they were written).
+    pub refused: u64,
+}
+
+/// Reads the records of `bytes` into `store`. `Ok(len)` with the length of the whole records
+/// (the rest is a torn tail); `Err(offset)` if a damaged record has whole records after it.
+fn replay_bytes(bytes: &[u8], store: &mut Store, seen: &mut Replayed) -> Result<usize, usize> {
+    let mut at = 0;
+    let mut bad: Option<usize> = None;
+    while at < bytes.len() {
+        let Some(end) = memchr::memchr(b'\n', &bytes[at..]).map(|n| at + n) else {
+            break; // the last record, cut short
+        };
+        match unframe(&bytes[at..end]) {
+            Some(record) if bad.is_none() => {
+                seen.records += 1;
+                match store.merge_record(record, &Bounds::NONE) {
+                    Some(Merge::Stored) => seen.stored += 1,
+                    Some(Merge::Stale) => {}
+                    _ => seen.refused += 1,
+                }
+            }
+            // A whole record after a damaged one: the damage is in the middle.
+            Some(_) => return Err(bad.unwrap_or(at)),
+            None => bad = bad.or(Some(at)),
+        }
+        at = end + 1;
+    }
+    Ok(bad.unwrap_or(at).min(at))
+}
+
+/// The file of records of one server.
+pub struct Aof {
+    path: PathBuf,
+    dir: PathBuf,
+    file: File,
+    fsync: Fsync,
+    /// This turn's records, framed, for the end of the turn.
+    pending: Vec<u8>,
+    /// The file's length.
+    len: u64,
+    compact_min: u64,
+    compaction: Option<Compaction>,
+    /// The `everysec` helper: written-since-sync flag, and its reports.
+    syncer: Option<Syncer>,
+    /// Figures for the metrics: appends, bytes, syncs done in the loop and their time.
+    pub stats: Stats,
+}
+
+/// A compaction under way: the new file, and how far through the store it is.
+struct Compaction {
+    path: PathBuf,
+    file: File,
+    /// The next position of the store to copy, up to `end` (its size when the compaction began;
+    /// later records are appended to both files anyway).
+    next: usize,
+    end: usize,
+    /// Bytes written to the new file so far.
+    len: u64,
+}
+
+/// The helper thread of `everysec`.
+struct Syncer {
+    /// Set by the loop when it has written since the last sync; the thread's own clone going
+    /// away (one holder left) tells it to stop.
+    dirty: Arc<AtomicBool>,
+    failures: Receiver<String>,
+    reports: Sender<String>,
+    waker: Arc<Waker>,
+    /// How many syncs it has done, and the longest, in microseconds.
+    syncs: Arc<AtomicU64>,
+    longest_us: Arc<AtomicU64>,
+}
+
+/// Counts for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub records: u64,
+    pub bytes: u64,
+    pub syncs: u64,
+    pub sync_us_total: u64,
+    pub sync_us_max: u64,
+    pub compactions: u64,
+}
+
+impl Aof {
+    /// Opens (creating if needed) `<dir>/<name>.aof` and replays it into `store`. A torn tail is
+    /// cut off the file; a damaged record in the middle is an error naming the file and offset.
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        fsync: Fsync,
+        compact_min: u64,
+        store: &mut Store,
+        waker: &Arc<Waker>,
+    ) -> Result<(Aof, Replayed), String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
+        let path = dir.join(format!("{name}.aof"));
+        let shown = path.display().to_string();
+        // A compaction that did not finish left its new file: the old one is whole.
+        let _ = std::fs::remove_file(path.with_extension("aof.compact"));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("cannot open data file {shown}: {e}"))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read data file {shown}: {e}"))?;
+        let mut seen = Replayed {
+            records: 0,
+            stored: 0,
+            cut: 0,
+            refused: 0,
+        };
+        let whole = replay_bytes(&bytes, store, &mut seen).map_err(|offset| {
+            format!(
+                "data file {shown} is damaged at byte {offset}, with whole records after it: \
+                 move it aside to start empty (the neighbours resend what they hold)"
+            )
+        })?;
+        if whole < bytes.len() {
+            seen.cut = (bytes.len() - whole) as u64;
+            file.set_len(whole as u64)
+                .map_err(|e| format!("cannot cut the torn tail of {shown}: {e}"))?;
+        }
+        let syncer = match fsync {
+            Fsync::EverySec => Some(Syncer::start(&file, waker.clone())?),
+            _ => None,
+        };
+        let aof = Aof {
+            dir: dir.to_path_buf(),
+            path,
+            file,
+            fsync,
+            pending: Vec::with_capacity(64 * 1024),
+            len: whole as u64,
+            compact_min,
+            compaction: None,
+            syncer,
+            stats: Stats::default(),
+        };
+        Ok((aof, seen))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queues a record that changed the store, for the end of the turn.
+    pub fn append(&mut self, record: &[u8]) {
+        frame(record, &mut self.pending);
+        self.stats.records += 1;
+    }
+
+    /// Whether the next turn should come at once: a compaction has more to copy.
+    pub fn wants_turn(&self) -> bool {
+        self.compaction.is_some()
+    }
+
+    /// The end of the turn: writes the turn's records (to the new file of a compaction too),
+    /// syncs them with `always`, and moves a compaction on by a slice. Called before the turn's
+    /// replies are written. Returns what the log should say, if anything.
+    pub fn end_turn(&mut self, store: &Store) -> Result<Option<String>, String> {
+        let mut said = None;
+        if !self.pending.is_empty() {
+            let shown = self.path.display();
+            self.file
+                .write_all(&self.pending)
+                .map_err(|e| format!("cannot write data file {shown}: {e}"))?;
+            if let Some(c) = &mut self.compaction {
+                c.file
+                    .write_all(&self.pending)
+                    .map_err(|e| format!("cannot write {}: {e}", c.path.display()))?;
+                c.len += self.pending.len() as u64;
+            }
+            self.len += self.pending.len() as u64;
+            self.stats.bytes += self.pending.len() as u64;
+            self.pending.clear();
+            match self.fsync {
+                Fsync::Always => {
+                    let started = Instant::now();
+                    self.file
+                        .sync_data()
+                        .map_err(|e| format!("cannot sync data file {shown}: {e}"))?;
+                    let took = started.elapsed().as_micros() as u64;
+                    self.stats.syncs += 1;
+                    self.stats.sync_us_total += took;
+                    self.stats.sync_us_max = self.stats.sync_us_max.max(took);
+                }
+                Fsync::EverySec => {
+                    if let Some(syncer) = &self.syncer {
+                        syncer.dirty.store(true, Ordering::Release);
+                    }
+                }
+                Fsync::No => {}
+            }
+        }
+        if self.compaction.is_some() {
+            said = self.compact_slice(store)?;
+        } else if self.len >= self.compact_min && self.len > 2 * live_bytes(store) {
+            said = Some(self.start_compaction(store)?);
+        }
+        Ok(said)
+    }
+
+    /// Starts rewriting the file with only the store's records.
+    fn start_compaction(&mut self, store: &Store) -> Result<String, String> {
+        let path = self.path.with_extension("aof.compact");
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let said = format!(
+            "compacting {} ({} bytes for {} records)",
+            self.path.display(),
+            self.len,
+            store.len()
+        );
+        self.compaction = Some(Compaction {
+            path,
+            file,
+            next: 0,
+            end: store.len(),
+            len: 0,
+        });
+        Ok(said)
+    }
+
+    /// Copies the next slice of the store into the new file; at the end, syncs it and puts it
+    /// in the old one's place.
+    fn compact_slice(&mut self, store: &Store) -> Result<Option<String>, String> {
+        let Some(c) = &mut self.compaction else {
+            return Ok(None);
+        };
+        let mut slice = Vec::with_capacity(COMPACT_TURN_BYTES + 256);
+        while c.next < c.end && slice.len() < COMPACT_TURN_BYTES {
+            if let Some(record) = store.at(c.next) {
+                frame(&record.line, &mut slice);
+            }
+            c.next += 1;
+        }
+        c.file
+            .write_all(&slice)
+            .map_err(|e| format!("cannot write {}: {e}", c.path.display()))?;
+        c.len += slice.len() as u64;
+        if c.next < c.end {
+            return Ok(None);
+        }
+        // Whole: on disk, then in the old file's place, then the directory's entry on disk.
+        c.file
+            .sync_all()
+            .map_err(|e| format!("cannot sync {}: {e}", c.path.display()))?;
+        std::fs::rename(&c.path, &self.path)
+            .map_err(|e| format!("cannot rename {}: {e}", c.path.display()))?;
+        if let Ok(dir) = File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        let Some(c) = self.compaction.take() else {
+            return Ok(None);
+        };
+        let before = self.len;
+        // The new file is the file now; the appends go on to it (its descriptor appends: it was
+        // written only at its end).
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| format!("cannot reopen {}: {e}", self.path.display()))?;
+        drop(c.file);
+        self.len = c.len;
+        if let Some(syncer) = &mut self.syncer {
+            syncer.follow(&self.file)?;
+        }
+        self.stats.compactions += 1;
+        Ok(Some(format!(
+            "compacted {}: {before} bytes to {}",
+            self.path.display(),
+            self.len
+        )))
+    }
+
+    /// What the `everysec` helper reported: a sync that failed.
+    pub fn take_failures(&mut self) -> Vec<String> {
+        match &self.syncer {
+            Some(syncer) => syncer.failures.try_iter().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The helper's syncs and the longest, in microseconds (`everysec`).
+    pub fn helper_syncs(&self) -> Option<(u64, u64)> {
+        let s = self.syncer.as_ref()?;
+        Some((
+            s.syncs.load(Ordering::Relaxed),
+            s.longest_us.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Stopping: everything written and synced, whatever the policy.
+    pub fn close(&mut self, store: &Store) -> Result<(), String> {
+        self.end_turn(store)?;
+        self.file
+            .sync_data()
+            .map_err(|e| format!("cannot sync data file {}: {e}", self.path.display()))
+    }
+}
+
+/// The bytes the store's records take in a compacted file.
+fn live_bytes(store: &Store) -> u64 {
+    // Nine bytes of checksum and space, and a newline, around each record.
+    store.bytes() as u64 + 10 * store.len() as u64
+}
+
+impl Syncer {
+    fn start(file: &File, waker: Arc<Waker>) -> Result<Syncer, String> {
+        let (reports, failures) = mpsc::channel();
+        let syncer = Syncer {
+            dirty: Arc::new(AtomicBool::new(false)),
+            failures,
+            reports,
+            waker,
+            syncs: Arc::new(AtomicU64::new(0)),
+            longest_us: Arc::new(AtomicU64::new(0)),
+        };
+        syncer.spawn(file)?;
+        Ok(syncer)
+    }
+
+    /// A thread that syncs `file` once a second when the loop has written to it.
+    fn spawn(&self, file: &File) -> Result<(), String> {
+        // Its own descriptor of the file: the loop's is never shared with the thread.
+        let own = file
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the data file's descriptor: {e}"))?;
+        let (dirty, syncs, longest) = (
+            self.dirty.clone(),
+            self.syncs.clone(),
+            self.longest_us.clone(),
+        );
+        let (reports, waker) = (self.reports.clone(), self.waker.clone());
+        std::thread::Builder::new()
+            .name("fsync".into())
+            .spawn(move || loop {
+                std::thread::sleep(EVERY);
+                if Arc::strong_count(&dirty) == 1 {
+                    return; // the file was closed, or a compaction replaced it
+                }
+                if !dirty.swap(false, Ordering::AcqRel) {
+                    continue;
+                }
+                let started = Instant::now();
+                if let Err(e) = own.sync_data() {
+                    let _ = reports.send(format!("cannot sync the data file: {e}"));
+                    let _ = waker.wake();
+                }
+                let took = started.elapsed().as_micros() as u64;
+                syncs.fetch_add(1, Ordering::Relaxed);
+                longest.fetch_max(took, Ordering::Relaxed);
+            })
+            .map_err(|e| format!("cannot start the fsync thread: {e}"))?;
+        Ok(())
+    }
+
+    /// After a compaction: a new thread syncs the new file (the old one stops at its next
+    /// tick, its flag no longer shared).
+    fn follow(&mut self, file: &File) -> Result<(), String> {
+        self.dirty = Arc::new(AtomicBool::new(true));
+        self.spawn(file)
+    }
+}
+
+/// Reads `text` as `[store] fsync`.
+pub fn parse_fsync(text: &str) -> Option<Fsync> {
+    match text {
+        "always" => Some(Fsync::Always),
+        "everysec" => Some(Fsync::EverySec),
+        "no" => Some(Fsync::No),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_is_castagnolis() {
+        // The check value of CRC-32C.
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(crc32c(b""), 0);
+    }
+
+    #[test]
+    fn a_record_is_a_line_with_its_checksum() {
+        let mut out = Vec::new();
+        frame(b"AT A +0.000000001 k +1+1 5", &mut out);
+        assert_eq!(out.last(), Some(&b'\n'));
+        let line = &out[..out.len() - 1];
+        assert_eq!(unframe(line), Some(&b"AT A +0.000000001 k +1+1 5"[..]));
+        let mut damaged = line.to_vec();
+        damaged[20] ^= 1;
+        assert_eq!(unframe(&damaged), None);
+        assert_eq!(unframe(b"short"), None);
+    }
+
+    fn file_of(records: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            frame(r, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn a_replay_cuts_a_torn_tail_and_refuses_damage_in_the_middle() {
+        let a: &[u8] = b"AT A +0.000000001 a +1+1 5";
+        let b: &[u8] = b"AT A +0.000000001 b +1+1 5";
+        let whole = file_of(&[a, b]);
+        let mut store = Store::default();
+        let mut seen = Replayed {
+            records: 0,
+            stored: 0,
+            cut: 0,
+            refused: 0,
+        };
+        assert_eq!(replay_bytes(&whole, &mut store, &mut seen), Ok(whole.len()));
+        assert_eq!((seen.records, store.len()), (2, 2));
+        // Cut anywhere in the last record: the first is kept, the rest is a torn tail.
+        let first = file_of(&[a]).len();
+        for cut in first..whole.len() {
+            let mut store = Store::default();
+            let got = replay_bytes(&whole[..cut], &mut store, &mut seen);
+            assert_eq!(got, Ok(first), "cut at {cut}");
+            assert_eq!(store.len(), 1);
+        }
+        // A damaged last record is a torn tail too.
+        let mut last = whole.clone();
+        last[first + 15] ^= 1;
+        assert_eq!(
+            replay_bytes(&last, &mut Store::default(), &mut seen),
+            Ok(first)
+        );
+        // A damaged record with a whole one after it: an error at its offset.
+        let mut middle = whole;
+        middle[3] ^= 1;
+        assert_eq!(
+            replay_bytes(&middle, &mut Store::default(), &mut seen),
+            Err(0)
+        );
+    }
+}
