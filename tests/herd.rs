@@ -10,146 +10,29 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::herds::{
+    await_log_past, free_ports, herd_2023, herd_goloman, member, write_config, Herd, Member,
+};
 use common::*;
 
 const CONVERGE: Duration = Duration::from_secs(10);
-const LOCATION: &str = "+34.068930-118.445127";
 const NO_KEY_BODY: &[u8] = br#"{"html_attributions" : [], "results" : [], "status" : "REQUEST_DENIED", "error_message" : "This server has no Google Places API key: set GOOGLE_PLACES_API_KEY or places.key_file."}"#;
-
-/// The 2023 herd (docs/protocol.md section 1) on the given five ports.
-fn herd_2023(ports: &[u16]) -> Vec<ServerSpec<'static>> {
-    vec![
-        ServerSpec {
-            name: "Bailey",
-            port: ports[0],
-            neighbors: &["Bona", "Campbell"],
-        },
-        ServerSpec {
-            name: "Bona",
-            port: ports[1],
-            neighbors: &["Bailey", "Campbell", "Clark"],
-        },
-        ServerSpec {
-            name: "Campbell",
-            port: ports[2],
-            neighbors: &["Bailey", "Bona", "Jaquez"],
-        },
-        ServerSpec {
-            name: "Clark",
-            port: ports[3],
-            neighbors: &["Bona", "Jaquez"],
-        },
-        ServerSpec {
-            name: "Jaquez",
-            port: ports[4],
-            neighbors: &["Campbell", "Clark"],
-        },
-    ]
-}
-
-/// The Goloman herd of earlier years (docs/protocol.md section 1).
-fn herd_goloman(ports: &[u16]) -> Vec<ServerSpec<'static>> {
-    vec![
-        ServerSpec {
-            name: "Goloman",
-            port: ports[0],
-            neighbors: &["Hands", "Holiday", "Wilkes"],
-        },
-        ServerSpec {
-            name: "Hands",
-            port: ports[1],
-            neighbors: &["Goloman", "Wilkes"],
-        },
-        ServerSpec {
-            name: "Holiday",
-            port: ports[2],
-            neighbors: &["Goloman", "Welsh", "Wilkes"],
-        },
-        ServerSpec {
-            name: "Welsh",
-            port: ports[3],
-            neighbors: &["Holiday"],
-        },
-        ServerSpec {
-            name: "Wilkes",
-            port: ports[4],
-            neighbors: &["Goloman", "Hands", "Holiday"],
-        },
-    ]
-}
-
-fn spawn_all(config: &Path, specs: &[ServerSpec]) -> Vec<ServerProc> {
-    specs
-        .iter()
-        .map(|s| spawn_server(config, s.name, &[]))
-        .collect()
-}
-
-/// A herd of `make(ports)` on free ports in a new directory, every server started.
-/// `free_ports` can race with other tests (a port taken between the check and the bind makes a
-/// server exit with "address already in use"), so a herd that fails to start is tried again,
-/// in a fresh directory on new ports, twice at most; a server that never starts still fails
-/// the test.
-fn start_herd(
-    tag: &str,
-    make: fn(&[u16]) -> Vec<ServerSpec<'static>>,
-) -> (TestDir, Vec<ServerSpec<'static>>, PathBuf, Vec<ServerProc>) {
-    let mut attempt = 1;
-    loop {
-        let dir = TestDir::new(tag);
-        let specs = make(&free_ports(5));
-        let config = write_config(&dir, &specs, "");
-        match panic::catch_unwind(AssertUnwindSafe(|| spawn_all(&config, &specs))) {
-            Ok(servers) => return (dir, specs, config, servers),
-            Err(_) if attempt < 3 => attempt += 1,
-            Err(failure) => panic::resume_unwind(failure),
-        }
-    }
-}
-
-fn by_name<'a>(servers: &'a [ServerProc], name: &str) -> &'a ServerProc {
-    servers
-        .iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no server {name}"))
-}
-
-/// Sends `IAMAT CLIENT +34.068930-118.445127 NOW` to `server` and returns its AT line (with
-/// `\n`), after checking its shape.
-fn iamat(server: &ServerProc, client: &str) -> Vec<u8> {
-    let time = now_secs_string();
-    let reply = exchange(
-        server.addr,
-        format!("IAMAT {client} {LOCATION} {time}\n").as_bytes(),
-    );
-    let head = format!("AT {} ", server.name);
-    let tail = format!(" {client} {LOCATION} {time}\n");
-    assert!(
-        reply.starts_with(head.as_bytes())
-            && reply.ends_with(tail.as_bytes())
-            && reply.iter().filter(|&&b| b == b'\n').count() == 1,
-        "IAMAT {client} {LOCATION} {time} at {} was answered {}",
-        server.name,
-        show(&reply)
-    );
-    reply
-}
 
 /// The whole reply to `WHATSAT CLIENT 10 1` at `addr`.
 fn whatsat(addr: SocketAddr, client: &str) -> Vec<u8> {
     exchange(addr, format!("WHATSAT {client} 10 1\n").as_bytes())
 }
 
-/// Waits (bounded) until `server` answers WHATSAT CLIENT with the record `at_line`, then
-/// checks the whole reply.
-fn await_record(server: &ServerProc, client: &str, at_line: &[u8], what: &str) {
+/// Waits (bounded) until `server` answers WHATSAT CLIENT with the record `at`, then checks the
+/// whole reply.
+fn await_record(server: &ServerProc, client: &str, at: &str, what: &str) {
+    let at_line = &[at.as_bytes(), b"\n"].concat()[..];
     let mut last = Vec::new();
     let seen = eventually(CONVERGE, || {
         last = whatsat(server.addr, client);
@@ -171,109 +54,88 @@ fn await_record(server: &ServerProc, client: &str, at_line: &[u8], what: &str) {
     );
 }
 
-fn find_from(haystack: &[u8], needle: &str, from: usize) -> Option<usize> {
-    let from = from.min(haystack.len());
-    haystack[from..]
-        .windows(needle.len())
-        .position(|w| w == needle.as_bytes())
-        .map(|i| from + i)
-}
-
-/// Waits (bounded) until `server`'s log has `needle` at or after byte `from`; returns where.
-fn await_log_from(server: &ServerProc, needle: &str, from: usize) -> usize {
-    let mut at = None;
-    let seen = eventually(CONVERGE, || {
-        at = find_from(&server.log_bytes(), needle, from);
-        at.is_some()
-    });
-    assert!(
-        seen,
-        "{}'s log has no {needle:?} after byte {from} within {CONVERGE:?}; from there it is:\n{}",
-        server.name,
-        String::from_utf8_lossy(&server.log_bytes()[from.min(server.log_bytes().len())..])
-    );
-    at.expect("seen")
-}
-
 #[test]
 fn an_update_at_bailey_reaches_jaquez() {
-    let (_dir, _, _, servers) = start_herd("herd-2023", herd_2023);
-    let at = iamat(by_name(&servers, "Bailey"), "kiwi.cs.ucla.edu");
+    let herd = Herd::build("herd-2023").start_retrying(|| herd_2023(&free_ports(5)));
+    let at = iamat_at(herd.get("Bailey"), "kiwi.cs.ucla.edu");
     await_record(
-        by_name(&servers, "Jaquez"),
+        herd.get("Jaquez"),
         "kiwi.cs.ucla.edu",
         &at,
         "IAMAT at Bailey",
     );
     // And every other server has it too.
     for name in ["Bona", "Campbell", "Clark"] {
-        await_record(
-            by_name(&servers, name),
-            "kiwi.cs.ucla.edu",
-            &at,
-            "IAMAT at Bailey",
-        );
+        await_record(herd.get(name), "kiwi.cs.ucla.edu", &at, "IAMAT at Bailey");
     }
 }
 
 #[test]
 fn a_restarted_server_resyncs_and_links_come_back() {
-    let (_dir, specs, config, mut servers) = start_herd("herd-restart", herd_2023);
-    let campbell = specs
-        .iter()
-        .position(|s| s.name == "Campbell")
-        .expect("Campbell");
+    let mut herd = Herd::build("herd-restart").start_retrying(|| herd_2023(&free_ports(5)));
 
     // Wait until the herd is linked up, so that the drop is a drop of a live link.
-    await_log_from(by_name(&servers, "Bailey"), "link Campbell up", 0);
-    await_log_from(by_name(&servers, "Jaquez"), "link Campbell up", 0);
-    let bailey_mark = by_name(&servers, "Bailey").log_bytes().len();
-    let jaquez_mark = by_name(&servers, "Jaquez").log_bytes().len();
+    await_log_past(herd.get("Bailey"), "link Campbell up", 0, CONVERGE);
+    await_log_past(herd.get("Jaquez"), "link Campbell up", 0, CONVERGE);
+    let bailey_mark = herd.get("Bailey").log_bytes().len();
+    let jaquez_mark = herd.get("Jaquez").log_bytes().len();
 
-    servers[campbell].kill();
-    let bailey_down = await_log_from(
-        by_name(&servers, "Bailey"),
+    herd.get_mut("Campbell").kill();
+    let bailey_down = await_log_past(
+        herd.get("Bailey"),
         "link Campbell down",
         bailey_mark,
+        CONVERGE,
     );
-    let jaquez_down = await_log_from(
-        by_name(&servers, "Jaquez"),
+    let jaquez_down = await_log_past(
+        herd.get("Jaquez"),
         "link Campbell down",
         jaquez_mark,
+        CONVERGE,
     );
 
     // An update while Campbell is down still crosses the herd (Bailey - Bona - Clark - Jaquez).
-    let first = iamat(by_name(&servers, "Bailey"), "kiwi.cs.ucla.edu");
+    let first = iamat_at(herd.get("Bailey"), "kiwi.cs.ucla.edu");
     await_record(
-        by_name(&servers, "Jaquez"),
+        herd.get("Jaquez"),
         "kiwi.cs.ucla.edu",
         &first,
         "IAMAT at Bailey while Campbell is down",
     );
 
     // Campbell comes back, empty, on the same port.
-    servers[campbell] = spawn_server(&config, "Campbell", &[]);
-    await_log_from(by_name(&servers, "Bailey"), "link Campbell up", bailey_down);
-    await_log_from(by_name(&servers, "Jaquez"), "link Campbell up", jaquez_down);
+    herd.restart("Campbell");
+    await_log_past(
+        herd.get("Bailey"),
+        "link Campbell up",
+        bailey_down,
+        CONVERGE,
+    );
+    await_log_past(
+        herd.get("Jaquez"),
+        "link Campbell up",
+        jaquez_down,
+        CONVERGE,
+    );
     // It learns what it missed from the sync on link-up.
     await_record(
-        &servers[campbell],
+        herd.get("Campbell"),
         "kiwi.cs.ucla.edu",
         &first,
         "the update made while Campbell was down",
     );
 
     // A later update at Bailey reaches Campbell and crosses to Jaquez.
-    let second = iamat(by_name(&servers, "Bailey"), "kiwi.cs.ucla.edu");
+    let second = iamat_at(herd.get("Bailey"), "kiwi.cs.ucla.edu");
     assert_ne!(first, second);
     await_record(
-        &servers[campbell],
+        herd.get("Campbell"),
         "kiwi.cs.ucla.edu",
         &second,
         "IAMAT at Bailey after Campbell's restart",
     );
     await_record(
-        by_name(&servers, "Jaquez"),
+        herd.get("Jaquez"),
         "kiwi.cs.ucla.edu",
         &second,
         "IAMAT at Bailey after Campbell's restart",
@@ -282,14 +144,9 @@ fn a_restarted_server_resyncs_and_links_come_back() {
 
 #[test]
 fn the_goloman_herd_converges() {
-    let (_dir, _, _, servers) = start_herd("herd-goloman", herd_goloman);
-    let at = iamat(by_name(&servers, "Welsh"), "kiwi.cs.ucla.edu");
-    await_record(
-        by_name(&servers, "Hands"),
-        "kiwi.cs.ucla.edu",
-        &at,
-        "IAMAT at Welsh",
-    );
+    let herd = Herd::build("herd-goloman").start_retrying(|| herd_goloman(&free_ports(5)));
+    let at = iamat_at(herd.get("Welsh"), "kiwi.cs.ucla.edu");
+    await_record(herd.get("Hands"), "kiwi.cs.ucla.edu", &at, "IAMAT at Welsh");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -365,18 +222,7 @@ fn a_link_named_on_one_side_only_is_a_startup_error() {
     let p = free_ports(2);
     let config = write_config(
         &dir,
-        &[
-            ServerSpec {
-                name: "Bailey",
-                port: p[0],
-                neighbors: &["Bona"],
-            },
-            ServerSpec {
-                name: "Bona",
-                port: p[1],
-                neighbors: &[],
-            },
-        ],
+        &[member("Bailey", p[0], &["Bona"]), member("Bona", p[1], &[])],
         "",
     );
     assert_startup_error(&config, "Bailey", &["Bailey", "Bona"]);
@@ -389,16 +235,8 @@ fn an_unknown_neighbour_is_a_startup_error() {
     let config = write_config(
         &dir,
         &[
-            ServerSpec {
-                name: "Bailey",
-                port: p[0],
-                neighbors: &["Zebra"],
-            },
-            ServerSpec {
-                name: "Bona",
-                port: p[1],
-                neighbors: &[],
-            },
+            member("Bailey", p[0], &["Zebra"]),
+            member("Bona", p[1], &[]),
         ],
         "",
     );
@@ -412,21 +250,9 @@ fn a_duplicate_name_is_a_startup_error() {
     let config = write_config(
         &dir,
         &[
-            ServerSpec {
-                name: "Bailey",
-                port: p[0],
-                neighbors: &[],
-            },
-            ServerSpec {
-                name: "Bona",
-                port: p[1],
-                neighbors: &[],
-            },
-            ServerSpec {
-                name: "Bona",
-                port: p[2],
-                neighbors: &[],
-            },
+            member("Bailey", p[0], &[]),
+            member("Bona", p[1], &[]),
+            member("Bona", p[2], &[]),
         ],
         "",
     );
@@ -440,45 +266,25 @@ fn a_duplicate_port_is_a_startup_error() {
     let config = write_config(
         &dir,
         &[
-            ServerSpec {
-                name: "Bailey",
-                port: p[0],
-                neighbors: &[],
-            },
-            ServerSpec {
-                name: "Bona",
-                port: p[1],
-                neighbors: &[],
-            },
-            ServerSpec {
-                name: "Clark",
-                port: p[1],
-                neighbors: &[],
-            },
+            member("Bailey", p[0], &[]),
+            member("Bona", p[1], &[]),
+            member("Clark", p[1], &[]),
         ],
         "",
     );
     assert_startup_error(&config, "Bailey", &[&p[1].to_string()]);
 }
 
-fn lone_bailey(dir: &TestDir, extra: &str) -> PathBuf {
-    let p = free_ports(1);
-    write_config(
-        dir,
-        &[ServerSpec {
-            name: "Bailey",
-            port: p[0],
-            neighbors: &[],
-        }],
-        extra,
-    )
+/// A configuration of Bailey alone, on a port from `free_ports`.
+fn lone_bailey_config(dir: &TestDir, extra: &str) -> PathBuf {
+    write_config(dir, &[member("Bailey", free_ports(1)[0], &[])], extra)
 }
 
 #[test]
 fn an_unreadable_ca_file_is_a_startup_error() {
     let dir = TestDir::new("err-ca-missing");
     let missing = dir.join("missing-ca.pem");
-    let config = lone_bailey(
+    let config = lone_bailey_config(
         &dir,
         &format!(
             "[places]\nca_file = \"{}\"\n",
@@ -493,7 +299,7 @@ fn a_ca_file_without_certificates_is_a_startup_error() {
     let dir = TestDir::new("err-ca-garbage");
     let garbage = dir.join("not-a-cert.pem");
     std::fs::write(&garbage, "this is not a PEM certificate\n").expect("write");
-    let config = lone_bailey(
+    let config = lone_bailey_config(
         &dir,
         &format!(
             "[places]\nca_file = \"{}\"\n",
@@ -506,7 +312,7 @@ fn a_ca_file_without_certificates_is_a_startup_error() {
 #[test]
 fn an_unknown_server_name_is_a_startup_error() {
     let dir = TestDir::new("err-unknown-name");
-    let config = lone_bailey(&dir, "");
+    let config = lone_bailey_config(&dir, "");
     assert_startup_error(&config, "Nobody", &["Nobody"]);
 }
 
@@ -568,25 +374,13 @@ impl Drop for Up {
 
 /// Starts `herd up` for a three-server herd on free ports and waits (10 s at most) until it
 /// has printed where each server listens. An `Err` carries what went wrong and what it printed.
-fn try_start_up() -> Result<(TestDir, [ServerSpec<'static>; 3], Up), String> {
+fn try_start_up() -> Result<(TestDir, [Member; 3], Up), String> {
     let dir = TestDir::new("herd-up");
     let ports = free_ports(3);
     let specs = [
-        ServerSpec {
-            name: "Hill",
-            port: ports[0],
-            neighbors: &["Smith", "Singleton"],
-        },
-        ServerSpec {
-            name: "Smith",
-            port: ports[1],
-            neighbors: &["Hill", "Singleton"],
-        },
-        ServerSpec {
-            name: "Singleton",
-            port: ports[2],
-            neighbors: &["Hill", "Smith"],
-        },
+        member("Hill", ports[0], &["Smith", "Singleton"]),
+        member("Smith", ports[1], &["Hill", "Singleton"]),
+        member("Singleton", ports[2], &["Hill", "Smith"]),
     ];
     let config = write_config(&dir, &specs, "");
     let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
@@ -616,7 +410,7 @@ fn try_start_up() -> Result<(TestDir, [ServerSpec<'static>; 3], Up), String> {
             }
         });
     }
-    let listens = |text: &str, spec: &ServerSpec| {
+    let listens = |text: &str, spec: &Member| {
         text.lines()
             .any(|l| l.contains(spec.name) && l.contains(&format!("127.0.0.1:{}", spec.port)))
     };

@@ -16,6 +16,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::thread;
 use std::time::Duration;
 
+use common::herds::{free_ports, lone_bailey, member, Herd};
 use common::*;
 use herd::peer::{self, PartSet};
 use herd::store::{part_of, Bounds, Merge, Store};
@@ -28,24 +29,22 @@ GOOGLE_PLACES_API_KEY or places.key_file.\"}";
 /// How long a test waits for something another connection did to become visible.
 const SETTLE: Duration = Duration::from_secs(10);
 
-/// A lone server and its directory; the server is killed before the directory is removed.
-struct Lone {
-    server: ServerProc,
-    _dir: TestDir,
-}
+/// A herd whose one running server is "Bailey".
+struct Lone(Herd);
 
 impl Lone {
     fn addr(&self) -> SocketAddr {
-        self.server.addr
+        self.0.get("Bailey").addr
+    }
+
+    fn server(&mut self) -> &mut ServerProc {
+        self.0.get_mut("Bailey")
     }
 }
 
 /// Starts "Bailey" on port 0 with no neighbours and `extra` appended to the configuration.
 fn lone_with(tag: &str, extra: &str) -> Lone {
-    let dir = TestDir::new(tag);
-    let config = write_lone_config(&dir, extra);
-    let server = spawn_server(&config, "Bailey", &[]);
-    Lone { server, _dir: dir }
+    Lone(Herd::build(tag).extra(extra).start(lone_bailey()))
 }
 
 fn lone(tag: &str) -> Lone {
@@ -60,25 +59,12 @@ fn bailey_with_neighbour_bona(tag: &str) -> (Lone, TcpListener) {
     let bona = TcpListener::bind("127.0.0.1:0").expect("cannot bind a port for Bona");
     let bona_port = bona.local_addr().expect("listener address").port();
     let bailey_port = free_ports(1)[0];
-    let dir = TestDir::new(tag);
-    let config = write_config(
-        &dir,
-        &[
-            ServerSpec {
-                name: "Bailey",
-                port: bailey_port,
-                neighbors: &["Bona"],
-            },
-            ServerSpec {
-                name: "Bona",
-                port: bona_port,
-                neighbors: &["Bailey"],
-            },
-        ],
-        "",
-    );
-    let server = spawn_server(&config, "Bailey", &[]);
-    (Lone { server, _dir: dir }, bona)
+    let members = vec![
+        member("Bailey", bailey_port, &["Bona"]),
+        member("Bona", bona_port, &["Bailey"]),
+    ];
+    let herd = Herd::build(tag).only(&["Bailey"]).start(members);
+    (Lone(herd), bona)
 }
 
 /// `DIGITS[.DIGITS]` in nanoseconds, digits past the ninth truncated.
@@ -1061,13 +1047,13 @@ fn sigterm_exits_zero_with_the_log_flushed() {
     let mut c = Client::connect(s.addr());
     let at = iamat(&mut c, b"sigterm-client", b"+1+1", b"5");
     // The client stays connected: SIGTERM must not wait for it.
-    let status = s.server.terminate();
+    let status = s.server().terminate();
     assert_eq!(
         status.code(),
         Some(0),
         "exit status after SIGTERM: {status}"
     );
-    let log = s.server.log();
+    let log = s.server().log();
     assert!(
         log.contains("IAMAT sigterm-client +1+1 5"),
         "the log lacks the received line:\n{log}"
@@ -1084,9 +1070,9 @@ fn sigint_exits_zero_with_the_log_flushed() {
     let mut s = lone("sigint");
     let mut c = Client::connect(s.addr());
     iamat(&mut c, b"sigint-client", b"+1+1", b"5");
-    let status = s.server.signal_and_wait(libc::SIGINT);
+    let status = s.server().signal_and_wait(libc::SIGINT);
     assert_eq!(status.code(), Some(0), "exit status after SIGINT: {status}");
-    let log = s.server.log();
+    let log = s.server().log();
     assert!(
         log.contains("IAMAT sigint-client +1+1 5"),
         "the log lacks the received line:\n{log}"
@@ -1101,14 +1087,14 @@ fn the_log_escapes_client_bytes() {
     iamat(&mut c, b"bell\x07id", b"+1+1", b"1");
     assert_invalid(&mut c, b"FORGE\r2030-01-01T00:00:00.000000Z c1 < forged");
     assert_invalid(&mut c, b"\x7f\x08\x00 nul");
-    let status = s.server.terminate();
+    let status = s.server().terminate();
     assert_eq!(
         status.code(),
         Some(0),
         "exit status after SIGTERM: {status}"
     );
 
-    let log = s.server.log_bytes();
+    let log = s.server().log_bytes();
     let text = String::from_utf8_lossy(&log);
     let raw: Vec<u8> = log
         .iter()

@@ -13,12 +13,13 @@ use std::thread;
 use std::time::Duration;
 
 use common::fake_places::{Behaviour, FakePlaces, Framing, Request, LEGACY_PATH, NEW_PATH};
+use common::herds::{lone_bailey, Env, Herd};
 use common::*;
 
 /// The Places API key the server gets from its environment; it must never come back out.
 const KEY: &str = "test-key-5ecret";
+const WITH_KEY: Env = &[("GOOGLE_PLACES_API_KEY", KEY)];
 const KIWI: &str = "kiwi.cs.ucla.edu";
-const LOCATION: &str = "+34.068930-118.445127";
 /// The legacy request for kiwi with radius 10 km.
 const LEGACY_TARGET: &str =
     "/maps/api/place/nearbysearch/json?location=34.068930,-118.445127&radius=10000&key=test-key-5ecret";
@@ -61,11 +62,10 @@ fn assert_bytes_eq(what: &str, got: &[u8], want: &[u8]) {
 /// already reported to it. It remembers every reply so that the test can check that the API
 /// key never appears in one.
 struct Bailey {
-    server: ServerProc,
+    herd: Herd,
     /// The AT line of kiwi's IAMAT, with its `\n`.
     at_line: Vec<u8>,
     replies: Vec<Vec<u8>>,
-    _dir: TestDir,
 }
 
 impl Bailey {
@@ -76,20 +76,24 @@ impl Bailey {
 
     /// With `places`, the whole `[places]` table.
     fn start_with(places: &str) -> Bailey {
-        let dir = TestDir::new("whatsat");
-        let config = write_lone_config(&dir, places);
-        let server = spawn_server(&config, "Bailey", &[("GOOGLE_PLACES_API_KEY", KEY)]);
-        let at_line = iamat(server.addr, KIWI);
+        let herd = Herd::build("whatsat")
+            .env(WITH_KEY)
+            .extra(places)
+            .start(lone_bailey());
+        let at_line = format!("{}\n", iamat_at(herd.get("Bailey"), KIWI)).into_bytes();
         Bailey {
-            server,
+            herd,
             at_line,
             replies: Vec::new(),
-            _dir: dir,
         }
     }
 
+    fn server(&self) -> &ServerProc {
+        self.herd.get("Bailey")
+    }
+
     fn addr(&self) -> SocketAddr {
-        self.server.addr
+        self.server().addr
     }
 
     /// Sends `WHATSAT kiwi RADIUS BOUND` on a new connection and returns the reply.
@@ -128,35 +132,16 @@ impl Bailey {
                 show(reply)
             );
         }
-        let log = self.server.log_bytes();
+        let log = self.server().log_bytes();
         if let Some(at) = find(&log, KEY.as_bytes()) {
             let from = at.saturating_sub(200);
             panic!(
                 "the log {} contains the API key: {}",
-                self.server.log_path.display(),
+                self.server().log_path.display(),
                 show(&log[from..(at + 100).min(log.len())])
             );
         }
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    find(haystack, needle).is_some()
-}
-
-/// Sends `IAMAT CLIENT +34.068930-118.445127 NOW` and returns the AT line (with its `\n`)
-/// after checking its shape.
-fn iamat(addr: SocketAddr, client: &str) -> Vec<u8> {
-    let time = now_secs_string();
-    let mut c = Client::connect(addr);
-    c.send(format!("IAMAT {client} {LOCATION} {time}\n").as_bytes());
-    let line = c.read_line();
-    assert_at_line(&line, client, &time);
-    line
 }
 
 fn assert_at_line(line: &[u8], client: &str, time: &str) {
@@ -510,7 +495,7 @@ fn stalled_places_gives_unknown_error_and_the_loop_keeps_going() {
         "the herd never asked Places"
     );
     // While that WHATSAT waits on Places, another client is served.
-    iamat(bailey.addr(), "lime.cs.ucla.edu");
+    iamat_at(bailey.server(), "lime.cs.ucla.edu");
     let reply = waiting.read_whatsat_reply();
     bailey.replies.push(reply.clone());
     assert_unknown_error("Places never answers", &reply, &bailey.at_line);
@@ -685,14 +670,15 @@ fn the_api_key_never_appears_in_a_reply_or_the_log() {
 
     // SIGTERM flushes the logs: then they are complete.
     for b in [&mut bailey, &mut new_bailey] {
-        let status = b.server.terminate();
+        let server = b.herd.get_mut("Bailey");
+        let status = server.terminate();
         assert!(
             status.success(),
             "SIGTERM: {} exited with {status}",
-            b.server.name
+            server.name
         );
     }
-    let log = bailey.server.log();
+    let log = bailey.server().log();
     assert!(
         log.contains("location=34.068930,-118.445127&radius=10000"),
         "the log does not record the Places requests:\n{log}"

@@ -365,7 +365,7 @@ impl Shared {
 }
 
 /// A TOML basic string.
-fn toml_basic(s: &str) -> String {
+pub fn toml_basic(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {

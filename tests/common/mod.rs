@@ -1,12 +1,24 @@
-//! The harness every integration test shares: temporary directories, configurations, a `herd
-//! serve` child process that never outlives its test, and blocking TCP clients that speak the
-//! protocol in exact bytes.
+//! The harness every integration test shares. Here: temporary directories, a `herd serve`
+//! child process that never outlives its test, and blocking TCP clients that speak the protocol
+//! in exact bytes. Beside it, each in a module of its own because each is a thing of its own:
+//!
+//! - `herds`: the members of a herd, the one configuration writer, the one herd builder, and
+//!   what a running herd shows (store dumps, log lines and their time stamps);
+//! - `load`: load the test applies while it breaks something (steady updates, timed pings, a
+//!   `herd load` child) and the memory it costs;
+//! - `links`: what the test puts on or at the end of a peer link (a proxy that blackholes it,
+//!   a neighbour that never reads);
+//! - `netns`: hosts on network namespaces, for tests that need real addresses;
+//! - `fake_places`: a Google Places the test scripts (the bench uses it too).
 //!
 //! Every wait here is bounded: a server that does not come up, a reply that never arrives or a
 //! process that ignores SIGTERM makes the test panic with what was seen so far, never hang.
 #![allow(dead_code)]
 
 pub mod fake_places;
+pub mod herds;
+pub mod links;
+pub mod load;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -15,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long a client waits for bytes before the test fails.
@@ -78,83 +90,6 @@ pub fn fixture(name: &str) -> Vec<u8> {
         .join("tests/data/places")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Configuration
-
-/// Ports that were free a moment ago: `n` listeners are bound at once (so the ports differ),
-/// read, and closed. Another process may take one in between; tests accept that small risk.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("listener has no address").port())
-        .collect()
-}
-
-/// One `[[server]]` table of a test configuration.
-#[derive(Debug, Clone, Copy)]
-pub struct ServerSpec<'a> {
-    pub name: &'a str,
-    pub port: u16,
-    pub neighbors: &'a [&'a str],
-}
-
-/// A TOML basic string.
-fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04X}", c as u32));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// Writes a configuration of one server, "Bailey" on port 0 (any free port) with no
-/// neighbours, and `extra` appended.
-pub fn write_lone_config(dir: &TestDir, extra: &str) -> PathBuf {
-    let bailey = ServerSpec {
-        name: "Bailey",
-        port: 0,
-        neighbors: &[],
-    };
-    write_config(dir, &[bailey], extra)
-}
-
-/// Writes `<dir>/herd.toml` with `log_dir = "logs"`, the given servers, and `extra` appended
-/// verbatim (for example a `[places]` or `[limits]` table). Returns the configuration's path.
-pub fn write_config(dir: &TestDir, servers: &[ServerSpec], extra: &str) -> PathBuf {
-    let mut text = String::from("# Written by the integration tests.\nlog_dir = \"logs\"\n");
-    for server in servers {
-        let neighbors: Vec<String> = server.neighbors.iter().map(|n| toml_string(n)).collect();
-        text.push_str(&format!(
-            "\n[[server]]\nname = {}\nport = {}\nneighbors = [{}]\n",
-            toml_string(server.name),
-            server.port,
-            neighbors.join(", ")
-        ));
-    }
-    if !extra.is_empty() {
-        text.push('\n');
-        text.push_str(extra);
-        if !extra.ends_with('\n') {
-            text.push('\n');
-        }
-    }
-    let path = dir.join("herd.toml");
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    path
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,6 +274,20 @@ impl ServerProc {
         self.child.id()
     }
 
+    /// Sends `signal` (e.g. `libc::SIGSTOP`, `libc::SIGUSR1`) and returns at once. Does nothing
+    /// once the process has been reaped (its pid may then belong to another process).
+    pub fn signal(&self, signal: libc::c_int) {
+        if self.status.is_some() {
+            return;
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) has no memory-safety preconditions; the child is not reaped yet, so
+        // its pid cannot have been recycled.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+
     /// SIGKILL, then reap. Does nothing if the process was already reaped.
     pub fn kill(&mut self) {
         if self.status.is_some() {
@@ -487,10 +436,6 @@ pub struct Client {
     buf: Vec<u8>,
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = connect(addr);
@@ -499,6 +444,15 @@ impl Client {
             stream,
             buf: Vec::new(),
         }
+    }
+
+    /// A client connection whose reads give up after 5 s.
+    pub fn connect_quick(addr: SocketAddr) -> Client {
+        let c = Client::connect(addr);
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("cannot set a read timeout");
+        c
     }
 
     /// The next connection `listener` accepts (a server dialling the test), with the same
@@ -587,6 +541,22 @@ impl Client {
         out
     }
 
+    /// Everything read until the end of the stream or the read timeout, and whether the stream
+    /// ended (a reset counts as the end).
+    pub fn read_until_end(&mut self) -> (Vec<u8>, bool) {
+        let mut out = self.buffered().to_vec();
+        let mut chunk = [0u8; 65536];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return (out, true),
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return (out, true),
+                Err(_) => return (out, false),
+            }
+        }
+    }
+
     /// Shuts down the sending side: the server sees end of stream.
     pub fn half_close(&mut self) {
         self.stream
@@ -612,8 +582,81 @@ impl Client {
     }
 }
 
+/// What [`Client::read_until_end`] returned, `(bytes, ended)`, as a message (for a
+/// [`Client::connect_quick`] connection).
+pub fn describe_end(got: &(Vec<u8>, bool)) -> String {
+    format!(
+        "{}{}",
+        show(&got.0),
+        if got.1 {
+            " then the end of the stream"
+        } else {
+            " and no end of stream within 5 s"
+        }
+    )
+}
+
+/// The location of every IAMAT the tests send unless they say otherwise (the specification's
+/// example, on the UCLA campus).
+pub const LOCATION: &str = "+34.068930-118.445127";
+
+/// `IAMAT CLIENT LOCATION NOW` at `server`, on a connection of its own; returns the AT line
+/// without its `\n`, after checking its shape: `AT SERVER ...` the client's fields, one line.
+pub fn iamat_at(server: &ServerProc, client: &str) -> String {
+    let time = now_secs_string();
+    let reply = exchange(
+        server.addr,
+        format!("IAMAT {client} {LOCATION} {time}\n").as_bytes(),
+    );
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    let name = &server.name;
+    assert!(
+        reply.starts_with(&format!("AT {name} "))
+            && reply.ends_with(&format!(" {client} {LOCATION} {time}\n"))
+            && reply.matches('\n').count() == 1,
+        "IAMAT {client} {LOCATION} {time} at {name} was answered {reply:?}"
+    );
+    reply.trim_end().to_owned()
+}
+
+/// One IAMAT on a connection the caller keeps, answered by server `server`; returns the AT line
+/// without its `\n`.
+pub fn iamat_on(c: &mut Client, server: &str, client: &str) -> String {
+    let time = now_secs_string();
+    c.send(format!("IAMAT {client} {LOCATION} {time}\n").as_bytes());
+    let reply = String::from_utf8_lossy(&c.read_line()).into_owned();
+    assert!(
+        reply.starts_with(&format!("AT {server} "))
+            && reply.ends_with(&format!(" {client} {LOCATION} {time}\n")),
+        "IAMAT {client} at {server} was answered {reply:?}"
+    );
+    reply.trim_end().to_owned()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Small helpers
+
+/// Where `needle` first starts in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
+}
+
+/// Joins a thread, passing its panic on.
+pub fn join<T>(handle: JoinHandle<T>) -> T {
+    match handle.join() {
+        Ok(value) => value,
+        Err(failure) => std::panic::resume_unwind(failure),
+    }
+}
+
+/// Locks `m`, also after a thread panicked while holding it (the test reports that panic).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Now as POSIX seconds with nine decimals, as a client would send it: `SECS.NNNNNNNNN`.
 pub fn now_secs_string() -> String {
@@ -649,59 +692,6 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// prints readably.
 pub fn show(bytes: &[u8]) -> String {
     bytes.escape_ascii().to_string()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Signals and store dumps (added for the fault tests)
-
-impl ServerProc {
-    /// Sends `signal` (e.g. `libc::SIGSTOP`, `libc::SIGUSR1`) and returns at once. Does nothing
-    /// once the process has been reaped (its pid may then belong to another process).
-    pub fn signal(&self, signal: libc::c_int) {
-        if self.status.is_some() {
-            return;
-        }
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) has no memory-safety preconditions; the child is not reaped yet, so
-        // its pid cannot have been recycled.
-        unsafe {
-            libc::kill(pid, signal);
-        }
-    }
-
-    /// `<log_dir>/<NAME>.store`, the file SIGUSR1 makes the server write.
-    pub fn store_path(&self) -> PathBuf {
-        self.log_path.with_file_name(format!("{}.store", self.name))
-    }
-}
-
-/// How long `dump_store` waits for the server to write its store.
-pub const DUMP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The server's store as it writes it on SIGUSR1: `# N records, digest HEX`, then every stored
-/// AT line, sorted. The old file is removed first and the server writes the new one beside and
-/// renames it into place, so the file that appears is this request's, whole. Panics if it does
-/// not appear within 10 s (a stopped or dead server).
-pub fn dump_store(server: &ServerProc) -> String {
-    let path = server.store_path();
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => panic!("cannot remove {}: {e}", path.display()),
-    }
-    server.signal(libc::SIGUSR1);
-    let mut text = None;
-    let written = eventually(DUMP_TIMEOUT, || {
-        text = std::fs::read(&path).ok();
-        text.is_some()
-    });
-    assert!(
-        written,
-        "{} did not write {} within {DUMP_TIMEOUT:?} of SIGUSR1",
-        server.name,
-        path.display()
-    );
-    String::from_utf8_lossy(&text.expect("read")).into_owned()
 }
 
 /// The newline rules of docs/protocol.md section 4 for a relayed body, written from the
