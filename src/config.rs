@@ -154,7 +154,7 @@ impl Default for Limits {
             max_client_id_bytes: 256,
             max_clients: 1_000_000,
             client_time_ahead: Duration::from_secs(60),
-            first_line_timeout: Duration::from_secs(10),
+            first_line_timeout: Duration::from_secs(60),
             max_connections_per_address: 1024,
             whatsat_per_minute: 0,
         }

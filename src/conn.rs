@@ -101,6 +101,8 @@ pub enum CloseReason {
     NoFirstLine(Duration),
     /// Every place was taken: it was told `? server busy`.
     Busy,
+    /// It held a place kept for neighbours and said nothing, and a newcomer needed the place.
+    Evicted,
 }
 
 impl CloseReason {
@@ -144,6 +146,10 @@ impl fmt::Display for CloseReason {
             CloseReason::Replaced(by) => write!(f, "the neighbour dialled again (c{by})"),
             CloseReason::NoFirstLine(t) => write!(f, "no first line within {} ms", t.as_millis()),
             CloseReason::Busy => write!(f, "every place is taken: told the server is busy"),
+            CloseReason::Evicted => write!(
+                f,
+                "it held a place kept for neighbours and said nothing: told the server is busy"
+            ),
         }
     }
 }
@@ -321,6 +327,12 @@ impl<S: Transport> Conn<S> {
         if !matches!(self.state, State::Closed(_)) {
             self.state = next;
         }
+    }
+
+    /// Whether it has said nothing yet (blank lines aside): a stranger, if it holds a place
+    /// kept for neighbours.
+    pub fn is_silent(&self) -> bool {
+        matches!(self.state, State::Undecided { .. })
     }
 
     /// Whether its lines are read and run: before it drains, lingers, closes or is handed over.

@@ -20,7 +20,7 @@
 //! Handlers never free a connection in the middle of a batch of events: they mark it closed,
 //! and phase 4 frees it, so an event later in the same batch cannot find its slot reused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -42,7 +42,7 @@ use crate::herd::{whatsat_reply, Herd};
 use crate::inbound::Inbound;
 use crate::link::Link;
 use crate::log::{Log, Who};
-use crate::peer::Secret;
+use crate::peer::{self, Secret};
 use crate::places::pool::{tls_config, PlacesPool};
 use crate::reactor::{Reactor, Source, Want};
 use crate::store::Store;
@@ -69,8 +69,11 @@ pub struct Server {
     conns: Vec<Option<Conn>>,
     free_slots: Vec<usize>,
     open_conns: usize,
-    /// Connections open in the places kept for neighbours.
+    /// Connections open in the places kept for neighbours, and the order they came in.
     reserved_conns: usize,
+    reserved_order: VecDeque<(usize, u64)>,
+    /// Slots freed in the middle of a batch of events, reusable from the end of the turn.
+    free_later: Vec<usize>,
     /// Connections open from each address.
     per_address: HashMap<IpAddr, usize>,
     next_conn_id: u64,
@@ -206,6 +209,8 @@ impl Server {
             free_slots: Vec::new(),
             open_conns: 0,
             reserved_conns: 0,
+            reserved_order: VecDeque::new(),
+            free_later: Vec::new(),
             per_address: HashMap::new(),
             next_conn_id: 1,
             inbound,
@@ -412,10 +417,10 @@ impl Server {
 
     /// Accepts every pending connection (edge-triggered: until `WouldBlock`).
     fn accept(&mut self) {
-        let Some(listener) = &self.listener else {
-            return;
-        };
         loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
             let (mut stream, addr) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -439,7 +444,7 @@ impl Server {
                 && from_there >= limits.max_connections_per_address
             {
                 Some(format!("{from_there} connections open from there"))
-            } else if full && self.reserved_conns >= reserve {
+            } else if full && self.reserved_conns >= reserve && !self.evict_a_stranger() {
                 Some(format!("{} connections open", self.open_conns))
             } else {
                 None
@@ -457,6 +462,9 @@ impl Server {
                 self.conns.push(None);
                 self.conns.len() - 1
             });
+            if full {
+                self.reserved_order.push_back((slot, id));
+            }
             if let Err(e) = self.reactor.attach(&mut stream, Source::Conn(slot)) {
                 self.herd
                     .log
@@ -468,12 +476,65 @@ impl Server {
                 .log
                 .event(format_args!("c{id}"), format_args!("accepted from {addr}"));
             let now = self.herd.now;
-            let until = now + self.herd.limits.first_line_timeout;
+            // A place kept for neighbours is held no longer than a handshake takes.
+            let wait = match full {
+                true => (self.herd.limits.first_line_timeout).min(peer::HANDSHAKE_TIMEOUT),
+                false => self.herd.limits.first_line_timeout,
+            };
+            let until = now + wait;
             self.conns[slot] = Some(Conn::new(id, stream, addr, now, until, full));
             self.open_conns += 1;
             self.reserved_conns += usize::from(full);
             *self.per_address.entry(addr.ip()).or_default() += 1;
         }
+    }
+
+    /// Every place kept for neighbours is taken: the connection in one of them that has said
+    /// nothing for the longest is told the server is busy and closed, to make room. A neighbour
+    /// greets as soon as it connects, so it is never the one; strangers who take the places and
+    /// say nothing cannot keep a neighbour out. Returns whether a place was made.
+    fn evict_a_stranger(&mut self) -> bool {
+        while let Some((slot, id)) = self.reserved_order.pop_front() {
+            let Some(Some(conn)) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.id != id || !conn.reserved {
+                continue; // gone: its slot holds another
+            }
+            if !conn.is_silent() {
+                // Greeting, or closing: not a stranger's; it keeps its place and its turn.
+                self.reserved_order.push_front((slot, id));
+                let silent = (self.reserved_order.iter().skip(1)).position(|&(s, i)| {
+                    matches!(self.conns.get(s), Some(Some(c)) if c.id == i && c.is_silent())
+                });
+                let Some(at) = silent.map(|at| at + 1) else {
+                    return false;
+                };
+                let Some((slot, id)) = self.reserved_order.remove(at) else {
+                    return false;
+                };
+                return self.evict(slot, id);
+            }
+            return self.evict(slot, id);
+        }
+        false
+    }
+
+    /// Closes connection `id` in slot `slot` with `? server busy`, at once; its slot is reused
+    /// only after this turn's events (one may still name it).
+    fn evict(&mut self, slot: usize, id: u64) -> bool {
+        let Some(mut conn) = self.free(slot) else {
+            return false;
+        };
+        // `free` made the slot reusable: not before the end of the turn.
+        self.free_slots.pop();
+        self.free_later.push(slot);
+        refuse(conn.socket(), &mut self.scratch);
+        self.herd.log.event(
+            format_args!("c{id}"),
+            format_args!("closed: {}", CloseReason::Evicted),
+        );
+        true
     }
 
     /// Runs connection `slot`: what arrived, or what it holds.
@@ -622,6 +683,7 @@ impl Server {
         while let Some(slot) = self.to_flush.pop() {
             self.flush_conn(slot);
         }
+        self.free_slots.append(&mut self.free_later);
         self.herd.log.flush();
     }
 

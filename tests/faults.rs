@@ -850,24 +850,38 @@ fn bona_record(client: &str) -> String {
     )
 }
 
-/// Greets Bailey at `addr` as its neighbour Bona with a fresh nonce, reads the CHALLENGE and
-/// checks that it proves the herd secret. Returns the connection and both nonces.
-fn greet(addr: SocketAddr, secret: &Secret) -> (Client, Vec<u8>, Vec<u8>) {
+/// Greets Bailey at `addr` as its neighbour Bona with a fresh nonce and reads the CHALLENGE,
+/// which holds Bailey's nonce and nothing that depends on the secret (Bailey proves itself only
+/// to a dialler that has). Returns the connection and both nonces.
+fn greet(addr: SocketAddr) -> (Client, Vec<u8>, Vec<u8>) {
     let nd = peer::nonce().expect("randomness");
     let mut c = Client::connect_quick(addr);
     let mut greeting = peer::greeting("Bona", Some(&nd));
     greeting.push(b'\n');
     c.send(&greeting);
     let line = c.read_line();
-    let (na, proof) = peer::parse_challenge(&line[..line.len() - 1])
+    let na = peer::parse_challenge(&line[..line.len() - 1])
         .unwrap_or_else(|| panic!("the greeting was answered {}", show(&line)));
-    assert!(
-        secret.verify(proof, b"accept", b"Bona", b"Bailey", &nd, na),
-        "the server's CHALLENGE does not prove the herd secret: {}",
+    assert_eq!(
+        line.len(),
+        "CHALLENGE \n".len() + na.len(),
+        "{}",
         show(&line)
     );
     let na = na.to_vec();
     (c, nd, na)
+}
+
+/// Reads Bailey's PROOF, sent once the dialler has proved itself, and checks it.
+fn expect_server_proof(c: &mut Client, secret: &Secret, nd: &[u8], na: &[u8]) {
+    let line = c.read_line();
+    let proof = peer::parse_proof(&line[..line.len() - 1])
+        .unwrap_or_else(|| panic!("a good PROOF was answered {}", show(&line)));
+    assert!(
+        secret.verify(proof, b"accept", b"Bona", b"Bailey", nd, na),
+        "the server's PROOF does not prove the herd secret: {}",
+        show(&line)
+    );
 }
 
 fn proof_line(secret: &Secret, nd: &[u8], na: &[u8]) -> Vec<u8> {
@@ -1020,7 +1034,7 @@ fn a_wrong_proof_closes_the_connection_and_changes_nothing() {
         "another name",
         "not hex",
     ] {
-        let (mut c, nd, na) = greet(bailey.addr, &secret);
+        let (mut c, nd, na) = greet(bailey.addr);
         let proof = match kind {
             "another secret" => proof_line(&wrong, &nd, &na),
             "the challenge reflected" => [
@@ -1082,13 +1096,14 @@ fn a_forged_or_replayed_sealed_line_closes_the_link_and_changes_nothing() {
         "a line sealed with a session of another secret",
     ];
     for (i, kind) in forgeries.iter().enumerate() {
-        let (mut c, nd, na) = greet(addr, &secret);
+        let (mut c, nd, na) = greet(addr);
         let mut session = Session::new(&secret, &nd, &na, true);
         let mut twin = Session::new(&secret, &nd, &na, true);
         let first_record = bona_record(&format!("first-c{i}.cs.ucla.edu"));
         let first = sealed(&mut session, &first_record);
         let _ = sealed(&mut twin, &first_record);
         c.send(&[proof_line(&secret, &nd, &na), first.clone()].concat());
+        expect_server_proof(&mut c, &secret, &nd, &na);
         await_stored(bailey, &first_record);
         expected.insert(first_record);
 
@@ -1454,15 +1469,36 @@ fn over_the_connection_limit_the_extra_client_is_refused_and_peer_links_stay_up(
         .collect();
     let marks: Vec<usize> = herd.servers.iter().map(|s| s.log_bytes().len()).collect();
     let full_since = Instant::now();
-    for _ in 0..3 {
+    // An extra client takes one of the places kept for Bailey's two neighbours (two each), and
+    // its command is answered `? server busy`, then the connection closed.
+    for i in 0..3 {
         let mut extra = Client::connect_quick(bailey.addr);
+        let line = format!("IAMAT extra-{i} {LOCATION} {}\n", now_secs_string());
+        extra.send(line.as_bytes());
         let got = extra.read_to_end();
         assert_eq!(show(&got), show(b"? server busy\n"), "the extra client");
     }
+    // Connections that say nothing hold those places for a handshake's time at most, and only
+    // until a newcomer needs one: then the one silent longest is told the server is busy.
+    let mut silent: Vec<Client> = (0..4).map(|_| Client::connect(bailey.addr)).collect();
+    thread::sleep(Duration::from_millis(100));
+    let newcomer = Client::connect(bailey.addr);
+    let oldest = &mut silent[0];
+    oldest
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("a read timeout");
+    let (got, ended) = oldest.read_until_end();
+    assert_eq!(
+        (show(&got), ended),
+        (show(b"? server busy\n"), true),
+        "the stranger silent longest"
+    );
+    drop((silent, newcomer));
     assert!(
         eventually(Duration::from_secs(5), || bailey
             .log()
-            .contains("refused from")),
+            .contains("told the server is busy")),
         "no refusal in the log"
     );
     // Updates still cross the herd both ways while Bailey is full.

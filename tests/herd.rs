@@ -17,7 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::herds::{
-    await_log_past, free_ports, herd_2023, herd_goloman, member, write_config, Herd, Member,
+    await_log_past, free_ports, herd_2023, herd_goloman, member, write_config, write_config_with,
+    Herd, Member,
 };
 use common::*;
 
@@ -152,13 +153,22 @@ fn the_goloman_herd_converges() {
 // ---------------------------------------------------------------------------------------------
 // Start-up errors
 
-/// Runs `herd ARGS` to its exit, at most 10 s (then kills it and panics). Returns the status,
-/// stdout and stderr.
-fn run_bounded(args: &[&str], cwd: &Path) -> (ExitStatus, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+/// Runs `herd ARGS` to its exit, at most 10 s (then kills it and panics), with `env` in the
+/// environment (the variables the server reads otherwise removed). Returns the status, stdout
+/// and stderr.
+fn run_bounded_env(
+    args: &[&str],
+    cwd: &Path,
+    env: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
+    for var in SERVER_ENV {
+        command.env_remove(var);
+    }
+    let mut child = command
+        .envs(env.iter().copied())
         .args(args)
         .current_dir(cwd)
-        .env_remove("GOOGLE_PLACES_API_KEY")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -195,9 +205,15 @@ fn run_bounded(args: &[&str], cwd: &Path) -> (ExitStatus, String, String) {
 /// `herd serve NAME --config CONFIG` exits with 2 and one line on stderr that contains each of
 /// `needles`.
 fn assert_startup_error(config: &Path, name: &str, needles: &[&str]) {
+    assert_startup_error_env(config, name, &[], needles);
+}
+
+/// [`assert_startup_error`] with `env` in the server's environment.
+fn assert_startup_error_env(config: &Path, name: &str, env: &[(&str, &str)], needles: &[&str]) {
     let config_arg = config.to_str().expect("UTF-8 path");
     let cwd = config.parent().expect("a directory");
-    let (status, stdout, stderr) = run_bounded(&["serve", name, "--config", config_arg], cwd);
+    let args = ["serve", name, "--config", config_arg];
+    let (status, stdout, stderr) = run_bounded_env(&args, cwd, env);
     let config_text = std::fs::read_to_string(config).unwrap_or_default();
     assert_eq!(
         status.code(),
@@ -322,6 +338,111 @@ fn a_missing_configuration_file_is_a_startup_error() {
     assert_startup_error(&dir.join("absent.toml"), "Bailey", &["absent.toml"]);
 }
 
+/// Issue 21, finding 4: a secret must carry 128 bits, and be random.
+#[test]
+fn a_weak_herd_secret_is_a_startup_error() {
+    let dir = TestDir::new("err-weak-secret");
+    let p = free_ports(2);
+    let config = write_config(
+        &dir,
+        &[
+            member("Bailey", p[0], &["Bona"]),
+            member("Bona", p[1], &["Bailey"]),
+        ],
+        "",
+    );
+    for weak in [
+        "aaaaaaaaaaaaaaaa",
+        "0123456789abcdef",
+        "abababababababababababababababababab",
+    ] {
+        let env = [("HERD_SECRET", weak)];
+        assert_startup_error_env(&config, "Bailey", &env, &["herd secret", "openssl rand"]);
+    }
+}
+
+/// Issue 21, finding 4: a secret_file its owner does not keep to itself is refused.
+#[test]
+fn a_secret_file_others_can_read_is_a_startup_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("err-secret-mode");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "5f0c8a1e9b3d47a6c2e8f1b0d9a7c3e5\n").expect("write");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let p = free_ports(1);
+    let top = format!(
+        "data_dir = \"\"\nsecret_file = {:?}\n",
+        secret.display().to_string()
+    );
+    let config = write_config_with(&dir, &[member("Bailey", p[0], &[])], &top, "");
+    assert_startup_error(&config, "Bailey", &["secret_file", "chmod 600"]);
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let server = spawn_server(&config, "Bailey", &[]);
+    drop(server);
+}
+
+/// Issue 21, finding 3: a server with neighbours and no herd secret says so at start, on
+/// standard error and in its log; an empty HERD_SECRET is no secret.
+#[test]
+fn a_server_with_neighbours_and_no_secret_says_so_at_start() {
+    let dir = TestDir::new("no-secret-warning");
+    let p = free_ports(2);
+    let config = write_config(
+        &dir,
+        &[
+            member("Bailey", p[0], &["Bona"]),
+            member("Bona", p[1], &["Bailey"]),
+        ],
+        "",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["serve", "Bailey", "--config"])
+        .arg(&config)
+        .current_dir(&dir.path)
+        .env("HERD_SECRET", "")
+        .env_remove("GOOGLE_PLACES_API_KEY")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start herd serve");
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+    let mut first = String::new();
+    let read = stderr.read_line(&mut first);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(read.is_ok_and(|n| n > 0), "nothing on stderr");
+    assert!(
+        first.contains("server Bailey has neighbours and no herd secret"),
+        "{first:?}"
+    );
+}
+
+/// Issue 21, finding 3: `herd up` with `HERD_SECRET` set but empty makes a secret for the herd
+/// as if it were unset: a stranger's greeting without a nonce is refused, its record not stored.
+#[test]
+fn herd_up_with_an_empty_herd_secret_still_authenticates_its_links() {
+    let mut attempt = 1;
+    let (_dir, specs, _up) = loop {
+        match try_start_up(&[("HERD_SECRET", "")]) {
+            Ok(started) => break started,
+            Err(_) if attempt < 3 => attempt += 1,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let hill = SocketAddr::from(([127, 0, 0, 1], specs[0].port));
+    let forged = format!(
+        "AT Smith +0.000000001 forged-up {LOCATION} {}",
+        now_secs_string()
+    );
+    let mut c = Client::connect(hill);
+    c.send(format!("PEER herd/1 Smith\n{forged}\n").as_bytes());
+    let _ = c.read_to_end();
+    let reply = exchange(hill, b"WHATSAT forged-up 10 1\n");
+    assert_eq!(show(&reply), show(b"? WHATSAT forged-up 10 1\n"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // herd up
 
@@ -374,7 +495,7 @@ impl Drop for Up {
 
 /// Starts `herd up` for a three-server herd on free ports and waits (10 s at most) until it
 /// has printed where each server listens. An `Err` carries what went wrong and what it printed.
-fn try_start_up() -> Result<(TestDir, [Member; 3], Up), String> {
+fn try_start_up(env: &[(&str, &str)]) -> Result<(TestDir, [Member; 3], Up), String> {
     let dir = TestDir::new("herd-up");
     let ports = free_ports(3);
     let specs = [
@@ -383,12 +504,16 @@ fn try_start_up() -> Result<(TestDir, [Member; 3], Up), String> {
         member("Singleton", ports[2], &["Hill", "Smith"]),
     ];
     let config = write_config(&dir, &specs, "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
+    for var in SERVER_ENV {
+        command.env_remove(var);
+    }
+    let mut child = command
+        .envs(env.iter().copied())
         .arg("up")
         .arg("--config")
         .arg(&config)
         .current_dir(&dir.path)
-        .env_remove("GOOGLE_PLACES_API_KEY")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -435,7 +560,7 @@ fn herd_up_runs_every_server_and_sigterm_stops_them_all() {
     // try again on new ports, twice at most.
     let mut attempt = 1;
     let (_dir, specs, mut up) = loop {
-        match try_start_up() {
+        match try_start_up(&[]) {
             Ok(started) => break started,
             Err(_) if attempt < 3 => attempt += 1,
             Err(e) => panic!("{e}"),

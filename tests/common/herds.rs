@@ -104,10 +104,22 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// Writes `<dir>/herd.toml` with `log_dir = "logs"`, one `[[server]]` table per member, and
-/// `extra` appended verbatim (a `[places]` or `[limits]` table, say). Returns its path.
+/// Writes `<dir>/herd.toml` with `log_dir = "logs"`, stores in memory only (`data_dir = ""`),
+/// one `[[server]]` table per member, and `extra` appended verbatim (a `[places]` or `[limits]`
+/// table, say). Returns its path.
 pub fn write_config(dir: &TestDir, members: &[Member], extra: &str) -> PathBuf {
+    write_config_with(dir, members, MEMORY_ONLY, extra)
+}
+
+/// The top-level keys of a test's configuration by default: the store in memory only, so that
+/// a restarted server starts empty unless its test asks for the store on disk.
+pub const MEMORY_ONLY: &str = "data_dir = \"\"\n";
+
+/// [`write_config`] with `top`, the top-level keys (`data_dir = "data"`, say), in place of
+/// [`MEMORY_ONLY`].
+pub fn write_config_with(dir: &TestDir, members: &[Member], top: &str, extra: &str) -> PathBuf {
     let mut text = String::from("# Written by the integration tests.\nlog_dir = \"logs\"\n");
+    text.push_str(top);
     for m in members {
         text.push_str(&format!("\n[[server]]\nname = {}\n", toml_basic(m.name)));
         if let Some(host) = m.host {
@@ -146,6 +158,7 @@ pub const LINK_WAIT: Duration = Duration::from_secs(20);
 pub struct HerdBuilder<'a> {
     tag: &'a str,
     env: Env,
+    top: &'a str,
     extra: &'a str,
     only: &'a [&'a str],
     net: Option<Net>,
@@ -170,6 +183,7 @@ impl Herd {
         HerdBuilder {
             tag,
             env: &[],
+            top: MEMORY_ONLY,
             extra: "",
             only: &[],
             net: None,
@@ -244,6 +258,12 @@ impl<'a> HerdBuilder<'a> {
         HerdBuilder { extra, ..self }
     }
 
+    /// The configuration's top-level keys, in place of [`MEMORY_ONLY`] (see
+    /// [`write_config_with`]).
+    pub fn top(self, top: &'a str) -> Self {
+        HerdBuilder { top, ..self }
+    }
+
     /// Only these members run; the others are in the configuration only (a neighbour the test
     /// plays, or one that is down).
     pub fn only(self, names: &'a [&'a str]) -> Self {
@@ -293,7 +313,7 @@ impl<'a> HerdBuilder<'a> {
         loop {
             let dir = TestDir::new(self.tag);
             let (members, state) = make();
-            let config = write_config(&dir, &members, self.extra);
+            let config = write_config_with(&dir, &members, self.top, self.extra);
             let started = panic::catch_unwind(AssertUnwindSafe(|| {
                 members
                     .iter()
