@@ -182,21 +182,22 @@ fn parse_listening_line(line: &str, name: &str, cwd: &Path) -> Option<(SocketAdd
     Some((addr, cwd.join(log)))
 }
 
-/// Spawns `herd serve NAME --config PATH` with the directory of the configuration as its
-/// working directory, `env` added to its environment (and `GOOGLE_PLACES_API_KEY` removed
-/// unless `env` sets it), stdin null, stdout piped and drained by a thread, stderr inherited.
-/// Returns once the server has printed its "listening" line; panics after 10 s without one.
 /// The command that runs one server, before its NAME: `herd serve`, or, with
 /// `HERD_TEST_SERVER=prototype`, the Python asyncio prototype the benchmark measures the herd
-/// against, so that the protocol tests check the opponent too
-/// (`HERD_TEST_SERVER=prototype cargo test --release --test protocol`).
+/// against, and with `HERD_TEST_SERVER=node`, the Node.js prototype of the same protocol, so
+/// that the protocol tests check the opponents too
+/// (`HERD_TEST_SERVER=prototype cargo test --release --test protocol`, or `=node`).
 pub fn server_command() -> Command {
+    let prototypes = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/prototype");
     match std::env::var("HERD_TEST_SERVER").as_deref() {
         Ok("prototype") => {
             let mut command = Command::new("python3");
-            command.arg(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/prototype/herd_prototype.py"),
-            );
+            command.arg(prototypes.join("herd_prototype.py"));
+            command
+        }
+        Ok("node") => {
+            let mut command = Command::new("node");
+            command.arg(prototypes.join("herd_prototype.js"));
             command
         }
         _ => {
@@ -207,6 +208,10 @@ pub fn server_command() -> Command {
     }
 }
 
+/// Spawns `herd serve NAME --config PATH` with the directory of the configuration as its
+/// working directory, `env` added to its environment (and `GOOGLE_PLACES_API_KEY` removed
+/// unless `env` sets it), stdin null, stdout piped and drained by a thread, stderr inherited.
+/// Returns once the server has printed its "listening" line; panics after 10 s without one.
 pub fn spawn_server(config: &Path, name: &str, env: &[(&str, &str)]) -> ServerProc {
     let cwd = config
         .parent()
