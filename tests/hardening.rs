@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::herds::{await_log_line, dump_store, free_ports, member, records, Herd};
+use common::herds::{await_log_line, dump_store, free_ports, member, Herd};
 use common::load::rss_kb;
 use common::*;
 use herd::peer::{self, Secret, Session};

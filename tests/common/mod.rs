@@ -120,15 +120,20 @@ fn parse_listening_line(line: &str, name: &str, cwd: &Path) -> Option<(SocketAdd
 
 /// The command that runs one server, before its NAME: `herd serve`, or, with
 /// `HERD_TEST_SERVER=prototype`, the Python asyncio prototype the benchmark measures the herd
-/// against, so that the protocol tests check the opponent too
-/// (`HERD_TEST_SERVER=prototype cargo test --release --test protocol`).
+/// against, and with `HERD_TEST_SERVER=node`, the Node.js prototype of the same protocol, so
+/// that the protocol tests check the opponents too
+/// (`HERD_TEST_SERVER=prototype cargo test --release --test protocol`, or `=node`).
 pub fn server_command() -> Command {
+    let prototypes = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/prototype");
     match std::env::var("HERD_TEST_SERVER").as_deref() {
         Ok("prototype") => {
             let mut command = Command::new("python3");
-            command.arg(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/prototype/herd_prototype.py"),
-            );
+            command.arg(prototypes.join("herd_prototype.py"));
+            command
+        }
+        Ok("node") => {
+            let mut command = Command::new("node");
+            command.arg(prototypes.join("herd_prototype.js"));
             command
         }
         _ => {
