@@ -14,7 +14,8 @@
 //!
 //! A server sends each record it keeps, `AT time key value`, on its links to its neighbours.
 //! They keep it only if it is newer than the one they hold for its key, and send on only what
-//! they keep: so a flood dies out instead of circling the ring for ever, as stderr shows.
+//! they keep: so a flood dies out instead of circling the ring for ever, as stderr shows. (For
+//! brevity, the only bound kept is the length of a line; `02_poll` shows back-pressure.)
 //!
 //! The asyncio equivalent is the classic Python herd: `asyncio.start_server` for clients and
 //! neighbours, `asyncio.open_connection` to each neighbour, and a `flood` that writes each new
