@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use mio::Waker;
 
+use crate::metrics::{Histogram, SYNC_BOUNDS};
 use crate::store::{Bounds, Merge, Store};
 
 /// When records reach the disk: Redis's `appendfsync`.
@@ -161,6 +162,7 @@ pub struct Aof {
     syncer: Option<Syncer>,
     /// Figures for the metrics: appends, bytes, syncs done in the loop and their time.
     pub stats: Stats,
+    pub sync_seconds: Histogram,
 }
 
 /// A compaction under way: the new file, and how far through the store it is.
@@ -258,6 +260,7 @@ impl Aof {
             compaction: None,
             syncer,
             stats: Stats::default(),
+            sync_seconds: Histogram::new(SYNC_BOUNDS),
         };
         Ok((aof, seen))
     }
@@ -313,6 +316,7 @@ impl Aof {
                         .sync_data()
                         .map_err(|e| format!("cannot sync data file {shown}: {e}"))?;
                     let took = started.elapsed().as_micros() as u64;
+                    self.sync_seconds.observe(took as f64 / 1e6);
                     self.stats.syncs += 1;
                     self.stats.sync_us_total += took;
                     self.stats.sync_us_max = self.stats.sync_us_max.max(took);

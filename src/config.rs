@@ -13,6 +13,12 @@ use crate::places::{Api, Output};
 #[derive(Debug, Clone)]
 pub struct Config {
     pub log_dir: PathBuf,
+    /// A log file past this many bytes is rotated (0: never; for logrotate, send SIGHUP).
+    pub log_max_bytes: u64,
+    /// Rotated log files kept.
+    pub log_keep: usize,
+    /// Whether peer housekeeping (heartbeats, digests) is logged line by line.
+    pub log_housekeeping: bool,
     /// Where each server keeps its records on disk (`<data_dir>/<NAME>.aof`); `None`: in
     /// memory only.
     pub data_dir: Option<PathBuf>,
@@ -41,6 +47,8 @@ pub struct ServerConfig {
     /// Where it listens, when not at `host:port` (behind a proxy or NAT, on all interfaces).
     pub listen: Option<String>,
     pub neighbors: Vec<String>,
+    /// `HOST:PORT` of its admin endpoint (`/metrics`, `/healthz`, `/status`); off when `None`.
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +188,13 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message().trim()))?;
         let log_dir = base.join(take_str(&mut top, "log_dir", "")?.unwrap_or("logs".into()));
+        let log_max_bytes = take_uint(&mut top, "log_max_bytes", "", 0)? as u64;
+        let log_keep = take_uint(&mut top, "log_keep", "", 5)?;
+        let log_housekeeping = match top.remove("log_housekeeping") {
+            None => false,
+            Some(Value::Boolean(b)) => b,
+            Some(_) => return Err("log_housekeeping must be true or false".into()),
+        };
         let data_dir = match take_str(&mut top, "data_dir", "")? {
             None => Some(base.join("data")),
             Some(dir) if dir.is_empty() => None,
@@ -201,6 +216,9 @@ impl Config {
         check_herd(&servers)?;
         Ok(Config {
             log_dir,
+            log_max_bytes,
+            log_keep,
+            log_housekeeping,
             data_dir,
             store,
             secret_file,
@@ -243,6 +261,7 @@ fn parse_server(value: Value) -> Result<ServerConfig, String> {
     };
     let host = take_str(&mut t, "host", &at)?.unwrap_or("127.0.0.1".into());
     let listen = take_str(&mut t, "listen", &at)?;
+    let admin = take_str(&mut t, "admin", &at)?;
     let neighbors = match t.remove("neighbors") {
         None => Vec::new(),
         Some(Value::Array(list)) => list
@@ -261,6 +280,7 @@ fn parse_server(value: Value) -> Result<ServerConfig, String> {
         port,
         listen,
         neighbors,
+        admin,
     })
 }
 

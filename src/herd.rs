@@ -14,6 +14,7 @@ use crate::aof::Aof;
 use crate::config::Limits;
 use crate::link::{self, Link};
 use crate::log::{Log, Who};
+use crate::metrics::Metrics;
 use crate::peer::Secret;
 use crate::places::pool::Owner;
 use crate::places::{self, PlacesPool, Query};
@@ -25,6 +26,14 @@ use crate::trace::{self, trace_loop};
 /// is a `REQUEST_DENIED`, so clients see the same shape.
 pub const NO_KEY_MESSAGE: &str =
     "This server has no Google Places API key: set GOOGLE_PLACES_API_KEY or places.key_file.";
+
+/// Indices of [`crate::metrics::VERBS`] and [`crate::metrics::RESULTS`].
+const IAMAT: usize = 0;
+const WHATSAT: usize = 1;
+const OTHER: usize = 2;
+const OK: usize = 0;
+const INVALID: usize = 1;
+const REFUSED: usize = 2;
 
 /// A client whose replies not yet read reach this much (or a quarter of its cap, if that is
 /// less) has no more of its commands run until it reads: asyncio's `drain()`.
@@ -41,6 +50,10 @@ pub struct Herd {
     pub places: Option<PlacesPool>,
     /// The store on disk; `None` when it is kept in memory only.
     pub aof: Option<Aof>,
+    /// What the server counts, for its admin endpoint.
+    pub metrics: Metrics,
+    /// Whether peer housekeeping (heartbeats, digests) is logged line by line.
+    pub log_housekeeping: bool,
     pub log: Log,
     pub limits: Limits,
     /// This turn's time, read once by the loop.
@@ -122,6 +135,8 @@ impl Herd {
             links,
             places,
             aof: None,
+            metrics: Metrics::new(),
+            log_housekeeping: false,
             log,
             limits,
             now,
@@ -146,12 +161,14 @@ impl Herd {
                 if iamat.client.len() > self.limits.max_client_id_bytes
                     || iamat.time_ns > self.latest_client_time()
                 {
+                    self.metrics.command(IAMAT, INVALID);
                     return self.invalid(id, line);
                 }
                 self.reply.clear();
                 protocol::write_at_line(&mut self.reply, &self.name, self.now_ns, &iamat);
                 match self.store.merge(iamat.client, iamat.time_ns, &self.reply) {
                     Merge::Stored => {
+                        self.metrics.stored_from_clients += 1;
                         trace_loop!("  store {}: stored", trace::shown(iamat.client));
                         if let Some(aof) = &mut self.aof {
                             aof.append(&self.reply);
@@ -164,6 +181,7 @@ impl Herd {
                         self.reply = record;
                     }
                     Merge::Full => {
+                        self.metrics.command(IAMAT, REFUSED);
                         self.log.event(
                             format_args!("c{id}"),
                             format_args!(
@@ -175,6 +193,7 @@ impl Herd {
                     }
                     _ => {}
                 }
+                self.metrics.command(IAMAT, OK);
                 self.reply.push(b'\n');
                 self.log.bytes(Who::Conn(id), '>', &self.reply);
                 Answer::Now(&self.reply)
@@ -184,6 +203,7 @@ impl Herd {
                     let record = record.to_vec();
                     let per_minute = self.limits.whatsat_per_minute;
                     if !self.allowance.take(from, per_minute, self.now) {
+                        self.metrics.command(WHATSAT, REFUSED);
                         let message = format!(
                             "This server answers at most {per_minute} WHATSATs a minute from one address."
                         );
@@ -192,11 +212,16 @@ impl Herd {
                         self.log.bytes(Who::Conn(id), '>', &self.reply);
                         return Answer::Now(&self.reply);
                     }
+                    self.metrics.command(WHATSAT, OK);
                     self.whatsat(id, owner, &record, &w)
                 }
-                None => self.invalid(id, line),
+                None => {
+                    self.metrics.command(WHATSAT, INVALID);
+                    self.invalid(id, line)
+                }
             },
             Command::Invalid => {
+                self.metrics.command(OTHER, INVALID);
                 let forged = matches!(
                     protocol::first_field(line),
                     b"AT" | b"PEER" | b"PROOF" | b"CHALLENGE"
@@ -267,8 +292,12 @@ impl Herd {
             };
             trace_loop!("  store {}: {what}", trace::shown(client));
         }
+        if !matches!(merged, Some(Merge::Stored | Merge::Stale)) {
+            self.metrics.refused_records += 1;
+        }
         let why = match merged {
             Some(Merge::Stored) => {
+                self.metrics.stored_from_peers += 1;
                 if let Some(aof) = &mut self.aof {
                     aof.append(record);
                 }
@@ -309,6 +338,7 @@ impl Herd {
     pub fn links_and_context(&mut self) -> (&mut [Link], link::Context<'_>) {
         let cx = link::Context {
             server: &self.name,
+            housekeeping: self.log_housekeeping,
             secret: self.secret.as_ref(),
             store: &self.store,
             log: &mut self.log,

@@ -34,6 +34,10 @@ use crate::wire::{Fill, Line, OutBuf, Transport, Wire};
 /// The link from one neighbour. `S` is its socket: mio's `TcpStream`, or a scripted one in tests.
 pub struct Inbound<S = TcpStream> {
     state: State<S>,
+    /// Bytes the neighbour has sent on its links, for the metrics.
+    pub bytes_received: u64,
+    /// When its state last changed, for the metrics.
+    pub since: Option<Instant>,
 }
 
 // One per neighbour, so the size of the largest state costs nothing worth boxing for.
@@ -63,6 +67,8 @@ impl<S: Transport> Default for Inbound<S> {
     fn default() -> Inbound<S> {
         Inbound {
             state: State::Absent,
+            bytes_received: 0,
+            since: None,
         }
     }
 }
@@ -81,6 +87,7 @@ impl<S: Transport> Inbound<S> {
             State::Up { id, .. } => Some(*id),
             State::Absent => None,
         };
+        self.since = Some(now);
         self.state = State::Up {
             id,
             wire,
@@ -173,6 +180,7 @@ impl<S: Transport> Inbound<S> {
                     let fill = wire.reader.fill(&mut wire.stream, scratch, high, hangup);
                     let taken = wire.reader.buffered().saturating_sub(before);
                     *read_bytes = read_bytes.saturating_sub(taken);
+                    self.bytes_received += taken as u64;
                     if taken > 0 {
                         *heard = now;
                         trace_loop!("  peer {} read {taken} bytes", herd.links[from].name);
@@ -198,9 +206,16 @@ impl<S: Transport> Inbound<S> {
                     }
                     None => line,
                 };
-                // Logged once its tag is checked: a forged line never appears as the
-                // neighbour's.
-                herd.log.bytes(Who::Peer(&herd.links[from].name), '<', line);
+                // Logged once its tag is checked (a forged line never appears as the
+                // neighbour's); heartbeats and digests, which come every second or three on
+                // every link, only when asked.
+                let housekeeping = matches!(
+                    payload.split(|&b| b == b' ').next(),
+                    Some(b"PING" | b"PARTS" | b"DIGEST")
+                );
+                if !housekeeping || herd.log_housekeeping {
+                    herd.log.bytes(Who::Peer(&herd.links[from].name), '<', line);
+                }
                 trace_loop!(
                     "  peer {} < {}",
                     herd.links[from].name,
@@ -267,9 +282,10 @@ impl<S: Transport> Inbound<S> {
     }
 
     /// Closes the link; returns the id of the connection closed.
-    pub fn close(&mut self) -> Option<u64> {
+    pub fn close(&mut self, now: Instant) -> Option<u64> {
         let id = self.id();
         self.state = State::Absent;
+        self.since = Some(now);
         id
     }
 }

@@ -3,6 +3,7 @@
 // (.cargo/config.toml: --document-private-items), so its links to private items resolve.
 #![allow(rustdoc::private_intra_doc_links)]
 
+pub mod admin;
 pub mod aof;
 pub mod bytes;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod herd;
 pub mod inbound;
 pub mod link;
 pub mod log;
+pub mod metrics;
 pub mod peer;
 pub mod places;
 pub mod protocol;

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use crate::log::{Log, Who};
+use crate::metrics::LinkCounts;
 use crate::peer::{self, PartSet, PeerLine, Secret, Session};
 use crate::reactor::Want;
 use crate::store::{Store, DIGEST_PARTS};
@@ -95,6 +96,8 @@ enum LinkState<S> {
         sync: usize,
         sync_end: usize,
         sync_parts: Option<PartSet>,
+        /// Records the copy has sent so far.
+        sync_sent: usize,
         last_heard: Instant,
         last_sent: Instant,
         next_digest: Instant,
@@ -109,11 +112,15 @@ pub struct Link<S = TcpStream> {
     /// Failed attempts since the link was last up.
     failures: u32,
     state: LinkState<S>,
+    /// What it has done, for the metrics.
+    pub counts: LinkCounts,
 }
 
 /// What the link needs from the server around it.
 pub struct Context<'a> {
     pub server: &'a str,
+    /// Whether heartbeats are logged line by line.
+    pub housekeeping: bool,
     pub secret: Option<&'a Secret>,
     pub store: &'a Store,
     pub log: &'a mut Log,
@@ -126,6 +133,7 @@ impl<S: Transport> Link<S> {
             addr,
             failures: 0,
             state: LinkState::Down { retry_at: now },
+            counts: LinkCounts::default(),
         }
     }
 
@@ -339,6 +347,7 @@ impl<S: Transport> Link<S> {
         cx: &mut Context,
     ) -> LinkState<S> {
         self.failures = 0;
+        self.counts.ups += 1;
         cx.log.event(
             format_args!("link {}", self.name),
             format_args!(
@@ -358,6 +367,7 @@ impl<S: Transport> Link<S> {
             sync: 0,
             sync_end: cx.store.len(),
             sync_parts: None,
+            sync_sent: 0,
             last_heard: now,
             last_sent: now,
             next_digest: now + peer::DIGEST_INTERVAL,
@@ -455,9 +465,11 @@ impl<S: Transport> Link<S> {
                     Some(session) => session.open(line)?,
                     None => line,
                 };
-                // Logged once its tag is checked: a forged line never appears as the
-                // neighbour's.
-                cx.log.bytes(Who::Link(&self.name), '<', line);
+                // Logged once its tag is checked (a forged line never appears as the
+                // neighbour's), heartbeats only when asked.
+                if payload != b"PING" || cx.housekeeping {
+                    cx.log.bytes(Who::Link(&self.name), '<', line);
+                }
                 trace_loop!("  link {} < {}", self.name, trace::shown(payload));
                 *last_heard = now;
                 match peer::parse_line(payload) {
@@ -528,6 +540,7 @@ impl<S: Transport> Link<S> {
             sync,
             sync_end,
             sync_parts,
+            sync_sent,
             ..
         } = &mut self.state
         {
@@ -537,7 +550,9 @@ impl<S: Transport> Link<S> {
                 (true, Some(copying), Some(asked)) => Some(copying.union(&asked)),
                 (true, Some(_), None) => None,
             };
-            (*sync, *sync_end, *sync_parts) = (0, store.len(), widened);
+            self.counts.resyncs += 1;
+            self.counts.parts_copied += widened.map_or(DIGEST_PARTS as u64, |p| u64::from(p.len()));
+            (*sync, *sync_end, *sync_parts, *sync_sent) = (0, store.len(), widened, 0);
         }
     }
 
@@ -550,25 +565,38 @@ impl<S: Transport> Link<S> {
     /// Copies the next batch of the store into the output, if the output has room, then writes.
     /// Called at the end of every turn.
     pub fn flush(&mut self, now: Instant, store: &Store, log: &mut Log) {
-        let (wire, session, sync, sync_end, sync_parts, last_sent) = match &mut self.state {
-            LinkState::Authenticating { wire, .. } | LinkState::Proving { wire, .. } => {
-                let result = wire.out.write_to(&mut wire.stream);
-                if let Err(e) = result {
-                    self.go_down(now, log, &format!("write failed: {e}"));
+        let (wire, session, sync, sync_end, sync_parts, sync_sent, last_sent) =
+            match &mut self.state {
+                LinkState::Authenticating { wire, .. } | LinkState::Proving { wire, .. } => {
+                    let before = wire.out.pending();
+                    let result = wire.out.write_to(&mut wire.stream);
+                    self.counts.bytes_sent += (before - wire.out.pending()) as u64;
+                    if let Err(e) = result {
+                        self.go_down(now, log, &format!("write failed: {e}"));
+                    }
+                    return;
                 }
-                return;
-            }
-            LinkState::Up {
-                wire,
-                session,
-                sync,
-                sync_end,
-                sync_parts,
-                last_sent,
-                ..
-            } => (wire, session, sync, sync_end, &*sync_parts, last_sent),
-            _ => return,
-        };
+                LinkState::Up {
+                    wire,
+                    session,
+                    sync,
+                    sync_end,
+                    sync_parts,
+                    sync_sent,
+                    last_sent,
+                    ..
+                } => (
+                    wire,
+                    session,
+                    sync,
+                    sync_end,
+                    &*sync_parts,
+                    sync_sent,
+                    last_sent,
+                ),
+                _ => return,
+            };
+        let copying = *sync < *sync_end;
         let mut synced = 0;
         let result = loop {
             while *sync < *sync_end && wire.out.pending() < SYNC_LOW_WATER {
@@ -582,12 +610,14 @@ impl<S: Transport> Link<S> {
                     let before = wire.out.pending();
                     send(wire, session, &record.line);
                     synced += wire.out.pending() - before;
+                    *sync_sent += 1;
                     *last_sent = now;
                 }
                 *sync += 1;
             }
             let before = wire.out.pending();
             let result = wire.out.write_to(&mut wire.stream);
+            self.counts.bytes_sent += (before - wire.out.pending()) as u64;
             // Keep going while the kernel takes everything, the copy has more to send, and this
             // turn's share of it is not spent ([`Link::wants_turn`] asks for the next).
             let more = *sync < *sync_end && synced < SYNC_TURN_BYTES;
@@ -595,6 +625,12 @@ impl<S: Transport> Link<S> {
                 break result;
             }
         };
+        if copying && *sync >= *sync_end {
+            log.event(
+                format_args!("link {}", self.name),
+                format_args!("sync done: {} records sent", *sync_sent),
+            );
+        }
         if let Err(e) = result {
             self.go_down(now, log, &format!("write failed: {e}"));
         }
@@ -638,6 +674,7 @@ mod tests {
         fn cx(&mut self) -> Context<'_> {
             Context {
                 server: "Test",
+                housekeeping: false,
                 secret: self.secret.as_ref(),
                 store: &self.store,
                 log: &mut self.log,

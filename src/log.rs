@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::ops::Range;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::bytes::{escape_into, push_decimal};
@@ -21,12 +21,33 @@ const FLUSH_AT_BYTES: usize = 1 << 20;
 
 pub struct Log {
     file: Option<File>,
+    /// Where the file is: opened again after a rotation, on SIGHUP, or after a failed write.
+    path: Option<PathBuf>,
     /// What of the file the page cache still holds on the log's account.
     cached: CachedPages,
     buf: Vec<u8>,
     /// `2026-11-24T17:26:00.123456Z`, the current turn's time.
     stamp: String,
     failed: bool,
+    /// Past this many bytes the file is rotated (`log_max_bytes`; 0: never), keeping `keep`
+    /// older files.
+    max_bytes: u64,
+    keep: usize,
+}
+
+/// Opens `path` for appending, owner-only (a file made earlier with looser permissions is
+/// tightened): the log holds what clients sent and the herd's own business.
+fn open_file(path: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|file| {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            Ok(file)
+        })
+        .map_err(|e| format!("cannot open log file {}: {e}", path.display()))
 }
 
 impl Log {
@@ -36,24 +57,14 @@ impl Log {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create log directory {}: {e}", dir.display()))?;
         }
-        // The log holds what clients sent and the herd's own business: only its owner reads it
-        // (a file made earlier with looser permissions is tightened).
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .and_then(|file| {
-                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-                Ok(file)
-            })
-            .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+        let file = open_file(path)?;
         let length = file
             .metadata()
             .map_err(|e| format!("cannot read log file {}: {e}", path.display()))?
             .len();
         Ok(Log {
             file: Some(file),
+            path: Some(path.to_path_buf()),
             cached: CachedPages::after(length),
             ..Log::discard()
         })
@@ -63,13 +74,59 @@ impl Log {
     pub fn discard() -> Log {
         Log {
             file: None,
+            path: None,
             cached: CachedPages::after(0),
             buf: Vec::with_capacity(FLUSH_AT_BYTES),
             stamp: String::new(),
             failed: false,
+            max_bytes: 0,
+            keep: 0,
         }
     }
 
+    /// Rotates the file once it passes `max_bytes` (0: never), keeping `keep` older files as
+    /// `NAME.log.1` (the newest) to `NAME.log.KEEP`.
+    pub fn rotate_at(&mut self, max_bytes: u64, keep: usize) {
+        self.max_bytes = max_bytes;
+        self.keep = keep;
+    }
+
+    /// Opens the file again at its path: after logrotate moved it away (SIGHUP), after a
+    /// rotation, or to try again after a failed write. What was buffered goes to the new file.
+    pub fn reopen(&mut self) -> Result<(), String> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let file = open_file(path)?;
+        let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+        self.file = Some(file);
+        self.cached = CachedPages::after(length);
+        Ok(())
+    }
+
+    /// Moves `NAME.log` to `NAME.log.1` (and each older one a number up, the oldest dropped),
+    /// then starts a new `NAME.log`.
+    fn rotate(&mut self) -> Result<(), String> {
+        let Some(path) = self.path.clone() else {
+            return Ok(());
+        };
+        let numbered = |n: usize| {
+            let mut name = path.clone().into_os_string();
+            name.push(format!(".{n}"));
+            PathBuf::from(name)
+        };
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&path);
+        } else {
+            let _ = std::fs::remove_file(numbered(self.keep));
+            for n in (1..self.keep).rev() {
+                let _ = std::fs::rename(numbered(n), numbered(n + 1));
+            }
+            std::fs::rename(&path, numbered(1))
+                .map_err(|e| format!("cannot rotate {}: {e}", path.display()))?;
+        }
+        self.reopen()
+    }
     /// Sets the time stamp of the lines that follow: once per turn of the loop.
     pub fn set_time(&mut self, now: SystemTime) {
         self.stamp.clear();
@@ -125,16 +182,29 @@ impl Log {
         }
     }
 
+    /// Whether the last write to the file failed.
+    pub fn failing(&self) -> bool {
+        self.failed
+    }
+
     /// Writes out what the turn logged. A failing disk does not stop the server: it says so
-    /// once on standard error and drops log lines until writes succeed again.
+    /// once on standard error, then opens the file again at each flush until a write works (the
+    /// lines in between are dropped, and the return says so once).
     pub fn flush(&mut self) {
         if self.buf.is_empty() {
+            return;
+        }
+        if self.failed && self.reopen().is_err() {
+            self.buf.clear();
             return;
         }
         if let Some(file) = &mut self.file {
             match file.write_all(&self.buf) {
                 Ok(()) => {
-                    self.failed = false;
+                    if self.failed {
+                        self.failed = false;
+                        log::warn!("the log file can be written again");
+                    }
                     let written = self.buf.len() as u64;
                     self.cached
                         .wrote(written, |filled, old| release(file, filled, old));
@@ -147,6 +217,12 @@ impl Log {
             }
         }
         self.buf.clear();
+        if self.max_bytes != 0 && self.cached.end >= self.max_bytes && !self.failed {
+            if let Err(e) = self.rotate() {
+                self.failed = true;
+                log::error!("{e}");
+            }
+        }
     }
 }
 

@@ -12,9 +12,12 @@ const USAGE: &str = "\
 herd: a proxy herd of location servers (UCLA CS131 protocol)
 
 Usage:
-  herd serve NAME [--config PATH]   run the server NAME of the configuration
+  herd serve NAME [--config PATH] [--admin HOST:PORT]
+                                    run the server NAME of the configuration
   herd up [--config PATH]           run every server of the configuration on this machine,
-                                    until Ctrl-C or SIGTERM
+                                    until Ctrl-C or SIGTERM (SIGHUP: every log opened again)
+  herd status [--config PATH]       ask every server of the configuration how it is; exit 0
+                                    when all are up and every store agrees
   herd iamat SERVER CLIENT LOCATION  send IAMAT with the current time; print the reply
   herd whatsat SERVER CLIENT RADIUS BOUND
                                     send WHATSAT; print the reply
@@ -22,23 +25,32 @@ Usage:
                                     (SERVER: a name in the configuration, or HOST:PORT)
   herd load --addr HOST:PORT [...]  generate load against any server of this protocol and
                                     print one line of JSON (herd load --help)
+  herd trace-svg TRACE [-o FILE]    draw a saved trace as a sequence diagram
   herd --help | --version
 
 Options:
   -c, --config PATH   the configuration (default: ./herd.toml, else herd.toml beside
                       this program)
-  -t, --trace         serve, up: print on standard error what the loop does, turn by turn:
-                      what woke it, every state transition (old -> new), how long it sleeps
+  -t, --trace         serve, up: print on standard error what the loop does and what the
+                      data does, line by line, time-stamped (up: merged in time order)
+  --trace-svg FILE    up: also draw the trace as a sequence diagram when the herd stops
+  --admin HOST:PORT   serve: the admin endpoint (/metrics, /healthz, /status), in place
+                      of the configuration's; herd up gives each server one on a free port
+
+Signals: SIGTERM, SIGINT stop (logs flushed, the store synced); SIGHUP opens the log file
+again (logrotate's convention); SIGUSR1 writes the store to <log_dir>/<NAME>.store.
 
 Environment:
   GOOGLE_PLACES_API_KEY   the Google Places API key for WHATSAT (or set places.key_file);
                           never taken from the command line
   HERD_SECRET             the herd secret peers authenticate with (or set secret_file);
-                          herd up makes one for the herd it starts
-  RUST_LOG                diagnostics on standard error (default: info)
+                          herd up makes one for the herd it starts; empty counts as unset
+  RUST_LOG                which diagnostics reach standard error (default: info; off, error,
+                          warn silence the warnings); the log files are not affected
 
-Exit codes: 0 stopped by SIGTERM or SIGINT; 1 run-time failure; 2 bad command line or
-configuration (the message names the problem).
+Exit codes: 0 stopped by SIGTERM or SIGINT, or a command that succeeded; 1 run-time failure
+(herd status: a server down or the stores differ); 2 bad command line or configuration (the
+message names the problem).
 See README.md for the protocol, the configuration keys and the logs.";
 
 /// A failure and the exit code it ends the program with.
@@ -75,6 +87,7 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
         "FILE",
     );
     opts.optopt("o", "output", "trace-svg: where the drawing goes", "FILE");
+    opts.optopt("", "admin", "serve: the admin endpoint's HOST:PORT", "ADDR");
     let matches = opts
         .parse(&args)
         .map_err(|e| usage(format!("{e} (see herd --help)")))?;
@@ -103,7 +116,9 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
             let secret = herd_secret(&config).map_err(usage)?;
             raise_descriptor_limit();
             keep_freed_heap();
-            let mut server = Server::bind(&config, name, key, secret).map_err(usage)?;
+            let admin = matches.opt_str("admin");
+            let mut server =
+                Server::bind(&config, name, key, secret, admin.as_deref()).map_err(usage)?;
             server.run().map_err(|e| Failure(1, e))
         }
         ["up"] => {
@@ -130,6 +145,16 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
         ),
         ["send", server, line] => talk(server, line, &config_path),
         ["trace-svg", trace] => trace_svg(trace, matches.opt_str("output")),
+        ["status"] => {
+            let (_, config) = load()?;
+            match herd::tools::status::run(&config).map_err(usage)? {
+                0 => Ok(()),
+                code => Err(Failure(
+                    code as u8,
+                    "not every server is up and agreeing".into(),
+                )),
+            }
+        }
         ["serve"] => Err(usage(
             "serve needs the NAME of a server of the configuration: herd serve NAME",
         )),

@@ -17,7 +17,7 @@ use std::io;
 use std::time::Duration;
 
 use mio::event::Source as MioSource;
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 /// What a token stands for.
@@ -27,8 +27,12 @@ pub enum Source {
     Listener,
     /// The [`mio::Waker`] that helper threads (DNS) use to wake the loop.
     Waker,
-    /// SIGTERM, SIGINT or SIGUSR1.
+    /// SIGTERM, SIGINT, SIGUSR1 or SIGHUP.
     Signals,
+    /// The admin endpoint's listening socket.
+    AdminListener,
+    /// Slot `i` of the admin endpoint's connections.
+    Admin(usize),
     /// The link this server dialled to neighbour `i`.
     Link(usize),
     /// The link neighbour `i` dialled to this server.
@@ -40,15 +44,17 @@ pub enum Source {
     Conn(usize),
 }
 
-/// The token layout: three fixed tokens, then two per neighbour (the link each way), one per
-/// Places slot, and the accepted connections after them.
+/// The token layout: four fixed tokens, then two per neighbour (the link each way), one per
+/// Places slot, one per admin connection, and the accepted connections after them.
 #[derive(Debug, Clone, Copy)]
 pub struct Tokens {
     links: usize,
     places: usize,
 }
 
-const FIXED: usize = 3;
+const FIXED: usize = 4;
+/// Admin connections' tokens.
+const ADMIN: usize = crate::admin::MAX_CONNECTIONS;
 
 impl Tokens {
     pub fn new(links: usize, places: usize) -> Tokens {
@@ -61,10 +67,12 @@ impl Tokens {
             Source::Listener => 0,
             Source::Waker => 1,
             Source::Signals => 2,
+            Source::AdminListener => 3,
             Source::Link(i) => FIXED + i,
             Source::Inbound(i) => FIXED + links + i,
             Source::Places(i) => FIXED + 2 * links + i,
-            Source::Conn(i) => FIXED + 2 * links + places + i,
+            Source::Admin(i) => FIXED + 2 * links + places + i,
+            Source::Conn(i) => FIXED + 2 * links + places + ADMIN + i,
         })
     }
 
@@ -74,10 +82,14 @@ impl Tokens {
             0 => Source::Listener,
             1 => Source::Waker,
             2 => Source::Signals,
+            3 => Source::AdminListener,
             t if t < FIXED + links => Source::Link(t - FIXED),
             t if t < FIXED + 2 * links => Source::Inbound(t - FIXED - links),
             t if t < FIXED + 2 * links + places => Source::Places(t - FIXED - 2 * links),
-            t => Source::Conn(t - FIXED - 2 * links - places),
+            t if t < FIXED + 2 * links + places + ADMIN => {
+                Source::Admin(t - FIXED - 2 * links - places)
+            }
+            t => Source::Conn(t - FIXED - 2 * links - places - ADMIN),
         }
     }
 }
@@ -109,7 +121,7 @@ impl Reactor {
             .map_err(|e| format!("cannot create the waker: {e}"))
     }
 
-    /// Registers the listening socket (READABLE: a connection to accept) or the signals.
+    /// Registers a listening socket (READABLE: a connection to accept) or the signals.
     pub fn register_readable(
         &self,
         handle: &mut impl MioSource,
@@ -118,11 +130,6 @@ impl Reactor {
         (self.poll.registry())
             .register(handle, self.tokens.token(source), Interest::READABLE)
             .map_err(|e| format!("cannot register with the poll: {e}"))
-    }
-
-    /// Registers the listener.
-    pub fn listen(&self, listener: &mut TcpListener) -> Result<(), String> {
-        self.register_readable(listener, Source::Listener)
     }
 
     /// Registers a new socket for both readiness kinds, once (see the module docs).
@@ -177,6 +184,9 @@ mod tests {
             Source::Inbound(2),
             Source::Places(0),
             Source::Places(3),
+            Source::AdminListener,
+            Source::Admin(0),
+            Source::Admin(7),
             Source::Conn(0),
             Source::Conn(1000),
         ] {

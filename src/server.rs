@@ -31,9 +31,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::event::Event;
 use mio::net::TcpListener;
 use mio::{Events, Waker};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::admin::{self, Admin, AdminConn, Asked, LinkView, Route, StoreFileView, View};
 use crate::aof::Aof;
 use crate::bytes::escape_into;
 use crate::config::{resolve, Config};
@@ -42,6 +43,7 @@ use crate::herd::{whatsat_reply, Herd};
 use crate::inbound::Inbound;
 use crate::link::Link;
 use crate::log::{Log, Who};
+use crate::metrics::{close_kind, LinkCounts};
 use crate::peer::{self, Secret};
 use crate::places::pool::{tls_config, PlacesPool};
 use crate::reactor::{Reactor, Source, Want};
@@ -79,6 +81,15 @@ pub struct Server {
     next_conn_id: u64,
     /// The link each neighbour dialled to us, by neighbour.
     inbound: Vec<Inbound>,
+    /// The admin endpoint, when configured.
+    admin: Option<Admin>,
+    /// Where the admin endpoint's address is written for `herd status`, while it runs.
+    admin_file: Option<PathBuf>,
+    /// Each dialled link's state at the end of the last turn, and since when, for the metrics.
+    link_seen: Vec<(&'static str, Instant)>,
+    /// When the server started, and when this turn's poll returned.
+    started: Instant,
+    turn_began: Instant,
     /// When the connections' deadlines are next checked.
     sweep_at: Instant,
     /// Connections with something to write or to decide at the end of the turn. A slot may be
@@ -103,6 +114,7 @@ impl Server {
         name: &str,
         key: Option<String>,
         secret: Option<Secret>,
+        admin: Option<&str>,
     ) -> Result<Server, String> {
         let me = config.server(name)?;
         let addr = match &me.listen {
@@ -117,7 +129,8 @@ impl Server {
         trace::set_server(name);
         let tls = tls_config(config.places.ca_file.as_deref())?;
         let log_path = config.log_path(name);
-        let log = Log::open(&log_path)?;
+        let mut log = Log::open(&log_path)?;
+        log.rotate_at(config.log_max_bytes, config.log_keep);
         let reactor = Reactor::new(neighbour_addrs.len(), config.places.pool_size)?;
         let waker = Arc::new(reactor.waker()?);
         let places = key
@@ -131,6 +144,7 @@ impl Server {
             .collect();
         let limits = config.limits.clone();
         let mut herd = Herd::new(name.to_owned(), secret, links, places, log, limits, now);
+        herd.log_housekeeping = config.log_housekeeping;
         herd.log.set_time(SystemTime::now());
         // The store on disk is replayed before the listener opens: nothing is answered from a
         // store that is not whole.
@@ -173,10 +187,18 @@ impl Server {
         let bound = listener.local_addr().map_err(|e| e.to_string())?;
         let mark = crate::herd::OUTPUT_HIGH_WATER.min(herd.limits.client_output_bytes / 4);
         keep_send_buffers_under(&listener, mark);
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
             .map_err(|e| format!("cannot catch signals: {e}"))?;
         reactor.register_readable(&mut listener, Source::Listener)?;
         reactor.register_readable(&mut signals, Source::Signals)?;
+        let admin = match admin.or(me.admin.as_deref()) {
+            Some(at) => {
+                let mut admin = Admin::bind(resolve(at, None)?)?;
+                reactor.register_readable(&mut admin.listener, Source::AdminListener)?;
+                Some(admin)
+            }
+            None => None,
+        };
         herd.log.event(
             format_args!("server {name}"),
             format_args!("listening on {bound}"),
@@ -199,6 +221,13 @@ impl Server {
             "{name} listening on {bound}, logging to {}",
             log_path.display()
         );
+        // `herd status` finds an admin endpoint in the configuration, or in this file.
+        let admin_file = admin.as_ref().map(|admin| {
+            let path = config.log_dir.join(format!("{name}.admin"));
+            let _ = std::fs::write(&path, format!("{}\n", admin.addr));
+            println!("{name} admin endpoint on http://{}", admin.addr);
+            path
+        });
         let _ = io::stdout().flush();
         Ok(Server {
             reactor,
@@ -214,6 +243,11 @@ impl Server {
             per_address: HashMap::new(),
             next_conn_id: 1,
             inbound,
+            link_seen: herd.links.iter().map(|l| (l.state_name(), now)).collect(),
+            admin,
+            admin_file,
+            started: now,
+            turn_began: now,
             sweep_at: now + SWEEP_INTERVAL,
             to_flush: Vec::new(),
             again: Vec::new(),
@@ -247,6 +281,7 @@ impl Server {
                 }
             }
             self.begin_turn();
+            self.herd.metrics.events += events.iter().count() as u64;
             if trace::enabled() {
                 let woken = self.describe(&events);
                 trace_loop!("turn {}: woken by {woken}", self.herd.turn);
@@ -266,6 +301,9 @@ impl Server {
             if let Some(before) = before {
                 before.trace_changes(&self.snapshot(None));
             }
+            let took = Instant::now().saturating_duration_since(self.turn_began);
+            self.herd.metrics.turns += 1;
+            self.herd.metrics.turn_seconds.observe(took.as_secs_f64());
         }
         self.shut_down();
         Ok(())
@@ -287,6 +325,8 @@ impl Server {
                 Source::Listener => "the listener".to_owned(),
                 Source::Waker => "the waker (a DNS answer)".to_owned(),
                 Source::Signals => "a signal".to_owned(),
+                Source::AdminListener => "the admin listener".to_owned(),
+                Source::Admin(i) => format!("admin#{i}"),
                 Source::Link(i) => format!("link {}", self.herd.links[i].name),
                 Source::Inbound(i) => format!("peer {}", self.herd.links[i].name),
                 Source::Places(i) => format!("places#{i}"),
@@ -344,6 +384,7 @@ impl Server {
         let wall = SystemTime::now();
         self.herd.turn += 1;
         self.herd.now = Instant::now();
+        self.turn_began = self.herd.now;
         self.herd.now_ns = wall
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
@@ -355,9 +396,11 @@ impl Server {
         let links = self.herd.links.iter().filter_map(Link::deadline);
         let inbound = self.inbound.iter().filter_map(Inbound::deadline);
         let places = self.herd.places.as_ref().and_then(PlacesPool::deadline);
+        let admin = self.admin.as_ref().and_then(Admin::deadline);
         links
             .chain(inbound)
             .chain(places)
+            .chain(admin)
             .chain([self.sweep_at])
             .min()
     }
@@ -365,11 +408,24 @@ impl Server {
     fn dispatch(&mut self, event: &Event) {
         match self.reactor.source(event.token()) {
             Source::Listener => self.accept(),
+            Source::AdminListener => self.accept_admin(),
+            Source::Admin(i) => self.serve_admin(i),
             Source::Signals => {
                 let herd = &mut self.herd;
                 for signal in self.signals.pending() {
                     if signal == SIGUSR1 {
                         dump_store(&herd.store, &self.dump_path, &mut herd.log);
+                        continue;
+                    }
+                    if signal == SIGHUP {
+                        // logrotate's convention: the file was moved away; write a new one.
+                        herd.log.flush();
+                        let what = match herd.log.reopen() {
+                            Ok(()) => "SIGHUP: log file opened again".to_owned(),
+                            Err(e) => format!("SIGHUP: {e}"),
+                        };
+                        herd.log
+                            .event(format_args!("server {}", herd.name), format_args!("{what}"));
                         continue;
                     }
                     herd.log.event(
@@ -450,6 +506,7 @@ impl Server {
                 None
             };
             if let Some(why) = refusal {
+                self.herd.metrics.refused += 1;
                 refuse(&mut stream, &mut self.scratch);
                 self.herd.log.event(
                     format_args!("c{id}"),
@@ -483,6 +540,7 @@ impl Server {
             };
             let until = now + wait;
             self.conns[slot] = Some(Conn::new(id, stream, addr, now, until, full));
+            self.herd.metrics.accepted += 1;
             self.open_conns += 1;
             self.reserved_conns += usize::from(full);
             *self.per_address.entry(addr.ip()).or_default() += 1;
@@ -565,7 +623,13 @@ impl Server {
     }
 
     fn close_inbound(&mut self, i: usize, reason: CloseReason) {
-        if let Some(id) = self.inbound.get_mut(i).and_then(Inbound::close) {
+        let now = self.herd.now;
+        self.herd.metrics.closed[close_kind(&reason)] += 1;
+        if let Some(id) = self
+            .inbound
+            .get_mut(i)
+            .and_then(|inbound| inbound.close(now))
+        {
             self.herd
                 .log
                 .event(format_args!("c{id}"), format_args!("closed: {reason}"));
@@ -652,6 +716,11 @@ impl Server {
             self.sweep_at = now + SWEEP_INTERVAL;
             self.sweep(now);
         }
+        if let Some(admin) = &mut self.admin {
+            for conn in admin.conns.iter_mut().flatten() {
+                conn.on_timeout(now);
+            }
+        }
     }
 
     /// Once a second: every connection checks its deadlines (see [`Conn::on_timeout`]).
@@ -684,6 +753,13 @@ impl Server {
             self.flush_conn(slot);
         }
         self.free_slots.append(&mut self.free_later);
+        self.flush_admin();
+        let now = self.herd.now;
+        for (link, seen) in self.herd.links.iter().zip(&mut self.link_seen) {
+            if link.state_name() != seen.0 {
+                *seen = (link.state_name(), now);
+            }
+        }
         self.herd.log.flush();
     }
 
@@ -724,6 +800,7 @@ impl Server {
             // already held, so run them now (they are flushed again after).
             Flushed::Resume => self.serve_conn(slot, Readiness::HELD),
             Flushed::Closed(reason) => {
+                self.herd.metrics.closed[close_kind(&reason)] += 1;
                 self.herd.log.event(
                     format_args!("c{}", conn.id),
                     format_args!("closed: {reason}"),
@@ -809,6 +886,145 @@ impl Server {
             format_args!("stopped"),
         );
         herd.log.flush();
+        if let Some(path) = &self.admin_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Accepts admin connections into free slots; one past them is answered 503 and closed.
+    fn accept_admin(&mut self) {
+        let now = self.herd.now;
+        let Some(admin) = &mut self.admin else {
+            return;
+        };
+        loop {
+            let mut stream = match admin.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let Some(slot) = admin.conns.iter().position(Option::is_none) else {
+                let _ = stream.write(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            };
+            if self
+                .reactor
+                .attach(&mut stream, Source::Admin(slot))
+                .is_ok()
+            {
+                admin.conns[slot] = Some(AdminConn::new(stream, now));
+            }
+        }
+    }
+
+    /// An admin connection's readiness: a request may be whole.
+    fn serve_admin(&mut self, slot: usize) {
+        let asked = match self.admin.as_mut().and_then(|a| a.conns[slot].as_mut()) {
+            Some(conn) => conn.on_readable(&mut self.scratch),
+            None => return,
+        };
+        let Asked::Route { route, keep_alive } = asked else {
+            return;
+        };
+        let (status, kind, body) = match route {
+            Route::Metrics => (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                admin::render_metrics(&self.view()),
+            ),
+            Route::Status => (200, "application/json", admin::render_status(&self.view())),
+            Route::Health => match self.unhealthy() {
+                None => (200, "text/plain", "ok\n".to_owned()),
+                Some(why) => (503, "text/plain", format!("{why}\n")),
+            },
+        };
+        if let Some(conn) = self.admin.as_mut().and_then(|a| a.conns[slot].as_mut()) {
+            conn.reply(status, kind, body.as_bytes(), keep_alive);
+        }
+    }
+
+    /// Why the server is not healthy, if it is not: what `/healthz` answers 503 with.
+    fn unhealthy(&self) -> Option<&'static str> {
+        if self.stopping {
+            Some("stopping")
+        } else if self.disk_failing {
+            Some("the store's file cannot be written")
+        } else if self.herd.log.failing() {
+            Some("the log cannot be written")
+        } else {
+            None
+        }
+    }
+
+    /// Writes the admin connections' responses; frees those that closed.
+    fn flush_admin(&mut self) {
+        let now = self.herd.now;
+        let Some(admin) = &mut self.admin else {
+            return;
+        };
+        for slot in admin.conns.iter_mut() {
+            if let Some(conn) = slot {
+                conn.flush(now);
+                if conn.is_closed() {
+                    *slot = None;
+                }
+            }
+        }
+    }
+
+    /// What the admin endpoint shows, gathered from the loop's machines.
+    fn view(&self) -> View<'_> {
+        let now = self.herd.now;
+        let mut links = Vec::new();
+        for (i, link) in self.herd.links.iter().enumerate() {
+            let (state, since) = self.link_seen[i];
+            links.push(LinkView {
+                neighbour: link.name.clone(),
+                direction: "out",
+                state,
+                up: state == "Up",
+                seconds_in_state: now.saturating_duration_since(since).as_secs_f64(),
+            });
+            let inbound = &self.inbound[i];
+            let since = inbound.since.unwrap_or(self.started);
+            links.push(LinkView {
+                neighbour: link.name.clone(),
+                direction: "in",
+                state: inbound.state_name(),
+                up: inbound.id().is_some(),
+                seconds_in_state: now.saturating_duration_since(since).as_secs_f64(),
+            });
+        }
+        let link_counts = (self.herd.links.iter().zip(&self.inbound))
+            .map(|(link, inbound)| LinkCounts {
+                bytes_received: inbound.bytes_received,
+                ..link.counts
+            })
+            .collect();
+        let store_file = self.herd.aof.as_ref().map(|aof| StoreFileView {
+            stats: aof.stats,
+            bytes: aof.len(),
+            sync_seconds: aof.sync_seconds.clone(),
+            helper: aof.helper_syncs().map(|(n, us)| (n, us as f64 / 1e6)),
+        });
+        View {
+            name: &self.herd.name,
+            metrics: &self.herd.metrics,
+            records: self.herd.store.len(),
+            digest: self.herd.store.digest(),
+            clients_connected: self.open_conns,
+            links,
+            link_counts,
+            places: self.herd.places.as_ref().map(|p| &p.counts),
+            places_slots_busy: (self.herd.places.iter())
+                .flat_map(|p| p.slot_states())
+                .filter(|s| matches!(*s, "Connecting" | "Exchanging"))
+                .count(),
+            store_file,
+            uptime: now.saturating_duration_since(self.started).as_secs_f64(),
+        }
     }
 }
 

@@ -602,3 +602,78 @@ fn herd_up_runs_every_server_and_sigterm_stops_them_all() {
         );
     }
 }
+
+/// Issue 17: `herd up` passes SIGHUP on to its servers, which open their logs again, and stops
+/// nothing.
+#[test]
+fn herd_up_passes_sighup_on_and_every_server_opens_its_log_again() {
+    let mut attempt = 1;
+    let (dir, specs, mut up) = loop {
+        match try_start_up(&[]) {
+            Ok(started) => break started,
+            Err(_) if attempt < 3 => attempt += 1,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let logs: Vec<PathBuf> = specs
+        .iter()
+        .map(|s| dir.path.join(format!("logs/{}.log", s.name)))
+        .collect();
+    for log in &logs {
+        std::fs::rename(log, log.with_extension("log.1")).expect("move a log away");
+    }
+    signal(up.child.id() as libc::pid_t, libc::SIGHUP);
+    for log in &logs {
+        assert!(
+            eventually(Duration::from_secs(5), || std::fs::read_to_string(log)
+                .is_ok_and(|t| t.contains("SIGHUP: log file opened again"))),
+            "{} was not opened again",
+            log.display()
+        );
+    }
+    assert!(
+        matches!(up.child.try_wait(), Ok(None)),
+        "herd up stopped on SIGHUP"
+    );
+    for spec in &specs {
+        let addr = SocketAddr::from(([127, 0, 0, 1], spec.port));
+        let reply = exchange(
+            addr,
+            format!("IAMAT kiwi {LOCATION} {}\n", now_secs_string()).as_bytes(),
+        );
+        assert!(reply.starts_with(format!("AT {} ", spec.name).as_bytes()));
+    }
+}
+
+/// Issue 17: what a user mistyped is said plainly.
+#[test]
+fn a_missing_name_or_configuration_is_said_plainly() {
+    let dir = TestDir::new("plain-errors");
+    let (status, _, stderr) = run_bounded_env(&["serve"], &dir.path, &[]);
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("serve needs the NAME"), "{stderr:?}");
+    // No herd.toml here (the test binary's directory has none either): a name cannot be found.
+    let (status, _, stderr) = run_bounded_env(&["iamat", "Bailey", "kiwi", "+1+1"], &dir.path, &[]);
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        stderr.contains("no herd.toml here or beside the program"),
+        "{stderr:?}"
+    );
+}
+
+/// Issue 17: a port in use is the same error, exit 2, under `serve` and `up`.
+#[test]
+fn a_port_in_use_exits_2_under_serve_and_under_up() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = taken.local_addr().expect("its address").port();
+    let dir = TestDir::new("port-in-use");
+    let config = write_config(&dir, &[member("Bailey", port, &[])], "");
+    let config_arg = config.to_str().expect("UTF-8 path");
+    let (serve, _, serve_err) =
+        run_bounded_env(&["serve", "Bailey", "--config", config_arg], &dir.path, &[]);
+    let (up, _, up_err) = run_bounded_env(&["up", "--config", config_arg], &dir.path, &[]);
+    assert_eq!(serve.code(), Some(2), "{serve_err}");
+    assert_eq!(up.code(), Some(2), "{up_err}");
+    assert!(serve_err.contains("cannot listen") && up_err.contains("cannot listen"));
+    drop(taken);
+}

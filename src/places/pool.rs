@@ -35,6 +35,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use crate::config::PlacesConfig;
 use crate::log::Log;
+use crate::metrics::PlacesCounts;
 use crate::places::http::ResponseReader;
 use crate::places::{self, Api, Output};
 use crate::trace::trace_loop;
@@ -211,6 +212,10 @@ pub struct PlacesPool<S = TcpStream> {
     slots: Vec<Slot<S>>,
     /// Slots whose new socket the loop is to register ([`PlacesPool::take_opened`]).
     opened: Vec<usize>,
+    /// The time of the loop's turn, for how long each request took.
+    now: Instant,
+    /// Requests by outcome, and how long they took, for the metrics.
+    pub counts: PlacesCounts,
     queue: VecDeque<Job>,
     next_job: u64,
     connections_made: u64,
@@ -251,6 +256,8 @@ impl<S: Transport> PlacesPool<S> {
             waker,
             slots: (0..cfg.pool_size).map(|_| Slot::Empty).collect(),
             opened: Vec::new(),
+            now: Instant::now(),
+            counts: PlacesCounts::default(),
             queue: VecDeque::new(),
             next_job: 1,
             connections_made: 0,
@@ -278,6 +285,7 @@ impl<S: Transport> PlacesPool<S> {
         query: &places::Query,
         log: &mut Log,
     ) -> u64 {
+        self.now = now;
         let host = if self.port == 443 {
             self.host.clone()
         } else {
@@ -330,6 +338,7 @@ impl<S: Transport> PlacesPool<S> {
 
     /// Starts queued jobs on idle or empty slots, as far as they go.
     pub fn dispatch(&mut self, now: Instant, log: &mut Log) {
+        self.now = now;
         while let Some(job) = self.queue.pop_front() {
             if job.deadline <= now {
                 self.fail(job, log, Failure::Late, &self.timed_out());
@@ -449,6 +458,7 @@ impl<S: Transport> PlacesPool<S> {
 
     /// The waker fired: a look-up may have finished.
     pub fn on_wake(&mut self, now: Instant, log: &mut Log) {
+        self.now = now;
         let Address::Resolving(rx) = &self.address else {
             return;
         };
@@ -490,6 +500,7 @@ impl<S: Transport> PlacesPool<S> {
 
     /// A readiness event on slot `i`'s socket.
     pub fn on_ready(&mut self, i: usize, now: Instant, log: &mut Log) {
+        self.now = now;
         let Some(slot) = self.slots.get_mut(i) else {
             return;
         };
@@ -608,7 +619,7 @@ impl<S: Transport> PlacesPool<S> {
                         until: now + IDLE_KEEP,
                     };
                 }
-                self.finish(job, body);
+                self.finish(job, body, 0);
             }
             // A kept-alive connection the server had already closed: try once more, afresh.
             Err(_) if reused && !response.started() && !job.retried && job.deadline > now => {
@@ -627,6 +638,7 @@ impl<S: Transport> PlacesPool<S> {
 
     /// Fires deadlines; safe to call when none has passed.
     pub fn on_timeout(&mut self, now: Instant, log: &mut Log) {
+        self.now = now;
         for i in 0..self.slots.len() {
             let expired = match &self.slots[i] {
                 Slot::Connecting { job, .. } | Slot::Exchanging { job, .. } => job.deadline <= now,
@@ -685,15 +697,25 @@ impl<S: Transport> PlacesPool<S> {
     /// it was ([`Failure`]); the detail (addresses, TLS errors, what Google sent) goes to the
     /// log.
     fn fail(&mut self, job: Job, log: &mut Log, failure: Failure, why: &str) {
+        let outcome = match failure {
+            Failure::Failed => 1,
+            Failure::Late => 2,
+            Failure::Busy => 3,
+        };
         log.event(
             format_args!("places #{}", job.id),
             format_args!("failed: {why}"),
         );
         let body = places::error_body("UNKNOWN_ERROR", failure.told());
-        self.finish(job, body);
+        self.finish(job, body, outcome);
     }
 
-    fn finish(&mut self, job: Job, body: Vec<u8>) {
+    /// Hands `job`'s reply to the loop, counted under `outcome` (an index of
+    /// [`crate::metrics::PLACES_OUTCOMES`]).
+    fn finish(&mut self, job: Job, body: Vec<u8>, outcome: usize) {
+        self.counts.outcomes[outcome] += 1;
+        let took = self.now.saturating_duration_since(job.started);
+        self.counts.seconds.observe(took.as_secs_f64());
         trace_loop!("  places #{} < {} bytes", job.id, body.len());
         self.done.push(Done {
             owner: job.owner,

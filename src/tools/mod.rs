@@ -5,5 +5,6 @@
 
 pub mod client;
 pub mod load;
+pub mod status;
 pub mod trace_svg;
 pub mod up;

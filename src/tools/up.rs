@@ -13,7 +13,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::Config;
@@ -67,7 +67,7 @@ fn run_herd(
 ) -> Result<i32, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     // Registered before any child exists, so no SIGCHLD is missed.
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD])
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD, SIGHUP])
         .map_err(|e| format!("cannot catch signals: {e}"))?;
     // The servers of a local herd authenticate each other with a secret made for this run,
     // unless one is configured.
@@ -85,6 +85,16 @@ fn run_herd(
             .arg("--config")
             .arg(config_path)
             .args(trace.then_some("--trace"))
+            // Each server's admin endpoint, on a free port unless the configuration names one:
+            // its address is printed, and written beside its log for `herd status`.
+            .args(
+                match server.admin {
+                    Some(_) => None,
+                    None => Some(["--admin", "127.0.0.1:0"]),
+                }
+                .into_iter()
+                .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(match traces {
@@ -152,6 +162,18 @@ fn run_herd(
     println!("herd up: {} servers running; Ctrl-C stops them", herd.len());
     let _ = std::io::stdout().flush();
     for signal in signals.forever() {
+        if signal == SIGHUP {
+            // logrotate's convention, passed on: every server opens its log file again.
+            for running in &herd {
+                if let Ok(pid) = i32::try_from(running.child.id()) {
+                    // SAFETY: kill(2) on our own child's pid has no memory effects.
+                    unsafe {
+                        libc::kill(pid, libc::SIGHUP);
+                    }
+                }
+            }
+            continue;
+        }
         if signal == SIGCHLD {
             let exited = herd.iter_mut().find_map(|r| match r.child.try_wait() {
                 Ok(Some(status)) => Some((r.name.clone(), status)),

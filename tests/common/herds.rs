@@ -33,6 +33,8 @@ pub struct Member {
     /// Where it listens, on 127.0.0.1, when not at `port` (a proxy in between).
     pub listen: Option<u16>,
     pub neighbors: &'static [&'static str],
+    /// Whether it runs an admin endpoint (on a free port of 127.0.0.1: [`admin_addr`] finds it).
+    pub admin: bool,
 }
 
 /// A member on 127.0.0.1 that listens where it is dialled.
@@ -43,6 +45,7 @@ pub const fn member(name: &'static str, port: u16, neighbors: &'static [&'static
         host: None,
         listen: None,
         neighbors,
+        admin: false,
     }
 }
 
@@ -51,6 +54,14 @@ impl Member {
     pub const fn at(self, host: Ipv4Addr) -> Member {
         Member {
             host: Some(host),
+            ..self
+        }
+    }
+
+    /// With an admin endpoint on a free port.
+    pub const fn with_admin(self) -> Member {
+        Member {
+            admin: true,
             ..self
         }
     }
@@ -132,6 +143,9 @@ pub fn write_config_with(dir: &TestDir, members: &[Member], top: &str, extra: &s
         }
         let neighbors: Vec<String> = m.neighbors.iter().map(|n| toml_basic(n)).collect();
         text.push_str(&format!("neighbors = [{}]\n", neighbors.join(", ")));
+        if m.admin {
+            text.push_str("admin = \"127.0.0.1:0\"\n");
+        }
     }
     if !extra.is_empty() {
         text.push('\n');
@@ -587,4 +601,50 @@ pub fn assert_key_absent(servers: &[&ServerProc], key: &str) {
             s.stdout()
         );
     }
+}
+
+/// The address of `server`'s admin endpoint, from the file it writes beside its log.
+pub fn admin_addr(server: &ServerProc) -> SocketAddr {
+    let path = server
+        .log_path
+        .with_file_name(format!("{}.admin", server.name));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "no admin endpoint for {}: {}: {e}",
+            server.name,
+            path.display()
+        )
+    });
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {text:?}: {e}", path.display()))
+}
+
+/// `GET PATH` at `addr` (HTTP/1.1, one request, the connection closed after): the status code
+/// and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .expect("read the response");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response from {addr}: {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_owned())
 }
