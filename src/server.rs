@@ -217,17 +217,20 @@ impl Server {
                 .event(format_args!("server {name}"), format_args!("{warning}"));
         }
         herd.log.flush();
+        // `herd status` finds an admin endpoint in this file (written before the ready line,
+        // so that whoever waits for that line finds the file), or in the configuration.
+        let admin_file = admin.as_ref().map(|admin| {
+            let path = config.log_dir.join(format!("{name}.admin"));
+            let _ = std::fs::write(&path, format!("{}\n", admin.addr));
+            path
+        });
         println!(
             "{name} listening on {bound}, logging to {}",
             log_path.display()
         );
-        // `herd status` finds an admin endpoint in the configuration, or in this file.
-        let admin_file = admin.as_ref().map(|admin| {
-            let path = config.log_dir.join(format!("{name}.admin"));
-            let _ = std::fs::write(&path, format!("{}\n", admin.addr));
+        if let Some(admin) = &admin {
             println!("{name} admin endpoint on http://{}", admin.addr);
-            path
-        });
+        }
         let _ = io::stdout().flush();
         Ok(Server {
             reactor,

@@ -1,0 +1,332 @@
+//! Fair turns and back-pressure that holds (issue 13), over real sockets: a client that never
+//! reads runs no more commands than its unread replies allow; a greedy client does not keep
+//! another's reply waiting beyond the next turn; a client closed for breaking a limit reads its
+//! `?` line before the close, however much it was still sending.
+
+mod common;
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::herds::{admin_addr, free_ports, http_get, member, Herd};
+use common::*;
+
+/// The server's high-water mark of unread replies (herd::herd::OUTPUT_HIGH_WATER, with the
+/// default `client_output_bytes`), and its share of lines per turn (`turn_lines`).
+const MARK: usize = 256 * 1024;
+const TURN_LINES: usize = 512;
+
+/// A connection whose kernel receive buffer is as small as the kernel allows, so that what the
+/// server's replies fill is the server's, not the test's.
+fn small_receiver(addr: SocketAddr) -> (TcpStream, usize) {
+    let socket = socket_with_small_buffer();
+    let stream = connect_socket(socket, addr);
+    let mut size: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int through valid pointers.
+    unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut size as *mut libc::c_int).cast(),
+            &mut len,
+        );
+    }
+    (stream, usize::try_from(size).unwrap_or(0))
+}
+
+fn socket_with_small_buffer() -> libc::c_int {
+    // SAFETY: plain system calls; the descriptor is owned by the stream made from it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let size: libc::c_int = 4096;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        fd
+    }
+}
+
+fn connect_socket(fd: libc::c_int, addr: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("an IPv4 address")
+    };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: connect reads a sockaddr_in of the size given; the descriptor is ours.
+    let done = unsafe {
+        libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(done, 0, "connect: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a connected socket that nothing else owns.
+    unsafe { TcpStream::from_raw_fd(fd) }
+}
+
+/// The IAMATs the server has run, from its admin endpoint.
+fn commands_run(admin: SocketAddr) -> u64 {
+    let (_, metrics) = http_get(admin, "/metrics");
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("herd_commands_total{server=\"Bailey\",verb=\"IAMAT\",result=\"ok\"} ")
+        })
+        .and_then(|n| n.parse().ok())
+        .expect("an IAMAT count")
+}
+
+/// Issue 13: a client that pipelines 100,000 IAMATs and never reads has no more commands run
+/// than its unread replies allow: the server's mark, what its own kernel holds for the client
+/// under that mark, the client's receive buffer, and one turn's share. When it reads, the rest
+/// are run and answered, every one.
+#[test]
+fn a_client_that_never_reads_has_only_the_marks_worth_of_commands_run() {
+    let herd = Herd::build("back-pressure")
+        .start_retrying(|| vec![member("Bailey", free_ports(1)[0], &[]).with_admin()]);
+    let b = herd.get("Bailey");
+    let admin = admin_addr(b);
+    let (stream, rcvbuf) = small_receiver(b.addr);
+    let time = now_secs_string();
+    let line = {
+        let time = time.clone();
+        move |i: usize| format!("IAMAT greedy-{i:06} {LOCATION} {time}\n")
+    };
+    let reply_len = format!("AT Bailey +0.000000000 greedy-000000 {LOCATION} {time}\n").len();
+    let total = 100_000;
+    let writer = {
+        let mut stream = stream.try_clone().expect("clone");
+        thread::spawn(move || {
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, &mut stream);
+            for i in 0..total {
+                if out.write_all(line(i).as_bytes()).is_err() {
+                    return;
+                }
+            }
+            let _ = out.flush();
+        })
+    };
+    // Long enough for the server to have run all it would: it stops at once, at the mark.
+    thread::sleep(Duration::from_secs(2));
+    let run = commands_run(admin) as usize;
+    // The mark counts what the server holds and what its kernel holds (its send buffer is kept
+    // under half the mark); the client's receive buffer is outside the server's sight.
+    let bound = (MARK + rcvbuf) / reply_len + TURN_LINES;
+    println!(
+        "a client that never read: {run} of {total} IAMATs run after 2 s (bound {bound}: \
+         {MARK} B mark + {rcvbuf} B receive buffer, {reply_len} B replies, {TURN_LINES} lines a turn)"
+    );
+    assert!(
+        run <= bound,
+        "{run} commands were run for a client that never read"
+    );
+    assert!(
+        run >= MARK / reply_len / 2,
+        "only {run} commands ran before the mark"
+    );
+    // It reads: the rest are run, and every reply comes, in order.
+    let mut reader = BufReader::new(&stream);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("a read timeout");
+    let mut got = 0;
+    let mut reply = Vec::new();
+    while got < total {
+        reply.clear();
+        match reader.read_until(b'\n', &mut reply) {
+            Ok(0) => break,
+            Ok(_) => {
+                assert!(
+                    reply.starts_with(b"AT Bailey ")
+                        && reply
+                            .ends_with(format!("greedy-{got:06} {LOCATION} {time}\n").as_bytes()),
+                    "reply {got}: {}",
+                    show(&reply)
+                );
+                got += 1;
+            }
+            Err(e) => panic!("after {got} replies: {e}"),
+        }
+    }
+    assert_eq!(got, total);
+    writer.join().expect("the writer");
+}
+
+/// Issue 13: a client closed for breaking a limit (an overlong line) gets its `?` line whole,
+/// though it goes on sending: the server shuts its side and drains the rest (a lingering
+/// close) rather than resetting the connection under the reply.
+#[test]
+fn a_client_closed_for_an_overlong_line_reads_its_answer_before_the_close() {
+    let herd = Herd::build("linger")
+        .extra("[limits]\nmax_line_bytes = 100\n")
+        .start_retrying(|| vec![member("Bailey", free_ports(1)[0], &[])]);
+    let addr = herd.get("Bailey").addr;
+    for round in 0..5 {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let mut stream = stream.try_clone().expect("clone");
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let junk = vec![b'x'; 16 * 1024];
+                let _ = stream.write_all(&junk[..200]); // the overlong line's start
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if stream.write_all(&junk).is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut reader = &stream;
+        let outcome = loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break "end of stream",
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => break "reset",
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        let _ = writer.join();
+        let want = format!("? {}... (line longer than 100 bytes)\n", "x".repeat(64));
+        assert_eq!(
+            show(&reply),
+            show(want.as_bytes()),
+            "round {round}: the answer before the {outcome}"
+        );
+    }
+}
+
+/// Issue 13: while one connection pipelines as fast as it can, another client's IAMAT is read
+/// and its reply written in the same turn of the loop, or the next: counted in the server's own
+/// trace.
+#[test]
+fn a_greedy_client_delays_another_clients_reply_by_a_turn_at_most() {
+    let dir = TestDir::new("greedy-trace");
+    let port = free_ports(1)[0];
+    let config = common::herds::write_config(&dir, &[member("Bailey", port, &[])], "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["serve", "Bailey", "--trace", "--config"])
+        .arg(&config)
+        .env_remove("HERD_SECRET")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start herd serve --trace");
+    let trace = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let trace = trace.clone();
+        let stderr = child.stderr.take().expect("piped");
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                trace.lock().unwrap().push(line);
+            }
+        });
+    }
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(eventually(Duration::from_secs(10), || TcpStream::connect(
+        addr
+    )
+    .is_ok()));
+    // The greedy connection: pipelines 200,000 IAMATs and reads its replies as they come.
+    let greedy = TcpStream::connect(addr).expect("connect");
+    let sender = {
+        let mut greedy = greedy.try_clone().expect("clone");
+        thread::spawn(move || {
+            let time = now_secs_string();
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, &mut greedy);
+            for i in 0..200_000 {
+                if writeln!(out, "IAMAT g{i} {LOCATION} {time}").is_err() {
+                    return;
+                }
+            }
+            let _ = out.flush();
+        })
+    };
+    let drain = {
+        let mut greedy = greedy.try_clone().expect("clone");
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while matches!(greedy.read(&mut buf), Ok(n) if n > 0) {}
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    let client = "polite.cs.ucla.edu";
+    let at = iamat_at_addr(addr, client);
+    assert!(at.starts_with("AT Bailey "), "{at}");
+    thread::sleep(Duration::from_millis(300));
+    let _ = greedy.shutdown(std::net::Shutdown::Both);
+    let _ = sender.join();
+    let _ = drain.join();
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = trace.lock().unwrap().clone();
+    // The polite client's connection: the one whose command names it.
+    let asked = lines
+        .iter()
+        .position(|l| l.contains(&format!("< IAMAT {client} ")))
+        .expect("the polite client's command in the trace");
+    let conn = lines[asked]
+        .split_whitespace()
+        .nth(2)
+        .expect("the connection's name")
+        .to_owned();
+    let answered = (asked..lines.len())
+        .find(|&i| lines[i].contains(&format!(" {conn} > AT Bailey ")))
+        .expect("the polite client's reply in the trace");
+    let turn_at = |line: usize| {
+        (0..=line)
+            .rev()
+            .find_map(|i| {
+                let text = &lines[i];
+                let at = text.find(" turn ")?;
+                text[at + 6..].split(':').next()?.parse::<u64>().ok()
+            })
+            .expect("a turn before")
+    };
+    let (read_turn, reply_turn) = (turn_at(asked), turn_at(answered));
+    println!("the polite client's command ran in turn {read_turn}, its reply went out in turn {reply_turn}");
+    assert!(
+        reply_turn <= read_turn + 1,
+        "the reply went out {} turns after the command",
+        reply_turn - read_turn
+    );
+}
+
+/// `IAMAT CLIENT LOCATION NOW` at `addr` on its own connection; the reply without its `\n`.
+fn iamat_at_addr(addr: SocketAddr, client: &str) -> String {
+    let reply = exchange(
+        addr,
+        format!("IAMAT {client} {LOCATION} {}\n", now_secs_string()).as_bytes(),
+    );
+    String::from_utf8_lossy(&reply).trim_end().to_owned()
+}
