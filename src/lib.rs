@@ -1,4 +1,7 @@
 #![doc = include_str!("guide.md")]
+// The guide ends with a sequence diagram drawn by `herd up --trace-svg` from a real run, inline
+// (rustdoc passes an SVG element through as it is); tests/examples.rs checks it is one.
+#![doc = include_str!("../docs/one-iamat-one-whatsat.svg")]
 // The guide walks through the loop's private parts, and the docs are always built with them
 // (.cargo/config.toml: --document-private-items), so its links to private items resolve.
 #![allow(rustdoc::private_intra_doc_links)]
@@ -22,3 +25,7 @@ pub mod store;
 pub mod tools;
 pub mod trace;
 pub mod wire;
+
+/// Learn the loop in five steps: the examples' own guide, one chapter per example.
+#[doc = include_str!("../examples/README.md")]
+pub mod learn {}

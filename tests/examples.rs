@@ -9,6 +9,8 @@
 //!
 //! Every wait is bounded, and every example is killed when its test ends, failing or not.
 
+mod common;
+
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,6 +19,11 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use common::fake_places::{Behaviour, FakePlaces};
+use common::herds::{free_ports, herd_2023, http_get, write_config, Member};
+use common::up::Up;
+use common::{eventually, exchange, now_secs_string, show, TestDir, LOCATION};
 
 /// The longest any one step may take before the test fails.
 const WAIT: Duration = Duration::from_secs(20);
@@ -507,4 +514,193 @@ fn tiny_herd_floods_around_a_ring_once() {
             assert_eq!(kept, 1, "{name} kept {value:?} {kept} times:\n{stderr}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Then watch the real thing: `herd up --trace-svg`
+
+/// Where the guide's picture lives: one IAMAT and one WHATSAT across the 2023 herd, drawn by
+/// `herd up --trace-svg` from a real run (the test below makes it again when
+/// `HERD_SAVE_TRACE_SVG` names a file: `HERD_SAVE_TRACE_SVG=$PWD/docs/one-iamat-one-whatsat.svg
+/// cargo test --release --test examples herd_up_draws`).
+const GUIDE_PICTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/docs/one-iamat-one-whatsat.svg"
+);
+
+/// What a drawing shows: its lanes, left to right, and the label of each arrow.
+struct Drawing {
+    lanes: Vec<String>,
+    arrows: Vec<String>,
+}
+
+/// Reads a drawing, or says why it is not well-formed SVG.
+fn read_drawing(svg: &str) -> Result<Drawing, String> {
+    let doc = roxmltree::Document::parse(svg).map_err(|e| format!("not well-formed: {e}"))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "svg"
+        || root.tag_name().namespace() != Some("http://www.w3.org/2000/svg")
+    {
+        return Err(format!("the root element is {:?}", root.tag_name()));
+    }
+    let texts_of = |class: &str| -> Vec<String> {
+        root.descendants()
+            .filter(|n| n.has_tag_name("g") && n.attribute("class") == Some(class))
+            .map(|g| {
+                g.descendants()
+                    .find(|n| n.has_tag_name("text"))
+                    .and_then(|t| t.text())
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    Ok(Drawing {
+        lanes: texts_of("lane"),
+        arrows: texts_of("arrow"),
+    })
+}
+
+/// The lanes of one IAMAT at Bailey and one WHATSAT at Jaquez across the 2023 herd: a lane per
+/// server, one per client connection, and Places. Client lanes are named `c<id>@<server>`, with
+/// ids that vary from run to run, so they are given as `c@<server>`.
+fn assert_2023_picture(drawing: &Drawing) {
+    let mut lanes: Vec<String> = (drawing.lanes.iter())
+        .map(|lane| match lane.split_once('@') {
+            Some((conn, server)) if conn.starts_with('c') => format!("c@{server}"),
+            _ => lane.clone(),
+        })
+        .collect();
+    lanes.sort();
+    assert_eq!(
+        lanes,
+        ["Bailey", "Bona", "Campbell", "Clark", "Jaquez", "Places", "c@Bailey", "c@Jaquez"],
+        "lanes drawn: {:?}",
+        drawing.lanes
+    );
+    // An arrow per line: the IAMAT and its reply; the record, sent once on every link but the
+    // one it came in on (2 from Bailey, then 2 + 2 + 1 + 1 from the others: 8, whichever way
+    // the flood runs); the WHATSAT, the request to Places, its answer, and the reply.
+    let count = |prefix: &str| {
+        drawing
+            .arrows
+            .iter()
+            .filter(|a| a.starts_with(prefix))
+            .count()
+    };
+    assert_eq!(
+        drawing.arrows.len(),
+        14,
+        "arrows drawn: {:#?}",
+        drawing.arrows
+    );
+    assert_eq!(count("IAMAT kiwi "), 1, "{:#?}", drawing.arrows);
+    assert_eq!(count("WHATSAT kiwi 10 1"), 1, "{:#?}", drawing.arrows);
+    assert_eq!(
+        count("GET /maps/api/place/nearbysearch/json?"),
+        1,
+        "{:#?}",
+        drawing.arrows
+    );
+    let answers = drawing
+        .arrows
+        .iter()
+        .filter(|a| a.ends_with(" bytes"))
+        .count();
+    assert_eq!(answers, 1, "Places' answer: {:#?}", drawing.arrows);
+    // The IAMAT's reply, the eight records and the WHATSAT's reply: the same AT line, ten times.
+    assert_eq!(count("AT Bailey "), 10, "{:#?}", drawing.arrows);
+}
+
+#[test]
+fn herd_up_draws_one_iamat_and_one_whatsat_across_the_2023_herd() {
+    let places = FakePlaces::start(Behaviour::ok(
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/places/legacy_ok_20.json"
+        ))
+        .expect("the Places fixture"),
+    ));
+    let dir = TestDir::new("trace-svg");
+    let svg_path = dir.join("herd.svg");
+    let svg_arg = svg_path.to_str().expect("a UTF-8 path");
+    // A port taken by another test between `free_ports` and the bind is not the herd's fault:
+    // try again on new ports, twice at most.
+    let mut attempt = 1;
+    let (mut up, members) = loop {
+        let members = herd_2023(&free_ports(5));
+        let config = write_config(&dir, &members, &places.places_toml("legacy", 5000));
+        let key = [("GOOGLE_PLACES_API_KEY", "test-key")];
+        match Up::start(
+            &dir.path,
+            &config,
+            &["--trace-svg", svg_arg],
+            &key,
+            &members,
+        ) {
+            Ok(up) => break (up, members),
+            Err(_) if attempt < 3 => attempt += 1,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let addr = |name: &str| {
+        let port = members
+            .iter()
+            .find(|m| m.name == name)
+            .expect("a member")
+            .port;
+        SocketAddr::from(([127, 0, 0, 1], port))
+    };
+    // The admin endpoint `herd up` gave each server says how it is.
+    let status = |name: &str| -> serde_json::Value {
+        let file = dir.join(&format!("logs/{name}.admin"));
+        let Some(admin) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| text.trim().parse::<SocketAddr>().ok())
+        else {
+            return serde_json::Value::Null;
+        };
+        let (_, body) = http_get(admin, "/status");
+        serde_json::from_str(&body).unwrap_or_default()
+    };
+    let every = |what: &dyn Fn(&Member, &serde_json::Value) -> bool| {
+        eventually(WAIT, || members.iter().all(|m| what(m, &status(m.name))))
+    };
+    assert!(
+        every(&|m, s| s["links_up"] == m.neighbors.len()),
+        "the herd's links did not all come up"
+    );
+
+    let time = now_secs_string();
+    let reply = exchange(
+        addr("Bailey"),
+        format!("IAMAT kiwi {LOCATION} {time}\n").as_bytes(),
+    );
+    assert!(reply.starts_with(b"AT Bailey "), "{}", show(&reply));
+    assert!(
+        every(&|_, s| s["records"] == 1),
+        "the record did not reach every server"
+    );
+    let reply = exchange(addr("Jaquez"), b"WHATSAT kiwi 10 1\n");
+    assert!(
+        reply.starts_with(b"AT Bailey ") && reply.ends_with(b"\n\n"),
+        "{}",
+        show(&reply)
+    );
+    assert_eq!(up.stop(), Some(0), "herd up's exit code after SIGTERM");
+
+    let svg = std::fs::read_to_string(&svg_path).expect("herd up drew the trace");
+    let drawing = read_drawing(&svg).unwrap_or_else(|e| panic!("{e}:\n{svg}"));
+    assert_2023_picture(&drawing);
+    if let Some(path) = std::env::var_os("HERD_SAVE_TRACE_SVG") {
+        std::fs::write(&path, &svg).expect("save the drawing");
+    }
+}
+
+/// The picture in the guide is such a drawing, whole.
+#[test]
+fn the_guides_picture_is_a_drawing_of_one_iamat_and_one_whatsat() {
+    let svg = std::fs::read_to_string(GUIDE_PICTURE).expect("the guide's picture");
+    let drawing = read_drawing(&svg).unwrap_or_else(|e| panic!("{GUIDE_PICTURE}: {e}"));
+    assert_2023_picture(&drawing);
 }

@@ -9,10 +9,8 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,6 +18,7 @@ use common::herds::{
     await_log_past, free_ports, herd_2023, herd_goloman, member, write_config, write_config_with,
     Herd, Member,
 };
+use common::up::{signal, Up};
 use common::*;
 
 const CONVERGE: Duration = Duration::from_secs(10);
@@ -446,55 +445,8 @@ fn herd_up_with_an_empty_herd_secret_still_authenticates_its_links() {
 // ---------------------------------------------------------------------------------------------
 // herd up
 
-/// `herd up`, started in a process group of its own. Dropping it kills whatever is left: the
-/// children of `herd up` (found in /proc while it still runs), `herd up` itself, and the whole
-/// process group, so no server survives a failed test.
-struct Up {
-    child: Child,
-}
-
-/// The pids whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<libc::pid_t> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
-        .filter(|child| {
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-            // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
-                == Some(pid)
-        })
-        .collect()
-}
-
-fn signal(pid: libc::pid_t, sig: libc::c_int) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // Only while `herd up` is not reaped is its pid surely its own.
-        if let Ok(None) = self.child.try_wait() {
-            for child in children_of(self.child.id()) {
-                signal(child, libc::SIGKILL);
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // The group id is `herd up`'s pid; the group outlives it while members remain.
-        signal(-(self.child.id() as libc::pid_t), libc::SIGKILL);
-    }
-}
-
-/// Starts `herd up` for a three-server herd on free ports and waits (10 s at most) until it
-/// has printed where each server listens. An `Err` carries what went wrong and what it printed.
+/// Starts `herd up` for a three-server herd on free ports and waits until it has printed where
+/// each server listens. An `Err` carries what went wrong and what it printed.
 fn try_start_up(env: &[(&str, &str)]) -> Result<(TestDir, [Member; 3], Up), String> {
     let dir = TestDir::new("herd-up");
     let ports = free_ports(3);
@@ -504,54 +456,8 @@ fn try_start_up(env: &[(&str, &str)]) -> Result<(TestDir, [Member; 3], Up), Stri
         member("Singleton", ports[2], &["Hill", "Smith"]),
     ];
     let config = write_config(&dir, &specs, "");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
-    for var in SERVER_ENV {
-        command.env_remove(var);
-    }
-    let mut child = command
-        .envs(env.iter().copied())
-        .arg("up")
-        .arg("--config")
-        .arg(&config)
-        .current_dir(&dir.path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .spawn()
-        .expect("cannot start herd up");
-    let stdout_pipe = child.stdout.take().expect("piped");
-    let mut up = Up { child };
-
-    let printed = Arc::new(Mutex::new(String::new()));
-    {
-        let printed = Arc::clone(&printed);
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout_pipe);
-            let mut line = String::new();
-            while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-                printed.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
-    }
-    let listens = |text: &str, spec: &Member| {
-        text.lines()
-            .any(|l| l.contains(spec.name) && l.contains(&format!("127.0.0.1:{}", spec.port)))
-    };
-    let all_listen = eventually(Duration::from_secs(10), || {
-        specs.iter().all(|s| listens(&printed.lock().unwrap(), s))
-            || matches!(up.child.try_wait(), Ok(Some(_)))
-    }) && specs.iter().all(|s| listens(&printed.lock().unwrap(), s));
-    if all_listen {
-        return Ok((dir, specs, up));
-    }
-    let status = up.child.try_wait();
-    Err(format!(
-        "herd up did not print where each server listens within 10 s (exit status {status:?}); \
-         it printed:\n{}",
-        printed.lock().unwrap()
-    ))
+    let up = Up::start(&dir.path, &config, &[], env, &specs)?;
+    Ok((dir, specs, up))
 }
 
 #[test]
@@ -581,16 +487,7 @@ fn herd_up_runs_every_server_and_sigterm_stops_them_all() {
         );
     }
 
-    signal(up.child.id() as libc::pid_t, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        match up.child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-            _ => panic!("herd up did not exit within 10 s of SIGTERM"),
-        }
-    };
-    assert_eq!(status.code(), Some(0), "herd up after SIGTERM: {status}");
+    assert_eq!(up.stop(), Some(0), "herd up's exit code after SIGTERM");
     for spec in &specs {
         let addr = SocketAddr::from(([127, 0, 0, 1], spec.port));
         assert!(

@@ -108,6 +108,11 @@ fn parse(trace: &str) -> Vec<Timed> {
                 if peers.contains(&(server.to_owned(), who.clone())) {
                     continue;
                 }
+                // A reply is one arrow, labelled with its first line: the lines of a
+                // WHATSAT's JSON body that follow its `AT` line are not messages of their own.
+                if dir == ">" && !text.starts_with("AT ") && !text.starts_with("? ") {
+                    continue;
+                }
                 let lane = format!("{who}@{server}");
                 match dir {
                     "<" => Step::Read {
@@ -366,8 +371,11 @@ mod tests {
     1023 Bona   c1 > CHALLENGE 00ff
     1030 Bona   c2 < WHATSAT kiwi 10 1
     1031 Bona   places #1 > GET /maps/api/place/nearbysearch/json?location=1,1&radius=10000
-    1090 Bona   places #1 < HTTP 200, 3000 bytes
+    1090 Bona   places #1 < 3000 bytes
     1091 Bona   c2 > AT Bailey +0.1 kiwi +1+1 5
+    1091 Bona   c2 > {
+    1091 Bona   c2 >    \"results\" : [
+    1091 Bona   c2 > ... and 9 more lines
 ";
 
     #[test]
@@ -382,7 +390,8 @@ mod tests {
             .collect();
         assert_eq!(lanes, ["Bailey", "c3@Bailey", "Bona", "c2@Bona", "Places"]);
         // The IAMAT, its reply, the record (one arrow, written to read), the WHATSAT, the
-        // request, the answer and the reply: the heartbeat and the handshake are left out.
+        // request, the answer and the reply (one arrow, however many lines its body has): the
+        // heartbeat and the handshake are left out.
         assert_eq!(svg.matches("<g class=\"arrow\">").count(), 7);
         assert_eq!(svg.matches("<g class=\"turn\">").count(), 2);
         assert!(svg.contains("IAMAT kiwi +1+1 5"));

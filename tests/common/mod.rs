@@ -9,7 +9,8 @@
 //! - `links`: what the test puts on or at the end of a peer link (a proxy that blackholes it,
 //!   a neighbour that never reads);
 //! - `netns`: hosts on network namespaces, for tests that need real addresses;
-//! - `fake_places`: a Google Places the test scripts (the bench uses it too).
+//! - `fake_places`: a Google Places the test scripts (the bench uses it too);
+//! - `up`: `herd up` as a child that never outlives its test.
 //!
 //! Every wait here is bounded: a server that does not come up, a reply that never arrives or a
 //! process that ignores SIGTERM makes the test panic with what was seen so far, never hang.
@@ -20,6 +21,7 @@ pub mod herds;
 pub mod links;
 pub mod load;
 pub mod netns;
+pub mod up;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
