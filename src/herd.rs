@@ -39,10 +39,15 @@ const REFUSED: usize = 2;
 /// less) has no more of its commands run until it reads: asyncio's `drain()`.
 pub const OUTPUT_HIGH_WATER: usize = 256 * 1024;
 
+/// What the machines of the loop share. The [`crate::server::Server`] owns it and lends it,
+/// as `&mut Herd`, to one machine's step at a time: one thread, so no lock.
 pub struct Herd {
+    /// This server's name: the second field of every `AT` line it writes, and its name to
+    /// its neighbours.
     pub name: String,
     /// The herd secret, when peers must authenticate.
     pub secret: Option<Secret>,
+    /// The latest record of every client: what a WHATSAT reads, what every merge writes.
     pub store: Store,
     /// The links to the neighbours, in configuration order; a link's index is its neighbour's.
     pub links: Vec<Link>,
@@ -54,7 +59,9 @@ pub struct Herd {
     pub metrics: Metrics,
     /// Whether peer housekeeping (heartbeats, digests) is logged line by line.
     pub log_housekeeping: bool,
+    /// The server's log file, buffered for the turn and written at its end.
     pub log: Log,
+    /// The configured limits, read by every machine.
     pub limits: Limits,
     /// This turn's time, read once by the loop.
     pub now: Instant,
@@ -63,6 +70,7 @@ pub struct Herd {
     /// This turn's number: a connection's share of the loop is counted per turn.
     pub turn: u64,
     /// The reply being made, reused so that an IAMAT allocates nothing in the common case.
+    /// [`Answer::Now`] lends it out: the caller copies the reply before the next command.
     reply: Vec<u8>,
     /// What is left of each client address's WHATSATs this minute, when they are limited.
     allowance: Allowance,
@@ -72,10 +80,14 @@ pub struct Herd {
 /// Google, billed to the key): a bucket of tokens per address, refilled evenly over a minute.
 #[derive(Default)]
 struct Allowance {
+    /// Tokens left, and when they were counted. A bucket is brought up to date only when its
+    /// address asks again, so a quiet address costs no timer and no work.
     buckets: HashMap<IpAddr, (f64, Instant)>,
 }
 
-/// Addresses remembered at most; past it, those whose bucket is full again are forgotten.
+/// Addresses remembered before the full buckets are forgotten. Not a hard cap: while every
+/// address remembered is still drawing on its bucket (this many addresses within a minute),
+/// none is forgotten, the map grows past it, and each WHATSAT counted scans the map.
 const ALLOWANCE_ADDRESSES: usize = 65_536;
 
 impl Allowance {
@@ -89,11 +101,15 @@ impl Allowance {
             let since = now.saturating_duration_since(at).as_secs_f64();
             (tokens + since * full / 60.0).min(full)
         };
+        // A bucket full again holds nothing worth keeping: an address asking anew gets a full
+        // one anyway.
         if self.buckets.len() >= ALLOWANCE_ADDRESSES {
             self.buckets.retain(|_, bucket| refill(*bucket) < full);
         }
         let bucket = self.buckets.entry(addr).or_insert((full, now));
         let tokens = refill(*bucket);
+        // Spent if there was a whole token; a refusal spends nothing, so an address that keeps
+        // asking is not pushed further behind.
         *bucket = (tokens - 1.0, now);
         if tokens >= 1.0 {
             true
@@ -109,7 +125,8 @@ impl Allowance {
 pub enum Answer<'a> {
     /// Nothing: the line was blank.
     Nothing,
-    /// This reply, now.
+    /// This reply, now. It borrows the herd's reply buffer, so the caller copies it out before
+    /// it runs another command.
     Now(&'a [u8]),
     /// A WHATSAT whose reply comes when Places answers job `job`.
     Later(u64),
@@ -119,6 +136,9 @@ pub enum Answer<'a> {
 }
 
 impl Herd {
+    /// A herd with an empty store for at most `limits.max_clients` clients and no store file
+    /// (the server replays one and sets [`Herd::aof`] after). `now` stands for the clock until
+    /// the loop's first turn reads it.
     pub fn new(
         name: String,
         secret: Option<Secret>,
@@ -151,9 +171,11 @@ impl Herd {
     /// stored and flooded if it is news, then answered; a WHATSAT is handed to Places and answered
     /// later; anything else is answered `? LINE`. The line and the reply are logged.
     pub fn command(&mut self, id: u64, owner: Owner, from: IpAddr, line: &[u8]) -> Answer<'_> {
+        // Logged before it is parsed: the log shows every line a client sent, valid or not.
         self.log.bytes(Who::Conn(id), '<', line);
         trace_loop!("  c{id} < {}", trace::shown(line));
         match protocol::parse_command(line) {
+            // A blank line gets no reply at all (docs/protocol.md section 2).
             Command::Blank => Answer::Nothing,
             Command::Iamat(iamat) => {
                 // A client id too long, or a time too far ahead (it would pin the client's
@@ -164,6 +186,8 @@ impl Herd {
                     self.metrics.command(IAMAT, INVALID);
                     return self.invalid(id, line);
                 }
+                // Built once: the `AT` line is the reply, the record stored and the line
+                // flooded, byte for byte.
                 self.reply.clear();
                 protocol::write_at_line(&mut self.reply, &self.name, self.now_ns, &iamat);
                 match self.store.merge(iamat.client, iamat.time_ns, &self.reply) {
@@ -176,6 +200,8 @@ impl Herd {
                         // The neighbours get the update before the client gets its reply
                         // (docs/protocol.md section 5); the loop also writes links before
                         // clients.
+                        // Taken out for the call, which borrows the whole herd; put back for
+                        // the reply.
                         let record = std::mem::take(&mut self.reply);
                         self.flood(&record, None);
                         self.reply = record;
@@ -191,18 +217,27 @@ impl Herd {
                         );
                         return self.invalid(id, line);
                     }
+                    // Stale: an IAMAT older than the record held is still answered (the client
+                    // learns its line arrived), but neither kept nor flooded (docs/protocol.md
+                    // section 3). `merge` has no other outcome.
                     _ => {}
                 }
                 self.metrics.command(IAMAT, OK);
+                // The newline is the reply's alone: records are stored and sent without it.
                 self.reply.push(b'\n');
                 self.log.bytes(Who::Conn(id), '>', &self.reply);
                 Answer::Now(&self.reply)
             }
             Command::Whatsat(w) => match self.store.get(w.client) {
+                // Only a WHATSAT about a known client draws on the allowance: any other is
+                // answered `?` and costs Google nothing.
                 Some(record) => {
+                    // Copied: it is borrowed from the store, and what follows needs the herd.
                     let record = record.to_vec();
                     let per_minute = self.limits.whatsat_per_minute;
                     if !self.allowance.take(from, per_minute, self.now) {
+                        // Refused in Google's own vocabulary, under the record like any
+                        // WHATSAT reply, so a client needs no case of its own for it.
                         self.metrics.command(WHATSAT, REFUSED);
                         let message = format!(
                             "This server answers at most {per_minute} WHATSATs a minute from one address."
@@ -222,6 +257,8 @@ impl Herd {
             },
             Command::Invalid => {
                 self.metrics.command(OTHER, INVALID);
+                // A verb only peers use: answered like any invalid line, then the connection
+                // closes (docs/protocol.md section 5), so a client cannot inject records.
                 let forged = matches!(
                     protocol::first_field(line),
                     b"AT" | b"PEER" | b"PROOF" | b"CHALLENGE"
@@ -234,7 +271,8 @@ impl Herd {
         }
     }
 
-    /// `? LINE`, logged.
+    /// `? LINE`, logged: the line exactly as it came, its own white space kept
+    /// (docs/protocol.md section 6).
     pub fn invalid(&mut self, id: u64, line: &[u8]) -> Answer<'_> {
         self.reply.clear();
         self.reply.extend_from_slice(b"? ");
@@ -244,6 +282,8 @@ impl Herd {
         Answer::Now(&self.reply)
     }
 
+    /// Hands a WHATSAT about a known client (its stored `record`) to Places, and answers
+    /// later; with no API key, answers now with the refusal Google would give.
     fn whatsat(
         &mut self,
         id: u64,
@@ -270,6 +310,8 @@ impl Herd {
             radius_m: &w.radius_m,
             bound: w.bound,
         };
+        // Started now if it can be: on an idle connection, or by a connect on an empty slot
+        // once the host's address is known. Else it queues. Its deadline runs from now.
         let job = pool.submit(self.now, owner, record, &query, &mut self.log);
         pool.dispatch(self.now, &mut self.log);
         Answer::Later(job)
@@ -277,6 +319,7 @@ impl Herd {
 
     /// A record that neighbour `from` sent: merged, and flooded on if it changed the store.
     pub fn merge_record(&mut self, record: &[u8], from: usize) {
+        // A client's IAMAT's bounds: a neighbour cannot store what a client could not.
         let bounds = Bounds {
             max_id_bytes: self.limits.max_client_id_bytes,
             latest_ns: self.latest_client_time(),
@@ -303,6 +346,7 @@ impl Herd {
                 }
                 return self.flood(record, Some(from));
             }
+            // Not news: the flood stops here, silently (most records arrive once per path).
             Some(Merge::Stale) => return,
             None => "ignored a line that is not a valid record",
             Some(Merge::Full) => {
@@ -326,6 +370,11 @@ impl Herd {
     }
 
     /// Hands a record that changed the store to every link but the one it came from.
+    ///
+    /// Only a record that changed the store is flooded, which alone ends every flood on any
+    /// graph: back round a cycle, a record finds itself held and goes no further. A link that
+    /// is down drops it ([`Link::send`]): its copy of the store, when it is up again, carries
+    /// the record instead.
     pub fn flood(&mut self, line: &[u8], except: Option<usize>) {
         for (i, link) in self.links.iter_mut().enumerate() {
             if Some(i) != except {
@@ -334,7 +383,9 @@ impl Herd {
         }
     }
 
-    /// The links, and what a link needs from the rest of the server, borrowed apart.
+    /// The links, and what a link needs from the rest of the server, borrowed apart. A link's
+    /// step needs the store and the log while the links are borrowed mutably; the borrow
+    /// checker allows fields to be borrowed apart within one function, not across methods.
     pub fn links_and_context(&mut self) -> (&mut [Link], link::Context<'_>) {
         let cx = link::Context {
             server: &self.name,

@@ -8,6 +8,7 @@ use herd::config::Config;
 use herd::peer::Secret;
 use herd::server::Server;
 
+/// What `herd --help` prints: every command, option, signal, variable and exit code.
 const USAGE: &str = "\
 herd: a proxy herd of location servers (UCLA CS131 protocol)
 
@@ -56,10 +57,13 @@ See README.md for the protocol, the configuration keys and the logs.";
 /// A failure and the exit code it ends the program with.
 struct Failure(u8, String);
 
+/// A bad command line or configuration: exit code 2, as [`USAGE`] promises.
 fn usage(message: impl Into<String>) -> Failure {
     Failure(2, message.into())
 }
 
+/// Runs the command line; a failure is printed as `herd: MESSAGE` on standard error, and
+/// ends the program with its exit code.
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,7 +74,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs the command that `args` (the command line without the program's name) asks for.
 fn run(args: Vec<String>) -> Result<(), Failure> {
+    // `herd load` has many options of its own, which the parser below would refuse as unknown:
+    // it parses its arguments itself.
     if args.first().map(String::as_str) == Some("load") {
         init_logging(false);
         return load(&args[1..]);
@@ -114,6 +121,8 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
             let (_, config) = load()?;
             let key = api_key(&config).map_err(usage)?;
             let secret = herd_secret(&config).map_err(usage)?;
+            // Before `bind`, which may start the fsync helper: `mallopt` must come before any
+            // thread does.
             raise_descriptor_limit();
             keep_freed_heap();
             let admin = matches.opt_str("admin");
@@ -229,6 +238,7 @@ fn load(args: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// What a command that needs the configuration says when none was found.
 const NO_CONFIG: &str = "no herd.toml here or beside the program: give --config PATH";
 
 /// `--config`, else `./herd.toml`, else `herd.toml` beside the program.
@@ -252,6 +262,7 @@ fn config_path(given: Option<String>) -> Result<PathBuf, Failure> {
 }
 
 /// The key from `GOOGLE_PLACES_API_KEY`, else from `places.key_file`; `None` if neither is set.
+/// Never from the command line, which any user of the machine can read (`ps`).
 fn api_key(config: &Config) -> Result<Option<String>, String> {
     if let Some(key) = std::env::var("GOOGLE_PLACES_API_KEY")
         .ok()
@@ -301,7 +312,8 @@ fn read_secret_file(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("secret_file {shown}: {e}"))
 }
 
-/// A key goes into a request line and a header: it must be one printable token.
+/// A key goes into a request line and a header: it must be one printable token. Neither `&`
+/// nor `#` either, which in a query string would start another parameter or a fragment.
 fn check_key(key: String) -> Result<String, String> {
     if key
         .bytes()

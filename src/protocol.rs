@@ -14,7 +14,8 @@ pub fn is_space(b: u8) -> bool {
 }
 
 /// Splits a line into its white-space separated fields. Returns `None` when there are more
-/// than `N` fields; the array's unused tail stays empty.
+/// than `N` fields; the array's unused tail stays empty. `N` is the most a valid line has, so
+/// a line of many fields is not split to its end.
 pub fn fields<const N: usize>(line: &[u8]) -> Option<([&[u8]; N], usize)> {
     let mut out: [&[u8]; N] = [&[]; N];
     let mut count = 0;
@@ -38,8 +39,11 @@ pub fn first_field(line: &[u8]) -> &[u8] {
 /// A parsed, valid `IAMAT`: the three client fields as the client sent them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Iamat<'a> {
+    /// The client id: any run of bytes that are not white space.
     pub client: &'a [u8],
+    /// The location, valid by [`parse_location`], copied into the `AT` line as sent.
     pub location: &'a [u8],
+    /// The client's time, copied into the `AT` line as sent, digits past the ninth too.
     pub time: &'a [u8],
     /// The client time in nanoseconds since the epoch, digits past nine truncated.
     pub time_ns: i128,
@@ -48,9 +52,11 @@ pub struct Iamat<'a> {
 /// A parsed, valid `WHATSAT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Whatsat<'a> {
+    /// The client whose location is asked about.
     pub client: &'a [u8],
     /// The radius in metres, as exact decimal text (`10` km is `10000`, `0.0001` km is `0.1`).
     pub radius_m: Vec<u8>,
+    /// The most results the reply keeps of what Google found, 0 to 20.
     pub bound: usize,
 }
 
@@ -58,14 +64,19 @@ pub struct Whatsat<'a> {
 /// answered with `? ` and a copy of the line (section 6).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command<'a> {
+    /// Empty, or white space only: no reply at all (section 2).
     Blank,
+    /// A valid IAMAT.
     Iamat(Iamat<'a>),
+    /// A valid WHATSAT.
     Whatsat(Whatsat<'a>),
+    /// Anything else.
     Invalid,
 }
 
 /// Parses one client line (without its `\n`).
 pub fn parse_command(line: &[u8]) -> Command<'_> {
+    // Both commands have exactly four fields: a fifth makes the line invalid, unsplit.
     let Some((f, n)) = fields::<4>(line) else {
         return Command::Invalid;
     };
@@ -117,6 +128,7 @@ fn strip_leading_zeros(digits: &[u8]) -> &[u8] {
 fn decimal_cmp(int: &[u8], frac: &[u8], limit: u32) -> std::cmp::Ordering {
     use std::cmp::Ordering;
     let int = strip_leading_zeros(int);
+    // Ten digits or more pass every limit here (180 at most); nine fit a `u32`.
     if int.len() > 9 {
         return Ordering::Greater;
     }
@@ -130,8 +142,11 @@ fn decimal_cmp(int: &[u8], frac: &[u8], limit: u32) -> std::cmp::Ordering {
 /// One signed coordinate of an ISO 6709 location: its sign, integer and fraction digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Coordinate<'a> {
+    /// The sign was `-`.
     pub negative: bool,
+    /// The integer digits as sent, leading zeros and all.
     pub int: &'a [u8],
+    /// The fraction digits as sent; empty when there was no point.
     pub frac: &'a [u8],
 }
 
@@ -155,9 +170,11 @@ impl Coordinate<'_> {
 /// [-180, 180], compared exactly (`90.0000000000000001` is out of range, though not as an f64).
 pub fn parse_location(text: &[u8]) -> Option<(Coordinate<'_>, Coordinate<'_>)> {
     let sign = |b: u8| b == b'+' || b == b'-';
+    // The shortest location is `+0+0`.
     if text.len() < 4 || !sign(text[0]) {
         return None;
     }
+    // The longitude begins at the next sign.
     let split = 1 + text[1..].iter().position(|&b| sign(b))?;
     Some((
         coordinate(&text[..split], 90)?,
@@ -197,13 +214,15 @@ pub fn parse_time_ns(text: &[u8]) -> Option<i128> {
 }
 
 /// Parses a radius in kilometres, `DIGITS[.DIGITS]`, greater than 0 and at most 50, and returns
-/// it in metres as exact decimal text: the decimal point moves three places right.
+/// it in metres as exact decimal text: the decimal point moves three places right. Text, not a
+/// float, because it goes into the request to Google: the client's digits arrive unchanged.
 pub fn parse_radius(text: &[u8]) -> Option<Vec<u8>> {
     let (int, frac) = split_decimal(text)?;
     let positive = int.iter().chain(frac).any(|&d| d != b'0');
     if !positive || decimal_cmp(int, frac, 50) == std::cmp::Ordering::Greater {
         return None;
     }
+    // The integer digits, then the first three fraction digits (zeros when fewer): metres.
     let mut text = Vec::with_capacity(24);
     text.extend_from_slice(strip_leading_zeros(int));
     for i in 0..3 {
@@ -213,6 +232,7 @@ pub fn parse_radius(text: &[u8]) -> Option<Vec<u8>> {
     if text.is_empty() {
         text.push(b'0');
     }
+    // What is left of the fraction, its trailing zeros dropped: a fraction of a metre.
     let rest = frac.get(3..).unwrap_or(&[]);
     let rest = &rest[..rest.iter().rposition(|&d| d != b'0').map_or(0, |p| p + 1)];
     if !rest.is_empty() {
@@ -227,6 +247,7 @@ pub fn parse_bound(text: &[u8]) -> Option<usize> {
     if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
         return None;
     }
+    // Leading zeros are allowed (`007`): the length is checked without them.
     let digits = strip_leading_zeros(text);
     if digits.len() > 2 {
         return None;
@@ -254,6 +275,7 @@ pub fn write_at_line(out: &mut Vec<u8>, server: &str, received_ns: i128, iamat: 
         Err(_) => out.extend_from_slice(secs.to_string().as_bytes()), // beyond 584 billion years
     }
     out.push(b'.');
+    // Always nine digits, zeros in front: the difference is exact to the nanosecond.
     let mut digits = [b'0'; 9];
     let mut rest = nanos;
     for digit in digits.iter_mut().rev() {
@@ -272,7 +294,9 @@ pub fn write_at_line(out: &mut Vec<u8>, server: &str, received_ns: i128, iamat: 
 /// A record as it travels between peers: an `AT` line, validated and ready to merge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AtRecord<'a> {
+    /// The client id, the line's fourth field.
     pub client: &'a [u8],
+    /// The client's time in nanoseconds since the epoch, as [`parse_time_ns`] reads it.
     pub time_ns: i128,
 }
 
@@ -313,6 +337,8 @@ pub fn parse_at_record(line: &[u8]) -> Option<AtRecord<'_>> {
 
 /// The greeting a dialling peer sends as its first line: `PEER herd/1 NAME` (see [`crate::peer`]).
 pub const GREETING_VERB: &[u8] = b"PEER";
+/// The peer protocol's version, the greeting's second field: a line that names another is not
+/// a greeting, and is run as a client's command (answered `?` and closed: its verb is a peer's).
 pub const PROTOCOL_VERSION: &[u8] = b"herd/1";
 
 /// Which of two records of the same client wins: the later client time, and on equal time the

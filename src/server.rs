@@ -19,6 +19,17 @@
 //!
 //! Handlers never free a connection in the middle of a batch of events: they mark it closed,
 //! and phase 4 frees it, so an event later in the same batch cannot find its slot reused.
+//!
+//! What an asyncio reader looks for and will not find: a task per connection, and `await`.
+//! A connection here is a value in a table ([`Server::conns`]), and "waiting for data" is only
+//! the absence of an event for its token. No call down from the loop waits for a socket; a
+//! wait is a state of a machine, which a later event or deadline ends. Nothing here runs while a
+//! machine is half-way through a step, so no machine needs a lock, and none may block.
+//!
+//! A connection's slot is its index in that table and, as [`Source::Conn`], its token. A later
+//! accept reuses a freed slot, so whatever remembers a connection beyond the current step (a
+//! Places job's owner, the order of the places kept for neighbours) keeps the connection's id
+//! beside its slot and checks both before it acts.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -51,33 +62,56 @@ use crate::store::Store;
 use crate::trace::{self, trace_loop};
 
 /// How often the connections' deadlines are checked. A timer per connection would cost a heap
-/// entry per accept; one walk over 10,000 connections a second costs microseconds.
+/// entry per accept; one walk over 10,000 connections a second costs microseconds. The price:
+/// a connection's deadline is noticed up to this late. The next sweep is always among the
+/// deadlines ([`Server::next_deadline`]), so this is also the longest the loop ever sleeps.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// Size of the one read buffer shared by every connection.
+/// Size of the one read buffer shared by every connection. One thread serves one socket at a
+/// time, so one buffer is enough: each read lands here, and only the bytes that arrived are
+/// copied into the connection's own buffer. An idle connection holds no read buffer at all,
+/// where one of this size per connection would pin 640 MiB for 10,000 of them.
 const READ_CHUNK: usize = 64 * 1024;
 /// Places kept for each neighbour beyond `max_connections`, so that clients filling the server
 /// never keep a neighbour out: its new link, and one more while the old one is found dead. A
 /// connection in such a place must greet as a neighbour; anything else is told the server is
-/// busy. A neighbour's link, once proved, holds no place at all.
+/// busy. A neighbour's link, once proved, holds no place at all. The per-address cap is
+/// checked before any of this, so a neighbour that shares its address with clients over that
+/// cap is refused like them.
 const RESERVED_PER_NEIGHBOUR: usize = 2;
 
+/// One server of the herd: its loop, every socket it has, and the machines that own them.
+/// [`Server::bind`] makes it, [`Server::run`] turns its loop until a signal stops it.
 pub struct Server {
+    /// The poll, and the only code that registers a socket or reads a token.
     reactor: Reactor,
+    /// `None` once stopping: dropping the listener closes the port, so no connection is
+    /// accepted that would not be served.
     listener: Option<TcpListener>,
+    /// The signals the server handles, delivered as readiness of one source (a pipe the
+    /// signal handler writes to), so a signal is handled between events like any event, never
+    /// inside a handler that interrupted the loop.
     signals: Signals,
     /// Kept alive for the helper threads that wake the loop.
     _waker: Arc<Waker>,
     /// The accepted connections, by slot; a slot's token is `Source::Conn(slot)`.
     conns: Vec<Option<Conn>>,
+    /// Slots free for the next accept. The table never shrinks: a slot once made is reused.
     free_slots: Vec<usize>,
+    /// Accepted connections open, counted against `max_connections`.
     open_conns: usize,
     /// Connections open in the places kept for neighbours, and the order they came in.
     reserved_conns: usize,
+    /// `(slot, id)` of each connection that took a place kept for neighbours, oldest first,
+    /// for [`Server::evict_a_stranger`]. An entry whose slot is empty or holds another id is
+    /// stale: it is dropped when eviction meets it at the front.
     reserved_order: VecDeque<(usize, u64)>,
     /// Slots freed in the middle of a batch of events, reusable from the end of the turn.
     free_later: Vec<usize>,
     /// Connections open from each address.
     per_address: HashMap<IpAddr, usize>,
+    /// The next connection's id. Ids are never reused: `c7` names one connection in the log
+    /// for the life of the process, and an id beside a slot tells a connection from a later
+    /// one in the same slot.
     next_conn_id: u64,
     /// The link each neighbour dialled to us, by neighbour.
     inbound: Vec<Inbound>,
@@ -98,17 +132,27 @@ pub struct Server {
     /// Connections whose share of the turn ran out with work left: served again in the next
     /// turn, which then comes without sleeping.
     again: Vec<Source>,
+    /// The one read buffer ([`READ_CHUNK`] bytes), lent to whichever machine is reading.
     scratch: Vec<u8>,
+    /// Everything the machines share: the store, the dialled links, the Places pool, the log.
     herd: Herd,
     /// Where SIGUSR1 writes the store.
     dump_path: PathBuf,
     /// The store's file could not be written at the last try (said once, until it works again).
     disk_failing: bool,
+    /// Set by SIGTERM or SIGINT: the turn under way ends as usual (its `before_sleep` writes
+    /// what it produced), and then the loop stops.
     stopping: bool,
 }
 
 impl Server {
     /// Binds the server `name` of `config`, ready to run. Prints the line that says so.
+    ///
+    /// Everything that may block is done here, before the loop turns: resolving the listen
+    /// address and the neighbours' (DNS blocks; they are not looked up again, so a neighbour
+    /// that moves needs a restart), reading the CA file, opening the log, replaying the store's
+    /// file. The ready line comes last, once the port is open: the tests wait for it and read
+    /// the address from it. Fails with the reason as text, for `main` to print.
     pub fn bind(
         config: &Config,
         name: &str,
@@ -126,6 +170,7 @@ impl Server {
             let other = config.server(n)?;
             neighbour_addrs.push((n.clone(), resolve(&other.host, Some(other.port))?));
         }
+        // Before anything is traced: every trace line carries the server's name.
         trace::set_server(name);
         let tls = tls_config(config.places.ca_file.as_deref())?;
         let log_path = config.log_path(name);
@@ -185,6 +230,7 @@ impl Server {
         let mut listener =
             TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        // The same mark as `Herd::output_high_water`, the back-pressure mark of every client.
         let mark = crate::herd::OUTPUT_HIGH_WATER.min(herd.limits.client_output_bytes / 4);
         keep_send_buffers_under(&listener, mark);
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
@@ -216,6 +262,7 @@ impl Server {
             herd.log
                 .event(format_args!("server {name}"), format_args!("{warning}"));
         }
+        // The log is otherwise written at the end of a turn: the start-up lines need not wait.
         herd.log.flush();
         // `herd status` finds an admin endpoint in this file (written before the ready line,
         // so that whoever waits for that line finds the file), or in the configuration.
@@ -262,10 +309,17 @@ impl Server {
         })
     }
 
-    /// Runs until SIGTERM or SIGINT.
+    /// Runs until SIGTERM or SIGINT. Each pass of the `while` is one turn, in the four phases
+    /// of the module docs. Fails only when the poll itself fails: then the server can hear of
+    /// nothing, and stopping is all that is left.
     pub fn run(&mut self) -> Result<(), String> {
+        // More ready sockets than this are not lost: the kernel keeps the rest for the next
+        // poll, which then returns at once.
         let mut events = Events::with_capacity(1024);
         while !self.stopping {
+            // Work left from the last turn announces itself with no event (its bytes are
+            // already read), so the poll must not sleep on it. Otherwise sleep until the
+            // earliest deadline, which always exists: the sweep is one.
             let timeout = match self.has_work() {
                 true => Some(Duration::ZERO),
                 false => {
@@ -278,17 +332,24 @@ impl Server {
                     None => trace_loop!("sleep: until an event"),
                 }
             }
+            // Interrupted: a signal came during the wait. mio has cleared `events`, so this turn
+            // has none, which is harmless (every step below is safe when nothing is due), and
+            // the signal's pipe is readable: the next poll reports it.
             if let Err(e) = self.reactor.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(format!("poll failed: {e}"));
                 }
             }
+            // The clock is read once, after the sleep: every machine sees the same `now` this
+            // turn, so a deadline cannot pass between two steps of one turn.
             self.begin_turn();
             self.herd.metrics.events += events.iter().count() as u64;
             if trace::enabled() {
                 let woken = self.describe(&events);
                 trace_loop!("turn {}: woken by {woken}", self.herd.turn);
             }
+            // Phase 2. An event may name a connection evicted earlier in this batch: its slot
+            // is empty, not yet reused (`free_later`), and the event does nothing.
             for event in events.iter() {
                 let source = self.reactor.source(event.token());
                 let before = trace::enabled().then(|| self.snapshot(Some(source)));
@@ -304,6 +365,7 @@ impl Server {
             if let Some(before) = before {
                 before.trace_changes(&self.snapshot(None));
             }
+            // The turn's work, its sleep left out: how long an event may wait behind a turn.
             let took = Instant::now().saturating_duration_since(self.turn_began);
             self.herd.metrics.turns += 1;
             self.herd.metrics.turn_seconds.observe(took.as_secs_f64());
@@ -312,8 +374,9 @@ impl Server {
         Ok(())
     }
 
-    /// Whether the next turn must come at once: a connection's share ran out with work left, or
-    /// a link copying the store wants more of it written.
+    /// Whether the next turn must come at once: a connection's or an inbound link's share ran
+    /// out with work left, a link copying the store wants more of it written, or a compaction
+    /// of the store's file has more slices to copy. None of these will raise an event.
     fn has_work(&self) -> bool {
         !self.again.is_empty()
             || self.herd.links.iter().any(Link::wants_turn)
@@ -326,6 +389,7 @@ impl Server {
         for event in events.iter() {
             let who = match self.reactor.source(event.token()) {
                 Source::Listener => "the listener".to_owned(),
+                // Or the fsync helper's report of a failed sync: the waker serves both.
                 Source::Waker => "the waker (a DNS answer)".to_owned(),
                 Source::Signals => "a signal".to_owned(),
                 Source::AdminListener => "the admin listener".to_owned(),
@@ -382,7 +446,9 @@ impl Server {
         trace::Snapshot(states)
     }
 
-    /// Reads the clock, once for the whole turn.
+    /// Reads the clock, once for the whole turn. `now` is what every deadline is compared
+    /// with; the wall clock gives the receive time written into this turn's `AT` lines, and the
+    /// log's time stamp, so every line a turn logs carries the same time.
     fn begin_turn(&mut self) {
         let wall = SystemTime::now();
         self.herd.turn += 1;
@@ -394,7 +460,10 @@ impl Server {
         self.herd.log.set_time(wall);
     }
 
-    /// The earliest deadline of anything: a link either way, the Places pool, the sweep.
+    /// The earliest deadline of anything: a link either way, the Places pool, an admin
+    /// connection, the sweep. Each machine answers for itself from its state, so a machine that
+    /// changes state has moved its deadline with no timer to cancel. Client connections are not
+    /// asked one by one: the sweep stands for all of them.
     fn next_deadline(&self) -> Option<Instant> {
         let links = self.herd.links.iter().filter_map(Link::deadline);
         let inbound = self.inbound.iter().filter_map(Inbound::deadline);
@@ -408,6 +477,12 @@ impl Server {
             .min()
     }
 
+    /// Phase 2: hands one event to what its token names. Readiness is edge-triggered, so each
+    /// handler reads (or accepts) until the socket would block or its share is spent: the
+    /// kernel will not report bytes that are already there a second time. A client's replies
+    /// and a link's output are not written here but at the end of the turn
+    /// ([`Server::before_sleep`]), so all that one turn produced for a socket leaves in one
+    /// write, and WRITABLE needs no handler of its own.
     fn dispatch(&mut self, event: &Event) {
         match self.reactor.source(event.token()) {
             Source::Listener => self.accept(),
@@ -415,6 +490,7 @@ impl Server {
             Source::Admin(i) => self.serve_admin(i),
             Source::Signals => {
                 let herd = &mut self.herd;
+                // Every signal pending, not one: the pipe raises no new edge for the others.
                 for signal in self.signals.pending() {
                     if signal == SIGUSR1 {
                         dump_store(&herd.store, &self.dump_path, &mut herd.log);
@@ -422,6 +498,8 @@ impl Server {
                     }
                     if signal == SIGHUP {
                         // logrotate's convention: the file was moved away; write a new one.
+                        // Flushed first, so what this turn logged before the signal ends the
+                        // old file.
                         herd.log.flush();
                         let what = match herd.log.reopen() {
                             Ok(()) => "SIGHUP: log file opened again".to_owned(),
@@ -435,15 +513,21 @@ impl Server {
                         format_args!("server {}", herd.name),
                         format_args!("signal {signal}: stopping"),
                     );
+                    // The loop ends after this turn, whose writes still happen.
                     self.stopping = true;
                 }
             }
+            // A helper thread finished something: the look-up of the Places host, which may
+            // start the jobs queued behind it. (A failed sync that the fsync helper reports
+            // is read at the end of the turn, by `end_turn_on_disk`.)
             Source::Waker => {
                 if let Some(pool) = &mut self.herd.places {
                     pool.on_wake(self.herd.now, &mut self.herd.log);
                 }
                 self.after_places();
             }
+            // One method for both readiness kinds: the link's state says what the event means
+            // (a connect that ended, lines to read).
             Source::Link(i) => {
                 let now = self.herd.now;
                 let (links, mut cx) = self.herd.links_and_context();
@@ -451,10 +535,15 @@ impl Server {
                     link.on_ready(now, &mut self.scratch, &mut cx);
                 }
             }
+            // `hangup`: the neighbour closed its side, so the link reads on to the end of the
+            // stream (a short read would otherwise end the read, and the end of stream, which
+            // arrived before it, raises no new edge).
             Source::Inbound(i) => {
                 let hangup = event.is_read_closed() || event.is_error();
                 self.serve_inbound(i, hangup);
             }
+            // A step of slot `i`'s HTTPS exchange. It may finish a job, and the pool then starts
+            // queued jobs, which may open sockets for the loop to register.
             Source::Places(i) => {
                 if let Some(pool) = &mut self.herd.places {
                     pool.on_ready(i, self.herd.now, &mut self.herd.log);
@@ -474,7 +563,12 @@ impl Server {
         }
     }
 
-    /// Accepts every pending connection (edge-triggered: until `WouldBlock`).
+    /// Accepts every pending connection (edge-triggered: until `WouldBlock`), and decides for
+    /// each whether it stays. An address over its cap is refused. Past `max_connections`, the
+    /// newcomer takes one of the places kept for neighbours ([`RESERVED_PER_NEIGHBOUR`]) while
+    /// one is free, else the place of the stranger silent longest in one
+    /// ([`Server::evict_a_stranger`]), else it is refused. A refused connection is told
+    /// `? server busy` and never gets a slot.
     fn accept(&mut self) {
         loop {
             let Some(listener) = &self.listener else {
@@ -493,10 +587,12 @@ impl Server {
                     return;
                 }
             };
+            // An id even for a connection about to be refused: the log's line names it.
             let id = self.next_conn_id;
             self.next_conn_id += 1;
             let limits = &self.herd.limits;
             let from_there = self.per_address.get(&addr.ip()).copied().unwrap_or(0);
+            // Every client place is taken: this one can only have a place kept for neighbours.
             let full = self.open_conns >= limits.max_connections;
             let reserve = RESERVED_PER_NEIGHBOUR * self.herd.links.len();
             let refusal = if limits.max_connections_per_address != 0
@@ -517,6 +613,8 @@ impl Server {
                 );
                 continue;
             }
+            // A turn's replies leave in one write already; Nagle's algorithm would only hold
+            // a small reply back until the client acknowledged the one before it.
             let _ = stream.set_nodelay(true);
             let slot = self.free_slots.pop().unwrap_or_else(|| {
                 self.conns.push(None);
@@ -525,6 +623,8 @@ impl Server {
             if full {
                 self.reserved_order.push_back((slot, id));
             }
+            // Should this fail, the socket is dropped (closed) and its slot given back; nothing
+            // was counted yet, and the entry just queued for eviction is stale.
             if let Err(e) = self.reactor.attach(&mut stream, Source::Conn(slot)) {
                 self.herd
                     .log
@@ -542,6 +642,7 @@ impl Server {
                 false => self.herd.limits.first_line_timeout,
             };
             let until = now + wait;
+            // The counts below are what `free` undoes.
             self.conns[slot] = Some(Conn::new(id, stream, addr, now, until, full));
             self.herd.metrics.accepted += 1;
             self.open_conns += 1;
@@ -552,8 +653,13 @@ impl Server {
 
     /// Every place kept for neighbours is taken: the connection in one of them that has said
     /// nothing for the longest is told the server is busy and closed, to make room. A neighbour
-    /// greets as soon as it connects, so it is never the one; strangers who take the places and
-    /// say nothing cannot keep a neighbour out. Returns whether a place was made.
+    /// greets as soon as it connects, so it is silent only while its greeting is on the way,
+    /// and then it is among the newest; strangers who take the places and say nothing cannot keep a
+    /// neighbour out. A stranger that speaks is answered busy at once, but holds its place while
+    /// its answer drains and the connection lingers ([`crate::conn::LINGER`]); it cannot be
+    /// evicted meanwhile. Returns whether a place was made.
+    ///
+    /// Called from [`Server::accept`], in the middle of a batch of events: hence [`Self::evict`].
     fn evict_a_stranger(&mut self) -> bool {
         while let Some((slot, id)) = self.reserved_order.pop_front() {
             let Some(Some(conn)) = self.conns.get_mut(slot) else {
@@ -563,7 +669,8 @@ impl Server {
                 continue; // gone: its slot holds another
             }
             if !conn.is_silent() {
-                // Greeting, or closing: not a stranger's; it keeps its place and its turn.
+                // Not silent: a neighbour greeting, or a connection closing. It keeps its
+                // place and its turn at the front; the oldest silent one behind it goes.
                 self.reserved_order.push_front((slot, id));
                 let silent = (self.reserved_order.iter().skip(1)).position(|&(s, i)| {
                     matches!(self.conns.get(s), Some(Some(c)) if c.id == i && c.is_silent())
@@ -582,12 +689,13 @@ impl Server {
     }
 
     /// Closes connection `id` in slot `slot` with `? server busy`, at once; its slot is reused
-    /// only after this turn's events (one may still name it).
+    /// only after this turn's events (one may still name it). At once, not by marking it closed
+    /// for the end of the turn: the newcomer needs its place now, in the same accept.
     fn evict(&mut self, slot: usize, id: u64) -> bool {
         let Some(mut conn) = self.free(slot) else {
             return false;
         };
-        // `free` made the slot reusable: not before the end of the turn.
+        // `free` made the slot reusable (it pushed it last): not before the end of the turn.
         self.free_slots.pop();
         self.free_later.push(slot);
         refuse(conn.socket(), &mut self.scratch);
@@ -598,7 +706,12 @@ impl Server {
         true
     }
 
-    /// Runs connection `slot`: what arrived, or what it holds.
+    /// Runs connection `slot`: what arrived, or what it holds. Called for its events, for the
+    /// rest of its work in the next turn ([`Server::serve_again`]), and whenever something that
+    /// held its lines back lets go (a Places reply, room in its output): no event would come
+    /// for lines it has already read. Always listed for the end of the turn, which writes its
+    /// replies and decides whether it stays: the one place a connection is freed, an eviction
+    /// aside.
     fn serve_conn(&mut self, slot: usize, ready: Readiness) {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
@@ -613,7 +726,9 @@ impl Server {
     }
 
     /// Runs neighbour `i`'s inbound link; `hangup` when the event said the neighbour closed its
-    /// side.
+    /// side. Unlike a client, a link that fails is closed at once: no reply is owed on it, and
+    /// a later event of the batch with its token finds the link absent and does nothing (a new
+    /// connection takes the token only at the end of the turn, in [`Server::hand_over`]).
     fn serve_inbound(&mut self, i: usize, hangup: bool) {
         let Some(inbound) = self.inbound.get_mut(i) else {
             return;
@@ -625,6 +740,8 @@ impl Server {
         }
     }
 
+    /// Closes neighbour `i`'s inbound link for `reason`, counted and logged. Dropping the
+    /// socket takes it out of the poll; the neighbour finds its link dead and dials again.
     fn close_inbound(&mut self, i: usize, reason: CloseReason) {
         let now = self.herd.now;
         self.herd.metrics.closed[close_kind(&reason)] += 1;
@@ -639,8 +756,14 @@ impl Server {
         }
     }
 
-    /// Serves again what ran out of its share in the last turn.
+    /// Serves again what ran out of its share in the last turn: with no event, as what it
+    /// holds (or what the socket still holds past the share) raises none. Each gets this
+    /// turn's share, counted with anything this turn's events already had it do, and may list
+    /// itself again. A slot listed here is not checked against its connection's id: if the
+    /// connection closed and an accept reused the slot, the newcomer is served once with
+    /// nothing to do.
     fn serve_again(&mut self) {
+        // Taken first: what runs out again now is listed for the next turn, not this one.
         for source in std::mem::take(&mut self.again) {
             match source {
                 Source::Conn(slot) => self.serve_conn(slot, Readiness::HELD),
@@ -650,7 +773,9 @@ impl Server {
         }
     }
 
-    /// Registers the sockets the Places pool opened.
+    /// Registers the sockets the Places pool opened: the pool opens them, but only the loop
+    /// touches the poll. A connect that has already finished is not missed: registering a
+    /// socket that is ready reports it at the next poll.
     fn register_places(&mut self) {
         let Some(pool) = &mut self.herd.places else {
             return;
@@ -658,6 +783,7 @@ impl Server {
         for slot in pool.take_opened() {
             let outcome = match pool.socket(slot) {
                 Some(socket) => self.reactor.attach(socket, Source::Places(slot)),
+                // The slot let go of its socket already: nothing to register.
                 None => Ok(()),
             };
             if let Err(e) = outcome {
@@ -667,7 +793,11 @@ impl Server {
     }
 
     /// After the Places pool has run: registers what it opened, and hands finished jobs to
-    /// their connections, which may then run more lines.
+    /// their connections, which may then run more lines. Called after each of the pool's
+    /// events and wake-ups, and once every turn by [`Server::fire_deadlines`]. A job that
+    /// finishes while this runs (a WHATSAT among the lines a reply released, failed at once
+    /// because too many wait) stays in `done` for the next call: the next turn's deadlines, at
+    /// the latest, which may be a sleep away.
     fn after_places(&mut self) {
         self.register_places();
         let Some(pool) = &mut self.herd.places else {
@@ -689,10 +819,16 @@ impl Server {
         }
     }
 
+    /// Phase 3: fires whatever deadline has passed. Each machine is asked, rather than taking
+    /// an empty batch of events to mean that a timer fired: every `on_timeout` is safe to call
+    /// when nothing is due, and a poll may return early. It comes after the events on purpose:
+    /// a neighbour that greeted us in this turn's events has made our link to it due now
+    /// ([`Link::on_neighbour_greeted`]), and the link dials in this same turn.
     fn fire_deadlines(&mut self) {
         let now = self.herd.now;
         let (links, mut cx) = self.herd.links_and_context();
         for (i, link) in links.iter_mut().enumerate() {
+            // A link that dialled hands its new socket to the loop to register.
             if link.on_timeout(now, &mut cx) == Want::Register {
                 let outcome = match link.socket() {
                     Some(socket) => self.reactor.attach(socket, Source::Link(i)),
@@ -714,6 +850,9 @@ impl Server {
                 pool.on_timeout(now, &mut self.herd.log);
             }
         }
+        // Whether or not the pool had a deadline: jobs that failed as they were submitted this
+        // turn (too many waiting) are delivered here, and the sockets of jobs the pool started
+        // are registered.
         self.after_places();
         if self.sweep_at <= now {
             self.sweep_at = now + SWEEP_INTERVAL;
@@ -726,7 +865,8 @@ impl Server {
         }
     }
 
-    /// Once a second: every connection checks its deadlines (see [`Conn::on_timeout`]).
+    /// Once a second: every connection checks its deadlines (see [`Conn::on_timeout`]). One
+    /// that closes is listed for the end of the turn, which frees it.
     fn sweep(&mut self, now: Instant) {
         for slot in 0..self.conns.len() {
             if let Some(conn) = &mut self.conns[slot] {
@@ -739,6 +879,19 @@ impl Server {
 
     /// End of the turn: links write first, then clients; closed connections are freed, proved
     /// neighbours handed to their inbound links; the log is written.
+    ///
+    /// Phase 4, Redis's `beforeSleep`. The order carries promises:
+    ///
+    /// 1. the dialled links, so a neighbour has an update before the client that sent it reads
+    ///    its `AT` (docs/protocol.md section 5); a link copying the store adds a batch of it;
+    /// 2. the inbound links' heartbeats and `SYNC` requests;
+    /// 3. the store's file, so that with `fsync = "always"` an acknowledged IAMAT is on disk;
+    /// 4. the clients, last. Each write decides whether the connection stays, runs the lines it
+    ///    held back, is freed, or is handed to its neighbour's inbound link.
+    ///
+    /// Lines run during step 4 (those a write released, a neighbour's first lines after its
+    /// hand-over) come after steps 1 and 3: the records they make wait for the next turn's
+    /// writes, while a client's `AT` for one of them leaves at once.
     fn before_sleep(&mut self) {
         let herd = &mut self.herd;
         for link in &mut herd.links {
@@ -752,22 +905,31 @@ impl Server {
         // The turn's records reach the file (and the disk, with fsync = "always") before the
         // replies that acknowledge them leave.
         self.end_turn_on_disk();
+        // A connection that runs lines here lists itself again, and is written again before
+        // the list is empty.
         while let Some(slot) = self.to_flush.pop() {
             self.flush_conn(slot);
         }
+        // Evicted slots: no event of this turn, and no write, can name them any more.
         self.free_slots.append(&mut self.free_later);
         self.flush_admin();
         let now = self.herd.now;
+        // Sampled once a turn, for the admin endpoint's time in state: a state entered and
+        // left within one turn is not seen.
         for (link, seen) in self.herd.links.iter().zip(&mut self.link_seen) {
             if link.state_name() != seen.0 {
                 *seen = (link.state_name(), now);
             }
         }
+        // Last, so that it takes everything the turn logged, its writes included.
         self.herd.log.flush();
     }
 
     /// Writes the turn's records to the store's file. A disk that fails is said once in the
     /// log (and again each time it fails after working), and the server goes on from memory.
+    /// Such a failure also makes `/healthz` answer 503 ([`Server::unhealthy`]). A failed sync
+    /// that the `everysec` helper reports is logged each time it comes, and leaves the health
+    /// as it is.
     fn end_turn_on_disk(&mut self) {
         let herd = &mut self.herd;
         let Some(aof) = &mut herd.aof else {
@@ -775,7 +937,9 @@ impl Server {
         };
         let mut said: Vec<String> = aof.take_failures();
         match aof.end_turn(&herd.store) {
+            // Written, and news for the log: a compaction begun or finished.
             Ok(Some(what)) => said.push(what),
+            // Written: a failure after this is news again.
             Ok(None) => self.disk_failing = false,
             Err(e) if !self.disk_failing => {
                 self.disk_failing = true;
@@ -794,14 +958,19 @@ impl Server {
     /// held back, free it, or hand it to a neighbour's inbound link.
     fn flush_conn(&mut self, slot: usize) {
         let mark = self.herd.output_high_water();
+        // Empty: listed twice, and freed the first time.
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
         match conn.flush(self.herd.now, &self.herd.limits, mark) {
+            // Staying: what it could not write waits for the next turn (a WRITABLE event, or
+            // more replies, brings it back here).
             Flushed::Open => {}
             // Written, but lines wait behind the back-pressure: no event will come for bytes
             // already held, so run them now (they are flushed again after).
             Flushed::Resume => self.serve_conn(slot, Readiness::HELD),
+            // Closed (by its own lines, by a deadline of the sweep, or by this write): counted,
+            // logged, freed. Dropping the socket takes it out of the poll.
             Flushed::Closed(reason) => {
                 self.herd.metrics.closed[close_kind(&reason)] += 1;
                 self.herd.log.event(
@@ -810,6 +979,8 @@ impl Server {
                 );
                 self.free(slot);
             }
+            // Proved a neighbour: freed here (it holds no client place any more), its socket
+            // handed over.
             Flushed::Peer => {
                 if let Some(conn) = self.free(slot) {
                     self.hand_over(conn);
@@ -818,7 +989,9 @@ impl Server {
         }
     }
 
-    /// Frees slot `slot`, returning its connection.
+    /// Frees slot `slot`, returning its connection: undoes what [`Server::accept`] counted.
+    /// The slot is reusable at once, so a caller in the middle of a batch of events must hold
+    /// it back ([`Server::evict`]).
     fn free(&mut self, slot: usize) -> Option<Conn> {
         let conn = self.conns.get_mut(slot)?.take()?;
         self.free_slots.push(slot);
@@ -841,6 +1014,7 @@ impl Server {
         let Some((neighbour, session, mut wire)) = conn.into_peer() else {
             return;
         };
+        // The same socket under the link's token: its readiness is reported afresh there.
         if let Err(e) = self
             .reactor
             .move_to(&mut wire.stream, Source::Inbound(neighbour))
@@ -852,6 +1026,8 @@ impl Server {
             return;
         }
         let now = self.herd.now;
+        // A newer connection from the neighbour wins: the old one is stale (the neighbour
+        // restarted, or found it dead), and is closed by being dropped.
         if let Some(old) = self.inbound[neighbour].adopt(now, id, wire, session) {
             let reason = CloseReason::Replaced(id);
             self.herd
@@ -859,13 +1035,19 @@ impl Server {
                 .event(format_args!("c{old}"), format_args!("closed: {reason}"));
         }
         self.serve_inbound(neighbour, false);
+        // Written now: this turn's inbound writes (step 2 of `before_sleep`) are already past.
         if let Err(reason) = self.inbound[neighbour].flush() {
             self.close_inbound(neighbour, reason);
         }
     }
 
     /// SIGTERM or SIGINT: stop accepting, write what is pending once, write the log.
+    ///
+    /// Once: a socket that would block is not waited for, so a client or neighbour that reads
+    /// slowly may miss the end of what was owed. The store's file, by contrast, is written and
+    /// synced whatever `fsync` says. The order is the end of a turn's: links, store, clients.
     fn shut_down(&mut self) {
+        // Closes the port: a connection made from now on is refused by the kernel.
         self.listener = None;
         let herd = &mut self.herd;
         for link in &mut herd.links {
@@ -881,6 +1063,8 @@ impl Server {
             }
         }
         let limits = herd.limits.clone();
+        // What each decides is ignored: nothing more runs, and every socket closes when the
+        // server is dropped.
         for conn in self.conns.iter_mut().flatten() {
             let _ = conn.flush(herd.now, &limits, usize::MAX);
         }
@@ -895,6 +1079,9 @@ impl Server {
     }
 
     /// Accepts admin connections into free slots; one past them is answered 503 and closed.
+    /// The slots are few and fixed because each has its own token in the layout
+    /// ([`crate::reactor::Tokens`]). Stops at `WouldBlock`, as every accept must, and at any
+    /// other error too: the admin endpoint is not worth a log line per failure.
     fn accept_admin(&mut self) {
         let now = self.herd.now;
         let Some(admin) = &mut self.admin else {
@@ -907,6 +1094,7 @@ impl Server {
                 Err(_) => return,
             };
             let Some(slot) = admin.conns.iter().position(Option::is_none) else {
+                // One write into a new socket's empty buffer, then the close: never waited on.
                 let _ = stream.write(
                     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 );
@@ -922,7 +1110,9 @@ impl Server {
         }
     }
 
-    /// An admin connection's readiness: a request may be whole.
+    /// An admin connection's readiness: a request may be whole. It is answered from the
+    /// loop's state as it is at this point of the turn; the response is written at the end of
+    /// the turn ([`Server::flush_admin`]).
     fn serve_admin(&mut self, slot: usize) {
         let asked = match self.admin.as_mut().and_then(|a| a.conns[slot].as_mut()) {
             Some(conn) => conn.on_readable(&mut self.scratch),
@@ -961,7 +1151,9 @@ impl Server {
         }
     }
 
-    /// Writes the admin connections' responses; frees those that closed.
+    /// Writes the admin connections' responses; frees those that closed. All of them, every
+    /// turn: there are at most [`admin::MAX_CONNECTIONS`], and no list of the ones with work
+    /// is worth keeping.
     fn flush_admin(&mut self) {
         let now = self.herd.now;
         let Some(admin) = &mut self.admin else {
@@ -982,6 +1174,7 @@ impl Server {
         let now = self.herd.now;
         let mut links = Vec::new();
         for (i, link) in self.herd.links.iter().enumerate() {
+            // A dialled link keeps no time of its own: the loop's sample of it does.
             let (state, since) = self.link_seen[i];
             links.push(LinkView {
                 neighbour: link.name.clone(),
@@ -1038,6 +1231,7 @@ impl Server {
 fn refuse(stream: &mut mio::net::TcpStream, scratch: &mut [u8]) {
     let _ = stream.write(b"? server busy\n");
     let _ = stream.shutdown(std::net::Shutdown::Write);
+    // A few reads at most: a client that keeps sending cannot hold the loop here.
     for _ in 0..4 {
         match stream.read(scratch) {
             Ok(n) if n > 0 => {}

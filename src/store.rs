@@ -19,7 +19,10 @@ use memchr::memchr;
 /// One client's latest update: the `AT` line exactly as first sent, and its client time.
 #[derive(Debug)]
 pub struct Record {
+    /// The client's time in nanoseconds since the epoch, parsed once when the record is
+    /// stored: every merge compares it.
     pub time_ns: i128,
+    /// The `AT` line, without its `\n`. Never rebuilt: it is sent on byte for byte.
     pub line: Box<[u8]>,
 }
 
@@ -42,6 +45,8 @@ pub enum Merge {
 /// What a record from a neighbour must keep to: checked here, where it is parsed anyway.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
+    /// The longest client id accepted. Checked for a client not yet held only: a held
+    /// client's id was accepted when it came.
     pub max_id_bytes: usize,
     /// The latest client time accepted, in nanoseconds since the epoch.
     pub latest_ns: i128,
@@ -58,6 +63,8 @@ impl Bounds {
 /// How many parts the store's digest is also kept in.
 pub const DIGEST_PARTS: usize = 256;
 
+/// The latest record of every client (see the module docs): the records in the order their
+/// clients came, an index by client id, and digests that every merge keeps up to date.
 #[derive(Debug)]
 pub struct Store {
     /// The most clients the store holds: the memory a flood of new client ids can make a
@@ -66,6 +73,7 @@ pub struct Store {
     records: Vec<Record>,
     /// The bytes of every record line held.
     bytes: usize,
+    /// Client id to position in `records`.
     index: HashMap<Box<[u8]>, usize>,
     /// The wrapping sum of [`record_hash`] over every record: the same for the same set of
     /// records whatever order they arrived in, and updated in O(1) by each merge.
@@ -225,6 +233,7 @@ impl Store {
         self.records.get(position)
     }
 
+    /// How many clients the store holds, one record each.
     pub fn len(&self) -> usize {
         self.records.len()
     }
@@ -234,6 +243,7 @@ impl Store {
         self.bytes
     }
 
+    /// Whether it holds no client at all.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
