@@ -5,12 +5,12 @@
 //! deadline it waits for, so changing state cancels the old deadline:
 //!
 //! ```text
-//!        retry_at: connect()        connected: greeting      CHALLENGE: PROOF     PROOF checked
-//!   Down -------------------> Connecting ---------> Authenticating ---------> Proving ---------> Up
-//!    ^                            |   (no secret: straight to Up)   |            |               |
-//!    '----------------------------+---------------------------------+------------+---------------'
-//!     refused, deadline passed, bad challenge, EOF, error, silent for 5 s, output over its cap:
-//!     backoff doubles, 50 ms up to 2 s
+//!       retry_at: connect()        connected: greeting      CHALLENGE: PROOF     PROOF checked
+//!  Down -------------------> Connecting ---------> Authenticating ---------> Proving ---------> Up
+//!   ^                            |   (no secret: straight to Up)   |            |               |
+//!   '----------------------------+---------------------------------+------------+---------------'
+//!    refused, deadline passed, bad challenge or proof, EOF, error, a line the link does not
+//!    carry, silent for 5 s, output over its cap: backoff doubles, 50 ms up to 2 s
 //! ```
 //!
 //! Two things end a wait in `Down`: its timer, or the neighbour itself. A neighbour that greets
@@ -24,6 +24,14 @@
 //! whatever is flooded; a heartbeat when it has been quiet for a second; and every three
 //! seconds the digests of the store and of its parts, which the neighbour compares with its own
 //! (see [`crate::peer`]); `SYNC` asks for some parts, or all, again.
+//!
+//! How the loop ([`crate::server`]) drives it: [`Link::on_ready`] for every event on the link's
+//! token, of either kind; [`Link::on_timeout`] on every turn, whatever is due; [`Link::send`]
+//! when a record is flooded; and [`Link::flush`] at the end of every turn, before any client's
+//! output. Only `flush` writes to the socket. Everything else queues into the link's output, so
+//! a WRITABLE event needs no handler of its own: it wakes the loop, and the turn ends with the
+//! write. The readiness is edge-triggered, so `on_ready` reads until the socket would block and
+//! handles every whole line it holds before it returns: no event comes for bytes already read.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -38,8 +46,14 @@ use crate::store::{Store, DIGEST_PARTS};
 use crate::trace::{self, trace_loop};
 use crate::wire::{Fill, Line, Transport, Wire};
 
+/// How long a dial may stay unanswered before it counts as a failure. The kernel would go on
+/// retransmitting the SYN for over two minutes (Linux's defaults); a neighbour that does not
+/// answer in two seconds is better redialled after the backoff.
 pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The wait after the first failure in a row; each further failure doubles it ([`backoff`]).
 pub const FIRST_RETRY: Duration = Duration::from_millis(50);
+/// The longest wait between two dials: a neighbour that comes back is dialled within this, or
+/// at once if it greets us first ([`Link::on_neighbour_greeted`]).
 pub const MAX_RETRY: Duration = Duration::from_secs(2);
 /// A connect still in flight this long after it began, when the neighbour's own connection has
 /// just got through, is presumed lost to a partition that has since healed: the kernel would
@@ -56,9 +70,12 @@ const SYNC_LOW_WATER: usize = 64 * 1024;
 /// ([`Link::wants_turn`]).
 const SYNC_TURN_BYTES: usize = 256 * 1024;
 /// Longest line a neighbour may write on this link (its lines are short: PING, SYNC, CHALLENGE).
+/// A longer one takes the link down ([`Link::next_line`]).
 const MAX_LINE_BYTES: usize = 1024;
 
-/// The wait after `failures` failed attempts in a row.
+/// The wait after `failures` failed attempts in a row. The shift is capped so that it cannot
+/// overflow however long the neighbour stays away; a few failures in, [`MAX_RETRY`] rules
+/// anyway.
 pub fn backoff(failures: u32) -> Duration {
     FIRST_RETRY
         .saturating_mul(1 << failures.min(16))
@@ -67,6 +84,9 @@ pub fn backoff(failures: u32) -> Duration {
 
 // One per neighbour, so the size of the largest state costs nothing worth boxing for.
 #[allow(clippy::large_enum_variant)]
+/// Where the link is. Each state holds the socket and the deadline it needs, so leaving a state
+/// drops both: no timer is left to cancel, and dropping the socket closes it, which also takes
+/// it out of the poll.
 enum LinkState<S> {
     /// Waiting to redial.
     Down { retry_at: Instant },
@@ -98,8 +118,12 @@ enum LinkState<S> {
         sync_parts: Option<PartSet>,
         /// Records the copy has sent so far.
         sync_sent: usize,
+        /// When the neighbour last wrote a line that checked out: [`peer::DEAD_AFTER`] of
+        /// silence takes the link down.
         last_heard: Instant,
+        /// When we last queued a line: [`peer::HEARTBEAT_INTERVAL`] later a `PING` is due.
         last_sent: Instant,
+        /// When the digests of the store are next due ([`peer::DIGEST_INTERVAL`] apart).
         next_digest: Instant,
     },
 }
@@ -108,6 +132,7 @@ enum LinkState<S> {
 pub struct Link<S = TcpStream> {
     /// The neighbour's name.
     pub name: String,
+    /// Where the neighbour listens: every dial goes there.
     addr: SocketAddr,
     /// Failed attempts since the link was last up.
     failures: u32,
@@ -117,16 +142,26 @@ pub struct Link<S = TcpStream> {
 }
 
 /// What the link needs from the server around it.
+///
+/// Borrowed afresh for each call ([`crate::herd::Herd::links_and_context`]), so that the links
+/// and the store they copy can be used at the same time.
 pub struct Context<'a> {
+    /// This server's name: it goes in our greeting, and in both proofs as the dialler's.
     pub server: &'a str,
-    /// Whether heartbeats are logged line by line.
+    /// Whether the neighbour's heartbeats are logged line by line (the heartbeats and digests
+    /// the link sends never are).
     pub housekeeping: bool,
+    /// The herd secret. Without one, the link greets without a nonce and is up as soon as it
+    /// has connected.
     pub secret: Option<&'a Secret>,
+    /// The store: copied to the neighbour when the link comes up, and summed in the digests.
     pub store: &'a Store,
+    /// The server's log: every line sent and received, and every change of state.
     pub log: &'a mut Log,
 }
 
 impl<S: Transport> Link<S> {
+    /// A link to `name` at `addr`, down and due at once: the first turn of the loop dials it.
     pub fn new(name: String, addr: SocketAddr, now: Instant) -> Link<S> {
         Link {
             name,
@@ -148,7 +183,8 @@ impl<S: Transport> Link<S> {
         }
     }
 
-    /// The loop could not register the socket the link opened.
+    /// The loop could not register the socket the link opened. An unregistered socket would
+    /// never report how its connect ended, so it is dropped, and the attempt counts as a failure.
     pub fn on_register_failed(&mut self, now: Instant, log: &mut Log, why: &str) {
         self.go_down(now, log, &format!("cannot register the socket: {why}"));
     }
@@ -160,7 +196,8 @@ impl<S: Transport> Link<S> {
             if sync < sync_end && wire.out.pending() < SYNC_LOW_WATER)
     }
 
-    /// When the link next needs the loop, without any event.
+    /// When the link next needs the loop, without any event. Up, it is the earliest of three
+    /// (silence, heartbeat, digest); [`Link::on_timeout`] works out which has come.
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
             LinkState::Down { retry_at } => Some(*retry_at),
@@ -228,9 +265,14 @@ impl<S: Transport> Link<S> {
 
     /// Fires whatever deadline has passed; safe to call when none has. Asks the loop to register
     /// the socket when it has dialled.
+    ///
+    /// The loop calls it for every link on every turn, not only when [`Link::deadline`] has
+    /// come, so each arm checks its own deadline against `now`.
     pub fn on_timeout(&mut self, now: Instant, cx: &mut Context) -> Want {
         let why = match &mut self.state {
+            // The backoff is over: dial.
             LinkState::Down { retry_at } if *retry_at <= now => return self.dial(now, cx.log),
+            // The handshake states give up at their deadline; each says what it waited for.
             LinkState::Connecting { deadline, .. } if *deadline <= now => {
                 format!("no answer within {} ms", PEER_CONNECT_TIMEOUT.as_millis())
             }
@@ -242,9 +284,12 @@ impl<S: Transport> Link<S> {
                 "the neighbour did not prove itself within {} s",
                 peer::HANDSHAKE_TIMEOUT.as_secs()
             ),
+            // The neighbour heartbeats every second: this much silence is a dead connection
+            // (or a partition), not a quiet neighbour.
             LinkState::Up { last_heard, .. } if *last_heard + peer::DEAD_AFTER <= now => {
                 format!("silent for {} s", peer::DEAD_AFTER.as_secs())
             }
+            // Alive: what is due of the digests and the heartbeat goes into the output.
             LinkState::Up {
                 wire,
                 session,
@@ -263,15 +308,19 @@ impl<S: Transport> Link<S> {
                     }
                     *last_sent = now;
                 }
+                // The beat moves on even when the copy held the digest back: it comes at the next
+                // beat, not as soon as the copy is through.
                 if *next_digest <= now {
                     *next_digest = now + peer::DIGEST_INTERVAL;
                 }
+                // Any line sent counts as a sign of life, so a busy link sends no PING.
                 if *last_sent + peer::HEARTBEAT_INTERVAL <= now {
                     send(wire, session, b"PING");
                     *last_sent = now;
                 }
                 return Want::Nothing;
             }
+            // Nothing due yet.
             _ => return Want::Nothing,
         };
         self.go_down(now, cx.log, &why);
@@ -279,7 +328,8 @@ impl<S: Transport> Link<S> {
     }
 
     /// Starts a non-blocking connect; the loop registers the socket, and its first event says
-    /// how the connect ended.
+    /// how the connect ended. An error here is one the kernel knew at once (no descriptor, no
+    /// route); a refusal or a silent neighbour shows later, as an event or the deadline.
     fn dial(&mut self, now: Instant, log: &mut Log) -> Want {
         match S::connect(self.addr) {
             Ok(stream) => {
@@ -296,10 +346,18 @@ impl<S: Transport> Link<S> {
         }
     }
 
-    /// A readiness event on the link's socket, of either kind.
+    /// A readiness event on the link's socket, of either kind: what it means depends on the
+    /// state, not on the kind. `scratch` is the loop's read buffer, shared by every socket.
+    ///
+    /// Connecting, it may be the end of the connect or a spurious wake-up, which
+    /// [`Transport::connected`] tells apart. Otherwise it reads; what the neighbour's lines
+    /// call for (a proof, a copy of the store) waits for [`Link::flush`] at the end of the
+    /// turn. Any error takes the link down.
     pub fn on_ready(&mut self, now: Instant, scratch: &mut [u8], cx: &mut Context) {
         if let LinkState::Connecting { stream, .. } = &mut self.state {
             match stream.connected() {
+                // Then read in the same call: the event that ended the connect may also have
+                // announced bytes or the end of the stream, and it will not be raised again.
                 Ok(true) => self.greet(now, cx),
                 Ok(false) => return, // a spurious event: still in flight
                 Err(e) => return self.go_down(now, cx.log, &e.to_string()),
@@ -310,7 +368,10 @@ impl<S: Transport> Link<S> {
         }
     }
 
-    /// Connected: sends the greeting; without a secret the link is up at once.
+    /// Connected: sends the greeting; without a secret the link is up at once. With one, the
+    /// greeting carries our fresh nonce, and the link waits for the neighbour's challenge.
+    /// The state is taken out by value (a placeholder `Down` stands in meanwhile) so that the
+    /// stream can move into its [`Wire`]; every path sets the real next state.
     fn greet(&mut self, now: Instant, cx: &mut Context) {
         let LinkState::Connecting { stream, .. } =
             std::mem::replace(&mut self.state, LinkState::Down { retry_at: now })
@@ -321,6 +382,7 @@ impl<S: Transport> Link<S> {
         let nd = match cx.secret {
             Some(_) => match peer::nonce() {
                 Some(nd) => Some(nd),
+                // No fresh nonce, no handshake: a stale one would let an old one be replayed.
                 None => return self.go_down(now, cx.log, "no randomness for a nonce"),
             },
             None => None,
@@ -339,6 +401,11 @@ impl<S: Transport> Link<S> {
         };
     }
 
+    /// The link is up: the backoff starts over, and the copy of the store begins, from the
+    /// first record to the last one held now. Records stored later are flooded as they come,
+    /// and a record replaced at a position the copy has passed is flooded too, so the copy
+    /// never has to chase the store ([`crate::store`] keeps positions stable). The first digest
+    /// waits a whole interval, by when a small store's copy is through.
     fn come_up(
         &mut self,
         now: Instant,
@@ -375,6 +442,13 @@ impl<S: Transport> Link<S> {
     }
 
     /// Reads what the neighbour wrote: its challenge, heartbeats, and requests to resync.
+    ///
+    /// Reads until the socket would block, then handles every whole line before it returns:
+    /// the kernel will not report bytes already read. The lines are handled before the fill's
+    /// outcome is, so what the neighbour wrote just before it closed still counts. A fill that
+    /// buffers four of the longest lines while the socket may hold more ([`Fill::Full`]) ends
+    /// the link: a neighbour writes only a few short lines here, and one that floods it is
+    /// broken.
     fn read(&mut self, now: Instant, scratch: &mut [u8], cx: &mut Context) -> Result<(), String> {
         let wire = match &mut self.state {
             LinkState::Authenticating { wire, .. }
@@ -396,6 +470,9 @@ impl<S: Transport> Link<S> {
         }
     }
 
+    /// The next whole line, copied out of the reader so that [`Link::on_line`] may change the
+    /// state it lives in. A line over [`MAX_LINE_BYTES`] becomes a placeholder that no state
+    /// accepts, so it takes the link down (the reason logged is that state's complaint).
     fn next_line(&mut self) -> Option<Vec<u8>> {
         let wire = match &mut self.state {
             LinkState::Authenticating { wire, .. }
@@ -411,9 +488,13 @@ impl<S: Transport> Link<S> {
         Some(line)
     }
 
+    /// One line from the neighbour, in the state it finds the link in. `Err` takes the link
+    /// down with that reason.
     fn on_line(&mut self, now: Instant, line: &[u8], cx: &mut Context) -> Result<(), String> {
         let (me, them) = (cx.server.as_bytes(), self.name.as_bytes());
         match &mut self.state {
+            // The challenge: we prove ourselves first. The proof binds both names and both
+            // nonces, so it is good for this connection between these two servers only.
             LinkState::Authenticating { nd, .. } => {
                 cx.log.bytes(Who::Link(&self.name), '<', line);
                 let secret = cx.secret.ok_or("no secret")?;
@@ -440,6 +521,8 @@ impl<S: Transport> Link<S> {
                 };
                 Ok(())
             }
+            // The neighbour's proof, as the acceptor: only now is it known to hold the secret.
+            // The session key comes from both nonces, new for this connection.
             LinkState::Proving { nd, na, .. } => {
                 let secret = cx.secret.ok_or("no secret")?;
                 let proved = peer::parse_proof(line)
@@ -456,6 +539,8 @@ impl<S: Transport> Link<S> {
                 self.state = self.come_up(now, wire, Some(session), cx);
                 Ok(())
             }
+            // Up: every line is opened (with a secret) before anything else, so a forged or
+            // replayed line takes the link down instead of keeping it alive.
             LinkState::Up {
                 session,
                 last_heard,
@@ -493,10 +578,14 @@ impl<S: Transport> Link<S> {
                 }
                 Ok(())
             }
+            // Down or Connecting: there is no wire, so no line to get here.
             _ => Ok(()),
         }
     }
 
+    /// Every failure ends here: the state's socket is dropped (closed, and so out of the poll),
+    /// the wait is the backoff for the failures so far, and the count grows. Nothing is kept
+    /// for the neighbour meanwhile: the copy when the link is up again carries it all.
     fn go_down(&mut self, now: Instant, log: &mut Log, why: &str) {
         let wait = backoff(self.failures);
         self.failures = self.failures.saturating_add(1);
@@ -525,6 +614,9 @@ impl<S: Transport> Link<S> {
         trace_loop!("  link {} > {}", self.name, trace::shown(line));
         send(wire, session, line);
         *last_sent = now;
+        // `peer_output_bytes` unsent: the neighbour has stopped reading, or reads far slower
+        // than we write. Dropping the link frees the output, and the copy made when it comes
+        // back up repairs what the neighbour missed.
         if wire.out.pending() > cap {
             let why = format!("over {cap} bytes unsent: the neighbour does not keep up");
             self.go_down(now, log, &why);
@@ -544,10 +636,15 @@ impl<S: Transport> Link<S> {
             ..
         } = &mut self.state
         {
+            // (copy under way, parts it copies, parts asked for)
             let widened = match (*sync < *sync_end, *sync_parts, parts) {
+                // The whole store is on its way already.
                 (true, None, _) => return,
+                // No copy under way: copy what is asked.
                 (false, _, parts) => parts,
+                // Some parts under way, others asked: both, from the start.
                 (true, Some(copying), Some(asked)) => Some(copying.union(&asked)),
+                // Some parts under way, the whole store asked: the whole store.
                 (true, Some(_), None) => None,
             };
             self.counts.resyncs += 1;
@@ -563,10 +660,17 @@ impl<S: Transport> Link<S> {
     }
 
     /// Copies the next batch of the store into the output, if the output has room, then writes.
-    /// Called at the end of every turn.
+    /// Called at the end of every turn, for every link, before any client's output is written:
+    /// a neighbour is sent an update before the client that made it is answered
+    /// (docs/protocol.md section 5). It is the only place the link writes to its socket.
+    ///
+    /// The copy refills the output only while less than [`SYNC_LOW_WATER`] waits, and one turn
+    /// queues about [`SYNC_TURN_BYTES`] of it at most; the rest waits for the next turn
+    /// ([`Link::wants_turn`]) or, when the kernel is full, for the neighbour to read.
     pub fn flush(&mut self, now: Instant, store: &Store, log: &mut Log) {
         let (wire, session, sync, sync_end, sync_parts, sync_sent, last_sent) =
             match &mut self.state {
+                // The handshake: our greeting or proof to write, and no copy yet.
                 LinkState::Authenticating { wire, .. } | LinkState::Proving { wire, .. } => {
                     let before = wire.out.pending();
                     let result = wire.out.write_to(&mut wire.stream);
@@ -597,8 +701,11 @@ impl<S: Transport> Link<S> {
                 _ => return,
             };
         let copying = *sync < *sync_end;
+        // Bytes of the copy queued in this turn.
         let mut synced = 0;
         let result = loop {
+            // A copy of some parts steps over the other parts' records, reading only their
+            // part (a byte each), not the records.
             while *sync < *sync_end && wire.out.pending() < SYNC_LOW_WATER {
                 let wanted = match sync_parts {
                     None => true,
@@ -637,7 +744,9 @@ impl<S: Transport> Link<S> {
     }
 }
 
-/// Frames one payload onto the wire's output.
+/// Frames one payload onto the wire's output: sealed when the link has a session, and ended
+/// with its newline. Takes the wire and the session rather than the link, so that callers can
+/// hold other fields of the state borrowed at the same time.
 fn send<S>(wire: &mut Wire<S>, session: &mut Option<Session>, payload: &[u8]) {
     peer::frame(session.as_mut(), payload, wire.out.tail());
 }

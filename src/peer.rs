@@ -58,9 +58,15 @@ pub const MISMATCHES_BEFORE_SYNC: u32 = 2;
 const PARTS_PER_LINE: usize = 32;
 /// Before it has authenticated, a connection gets this long and this many bytes.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest line a connection may send while it is challenged: a `PROOF` is 70 bytes, and
+/// a stranger who greets with a neighbour's name must not make the server hold more.
 pub const MAX_HANDSHAKE_BYTES: usize = 1024;
 
+/// 16 random bytes per nonce: no two connections ever share one in practice, so no proof or
+/// line of an earlier connection fits a later one.
 const NONCE_BYTES: usize = 16;
+/// A line's tag is its HMAC-SHA256 cut to 16 bytes: 128 bits are plenty against forgery, and
+/// every line then carries 32 hex digits instead of 64.
 const TAG_BYTES: usize = 16;
 
 /// The herd secret, ready for HMAC-SHA256.
@@ -68,6 +74,8 @@ const TAG_BYTES: usize = 16;
 pub struct Secret(hmac::Key);
 
 impl Secret {
+    /// The secret's bytes as configured (its text, not decoded from hex or base64): every
+    /// server of the herd uses them alike.
     pub fn new(bytes: &[u8]) -> Secret {
         Secret(hmac::Key::new(hmac::HMAC_SHA256, bytes))
     }
@@ -195,6 +203,8 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     ring::constant_time::verify_slices_are_equal(a, b).is_ok()
 }
 
+/// Whether `text` is exactly `len` lower-case hex digits, as nonces, proofs, part sets and part
+/// digests are written; nothing else is taken for one.
 fn is_hex(text: &[u8], len: usize) -> bool {
     text.len() == len
         && text
@@ -205,7 +215,9 @@ fn is_hex(text: &[u8], len: usize) -> bool {
 /// A greeting: the dialler's name, and its nonce when the herd has a secret.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Greeting<'a> {
+    /// The dialler's name: the acceptor looks it up among its neighbours.
     pub name: &'a [u8],
+    /// ND, in hex: present exactly when the dialler's herd has a secret.
     pub nonce: Option<&'a [u8]>,
 }
 
@@ -266,7 +278,10 @@ pub enum PeerLine<'a> {
     Digest { count: u64, digest: u64 },
     /// The digests of parts `first ..first + PARTS_PER_LINE` of the sender's store.
     Parts {
+        /// The first part on the line: a multiple of [`PARTS_PER_LINE`].
         first: usize,
+        /// The parts' digests, in order; boxed, so that the other verbs do not carry their
+        /// 256 bytes too.
         digests: Box<[u64; PARTS_PER_LINE]>,
     },
     /// The receiver asks the sender of the link to send these parts of its store again, or
@@ -279,22 +294,28 @@ pub enum PeerLine<'a> {
 pub struct PartSet([u64; DIGEST_PARTS / 64]);
 
 impl PartSet {
+    /// Adds `part`.
     pub fn insert(&mut self, part: u8) {
         self.0[usize::from(part / 64)] |= 1 << (part % 64);
     }
 
+    /// Whether `part` is in the set.
     pub fn contains(&self, part: u8) -> bool {
         self.0[usize::from(part / 64)] & (1 << (part % 64)) != 0
     }
 
+    /// How many parts the set holds.
     pub fn len(&self) -> u32 {
         self.0.iter().map(|word| word.count_ones()).sum()
     }
 
+    /// Whether the set holds no part. An empty set is never sent: `SYNC` with one is refused.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The parts in either set: what a copy under way and a new request cover together
+    /// ([`crate::link::Link::resync`]).
     pub fn union(&self, other: &PartSet) -> PartSet {
         let mut both = *self;
         for (word, theirs) in both.0.iter_mut().zip(other.0) {
@@ -324,10 +345,13 @@ impl PartSet {
     }
 }
 
+/// What a payload says (a line once opened, or the whole line without a secret). `None` for
+/// anything else: the dialled link goes down on it, the inbound link logs and ignores it.
 pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
     if payload.starts_with(b"AT ") {
         return Some(PeerLine::Record(payload)); // checked as a record by the caller
     }
+    // 33 fields, more than the verbs below are split into: parsed on its own.
     if let Some(rest) = payload.strip_prefix(b"PARTS ") {
         return parse_parts(rest);
     }
@@ -537,10 +561,12 @@ pub fn sync_line(parts: Option<&PartSet>) -> Vec<u8> {
 
 /// An authenticated connection's keys and counters.
 pub struct Session {
+    /// `HMAC(secret, "session" ND NA)`: new for every connection, so a line fits no other.
     key: hmac::Key,
     /// Direction labels: what this side signs with, and what it expects the other to.
     send_label: u8,
     receive_label: u8,
+    /// Lines sealed and opened so far: the `SEQ` of the next line each way.
     sent: u64,
     received: u64,
 }
@@ -559,6 +585,9 @@ impl Session {
         }
     }
 
+    /// The tag covers the direction, so that a line cannot be reflected back to its sender,
+    /// and `SEQ`, which [`Session::open`] requires to be the next one expected: a line replayed,
+    /// dropped or moved shows as a `SEQ` out of turn, and a `SEQ` altered fails the tag.
     fn tag(&self, label: u8, seq: u64, payload: &[u8]) -> hmac::Tag {
         let mut ctx = hmac::Context::with_key(&self.key);
         ctx.update(&[label]);

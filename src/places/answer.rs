@@ -2,10 +2,10 @@
 //! Google's answer (docs/protocol.md section 4). The connection that carries them is
 //! [`crate::places::pool`].
 //!
-//! The body is relayed as Google wrote it. Cutting the results array to the bound splices the raw
-//! text: serde_json checks the JSON and gives the byte offsets of the array's elements, and the
-//! tail elements are left out, so every other byte (Google's indentation, key order, number formatting,
-//! escapes) is untouched. Re-serialising with serde_json would change all of those.
+//! The body is relayed as Google wrote it. Cutting the results array to the bound splices the
+//! raw text: serde_json checks the JSON and gives the byte offsets of the array's elements, and
+//! the tail elements are left out, so every other byte (Google's indentation, key order, number
+//! formatting, escapes) is untouched. Re-serialising with serde_json would change all of those.
 
 use std::fmt::Write as _;
 
@@ -48,9 +48,13 @@ pub enum Output {
 
 /// Where a WHATSAT asks about: the client's location and the radius in metres.
 pub struct Query<'a> {
+    /// The client's latitude, from its stored record.
     pub latitude: Coordinate<'a>,
+    /// The client's longitude, from its stored record.
     pub longitude: Coordinate<'a>,
+    /// The radius in metres, as exact decimal text: the WHATSAT's kilometres times 1000.
     pub radius_m: &'a [u8],
+    /// The most results the reply keeps, 0 to 20.
     pub bound: usize,
 }
 
@@ -89,6 +93,8 @@ pub fn build_request(
                 env!("CARGO_PKG_VERSION")
             );
         }
+        // The key travels in a header here, and the bound as `maxResultCount`, which must be 1
+        // to 20: a bound of 0 asks for one result, and the cut keeps none.
         Api::New => {
             let (lat, lng) = location.split_once(',').unwrap_or((&location, "0"));
             let body = format!(
@@ -119,13 +125,16 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-/// Makes the reply body from Google's raw body. `Err` carries what went wrong when the body is
-/// not JSON at all; the caller answers that with [`error_body`].
+/// Makes the reply body from Google's raw body. `Err` says what went wrong when the body is not
+/// an answer at all (not UTF-8, not JSON, or, to be rewritten as legacy, not a New API answer);
+/// the pool logs it and answers with an [`error_body`].
 pub fn answer(api: Api, output: Output, raw: &[u8], bound: usize) -> Result<Answer, String> {
     // JSON is UTF-8, and serde_json skips the bytes inside strings without decoding them.
     std::str::from_utf8(raw)
         .map_err(|e| format!("Places answered with a body that is not UTF-8 ({e})"))?;
     let found = top_level(raw, api.results_key())?;
+    // The legacy API says how it went in `status`; the New API only in an `error` object, whose
+    // absence means success. The status is for the log.
     let status = match (api, found.error) {
         (Api::Legacy, _) => found.status.unwrap_or_default(),
         (Api::New, Some(error)) => top_level(error.get().as_bytes(), "")
@@ -186,6 +195,8 @@ fn push_squeezed(out: &mut Vec<u8>, mut text: &[u8]) {
     out.extend_from_slice(text);
 }
 
+/// Drops the newlines at the end: the reply's own blank line ends it (docs/protocol.md
+/// section 4), and a body's last newline would add a second.
 fn trim_newlines(out: &mut Vec<u8>) {
     while out.last() == Some(&b'\n') {
         out.pop();
@@ -222,6 +233,7 @@ fn cut_array<'a>(raw: &'a [u8], elements: &[(usize, usize)], keep: usize) -> [&'
     }
 }
 
+/// JSON's four white-space bytes (RFC 8259, section 2).
 fn is_json_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
@@ -259,6 +271,8 @@ fn top_level<'a>(raw: &'a [u8], array_key: &str) -> Result<TopLevel<'a>, String>
     found.map_err(|e| format!("Places answered with a body that is not JSON ({e})"))
 }
 
+/// Walks the top-level object: the three keys the reply needs are read, every other value is
+/// only checked and skipped.
 struct TopLevelVisitor<'k, 'a> {
     raw: &'a [u8],
     array_key: &'k str,
@@ -300,6 +314,7 @@ enum KeyIs {
     Other,
 }
 
+/// Reads one key of the top level as a [`KeyIs`].
 struct Key<'k> {
     array_key: &'k [u8],
 }
@@ -366,6 +381,8 @@ impl<'de> Visitor<'de> for Elements<'de> {
         Ok(Some(spans))
     }
 
+    // Any other value: no array to cut, so the body is relayed whole. It is still read to its
+    // end, so that what follows it is checked too.
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(None)

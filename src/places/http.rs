@@ -4,22 +4,34 @@
 //! The head is parsed with `httparse`; the body is framed by `Content-Length`, by
 //! `Transfer-Encoding: chunked`, or by the end of the stream. Bytes may arrive in pieces of any
 //! size, so every step can stop in the middle and resume on the next [`ResponseReader::push`].
+//!
+//! This is the pure half of the Places client: no socket and no clock. The pool's TLS pump
+//! ([`crate::places::pool`]) hands it each piece of plaintext as rustls decrypts it, and calls
+//! [`ResponseReader::push_eof`] when the stream ends. Every limit here ends the exchange with
+//! an [`HttpError`]; the pool then answers the WHATSAT with an error body and does not reuse
+//! the connection.
 
 use memchr::memchr;
 
 /// A whole response.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Response {
+    /// The HTTP status code, for the log only: Google has sent its error answers with 200, 400
+    /// and 403, so the reply is made from the body alone (docs/protocol.md section 4).
     pub status: u16,
+    /// The body, without its chunked framing, if it had any.
     pub body: Vec<u8>,
     /// Whether the connection may carry another request.
     pub keep_alive: bool,
 }
 
-/// What went wrong with a response; said in the `error_message` a client sees.
+/// What went wrong with a response. It goes to the log; the client is told only that Places
+/// could not be reached or read (the pool's `Failure`), never the detail.
 pub type HttpError = String;
 
-/// Longest response head accepted, and most headers.
+/// Longest response head accepted, and most headers (`httparse` refuses a head with more, and
+/// it is answered as malformed). A head is held whole until its blank line comes, so this is
+/// also the most a head can make the reader hold.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
 /// The most room a body's announced length (`Content-Length`, a chunk's size) reserves before
@@ -31,7 +43,8 @@ const RESERVE_AT_MOST: usize = 1 << 20;
 enum Phase {
     /// Waiting for the status line and headers.
     Head,
-    /// Reading the body, framed as the head said.
+    /// Reading the body, framed as the head said. `keep_alive` is what the head allows; the
+    /// end of the body may still forbid it (bytes past it).
     Body {
         status: u16,
         keep_alive: bool,
@@ -39,6 +52,7 @@ enum Phase {
     },
 }
 
+/// How the end of the body is found.
 #[derive(Debug, Clone, Copy)]
 enum Framing {
     /// `Content-Length`: this many bytes still to come.
@@ -49,6 +63,7 @@ enum Framing {
     UntilClose,
 }
 
+/// Where the chunked grammar is up to, kept between pieces.
 #[derive(Debug, Clone, Copy)]
 enum Chunk {
     /// Expecting a `SIZE[;ext]\r\n` line.
@@ -72,8 +87,10 @@ enum Chunk {
 pub struct ResponseReader {
     /// Bytes received and not yet consumed.
     pending: Vec<u8>,
+    /// The body so far, never over `max_body_bytes`.
     body: Vec<u8>,
     phase: Phase,
+    /// `places.max_body_bytes`: a larger body is refused, checked before its bytes are kept.
     max_body_bytes: usize,
     /// Every byte taken so far, framing included.
     received: usize,
@@ -84,6 +101,8 @@ pub struct ResponseReader {
 }
 
 impl ResponseReader {
+    /// A reader for one response, its body capped at `max_body_bytes`. The pool makes one per
+    /// request, so nothing of one response can leak into the next.
     pub fn new(max_body_bytes: usize) -> ResponseReader {
         ResponseReader {
             pending: Vec::new(),
@@ -110,7 +129,9 @@ impl ResponseReader {
         !self.pending.is_empty() || !matches!(self.phase, Phase::Head)
     }
 
-    /// Takes the next bytes of the stream. `Ok(Some(..))` once the response is complete.
+    /// Takes the next bytes of the stream. `Ok(Some(..))` once the response is complete;
+    /// `Ok(None)` while more is needed; `Err` ends the exchange. Bytes past the end of the
+    /// response are kept in `pending` and never read: they only forbid keep-alive.
     pub fn push(&mut self, data: &[u8]) -> Result<Option<Response>, HttpError> {
         self.received = self.received.saturating_add(data.len());
         if self.received > self.max_received() {
@@ -119,6 +140,8 @@ impl ResponseReader {
                 self.max_received()
             ));
         }
+        // Nothing left over: the piece is framed where it lies, and only what it leaves
+        // unfinished is copied.
         if self.pending.is_empty() {
             let mut input = data;
             let result = self.frame(&mut input, 0);
@@ -145,9 +168,12 @@ impl ResponseReader {
         input: &mut &[u8],
         mut searched: usize,
     ) -> Result<Option<Response>, HttpError> {
+        // Each pass takes one head, one piece of body, or one step of the chunk grammar, until
+        // the response is whole or the input can take it no further.
         loop {
             let before = input.len();
             match self.phase {
+                // An interim (1xx) head steps past itself and leaves the phase at `Head`.
                 Phase::Head => match self.parse_head(input, searched)? {
                     Some(phase) => self.phase = phase,
                     None => return Ok(None),
@@ -159,6 +185,7 @@ impl ResponseReader {
                 } => {
                     let next = match framing {
                         Framing::Length(left) => Some(self.take_body(input, left)?),
+                        // Everything is body, until the server closes ([`Self::push_eof`]).
                         Framing::UntilClose => {
                             self.take_body(input, input.len())?;
                             None
@@ -215,6 +242,7 @@ impl ResponseReader {
         Err("Places closed the connection in the middle of its answer".into())
     }
 
+    /// Hands the body over; the reader is spent.
     fn finish(&mut self, status: u16, keep_alive: bool) -> Response {
         Response {
             status,
@@ -230,6 +258,9 @@ impl ResponseReader {
         input: &mut &[u8],
         searched: usize,
     ) -> Result<Option<Phase>, HttpError> {
+        // No blank line has come, and the head has not doubled since `httparse` last read it:
+        // wait. Reading it at every piece would cost its whole length each time; a malformed
+        // head is still found out once it has doubled.
         if searched > 0 && !ends_a_head(input, searched) && input.len() < 2 * self.head_read {
             return head_wait(input);
         }
@@ -244,6 +275,7 @@ impl ResponseReader {
             Err(e) => return Err(malformed(e)),
         };
         let status = head.code.unwrap_or(0);
+        // HTTP/1.1 keeps the connection by default, 1.0 closes it; `Connection` says otherwise.
         let mut keep_alive = head.version == Some(1);
         let mut length = None;
         let mut chunked = false;
@@ -257,6 +289,7 @@ impl ResponseReader {
                         .map_err(|_| format!("Places sent a bad Content-Length {value:?}"))?,
                 );
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                // Chunked framing only when chunked is the last coding (RFC 9112, section 6.3).
                 chunked = value.to_ascii_lowercase().ends_with("chunked");
             } else if h.name.eq_ignore_ascii_case("connection") {
                 let value = value.to_ascii_lowercase();
@@ -271,6 +304,8 @@ impl ResponseReader {
         if (100..200).contains(&status) {
             return Ok(Some(Phase::Head)); // an interim response: the real one follows
         }
+        // 204 and 304 never have a body; chunked framing wins over a `Content-Length` sent
+        // with it (RFC 9112, section 6.3).
         let framing = if status == 204 || status == 304 {
             Framing::Length(0)
         } else if chunked {
@@ -283,6 +318,7 @@ impl ResponseReader {
             self.body.reserve(length.min(RESERVE_AT_MOST));
             Framing::Length(length)
         } else {
+            // The body ends only when the connection does: it cannot carry another request.
             keep_alive = false;
             Framing::UntilClose
         };
@@ -301,6 +337,7 @@ impl ResponseReader {
     }
 
     /// Moves up to `want` bytes of `input` into the body; returns the length framing still left.
+    /// The cap is checked before the bytes are copied, so an oversize body is never held.
     fn take_body(&mut self, input: &mut &[u8], want: usize) -> Result<Framing, HttpError> {
         let n = want.min(input.len());
         if self.body.len() + n > self.max_body_bytes {
@@ -326,11 +363,14 @@ impl ResponseReader {
                 let Some((line, rest)) = split_line(input, searched) else {
                     return line_or_wait(input);
                 };
+                // Chunk extensions (`;name=value`) are allowed, and ignored.
                 let line = String::from_utf8_lossy(line);
                 let size = line.split(';').next().unwrap_or("").trim();
                 let size = usize::from_str_radix(size, 16)
                     .map_err(|_| format!("Places sent a bad chunk size {size:?}"))?;
                 *input = rest;
+                // The last chunk; or one that would take the body over its cap, refused before
+                // its data comes.
                 if size == 0 {
                     Chunk::Trailer
                 } else if self.body.len().saturating_add(size) > self.max_body_bytes {
@@ -347,6 +387,7 @@ impl ResponseReader {
             },
             Chunk::DataEnd => {
                 let Some(rest) = input.strip_prefix(b"\r\n") else {
+                    // A lone `\r` (or nothing) may be the start of the line end: wait for more.
                     if input.len() < 2 && b"\r\n".starts_with(input) {
                         return Ok(Some(Framing::Chunked(chunk)));
                     }
@@ -355,6 +396,7 @@ impl ResponseReader {
                 *input = rest;
                 Chunk::Size
             }
+            // Trailer fields are read and dropped; an empty line ends the response.
             Chunk::Trailer => {
                 let Some((line, rest)) = split_line(input, searched) else {
                     return line_or_wait(input);
@@ -416,7 +458,8 @@ fn head_wait(input: &[u8]) -> Result<Option<Phase>, HttpError> {
 }
 
 /// A chunk-size or trailer line that has not fully arrived: wait (`None`), unless it is
-/// absurdly long.
+/// absurdly long. A size line is a few hex digits: 4096 bytes without a `\n` is not a server
+/// worth waiting for, and bounds what such a line makes the reader hold.
 fn line_or_wait(input: &[u8]) -> Result<Option<Framing>, HttpError> {
     if input.len() > 4096 {
         return Err("Places sent a chunk line over 4096 bytes".into());

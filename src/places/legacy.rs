@@ -3,9 +3,9 @@
 //! one.
 //!
 //! This is the one place where the herd re-serialises Google's JSON instead of splicing it
-//! (compare [`crate::places::answer`]), because there is no legacy text to splice: the body is built
-//! from the New answer's fields and written the way Google's legacy service writes, byte for
-//! byte (`tests/data/places/make_places.py` describes it): JsonCpp's `StyledWriter` with keys
+//! (compare [`mod@crate::places::answer`]), because there is no legacy text to splice: the body
+//! is built from the New answer's fields and written the way Google's legacy service writes, byte
+//! for byte (`tests/data/places/make_places.py` describes it): JsonCpp's `StyledWriter` with keys
 //! sorted, a 3-space indent, `"key" : value`, scalar arrays inline when short, doubles as
 //! `%.16g`, `<` and `>` as `\u003c` and `\u003e`, and one `\n` at the end.
 //!
@@ -17,7 +17,7 @@
 //! | legacy result field | Places API (New) field |
 //! |---|---|
 //! | `business_status` | `businessStatus`, except `BUSINESS_STATUS_UNSPECIFIED` |
-//! | `geometry.location.lat`, `.lng` | `location.latitude`, `.longitude` (a missing one is 0: proto3 leaves zeros out) |
+//! | `geometry.location.lat`, `.lng` | `location.latitude`, `.longitude`, a missing one 0 (below) |
 //! | `geometry.viewport.northeast`, `.southwest` | `viewport.high`, `viewport.low` |
 //! | `icon_background_color` | `iconBackgroundColor` |
 //! | `icon_mask_base_uri` | `iconMaskBaseUri` |
@@ -25,12 +25,16 @@
 //! | `opening_hours.open_now` | `currentOpeningHours.openNow`, else `regularOpeningHours.openNow` |
 //! | `place_id` | `id` |
 //! | `plus_code.compound_code`, `.global_code` | `plusCode.compoundCode`, `.globalCode` |
-//! | `price_level` | `priceLevel`: `PRICE_LEVEL_FREE` 0, `_INEXPENSIVE` 1, `_MODERATE` 2, `_EXPENSIVE` 3, `_VERY_EXPENSIVE` 4 |
+//! | `price_level` | `priceLevel`, as a number (below) |
 //! | `rating` | `rating` |
 //! | `reference` | `id` (legacy answers carry the place id here too) |
 //! | `types` | `types`, as they are (the New API has more of them) |
 //! | `user_ratings_total` | `userRatingCount` |
 //! | `vicinity` | `shortFormattedAddress`, else `formattedAddress` |
+//!
+//! A coordinate missing from a New `LatLng` is 0, since proto3 leaves zeros out. `priceLevel`
+//! becomes `PRICE_LEVEL_FREE` 0, `_INEXPENSIVE` 1, `_MODERATE` 2, `_EXPENSIVE` 3,
+//! `_VERY_EXPENSIVE` 4; any other value leaves `price_level` out.
 //!
 //! Not written, for want of a source: `icon` (the legacy PNG is not derivable from the New
 //! pinlet URI), `photos` (a New photo name is not a legacy `photo_reference`, and the legacy

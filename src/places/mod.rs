@@ -1,7 +1,7 @@
 //! Everything that speaks to Google Places, in one place: the pool of HTTPS connections and
 //! its state machine ([`pool`]), the HTTP/1.1 response reader it feeds ([`http`]), the request a
-//! WHATSAT becomes and the reply body made from Google's answer ([`answer`]), and the rewrite of
-//! a Places API (New) answer as a legacy body ([`legacy`]).
+//! WHATSAT becomes and the reply body made from Google's answer ([`mod@answer`]), and the rewrite
+//! of a Places API (New) answer as a legacy body ([`legacy`]).
 //!
 //! Only [`pool`] touches a socket; the other three are pure, tested with tables.
 
@@ -10,5 +10,6 @@ pub mod http;
 pub mod legacy;
 pub mod pool;
 
+// What the rest of the server uses, by name, wherever in here it lives.
 pub use answer::{answer, build_request, error_body, Answer, Api, Output, Query, Request};
 pub use pool::PlacesPool;

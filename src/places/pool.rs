@@ -8,10 +8,13 @@
 //!            job queued, address known: connect()        WRITABLE, no socket error
 //!   Empty --------------------------------------> Connecting --------------------> Exchanging
 //!     ^  ^                                             |                          |   |
-//!     |  '--- refused, TLS error, deadline, EOF -------+--------------------------'   | response complete,
-//!     |                                                                               | keep-alive
+//!     |  '--- refused, TLS error, deadline, EOF -------+--------------------------'   |
+//!     |       (or a response after which the connection cannot be kept)               |
+//!     |                                                         response complete,    |
+//!     |                                                         connection kept       |
 //!     '----- idle too long, or the server closed -------------- Idle <----------------'
-//!                                                                 '--- next job: request sent --> Exchanging
+//!                                                                 '--- next job: request sent
+//!                                                                      --> Exchanging
 //! ```
 //!
 //! Every job carries its own deadline, from the WHATSAT's arrival: queued, connecting, in the
@@ -19,6 +22,20 @@
 //! body, so a client always hears back in time. DNS never blocks the loop: a helper thread
 //! resolves the host and wakes the loop through a [`mio::Waker`] (asyncio does the same with
 //! `getaddrinfo` in an executor).
+//!
+//! A slot carries one request at a time (HTTP/1.1, no pipelining), so `pool_size` bounds the
+//! requests in flight to Google, and `max_queue` the jobs waiting for a slot.
+//!
+//! How the loop drives the pool: a WHATSAT calls [`PlacesPool::submit`], then
+//! [`PlacesPool::dispatch`]; every event on a slot's token goes to
+//! [`PlacesPool::on_ready`], deadlines to [`PlacesPool::on_timeout`], the waker to
+//! [`PlacesPool::on_wake`]. The pool opens sockets but never registers them: the loop takes
+//! them from [`PlacesPool::take_opened`]. Finished jobs wait in [`PlacesPool::done`] for the
+//! loop to hand each reply to its connection.
+//!
+//! The edge-triggered trap is doubled here: bytes can wait in the kernel, and plaintext can
+//! wait inside rustls, and no event announces either. So the pump reads the socket until it
+//! would block, and after every read drains all the plaintext rustls has decrypted.
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, Write};
@@ -41,10 +58,15 @@ use crate::places::{self, Api, Output};
 use crate::trace::trace_loop;
 use crate::wire::Transport;
 
-/// How long a kept-alive connection may sit unused before we close it ourselves.
+/// How long a kept-alive connection may sit unused before we close it ourselves. One that the
+/// server closes first is dropped when it says so (see [`PlacesPool::on_ready`]), or found
+/// out by the next request on it, which is then retried once.
 const IDLE_KEEP: Duration = Duration::from_secs(30);
 
 /// Builds the TLS configuration: the web's roots, plus the PEM file's if one is configured.
+/// Called once, before the loop runs: reading the file blocks. The crypto provider is named
+/// rather than taken from the process default, which rustls cannot pick by itself when more
+/// than one is compiled in.
 pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -78,20 +100,28 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<ClientConfig>
 /// connection `id` (a connection that left may have had its slot taken by another).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
+    /// The connection's slot in the loop's table; slots are reused.
     pub slot: usize,
+    /// The connection's id (`cN` in the log), never reused.
     pub id: u64,
 }
 
 /// One WHATSAT's request, from the moment it is made until it is answered.
 pub struct Job {
+    /// The job's number: `places #N` in the log, and what the client's connection holds a
+    /// place for among its replies.
     pub id: u64,
     /// Whom to answer. The pool only carries it.
     pub owner: Owner,
     /// The stored AT record that starts the reply. The pool only carries it.
     pub record: Box<[u8]>,
+    /// The whole request, key included; written into rustls as one piece.
     request: places::Request,
+    /// How many results the reply keeps.
     bound: usize,
+    /// When the WHATSAT arrived: the metrics time the job from here.
     started: Instant,
+    /// `started` plus `places.timeout_ms`: by then the job is answered, one way or another.
     deadline: Instant,
     /// Already retried once after a kept-alive connection turned out to be closed.
     retried: bool,
@@ -123,9 +153,13 @@ impl Failure {
 
 /// A finished job: the reply body, Google's or an error in Google's vocabulary.
 pub struct Done {
+    /// Whom to answer: the loop skips a job whose connection has left.
     pub owner: Owner,
+    /// The job's number, which the connection matches to the place it holds for the reply.
     pub job: u64,
+    /// The AT record that starts the reply.
     pub record: Box<[u8]>,
+    /// The reply's body: Google's answer as [`fn@places::answer`] made it, or an error body.
     pub body: Vec<u8>,
 }
 
@@ -134,7 +168,9 @@ const WIRE_READ: usize = 64 * 1024;
 /// The bytes one call of [`Tls::transfer`] reads from the socket before it returns (give or take
 /// one read), so that an answer over the size cap is refused soon after the cap, not after
 /// Places has sent it all, and a server sending records without end, empty ones included,
-/// cannot hold the loop.
+/// cannot keep one call going. The pump calls again at once while the response is incomplete
+/// ([`PlacesPool::pump`]): across calls, what bounds an exchange is the response reader's cap
+/// on a response's bytes, which counts plaintext only.
 const TRANSFER_STEP: usize = 256 * 1024;
 
 /// Where one call of [`Tls::transfer`] stopped.
@@ -150,7 +186,9 @@ enum Transfer {
 
 /// A TCP connection with TLS on it.
 struct Tls<S> {
+    /// The TCP socket, non-blocking.
     stream: S,
+    /// rustls's side: the handshake, the keys, and the bytes waiting either way.
     tls: ClientConnection,
     /// Bytes just read from the socket: kept for the connection's life, not zeroed afresh
     /// for every read.
@@ -159,6 +197,8 @@ struct Tls<S> {
     number: u64,
 }
 
+/// One connection's state. The job in flight carries its own deadline, so the slot needs no
+/// timer of its own except an idle connection's.
 enum Slot<S> {
     Empty,
     /// TCP connect in flight. The request already waits inside rustls, which sends it as soon
@@ -201,14 +241,21 @@ pub struct PlacesPool<S = TcpStream> {
     port: u16,
     path: String,
     field_mask: String,
+    /// The API key: it goes into the request bytes and nowhere else, never into the log.
     key: String,
+    /// How long a job may take from its WHATSAT's arrival to its answer.
     timeout: Duration,
     max_body_bytes: usize,
     max_queue: usize,
     tls: Arc<ClientConfig>,
+    /// The name the server's certificate must carry, also sent as SNI.
     server_name: ServerName<'static>,
     address: Address,
+    /// A clone goes to each resolver thread, to wake the loop when it is done.
     waker: Arc<Waker>,
+    /// `places.pool_size` of them; slot `i` is the loop's token [`Source::Places(i)`].
+    ///
+    /// [`Source::Places(i)`]: crate::reactor::Source::Places
     slots: Vec<Slot<S>>,
     /// Slots whose new socket the loop is to register ([`PlacesPool::take_opened`]).
     opened: Vec<usize>,
@@ -216,14 +263,19 @@ pub struct PlacesPool<S = TcpStream> {
     now: Instant,
     /// Requests by outcome, and how long they took, for the metrics.
     pub counts: PlacesCounts,
+    /// Jobs waiting for a slot (or for the host's address), oldest first.
     queue: VecDeque<Job>,
     next_job: u64,
+    /// Connections opened so far: each one's number in the log.
     connections_made: u64,
     /// Finished jobs, for the loop to hand to their connections.
     pub done: Vec<Done>,
 }
 
 impl<S: Transport> PlacesPool<S> {
+    /// The pool as configured, every slot empty; nothing is connected or looked up yet. A host
+    /// written as an IP address needs no look-up; a name is looked up when the first job needs
+    /// it. `tls` comes from [`tls_config`]; `waker` wakes the loop when a look-up ends.
     pub fn new(
         cfg: &PlacesConfig,
         key: String,
@@ -275,8 +327,10 @@ impl<S: Transport> PlacesPool<S> {
         })
     }
 
-    /// Queues a request for `query`; returns the job's id. The loop calls [`Self::dispatch`]
-    /// at the end of the turn.
+    /// Queues a request for `query`; returns the job's id. Its caller, a WHATSAT in
+    /// [`crate::herd::Herd::command`], calls [`Self::dispatch`] right after. With
+    /// `places.max_queue` jobs already waiting, the job is answered at once, `Busy`, into
+    /// [`Self::done`]: the queue stays bounded, and the client hears that the server is busy.
     pub fn submit(
         &mut self,
         now: Instant,
@@ -286,6 +340,7 @@ impl<S: Transport> PlacesPool<S> {
         log: &mut Log,
     ) -> u64 {
         self.now = now;
+        // `Host` names the port only when it is not HTTPS's own (RFC 9110, section 7.2).
         let host = if self.port == 443 {
             self.host.clone()
         } else {
@@ -337,6 +392,11 @@ impl<S: Transport> PlacesPool<S> {
     }
 
     /// Starts queued jobs on idle or empty slots, as far as they go.
+    ///
+    /// Called after anything that may bring a job or free a slot: a submit, an event, a
+    /// deadline, a look-up's end. Jobs go in order, a retried one first: to a kept-alive
+    /// connection if there is one (no handshake), else to an empty slot on a new connection,
+    /// else they wait. A job whose deadline passed while it waited is answered here.
     pub fn dispatch(&mut self, now: Instant, log: &mut Log) {
         self.now = now;
         while let Some(job) = self.queue.pop_front() {
@@ -344,6 +404,8 @@ impl<S: Transport> PlacesPool<S> {
                 self.fail(job, log, Failure::Late, &self.timed_out());
                 continue;
             }
+            // A kept-alive connection first: the request goes into rustls, which encrypts it;
+            // the pump writes it, and reads whatever the connection already holds.
             if let Some(i) = self
                 .slots
                 .iter()
@@ -363,6 +425,7 @@ impl<S: Transport> PlacesPool<S> {
                     );
                     continue;
                 }
+                // `reused`: the server may have closed the connection since its last answer.
                 self.slots[i] = Slot::Exchanging {
                     conn,
                     job,
@@ -378,6 +441,7 @@ impl<S: Transport> PlacesPool<S> {
             };
             let addr = match &self.address {
                 Address::Known { list, next } => list[*next % list.len()],
+                // The jobs wait for the look-up; `on_wake` dispatches them when it ends.
                 Address::Resolving(_) => {
                     self.queue.push_front(job);
                     return;
@@ -402,6 +466,7 @@ impl<S: Transport> PlacesPool<S> {
                         }
                     }
                 }
+                // The next job tries the host's next address.
                 Err(e) => {
                     self.next_address();
                     self.fail(
@@ -416,6 +481,7 @@ impl<S: Transport> PlacesPool<S> {
     }
 
     /// Starts a connect for slot `slot`; the loop registers the socket ([`Self::take_opened`]).
+    /// Each connection gets its own read buffer of [`WIRE_READ`] bytes, allocated here once.
     fn connect(&mut self, slot: usize, addr: SocketAddr) -> io::Result<Tls<S>> {
         let tls = ClientConnection::new(self.tls.clone(), self.server_name.clone())
             .map_err(io::Error::other)?;
@@ -431,6 +497,9 @@ impl<S: Transport> PlacesPool<S> {
     }
 
     /// Starts a look-up of the host on a helper thread; it wakes the loop when done.
+    /// `getaddrinfo` blocks for as long as DNS takes, seconds when a resolver is away, and would
+    /// stop every client with it. The answer goes through a channel, and the wake says to look.
+    /// A thread that cannot start leaves the address unknown: the next dispatch tries again.
     fn resolve(&mut self, log: &mut Log) {
         let (tx, rx) = mpsc::channel();
         let (host, port, waker) = (self.host.clone(), self.port, self.waker.clone());
@@ -456,7 +525,9 @@ impl<S: Transport> PlacesPool<S> {
         };
     }
 
-    /// The waker fired: a look-up may have finished.
+    /// The waker fired: a look-up may have finished. The waker is shared (the store's fsync
+    /// thread wakes the loop with it to report a failed sync), so a wake may have nothing for
+    /// the pool.
     pub fn on_wake(&mut self, now: Instant, log: &mut Log) {
         self.now = now;
         let Address::Resolving(rx) = &self.address else {
@@ -465,6 +536,7 @@ impl<S: Transport> PlacesPool<S> {
         let result = match rx.try_recv() {
             Ok(result) => result,
             Err(TryRecvError::Empty) => return,
+            // The thread ended without an answer (it panicked): a failed look-up.
             Err(TryRecvError::Disconnected) => Err(io::Error::other("resolver thread ended")),
         };
         match result {
@@ -481,6 +553,8 @@ impl<S: Transport> PlacesPool<S> {
                     Err(e) => format!("cannot resolve {}: {e}", self.host),
                     Ok(_) => format!("cannot resolve {}: no address", self.host),
                 };
+                // The waiting jobs fail now rather than at their deadlines; the next job starts
+                // a new look-up.
                 self.address = Address::Unknown;
                 for job in std::mem::take(&mut self.queue) {
                     self.fail(job, log, Failure::Failed, &why);
@@ -489,6 +563,9 @@ impl<S: Transport> PlacesPool<S> {
         }
     }
 
+    /// An address failed: the next connect tries the next one. Once every address of a named
+    /// host has failed it is looked up again, since its addresses may have changed; an IP
+    /// address is simply tried again.
     fn next_address(&mut self) {
         if let Address::Known { list, next } = &mut self.address {
             *next += 1;
@@ -498,17 +575,21 @@ impl<S: Transport> PlacesPool<S> {
         }
     }
 
-    /// A readiness event on slot `i`'s socket.
+    /// A readiness event on slot `i`'s socket, of either kind: the state says what it means.
+    /// Ends with a dispatch, since the event may have freed the slot.
     pub fn on_ready(&mut self, i: usize, now: Instant, log: &mut Log) {
         self.now = now;
         let Some(slot) = self.slots.get_mut(i) else {
             return;
         };
         match slot {
+            // An event of this turn's batch for a connection already dropped.
             Slot::Empty => {}
             Slot::Connecting { conn, .. } => {
                 match conn.stream.connected() {
                     Ok(false) => {} // a spurious event: still connecting
+                    // Refused, unreachable: the job fails, the next connect tries another
+                    // address.
                     Err(e) => {
                         let Slot::Connecting { job, .. } =
                             std::mem::replace(&mut self.slots[i], Slot::Empty)
@@ -519,6 +600,8 @@ impl<S: Transport> PlacesPool<S> {
                         let why = format!("cannot connect to {}:{}: {e}", self.host, self.port);
                         self.fail(job, log, Failure::Failed, &why);
                     }
+                    // Connected: the pump sends the ClientHello rustls has ready, and the
+                    // request follows as soon as the handshake allows.
                     Ok(true) => {
                         let Slot::Connecting { conn, job } =
                             std::mem::replace(&mut self.slots[i], Slot::Empty)
@@ -550,6 +633,11 @@ impl<S: Transport> PlacesPool<S> {
     }
 
     /// Moves bytes for the exchange in slot `i` and finishes it when the response is whole.
+    ///
+    /// Transfers until the socket would block, the stream ends, or the response is whole or
+    /// refused: an exchange left with bytes in the kernel would get no event for them. A
+    /// finished job is handed over ([`Self::finish`]), and the connection kept only if HTTP
+    /// allows it and nothing follows the response.
     fn pump(&mut self, i: usize, now: Instant, log: &mut Log) {
         let Slot::Exchanging { conn, response, .. } = &mut self.slots[i] else {
             return;
@@ -571,9 +659,13 @@ impl<S: Transport> PlacesPool<S> {
                     done.keep_alive &= drained;
                     break Some(Ok(done));
                 }
+                // The response refused, or the connection failed, before it was whole.
                 (_, Some(Err(e))) | (Err(e), None) => break Some(Err(e)),
+                // The end of the stream: it ends a body read to the close, and cuts any other.
                 (Ok(Transfer::Ended), None) => break Some(response.push_eof()),
+                // All read: the next event brings more.
                 (Ok(Transfer::Blocked), None) => break None,
+                // The socket may hold more, and no event will say so: again, at once.
                 (Ok(Transfer::More), None) => {}
             }
         };
@@ -590,6 +682,7 @@ impl<S: Transport> PlacesPool<S> {
             unreachable!()
         };
         match outcome {
+            // What counts is the body, whatever the HTTP status (docs/protocol.md section 4).
             Ok(resp) => {
                 let elapsed = now.saturating_duration_since(job.started).as_millis();
                 let body = match places::answer(self.api, self.output, &resp.body, job.bound) {
@@ -613,6 +706,8 @@ impl<S: Transport> PlacesPool<S> {
                         places::error_body("UNKNOWN_ERROR", Failure::Failed.told())
                     }
                 };
+                // Kept if the response allows; if not, the connection went with the old state,
+                // and the slot stays empty.
                 if resp.keep_alive {
                     self.slots[i] = Slot::Idle {
                         conn,
@@ -637,6 +732,10 @@ impl<S: Transport> PlacesPool<S> {
     }
 
     /// Fires deadlines; safe to call when none has passed.
+    ///
+    /// A job past its deadline is answered `Late` wherever it is, and its connection is closed
+    /// with it: an answer arriving later on that connection would be read as the next job's.
+    /// Queued jobs past theirs are answered by the dispatch that follows.
     pub fn on_timeout(&mut self, now: Instant, log: &mut Log) {
         self.now = now;
         for i in 0..self.slots.len() {
@@ -686,6 +785,7 @@ impl<S: Transport> PlacesPool<S> {
         }
     }
 
+    /// What the log says of a job past its deadline (the client is told [`Failure::Late`]).
     fn timed_out(&self) -> String {
         format!(
             "Places did not answer within {} ms",
@@ -697,6 +797,7 @@ impl<S: Transport> PlacesPool<S> {
     /// it was ([`Failure`]); the detail (addresses, TLS errors, what Google sent) goes to the
     /// log.
     fn fail(&mut self, job: Job, log: &mut Log, failure: Failure, why: &str) {
+        // Its index in `metrics::PLACES_OUTCOMES`.
         let outcome = match failure {
             Failure::Failed => 1,
             Failure::Late => 2,
@@ -711,7 +812,8 @@ impl<S: Transport> PlacesPool<S> {
     }
 
     /// Hands `job`'s reply to the loop, counted under `outcome` (an index of
-    /// [`crate::metrics::PLACES_OUTCOMES`]).
+    /// [`crate::metrics::PLACES_OUTCOMES`]). Every job that is answered, by Google or by
+    /// [`Self::fail`], ends here once; a retried job is not answered until its retry is.
     fn finish(&mut self, job: Job, body: Vec<u8>, outcome: usize) {
         self.counts.outcomes[outcome] += 1;
         let took = self.now.saturating_duration_since(job.started);
@@ -736,6 +838,8 @@ impl<S: Transport> Tls<S> {
     /// from memory: its own `read_tls` reads at most 4 KiB per system call, ten calls for one
     /// of Google's answers.
     fn transfer(&mut self, mut deliver: impl FnMut(&[u8])) -> Result<Transfer, String> {
+        // What rustls holds to send goes first: a ClientHello, a request, an answer to the
+        // handshake from the last call whose write would have blocked.
         self.write_tls()?;
         let mut taken = 0;
         let state = loop {
@@ -773,6 +877,9 @@ impl<S: Transport> Tls<S> {
         Ok(state)
     }
 
+    /// Writes what rustls has to send until it has nothing or the socket would block. What is
+    /// left stays in rustls: the WRITABLE event when the kernel has room brings the slot back
+    /// to [`Tls::transfer`], which writes first.
     fn write_tls(&mut self) -> Result<(), String> {
         while self.tls.wants_write() {
             match self.tls.write_tls(&mut self.stream) {
@@ -792,12 +899,14 @@ fn read_plain(tls: &mut ClientConnection, mut deliver: impl FnMut(&[u8])) -> Res
     let mut reader = tls.reader();
     loop {
         match reader.fill_buf() {
+            // Nothing, and no error: the server's close_notify has been read.
             Ok([]) => return Ok(true),
             Ok(plain) => {
                 let n = plain.len();
                 deliver(plain);
                 reader.consume(n);
             }
+            // Every byte decrypted so far is delivered.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             // Closed without close_notify: the end of a read-to-close body is still the end.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(true),
