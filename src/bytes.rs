@@ -3,7 +3,8 @@
 //! it. Finding a byte is `memchr`'s, and writing a number is `itoa`'s: both are already in the
 //! build, under `serde_json`.
 
-/// Appends `n` in decimal.
+/// Appends `n` in decimal, through a buffer on the stack rather than a formatted `String`
+/// (the log writes a connection id on every line).
 pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
@@ -38,8 +39,9 @@ pub fn escape_into(out: &mut Vec<u8>, mut bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-/// Eight copies of the byte 1, and of the byte's top bit.
+/// Eight copies of the byte 1: `ONES * b` is eight copies of the byte `b`.
 const ONES: u64 = 0x0101_0101_0101_0101;
+/// Eight copies of a byte's top bit, where the word tricks leave their answer.
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 
 /// The top bit of every byte of `w` that is zero, and maybe of some bytes above a zero one: a
@@ -66,10 +68,13 @@ fn first_to_escape(bytes: &[u8]) -> Option<usize> {
             || any_zero(w ^ (ONES * 0x7f))
             || any_zero(w ^ (ONES * u64::from(b'\\')))
         {
+            // Reached about once a line (at its `\n`), so finding the byte one at a time
+            // costs little.
             return word.iter().position(|&b| needs(b)).map(|i| at + i);
         }
         at += 8;
     }
+    // The last zero to seven bytes, which make no whole word.
     words
         .remainder()
         .iter()

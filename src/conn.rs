@@ -3,25 +3,40 @@
 //! and why it closes.
 //!
 //! ```text
-//!             first line: a command                      end of stream, a limit broken,
-//!  Undecided --------------------------> Client -------  or a peer's line from a client
-//!      |                                    ^          '---------------------------------> Draining
-//!      | blank lines: still Undecided       |                                                 |
-//!      |                                                       replies written; a limit broken:
-//!      | a neighbour's greeting                                write side shut, input drained
-//!      |   no secret: ------------------------------> Peer      |                            |
-//!      |   with a secret: CHALLENGE --> Challenged --PROOF--> Peer      Lingering <----------+
-//!      |                                    |                  |           |                  |
-//!      |                                    | no proof in 5 s  | handed to the neighbour's    | replies
-//!      |                                    v                  v inbound link by the loop     | written
-//!      '---------------------------------> Closed <--------------------------------------------'
-//!                       (freed by the loop at the end of the turn)
+//!  from            to            when
+//!  Undecided    -> Undecided     a blank line
+//!  Undecided    -> Client        a first line that is a command
+//!  Undecided    -> Peer          a neighbour's greeting, in a herd without a secret
+//!  Undecided    -> Challenged    a neighbour's greeting with its nonce: we send CHALLENGE
+//!  Challenged   -> Peer          its PROOF checks out: we send ours
+//!  Undecided    -> Draining      a client's first line in a place kept for neighbours: busy
+//!  Undecided,
+//!  Client       -> Draining      a peer's line from a client: answered `?`
+//!  running      -> Draining      an overlong line (answered `?`, except in the handshake), or
+//!                                the end of the stream once every line has run
+//!  Draining     -> Lingering     every reply written, after a broken limit: write side shut
+//!  Draining     -> Closed        every reply written, after the end of the stream
+//!  Lingering    -> Closed        its input ends or passes LINGER_BYTES, or LINGER passes
+//!  all but Peer -> Closed        a failed read or write, a deadline passed, replies over the
+//!                                cap, a handshake refused
 //! ```
+//!
+//! `running` is Undecided, Challenged or Client: the states whose lines are read and run. A
+//! `Peer` leaves the machine at the end of the turn, when the loop hands its socket to the
+//! neighbour's inbound link; a `Closed` one is freed by the loop at the end of the turn.
 //!
 //! Every event comes through one of three methods: [`Conn::serve`] (bytes arrived, or lines it
 //! holds may run now), [`Conn::flush`] (the end of the turn: write, and decide whether it is
-//! done) and [`Conn::on_timeout`] (the loop's once-a-second sweep: a deadline passed). Every
-//! change of state goes through [`Conn::set_state`], which the trace reads.
+//! done) and [`Conn::on_timeout`] (the loop's once-a-second sweep: a deadline passed). A Places
+//! answer only takes its place in line ([`Conn::deliver`]); the loop then serves the connection.
+//! Every change of state goes through [`Conn::set_state`]; the trace sees it by comparing
+//! [`Conn::state_name`] before and after each event.
+//!
+//! `serve` never writes to the client. Replies gather in the connection's output and leave in
+//! `flush`, at the end of the turn, after the links have written (a neighbour hears of an update
+//! before the client that sent it) and after the store's file has taken the turn's records. So
+//! a burst of pipelined commands costs one write, and what the kernel holds for the client can
+//! only shrink while its lines run.
 //!
 //! Three things hold a client's commands back, each released by something that comes later:
 //! - its share of the turn is spent ([`crate::config::Turn`]): the loop serves it again in the
@@ -50,7 +65,9 @@ use crate::trace::{self, trace_lines, trace_loop};
 use crate::wire::{Fill, Line, OutBuf, Transport, Wire};
 
 /// A connection's unhandled input stops being read past this (it is waiting on Places, or
-/// sending faster than it reads); reading resumes when its lines are handled.
+/// sending faster than it reads); reading resumes when its lines are handled. A neighbour's
+/// inbound link stops at the same mark. Past it the client's bytes wait in the kernel, whose
+/// receive window then tells it to slow down.
 pub const INPUT_HIGH_WATER: usize = 256 * 1024;
 /// How long a connection closed for breaking a limit has its input read and dropped after its
 /// last reply, before it is closed (a lingering close, as nginx's `lingering_time`): closing a
@@ -60,7 +77,9 @@ pub const LINGER: Duration = Duration::from_secs(5);
 /// ...and how much of its input is dropped at most before it is closed anyway.
 pub const LINGER_BYTES: usize = 1 << 20;
 
-/// What a connection is told when every place is taken.
+/// What a connection in a place kept for neighbours is told when its first line is a
+/// client's: every place for clients is taken. (The loop writes the same line itself when it
+/// refuses or evicts a connection.)
 pub const BUSY: &[u8] = b"? server busy\n";
 
 /// Why a connection closed: printed in the log's `closed:` line.
@@ -68,7 +87,9 @@ pub const BUSY: &[u8] = b"? server busy\n";
 pub enum CloseReason {
     /// The client half-closed, and every reply owed was written.
     EndOfStream,
+    /// A read failed (a reset, most likely), as said.
     ReadFailed(String),
+    /// A write failed (the client is gone, most likely), as said.
     WriteFailed(String),
     /// A line longer than this many bytes.
     LineTooLong(usize),
@@ -78,7 +99,9 @@ pub enum CloseReason {
     Idle(Duration),
     /// Replies unread over the soft limit (`bytes`) for longer than `time`.
     Unread {
+        /// The soft limit, `client_output_soft_bytes`.
         bytes: usize,
+        /// How long it may be passed, `client_output_soft_time`.
         time: Duration,
     },
     /// Replies unread over the hard cap.
@@ -165,15 +188,21 @@ pub enum State {
     /// Neighbour `neighbour` greeted with its nonce `nd`; we answered with our challenge `na`
     /// and wait, until `until`, for its proof.
     Challenged {
+        /// The neighbour it claims to be, by index of [`Herd::links`].
         neighbour: usize,
+        /// Its nonce, from its greeting.
         nd: Vec<u8>,
+        /// Ours, from our challenge.
         na: Vec<u8>,
+        /// The handshake's deadline, [`peer::HANDSHAKE_TIMEOUT`] after the greeting.
         until: Instant,
     },
     /// Neighbour `neighbour`, proved (or greeted, in a herd without a secret): at the end of the
     /// turn the loop hands the socket to the neighbour's inbound link.
     Peer {
+        /// Which neighbour, by index of [`Herd::links`].
         neighbour: usize,
+        /// The keys every later line is sealed and checked with; `None` without a secret.
         session: Option<Session>,
     },
     /// No more input is run: the replies owed are finished and written, then it closes.
@@ -185,7 +214,10 @@ pub enum State {
     Closed(CloseReason),
 }
 
-/// Why a connection stopped running its lines.
+/// Why a connection stopped running its lines. Each reason has its own release: the next turn
+/// for [`Held::Turn`] ([`Served::More`]), a write that brings the replies under the mark for
+/// [`Held::Output`] ([`Flushed::Resume`]), a Places answer for [`Held::Places`]. `serve` and
+/// `flush` read it to know which applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Held {
     /// Its share of this turn is spent.
@@ -200,7 +232,10 @@ enum Held {
 /// (`hangup`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Readiness {
+    /// The event said READABLE.
     pub readable: bool,
+    /// The event said the read side closed, or the socket has an error: read to the end now,
+    /// for the end of the stream raises no second event.
     pub hangup: bool,
 }
 
@@ -236,11 +271,15 @@ pub enum Flushed {
     Peer,
 }
 
-/// One connection's share of the current turn.
+/// One connection's share of the current turn: what keeps a client that pipelines a million
+/// commands from making every other client wait for them ([`crate::config::Turn`]).
 #[derive(Debug, Clone, Copy)]
 struct Share {
+    /// The turn it belongs to: a serve in a later turn starts a fresh share.
     turn: u64,
+    /// Lines it may still run this turn.
     lines: usize,
+    /// Bytes it may still read this turn.
     read_bytes: usize,
 }
 
@@ -252,11 +291,14 @@ pub struct Conn<S = TcpStream> {
     pub addr: SocketAddr,
     /// It took one of the places kept for neighbours.
     pub reserved: bool,
+    /// Its socket, what was read of it, and what waits to be written.
     wire: Wire<S>,
     /// Replies in command order, some waiting on Places.
     replies: Replies,
+    /// Where it is in its life; changed only by [`Conn::set_state`].
     state: State,
-    /// When bytes last arrived, for the idle timeout.
+    /// When the socket was last read (on an event, or to refill a full buffer), for the idle
+    /// timeout.
     heard: Instant,
     /// When the first byte of a line whose end has not come arrived, for the line timeout.
     line_began: Option<Instant>,
@@ -292,6 +334,7 @@ impl<S: Transport> Conn<S> {
             line_began: None,
             unread_since: None,
             held: None,
+            // No turn is numbered this: the first serve gives it a fresh share.
             share: Share {
                 turn: u64::MAX,
                 lines: 0,
@@ -301,10 +344,12 @@ impl<S: Transport> Conn<S> {
         }
     }
 
+    /// Its socket: for the loop to answer `? server busy` on it when it evicts it.
     pub fn socket(&mut self) -> &mut S {
         &mut self.wire.stream
     }
 
+    /// Where it is in its life.
     pub fn state(&self) -> &State {
         &self.state
     }
@@ -322,7 +367,9 @@ impl<S: Transport> Conn<S> {
         }
     }
 
-    /// The one place the state changes. Nothing leaves `Closed`.
+    /// The one place the state changes. Nothing leaves `Closed`: a close decided earlier in
+    /// the turn (a failed read or write, a limit) stands, whatever a later step of the same
+    /// turn would make of the connection.
     fn set_state(&mut self, next: State) {
         if !matches!(self.state, State::Closed(_)) {
             self.state = next;
@@ -346,6 +393,12 @@ impl<S: Transport> Conn<S> {
     /// Reads what arrived and runs its whole lines, as far as its share of the turn, its
     /// unread replies and its replies waiting on Places allow. With [`Readiness::HELD`] it runs
     /// what it already holds (and reads again if it had stopped reading with bytes left).
+    ///
+    /// Called by the loop on the connection's events, and without one when what held it back
+    /// has gone: the next turn ([`Served::More`]), a write that brought its replies under the
+    /// mark ([`Flushed::Resume`]), a Places answer. Unless it returns [`Served::More`], nothing
+    /// it leaves needs the next turn: new bytes raise an event, and lines held by the mark or
+    /// by Places are released by `flush` or by the answer.
     pub fn serve(
         &mut self,
         ready: Readiness,
@@ -355,6 +408,7 @@ impl<S: Transport> Conn<S> {
     ) -> Served {
         let (now, turn) = (herd.now, herd.turn);
         let Readiness { readable, hangup } = ready;
+        // A new turn: a fresh share. 0 in the configuration means no limit.
         if self.share.turn != turn {
             let Turn { lines, read_bytes } = herd.limits.turn;
             self.share = Share {
@@ -370,9 +424,12 @@ impl<S: Transport> Conn<S> {
         if let State::Lingering { .. } = self.state {
             return self.drop_input(scratch, hangup);
         }
+        // Draining, handed over, or closed: its input is no longer read (a draining
+        // connection's bytes wait in the kernel until it lingers or closes).
         if !self.running() {
             return Served::Done;
         }
+        // Whatever held its lines back is asked again below.
         self.held = None;
         // Replies the kernel still holds count as unread too; it is asked only when the last
         // write could not take everything (a write that took everything left the kernel less
@@ -381,10 +438,13 @@ impl<S: Transport> Conn<S> {
             0 => 0,
             _ => self.wire.stream.queued().unwrap_or(0),
         };
+        // Read on an event, and without one when the last fill stopped at the high-water mark
+        // with bytes left in the socket: no event will come for those.
         let mut read = readable || hangup || self.wire.reader.is_full();
         loop {
             let fill = match read && self.share.read_bytes > 0 {
                 true => {
+                    // Read no more than the share allows, nor past the high-water mark.
                     let before = self.wire.reader.buffered();
                     let high = before
                         .saturating_add(self.share.read_bytes)
@@ -401,6 +461,9 @@ impl<S: Transport> Conn<S> {
                 }
                 false => Ok(Fill::Drained),
             };
+            // Lines run between reads, and a read follows only when running lines made room:
+            // the input of a connection held back stops at the high-water mark, and the rest
+            // waits in the kernel.
             let before = self.wire.reader.buffered();
             self.run_lines(now, herd, slot, in_kernel);
             match fill {
@@ -415,6 +478,8 @@ impl<S: Transport> Conn<S> {
                 }
             }
         }
+        // The client half-closed and every line it sent has run: the replies owed go out,
+        // then it closes (docs/protocol.md section 2).
         if self.wire.reader.at_eof() && self.wire.reader.buffered() == 0 && self.running() {
             self.set_state(State::Draining(CloseReason::EndOfStream));
         }
@@ -424,6 +489,10 @@ impl<S: Transport> Conn<S> {
             false => None,
         };
         self.wire.reader.compact();
+        // Again next turn only for what no event will bring back: a line held by the share,
+        // or bytes left in the socket when the read share ran out. Lines held by the output
+        // mark or by Places wait for `flush` or a Places answer, after which the loop serves
+        // the connection again.
         let unread_input = self.wire.reader.is_full() && self.share.read_bytes == 0;
         match self.held == Some(Held::Turn) || (unread_input && self.running()) {
             true => Served::More,
@@ -431,15 +500,24 @@ impl<S: Transport> Conn<S> {
         }
     }
 
-    /// Runs the whole lines it holds until one of the three things that hold them back.
+    /// Runs the whole lines it holds until one of the three things that hold them back, or
+    /// until a line changes what the connection is (a greeting, a close). The checks come
+    /// before each line, so a line is taken from the reader only when it can run.
     fn run_lines(&mut self, now: Instant, herd: &mut Herd, slot: usize, in_kernel: usize) {
         let mark = herd.output_high_water();
+        // Names this connection to the Places pool: the slot finds it, the id tells it from a
+        // later connection in the same slot.
         let owner = Owner { slot, id: self.id };
         while self.running() {
+            // `pending_replies` WHATSATs waiting: the next Places answer releases it.
             if self.replies.waiting() >= herd.limits.pending_replies {
                 self.held = Some(Held::Places);
                 return;
             }
+            // Unread replies at the mark (back-pressure, asyncio's `drain()`): the end of a
+            // turn that writes them under it releases it. `in_kernel` is measured once per
+            // serve: nothing is written to the client before the end of the turn, so the
+            // kernel's part can only shrink meanwhile.
             if self.wire.out.pending() + in_kernel >= mark {
                 self.held = Some(Held::Output);
                 return;
@@ -451,12 +529,18 @@ impl<S: Transport> Conn<S> {
                 }
                 return;
             }
+            // A neighbour in its handshake gets the handshake's short limit
+            // (docs/protocol.md section 5); before its first line a connection may be a
+            // client, and gets a client's.
             let max_line = match self.state {
                 State::Challenged { .. } => peer::MAX_HANDSHAKE_BYTES,
                 _ => herd.limits.max_line_bytes,
             };
             let next = match self.wire.reader.next_line(max_line) {
                 None => return,
+                // The rest of the line would read as lines of its own: nothing more is run.
+                // A client is told where its line went wrong; a neighbour in its handshake is
+                // told nothing.
                 Some(Line::TooLong(prefix)) => {
                     herd.log.bytes(Who::Conn(self.id), '<', prefix);
                     if !matches!(self.state, State::Challenged { .. }) {
@@ -475,22 +559,31 @@ impl<S: Transport> Conn<S> {
                     match &self.state {
                         State::Undecided { peers_only, .. } => {
                             match greeting(self.id, now, herd, line) {
+                                // A neighbour. Nothing is queued before a first line, so the
+                                // challenge goes straight to the output. Once it is a `Peer`,
+                                // the loop stops: the lines after the greeting stay in the
+                                // reader, for the inbound link to read under its own share
+                                // and session.
                                 Some(Ok(Greeted { next, challenge })) => {
                                     if let Some(challenge) = challenge {
                                         self.wire.out.push(&challenge);
                                     }
                                     next
                                 }
+                                // A neighbour's greeting that cannot be accepted: closed at once,
+                                // with no `?` (it is owed no reply).
                                 Some(Err(why)) => {
                                     herd.log
                                         .event(format_args!("c{}", self.id), format_args!("{why}"));
                                     State::Closed(why)
                                 }
-                                // Blank lines leave the question open; anything else makes a client.
+                                // Blank lines leave the question open; anything else makes a
+                                // client.
                                 None if line.iter().all(|&b| protocol::is_space(b)) => {
                                     continue;
                                 }
-                                // A place kept for neighbours, taken by a client: the server is full.
+                                // A place kept for neighbours, taken by a client: the server is
+                                // full.
                                 None if *peers_only => {
                                     herd.log.bytes(Who::Conn(self.id), '<', line);
                                     herd.log.bytes(Who::Conn(self.id), '>', BUSY);
@@ -503,10 +596,12 @@ impl<S: Transport> Conn<S> {
                                 }
                             }
                         }
+                        // A command: its answer, now or later, takes its place in line.
                         State::Client => {
                             let answer = herd.command(self.id, owner, self.addr.ip(), line);
                             self.replies.answer(&mut self.wire.out, answer)
                         }
+                        // The line after our challenge must be the neighbour's proof.
                         State::Challenged {
                             neighbour, nd, na, ..
                         } => match proof(
@@ -526,6 +621,7 @@ impl<S: Transport> Conn<S> {
                                 State::Closed(why)
                             }
                         },
+                        // Not reached: the loop runs only while the connection runs.
                         _ => return,
                     }
                 }
@@ -534,7 +630,9 @@ impl<S: Transport> Conn<S> {
         }
     }
 
-    /// Reads and drops what a lingering connection still sends; closes it at its end.
+    /// Reads and drops what a lingering connection still sends; closes it at its end. Its
+    /// reads count against its share of the turn like any other, so a client that keeps
+    /// sending while it lingers takes no more of the loop than one that is served.
     fn drop_input(&mut self, scratch: &mut [u8], hangup: bool) -> Served {
         let State::Lingering { reason, .. } = &self.state else {
             return Served::Done;
@@ -548,9 +646,14 @@ impl<S: Transport> Conn<S> {
         self.lingered += taken;
         self.wire.reader.discard();
         match fill {
+            // The client closed its side too, so nothing unread is left to cause a reset; or
+            // the read failed.
             Ok(Fill::Eof) | Err(_) => self.set_state(State::Closed(reason)),
+            // It sends more than a client reading its answer would: stop waiting.
             _ if self.lingered >= LINGER_BYTES => self.set_state(State::Closed(reason)),
+            // The share ran out with bytes left in the socket: no event will come for them.
             Ok(Fill::Full) => return Served::More,
+            // Emptied: the next bytes, or the end of the stream, raise an event.
             Ok(Fill::Drained) => {}
         }
         Served::Done
@@ -563,10 +666,15 @@ impl<S: Transport> Conn<S> {
     }
 
     /// The end of the turn: writes what is pending and decides what becomes of the connection.
+    /// Called by the loop for every connection that ran or timed out in the turn, after the
+    /// links and the store's file have written; `mark` is the output high-water mark.
     pub fn flush(&mut self, now: Instant, limits: &Limits, mark: usize) -> Flushed {
+        // Closed during the turn: nothing more is written; the loop frees it.
         if let State::Closed(reason) = &self.state {
             return Flushed::Closed(reason.clone());
         }
+        // A proved neighbour: its wire, with our `PROOF` unwritten if there is a secret, goes
+        // whole to the inbound link, which writes it at once.
         if let State::Peer { .. } = self.state {
             return Flushed::Peer;
         }
@@ -576,15 +684,22 @@ impl<S: Transport> Conn<S> {
         if let Err(e) = self.wire.out.write_to(&mut self.wire.stream) {
             self.set_state(State::Closed(CloseReason::WriteFailed(e.to_string())));
         }
+        // Over the hard cap: closed at once, whatever is still owed. The mark stops its
+        // commands long before; what passes the cap is mostly WHATSATs' answers, which come
+        // whatever the mark.
         let pending = self.wire.out.pending();
         if pending > limits.client_output_bytes {
             let cap = CloseReason::OutputCap(limits.client_output_bytes);
             self.set_state(State::Closed(cap));
         }
+        // Over the soft limit: `on_timeout` closes it if it stays over for
+        // `client_output_soft_time`.
         self.unread_since = match pending > limits.client_output_soft_bytes {
             true => self.unread_since.or(Some(now)),
             false => None,
         };
+        // Everything owed is written: linger if it was closed for a broken limit (see
+        // `LINGER`), and close at once if not, or if the write side will not shut.
         if let State::Draining(reason) = &self.state {
             if self.replies.is_empty() && pending == 0 {
                 let reason = reason.clone();
@@ -599,6 +714,9 @@ impl<S: Transport> Conn<S> {
         }
         match &self.state {
             State::Closed(reason) => Flushed::Closed(reason.clone()),
+            // Lines wait behind the mark: if this write brought the unread replies (here and in
+            // the kernel, asked only after a short write) under it, they may run now, and no
+            // event will come for bytes already read.
             _ if self.held == Some(Held::Output) => {
                 let in_kernel = match pending {
                     0 => 0,
@@ -623,7 +741,11 @@ impl<S: Transport> Conn<S> {
         };
         let quiet = now.saturating_duration_since(self.heard);
         let idle = limits.idle_timeout;
+        // The arms are tried in order, and the first deadline passed names the reason: the
+        // soft output limit and the line timeout apply in every state below them.
         let why = match &self.state {
+            // Closed already; or handed over at the end of this turn, with the inbound link's
+            // deadlines from then on.
             State::Closed(_) | State::Peer { .. } => None,
             State::Lingering { reason, until } => (*until <= now).then(|| reason.clone()),
             _ if past(self.unread_since, limits.client_output_soft_time) => {
@@ -641,8 +763,12 @@ impl<S: Transport> Conn<S> {
             State::Undecided { until, .. } => {
                 (*until <= now).then_some(CloseReason::NoFirstLine(limits.first_line_timeout))
             }
+            // Not while a WHATSAT is out: the client is waiting on us, not idle.
             State::Client => (!idle.is_zero() && quiet >= idle && self.replies.is_empty())
                 .then_some(CloseReason::Idle(idle)),
+            // No deadline of its own: it waits until its replies are made (Places answers
+            // every job by its deadline) and taken by the kernel, which a client that does not
+            // read may never allow. Only the two guards above cut the wait short.
             State::Draining(_) => None,
         };
         match why {
@@ -672,7 +798,9 @@ struct Greeted {
 
 /// The first line of a connection, if it is a neighbour's greeting: without a herd secret the
 /// connection is that neighbour's link at once; with one, it is challenged. `None` when the
-/// line is not a neighbour's greeting (then it is a client's command).
+/// line is not a neighbour's greeting (then it is a client's command, and a greeting that names
+/// a server that is no neighbour is a client sending a peer's line: answered with a `?` line and
+/// closed).
 fn greeting(
     id: u64,
     now: Instant,
@@ -681,13 +809,17 @@ fn greeting(
 ) -> Option<Result<Greeted, CloseReason>> {
     let greeting = peer::parse_greeting(line)?;
     let neighbour = herd.neighbour(greeting.name)?;
+    // Logged here: a greeting never reaches `Herd::command`, which logs a client's lines.
     herd.log.bytes(Who::Conn(id), '<', line);
     trace_loop!("  c{id} < {}", trace::shown(line));
     let name = herd.links[neighbour].name.clone();
+    // Both ends must agree on whether the herd has a secret.
     Some(match (&herd.secret, greeting.nonce) {
+        // No secret: the greeting alone names the neighbour.
         (None, None) => {
             herd.log
                 .event(format_args!("c{id}"), format_args!("is peer {name}"));
+            // The neighbour is up: our own link to it, if waiting to redial, dials in this turn.
             herd.links[neighbour].on_neighbour_greeted(now, &mut herd.log);
             Ok(Greeted {
                 next: State::Peer {
@@ -728,7 +860,8 @@ fn greeting(
 }
 
 /// The line after our challenge: the neighbour's proof that it knows the secret. A good one is
-/// answered with ours, written into `out`; neither is logged.
+/// answered with ours, written into `out`; neither is logged. We prove ourselves second, so a
+/// connection that does not know the secret never gets a proof from us to study.
 #[allow(clippy::too_many_arguments)]
 fn proof(
     id: u64,
@@ -759,6 +892,7 @@ fn proof(
             "{name} failed to prove it knows the herd secret"
         )));
     }
+    // `false`: this end is the acceptor, and signs its lines as such.
     let session = Session::new(secret, nd, na, false);
     let ours = secret.proof(b"accept", name.as_bytes(), herd.name.as_bytes(), nd, na);
     out.push(&[&b"PROOF "[..], &ours, b"\n"].concat());
@@ -775,19 +909,27 @@ fn proof(
 
 /// Replies in the order their commands arrived. While nothing waits on Places a reply goes
 /// straight to the output; behind a waiting WHATSAT it queues until the WHATSAT is answered.
+/// Answers from Places come back in any order; clients read replies in command order
+/// (docs/protocol.md section 2).
 #[derive(Debug, Default)]
 pub struct Replies {
+    /// Replies not yet in the output: the first is always one awaiting Places.
     queue: VecDeque<Reply>,
+    /// How many of them await Places, for the `pending_replies` limit.
     waiting: usize,
 }
 
+/// One reply held in line.
 #[derive(Debug)]
 enum Reply {
+    /// Made, waiting for the replies ahead of it.
     Ready(Vec<u8>),
+    /// Holds the place of the answer to a Places job, by its number.
     AwaitingPlaces(u64),
 }
 
 impl Replies {
+    /// A reply made now: to the output at once if nothing waits ahead of it, else in line.
     pub fn push(&mut self, out: &mut OutBuf, bytes: &[u8]) {
         if self.queue.is_empty() {
             out.push(bytes);
@@ -824,6 +966,7 @@ impl Replies {
 
     /// Fills in job `job`'s reply and releases every reply now at the head of the line.
     pub fn complete(&mut self, out: &mut OutBuf, job: u64, bytes: Vec<u8>) {
+        // Job numbers are unique: the first match is the only one.
         for reply in self.queue.iter_mut() {
             if matches!(reply, Reply::AwaitingPlaces(j) if *j == job) {
                 *reply = Reply::Ready(bytes);
@@ -843,6 +986,8 @@ impl Replies {
         self.waiting
     }
 
+    /// Whether no reply is held in line. Replies already in the output do not count: ask
+    /// the output for those.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }

@@ -18,6 +18,11 @@
 //! neighbour's digests, which it compares with our store ([`crate::peer::Comparison`]); it
 //! writes only heartbeats and `SYNC`, the request to copy again what keeps differing. Its
 //! deadlines, like the dialled link's, live in its state: silence, and the next heartbeat.
+//!
+//! It reads as a client's connection does ([`crate::conn::Conn::serve`]): until the socket is
+//! empty, the high-water mark is reached, or its share of the turn is spent, a larger share than
+//! a client's, since one link carries the updates of every client of the herd
+//! ([`crate::config::Turn`]). Nothing else holds its lines back: it owes no replies.
 
 use std::time::Instant;
 
@@ -51,18 +56,25 @@ enum State<S> {
         wire: Wire<S>,
         /// With a herd secret: the keys and counters that every line is checked with.
         session: Option<Session>,
-        /// When the neighbour last wrote, and when we last did.
+        /// When bytes last came from the neighbour: silence for [`peer::DEAD_AFTER`] closes
+        /// the link.
         heard: Instant,
+        /// When our last line (a heartbeat, a `SYNC`) was queued: quiet for
+        /// [`peer::HEARTBEAT_INTERVAL`] sends `PING`. The neighbour's dialled link hears nothing
+        /// else from us, and would find us silent.
         sent: Instant,
         /// The neighbour's store compared with ours.
         comparison: Comparison,
         /// The turn whose share `lines` and `read_bytes` are what is left of.
         turn: u64,
+        /// Lines it may still run this turn.
         lines: usize,
+        /// Bytes it may still read this turn.
         read_bytes: usize,
     },
 }
 
+// Every neighbour has one from the start, `Absent` until the neighbour dials.
 impl<S: Transport> Default for Inbound<S> {
     fn default() -> Inbound<S> {
         Inbound {
@@ -76,6 +88,11 @@ impl<S: Transport> Default for Inbound<S> {
 impl<S: Transport> Inbound<S> {
     /// Takes connection `id` as the neighbour's link. Returns the id of the connection it
     /// replaced, if there was one (the loop logs its close).
+    ///
+    /// The newer connection always wins: a neighbour dials again only when it has given up on
+    /// the old one (it restarted, or found the link dead), so the old socket is dropped here,
+    /// which closes it, with whatever it held unread. Nothing is lost for good: a link that
+    /// comes up sends its whole store first.
     pub fn adopt(
         &mut self,
         now: Instant,
@@ -95,6 +112,7 @@ impl<S: Transport> Inbound<S> {
             heard: now,
             sent: now,
             comparison: Comparison::default(),
+            // No turn is numbered this: the first serve gives it a fresh share.
             turn: u64::MAX,
             lines: 0,
             read_bytes: 0,
@@ -140,6 +158,11 @@ impl<S: Transport> Inbound<S> {
     /// Reads what neighbour `from` wrote and runs its lines, as far as its share of the turn
     /// allows; `hangup` when the event said the neighbour closed its side. Returns the reason
     /// if the link closed.
+    ///
+    /// Called on the link's events, right after the loop hands the connection over (what it
+    /// read after the proof gets no event of its own), and in the next turn when it returned
+    /// [`Served::More`]. It always reads: unlike a client's, its input waits on nothing but its
+    /// share.
     pub fn serve(
         &mut self,
         hangup: bool,
@@ -163,18 +186,21 @@ impl<S: Transport> Inbound<S> {
             return Ok(Served::Done);
         };
         if *share_turn != turn {
+            // A new turn: a fresh share. 0 in the configuration means no limit.
             let share = herd.limits.turn.peer();
             let unlimited = |n: usize| if n == 0 { usize::MAX } else { n };
             (*share_turn, *lines, *read_bytes) =
                 (turn, unlimited(share.lines), unlimited(share.read_bytes));
         }
         // A record is a little longer than the IAMAT it answers (server name, time
-        // difference), so a peer's lines may be longer than a client's.
+        // difference), and with a secret a line also carries its sequence number and tag, so a
+        // peer's lines may be longer than a client's.
         let max_line = 2 * herd.limits.max_line_bytes + 1024;
         let mut read = true;
         let outcome = loop {
             let fill = match read && *read_bytes > 0 {
                 true => {
+                    // Read no more than the share allows, nor past the high-water mark.
                     let before = wire.reader.buffered();
                     let high = before.saturating_add(*read_bytes).min(INPUT_HIGH_WATER);
                     let fill = wire.reader.fill(&mut wire.stream, scratch, high, hangup);
@@ -185,6 +211,7 @@ impl<S: Transport> Inbound<S> {
                         *heard = now;
                         trace_loop!("  peer {} read {taken} bytes", herd.links[from].name);
                     }
+                    // A failed read closes the link at once; lines still buffered go with it.
                     fill.map_err(|e| CloseReason::ReadFailed(e.to_string()))?
                 }
                 false => Fill::Drained,
@@ -193,6 +220,7 @@ impl<S: Transport> Inbound<S> {
             while *lines > 0 {
                 let line = match wire.reader.next_line(max_line) {
                     None => break,
+                    // No `?` to a neighbour: a line this long is a broken peer; close.
                     Some(Line::TooLong(prefix)) => {
                         herd.log.bytes(Who::Conn(*id), '<', prefix);
                         return Err(CloseReason::LineTooLong(max_line));
@@ -200,6 +228,8 @@ impl<S: Transport> Inbound<S> {
                     Some(Line::Complete(line)) => line,
                 };
                 *lines -= 1;
+                // With a secret, a line counts only once its tag and sequence number check
+                // out; one that fails closes the link (docs/protocol.md section 5).
                 let payload = match session {
                     Some(session) => {
                         (session.open(line)).map_err(|e| CloseReason::PeerProtocol(e.to_owned()))?
@@ -233,6 +263,9 @@ impl<S: Transport> Inbound<S> {
                 );
             }
             match fill {
+                // The end of the stream closes the link once every line before it has run
+                // (the records the neighbour sent before it closed still count); with lines
+                // left and the share spent, it waits for the next turn.
                 Fill::Eof if wire.reader.buffered() == 0 || *lines > 0 => {
                     break Err(CloseReason::PeerClosed(herd.links[from].name.clone()))
                 }
@@ -243,6 +276,8 @@ impl<S: Transport> Inbound<S> {
         };
         wire.reader.compact();
         outcome?;
+        // Again next turn only for what no event will bring back: a line held by the share,
+        // or bytes left in the socket when the read share ran out.
         let more =
             (*lines == 0 && wire.reader.has_line()) || (wire.reader.is_full() && *read_bytes == 0);
         Ok(if more { Served::More } else { Served::Done })
@@ -264,6 +299,7 @@ impl<S: Transport> Inbound<S> {
         if *heard + peer::DEAD_AFTER <= now {
             return Err(CloseReason::Silent(peer::DEAD_AFTER));
         }
+        // Framed (sealed, with a secret) into the output; the end of the turn writes it.
         if *sent + peer::HEARTBEAT_INTERVAL <= now {
             peer::frame(session.as_mut(), b"PING", wire.out.tail());
             *sent = now;
@@ -271,7 +307,8 @@ impl<S: Transport> Inbound<S> {
         Ok(())
     }
 
-    /// Writes what waits (heartbeats, `SYNC`). Returns the reason if the write failed.
+    /// Writes what waits (heartbeats, `SYNC`, and after a hand-over our `PROOF`). Called at the
+    /// end of every turn, and right after a hand-over. Returns the reason if the write failed.
     pub fn flush(&mut self) -> Result<(), CloseReason> {
         match &mut self.state {
             State::Up { wire, .. } => (wire.out)
@@ -281,7 +318,8 @@ impl<S: Transport> Inbound<S> {
         }
     }
 
-    /// Closes the link; returns the id of the connection closed.
+    /// Closes the link; returns the id of the connection closed. Dropping the socket closes it
+    /// and takes it off the poll; the neighbour's link notices and dials again.
     pub fn close(&mut self, now: Instant) -> Option<u64> {
         let id = self.id();
         self.state = State::Absent;
@@ -304,8 +342,11 @@ fn on_line(
     sent: &mut Instant,
 ) {
     match peer::parse_line(payload) {
+        // Merged, and flooded to every other neighbour if it changed the store.
         Some(PeerLine::Record(record)) => herd.merge_record(record, from),
+        // Nothing to do: its arrival already moved `heard`.
         Some(PeerLine::Ping) => {}
+        // Kept until the `DIGEST` that follows them decides what differs.
         Some(PeerLine::Parts { first, digests }) => comparison.parts(first, &digests),
         Some(PeerLine::Digest { count, digest }) => {
             // While our link is still copying our store to the neighbour, its store lacks some
@@ -336,6 +377,8 @@ fn on_line(
             *sent = now;
             herd.links[from].resync(&herd.store, parts);
         }
+        // `SYNC` travels the other way, on the link we dialled; anything else is no peer line.
+        // Either is logged and ignored.
         Some(PeerLine::Sync(_)) | None => herd.log.event(
             format_args!("peer {}", herd.links[from].name),
             format_args!("ignored a line an inbound link does not carry"),

@@ -5,10 +5,14 @@
 //! its neighbour, a Places slot connecting) says so to the loop, which registers it here; an
 //! accepted connection handed to a neighbour's inbound link is moved here to that link's token.
 //!
-//! Every socket is registered once, for both READABLE and WRITABLE, when it is created, and
-//! never re-registered. mio's readiness is edge-triggered: WRITABLE fires when a socket first
-//! becomes writable and then again only after a write has hit `WouldBlock` and the kernel has
-//! made room. So the interest costs nothing while output flows, and the loop never pays an
+//! Every connected socket is registered once, for both READABLE and WRITABLE, when it is
+//! created, and never re-registered but for that move. (Listening sockets and the signals are
+//! registered for READABLE alone: nothing is ever written to them.) mio's readiness is
+//! edge-triggered: WRITABLE is reported when a socket first becomes writable, again after a
+//! write has hit `WouldBlock` and the kernel has made room, and, on Linux, beside any other
+//! event of a socket that is writable (epoll reports a socket's whole readiness whenever
+//! something wakes it, so the trace says `readable+writable`). While no write hits `WouldBlock`
+//! it never wakes the loop on its own, so the interest costs nothing, and the loop never pays an
 //! `epoll_ctl` per reply to arm and disarm it (the trap "WRITABLE left on forever" belongs to
 //! level-triggered loops such as Redis's, where it would wake the loop on every turn). Closing a
 //! socket removes it from the poll, so a socket is simply dropped when its machine is done.
@@ -25,7 +29,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 pub enum Source {
     /// The listening socket.
     Listener,
-    /// The [`mio::Waker`] that helper threads (DNS) use to wake the loop.
+    /// The [`mio::Waker`] that helper threads use to wake the loop: the Places pool's DNS
+    /// look-up, and the store file's fsync thread when a sync fails.
     Waker,
     /// SIGTERM, SIGINT, SIGUSR1 or SIGHUP.
     Signals,
@@ -46,21 +51,31 @@ pub enum Source {
 
 /// The token layout: four fixed tokens, then two per neighbour (the link each way), one per
 /// Places slot, one per admin connection, and the accepted connections after them.
+///
+/// Every count but the last is fixed when the server starts, so the accepted connections, whose
+/// number grows with the load, go last and need no bound. The two maps are inverses over every
+/// token (`tokens_round_trip` checks it), so no token ever stands for two sockets. Nothing checks
+/// the index inside a [`Source`]: `Link(i)` with `i` past the neighbours is another source's
+/// token, so the loop passes only indices of machines it holds.
 #[derive(Debug, Clone, Copy)]
 pub struct Tokens {
     links: usize,
     places: usize,
 }
 
+/// The listener, the waker, the signals and the admin listener: tokens 0 to 3.
 const FIXED: usize = 4;
-/// Admin connections' tokens.
+/// Admin connections' tokens: reserved whether or not an admin endpoint is configured, so the
+/// layout does not depend on it.
 const ADMIN: usize = crate::admin::MAX_CONNECTIONS;
 
 impl Tokens {
+    /// The layout for `links` neighbours and `places` Places slots.
     pub fn new(links: usize, places: usize) -> Tokens {
         Tokens { links, places }
     }
 
+    /// The token `source` is registered under.
     pub fn token(&self, source: Source) -> Token {
         let (links, places) = (self.links, self.places);
         Token(match source {
@@ -76,6 +91,9 @@ impl Tokens {
         })
     }
 
+    /// What `token` stands for. Every token past the admin connections' is an accepted
+    /// connection's slot, which may have been freed since its event was queued: the loop checks
+    /// the slot.
     pub fn source(&self, token: Token) -> Source {
         let (links, places) = (self.links, self.places);
         match token.0 {
@@ -115,7 +133,9 @@ impl Reactor {
         self.tokens.source(token)
     }
 
-    /// The waker helper threads use to wake the loop.
+    /// The waker helper threads use to wake the loop, under [`Source::Waker`]. A wake-up
+    /// carries nothing: the loop asks the Places pool whether its look-up ended, and the end of
+    /// the turn collects what the fsync thread reported.
     pub fn waker(&self) -> Result<Waker, String> {
         Waker::new(self.poll.registry(), self.tokens.token(Source::Waker))
             .map_err(|e| format!("cannot create the waker: {e}"))
@@ -151,13 +171,16 @@ impl Reactor {
         )
     }
 
-    /// Waits for events until `timeout` (`None`: until there is one).
+    /// Waits for events until `timeout` (`None`: until there is one). A signal may interrupt
+    /// it with `ErrorKind::Interrupted`, which the loop takes as a turn without events; the
+    /// signal itself arrives as an event of [`Source::Signals`].
     pub fn poll(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
         self.poll.poll(events, timeout)
     }
 }
 
-/// What a state machine asks of the loop after a step.
+/// What a state machine asks of the loop after a step. The machines hold no registry, so they
+/// can be driven in tests with no poll at all; the loop registers for them.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Want {

@@ -2,7 +2,7 @@
 //! error, what the loop does and what the data does, one line per step:
 //!
 //! ```text
-//!  3514262801355 Bailey turn 12: woken by c3 readable
+//!  3514262801355 Bailey turn 12: woken by c3 readable+writable
 //!  3514262801362 Bailey   c3 read 58 bytes
 //!  3514262801366 Bailey   c3 < IAMAT kiwi +34.068930-118.445127 1621464827.959498503
 //!  3514262801371 Bailey   store kiwi: stored
@@ -29,26 +29,28 @@ use std::sync::OnceLock;
 /// The `log` target of the trace lines.
 pub const TARGET: &str = "herd::trace";
 
-/// The server's name, set once at start.
+/// The server's name, set once at start: one process runs one server.
 static SERVER: OnceLock<String> = OnceLock::new();
 
-/// Names the server whose loop is traced.
+/// Names the server whose loop is traced. Only the first call counts.
 pub fn set_server(name: &str) {
     let _ = SERVER.set(name.to_owned());
 }
 
-/// The traced server's name.
+/// The traced server's name; `herd` before one is set.
 pub fn server() -> &'static str {
     SERVER.get().map_or("herd", String::as_str)
 }
 
-/// Whether the trace is on.
+/// Whether the trace is on. The loop asks before it builds what only the trace would show
+/// (the snapshots of every machine's state, the description of what woke it).
 pub fn enabled() -> bool {
     log::log_enabled!(target: TARGET, log::Level::Trace)
 }
 
 /// Microseconds of the system's monotonic clock: the same clock in every process, so the
-/// traces of a herd's servers merge in time order.
+/// traces of a herd's servers merge in time order. `Instant` reads the same clock but gives no
+/// number another process could compare with.
 pub fn now_us() -> u64 {
     let mut at = libc::timespec {
         tv_sec: 0,
@@ -61,7 +63,8 @@ pub fn now_us() -> u64 {
     (at.tv_sec as u64).saturating_mul(1_000_000) + at.tv_nsec as u64 / 1000
 }
 
-/// One line of the trace: the time stamp and the server's name, then the text.
+/// One line of the trace: the time stamp and the server's name, then the text. `log::trace!`
+/// checks the level first, so with the trace off the arguments are never formatted.
 macro_rules! trace_loop {
     ($($arg:tt)*) => {
         log::trace!(
@@ -91,7 +94,8 @@ pub fn shown(bytes: &[u8]) -> String {
 }
 
 /// Traces the lines of `bytes` that `who` sent (`>`) or received (`<`): each of the first four,
-/// then how many more.
+/// then how many more, so that a pipelined burst of replies takes five lines of the trace, not
+/// thousands.
 pub fn trace_lines(who: &str, dir: char, bytes: &[u8]) {
     const EACH: usize = 4;
     let lines = bytes.split_inclusive(|&b| b == b'\n');
@@ -107,12 +111,15 @@ pub fn trace_lines(who: &str, dir: char, bytes: &[u8]) {
     }
 }
 
-/// States of named machines, to compare before and after a step.
+/// States of named machines, to compare before and after a step: `(machine, state name)`
+/// pairs, such as `("c3", "Undecided")`. The loop takes one before and one after each event,
+/// and around the rest of the turn, so no machine has to report its own transitions.
 #[derive(Default, PartialEq, Eq)]
 pub struct Snapshot(pub Vec<(String, String)>);
 
 impl Snapshot {
-    /// Traces every machine whose state differs in `after`.
+    /// Traces every machine whose state differs in `after`: a machine only in `after` is
+    /// `(new)`, one only in `self` is `closed` (a connection freed during the step).
     pub fn trace_changes(&self, after: &Snapshot) {
         for (name, new) in &after.0 {
             let old = self

@@ -1,10 +1,18 @@
 //! Bytes on a non-blocking socket: [`LineReader`] cuts what arrives into lines, [`OutBuf`]
-//! holds what waits to be written. Every connection of the server (a client, a peer link either
-//! way) and of the load generator moves its bytes through these two.
+//! holds what waits to be written. A client's connection and a peer link, either way, move
+//! their bytes through both ([`Wire`]); the admin endpoint and the load generator write through
+//! [`OutBuf`]. A Places slot speaks TLS, and reads and writes through rustls instead
+//! ([`crate::places::pool`]).
+//!
+//! Both follow the edge-triggered rule: a fill reads until the socket is empty, and a write
+//! writes until the socket is full or nothing is left, because the kernel announces bytes when
+//! they arrive, not while they wait. A fill that stops sooner, at its high-water mark, says so
+//! ([`Fill::Full`]).
 //!
 //! The state machines hold their socket as a [`Transport`]: mio's `TcpStream` in the server,
-//! and in their tests a [`script::Script`] that plays a conversation from memory, so that a
-//! machine is driven with scripted events and an explicit `now`, with no socket at all.
+//! and in their tests a `script::Script` (built only for tests, so not linked here) that plays
+//! a conversation from memory, so that a machine is driven with scripted events and an explicit
+//! `now`, with no socket at all.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -27,6 +35,8 @@ pub trait Transport: Read + Write + Sized {
 }
 
 impl Transport for mio::net::TcpStream {
+    // Only the sockets this server dials come through here; the loop sets the same option on
+    // each connection it accepts.
     fn connect(addr: SocketAddr) -> io::Result<Self> {
         let stream = mio::net::TcpStream::connect(addr)?;
         // A line goes out as soon as it is written: not held back by Nagle's algorithm until
@@ -52,6 +62,8 @@ impl Transport for mio::net::TcpStream {
         self.shutdown(std::net::Shutdown::Write)
     }
 
+    // Back-pressure counts what the kernel holds for a client as unread; elsewhere only what
+    // waits in the connection's own buffer counts.
     #[cfg(target_os = "linux")]
     fn queued(&self) -> Option<usize> {
         use std::os::fd::AsRawFd;
@@ -71,13 +83,16 @@ impl Transport for mio::net::TcpStream {
 /// heap memory however busy it once was.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
-/// Bytes read from a socket, cut into lines.
+/// Bytes read from a socket, cut into lines. A line is handed out as a slice of the buffer,
+/// valid until the next call: it costs no copy of its own.
 #[derive(Debug, Default)]
 pub struct LineReader {
+    /// Lines already handed out, before `start`; bytes not yet handed out, after it.
     buf: Vec<u8>,
     /// Start of the first line not yet handed out.
     start: usize,
-    /// How far past `start` is known to hold no `\n`.
+    /// How far past `start` is known to hold no `\n`: a line that arrives a few bytes a read
+    /// is searched once, not once per read.
     scanned: usize,
     /// The peer has half-closed: a final line without `\n` is still a line.
     eof: bool,
@@ -116,6 +131,8 @@ impl LineReader {
     /// Reads until the socket would block, the stream ends, or `high_water` bytes are buffered.
     /// `scratch` is the loop's shared read buffer: only bytes that arrive are kept here.
     /// `hangup` when the event said the peer closed its side: then it reads to the end.
+    /// Stopping at `high_water` leaves bytes in the socket that no event will announce again:
+    /// [`Fill::Full`] says so, and whoever hands out lines must fill again once it has room.
     pub fn fill(
         &mut self,
         stream: &mut impl Read,
@@ -134,11 +151,15 @@ impl LineReader {
                 return Ok(Fill::Full);
             }
             match stream.read(scratch) {
+                // A read of nothing is the end of the stream: every read after it says the same.
                 Ok(0) => {
                     self.eof = true;
                     return Ok(Fill::Eof);
                 }
                 Ok(n) => {
+                    // Everything handed out: start again from the front. A connection's serve
+                    // refills between its lines and compacts only at its end, and would
+                    // otherwise grow the buffer behind lines it has already run.
                     if self.start > 0 && self.start == self.buf.len() {
                         self.buf.clear();
                         self.start = 0;
@@ -154,7 +175,9 @@ impl LineReader {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::Drained),
+                // A signal arrived during the read: nothing was read, so read again.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A reset, most likely: the caller closes the connection.
                 Err(e) => return Err(e),
             }
         }
@@ -165,6 +188,7 @@ impl LineReader {
         self.buf.len() - self.start
     }
 
+    /// Whether a read has found the end of the stream (lines may still be buffered).
     pub fn at_eof(&self) -> bool {
         self.eof
     }
@@ -185,7 +209,7 @@ impl LineReader {
         self.buffered() > self.scanned || (self.eof && self.buffered() > 0)
     }
 
-    /// Drops everything buffered.
+    /// Drops everything buffered: what a connection that only waits to close still sends.
     pub fn discard(&mut self) {
         self.start = self.buf.len();
         self.scanned = 0;
@@ -193,12 +217,18 @@ impl LineReader {
     }
 
     /// The next line, if a whole one is buffered (or the stream ended after a partial one).
+    /// A line over `max_line_bytes` is [`Line::TooLong`] as soon as more than that many bytes
+    /// have come without a `\n`, not when its end comes (which may be never).
     pub fn next_line(&mut self, max_line_bytes: usize) -> Option<Line<'_>> {
         let pending = &self.buf[self.start..];
         let found = memchr(b'\n', &pending[self.scanned..]);
         let (len, consumed) = match found {
             Some(i) => (self.scanned + i, self.scanned + i + 1),
+            // Over the limit with no end in sight: everything buffered goes with it, and the
+            // rest of that line, still to come, would read as lines of its own.
             None if pending.len() > max_line_bytes => (pending.len(), pending.len()),
+            // The stream ended after a last line without `\n`: still a line
+            // (docs/protocol.md section 2).
             None if self.eof && !pending.is_empty() => (pending.len(), pending.len()),
             None => {
                 self.scanned = pending.len();
@@ -232,14 +262,21 @@ impl LineReader {
     }
 }
 
-/// Bytes waiting to be written to a socket.
+/// Bytes waiting to be written to a socket. What a turn produces is appended whole, and the
+/// server writes it at the end of the turn in as few writes as the kernel takes: a pipelined
+/// burst of replies costs one write, and a WHATSAT's reply leaves in one when the kernel has
+/// room (classic clients read once, docs/protocol.md section 4).
 #[derive(Debug, Default)]
 pub struct OutBuf {
+    /// Bytes already written, before `sent`; bytes still to write, after it. The written ones
+    /// are dropped only when everything is written: until then the buffer holds all that was
+    /// pushed since it was last empty.
     buf: Vec<u8>,
     sent: usize,
 }
 
 impl OutBuf {
+    /// Appends `bytes`, to be written at the next [`OutBuf::write_to`].
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -259,10 +296,12 @@ impl OutBuf {
         &self.buf[self.sent..]
     }
 
-    /// Writes until everything is written or the socket would block.
+    /// Writes until everything is written or the socket would block. What is left waits for
+    /// a later turn's call; a WRITABLE event, when the kernel has made room, brings one.
     pub fn write_to(&mut self, stream: &mut impl Write) -> io::Result<()> {
         while self.sent < self.buf.len() {
             match stream.write(&self.buf[self.sent..]) {
+                // A socket that takes nothing without blocking will never take the rest.
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -282,14 +321,20 @@ impl OutBuf {
     }
 }
 
-/// An open connection: its socket and its two buffers.
+/// An open connection: its socket and its two buffers. It moves whole from one machine to
+/// another, so that a connection handed from [`crate::conn::Conn`] to a neighbour's inbound
+/// link keeps the lines already read and the bytes not yet written.
 pub struct Wire<S> {
+    /// The socket.
     pub stream: S,
+    /// What was read and not yet handed out as lines.
     pub reader: LineReader,
+    /// What waits to be written.
     pub out: OutBuf,
 }
 
 impl<S> Wire<S> {
+    /// A connection with nothing read and nothing to write.
     pub fn new(stream: S) -> Wire<S> {
         Wire {
             stream,
@@ -323,12 +368,15 @@ pub mod script {
     /// A scripted socket: reads play `input`, writes land in `output` until `room` runs out.
     #[derive(Debug, Default)]
     pub struct Script {
+        /// What the next reads find, in order; a test may push more between steps.
         pub input: VecDeque<Step>,
+        /// Everything written so far.
         pub output: Vec<u8>,
         /// Bytes a write may still take; `None`: any number.
         pub room: Option<usize>,
         /// What [`Transport::queued`] says.
         pub queued: usize,
+        /// Whether [`Transport::shutdown_write`] was called (a `Cell`: it takes `&self`).
         pub write_shut: std::cell::Cell<bool>,
         /// What [`Transport::connected`] says: `Some(true)` connected, `Some(false)` refused,
         /// `None` still in flight.
@@ -342,6 +390,7 @@ pub mod script {
     }
 
     impl Script {
+        /// A connected socket whose reads play `steps`, and whose writes all go through.
         pub fn reading(steps: &[Step]) -> Script {
             Script {
                 input: steps.iter().cloned().collect(),
@@ -355,6 +404,7 @@ pub mod script {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             match self.input.pop_front() {
                 None | Some(Step::Block) => Err(io::ErrorKind::WouldBlock.into()),
+                // As a real socket, every read after the end says 0 again.
                 Some(Step::Eof) => {
                     self.input.push_front(Step::Eof);
                     Ok(0)
@@ -374,6 +424,7 @@ pub mod script {
     impl Write for Script {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             let n = self.room.map_or(buf.len(), |room| room.min(buf.len()));
+            // No room: a full send buffer, as a non-blocking socket says it.
             if n == 0 && !buf.is_empty() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
