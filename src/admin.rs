@@ -1,10 +1,17 @@
 //! The admin endpoint: a small HTTP/1.1 server in the same loop, off unless configured
 //! (`admin = "127.0.0.1:PORT"` in a server's `[[server]]` table, or `herd serve --admin ADDR`).
 //!
-//! - `GET /metrics`: the server's counts and state in Prometheus's text format ([`metrics`]);
+//! - `GET /metrics`: the server's counts and state in Prometheus's text format
+//!   ([`render_metrics`]);
 //! - `GET /healthz`: `200 ok` while the loop turns and nothing is failing, else `503` and the
 //!   reason (the store's file or the log cannot be written, or the server is stopping);
 //! - `GET /status`: one line of JSON for `herd status` ([`crate::tools::status`]).
+//!
+//! Being in the loop, it reads what a scrape shows (the counts of [`crate::metrics`], the
+//! store's digest, each link's state) where the loop keeps it, with no lock and no copy kept up
+//! to date for another thread, and a response is made between two events, so it shows one
+//! moment of the server. The price: the text is rendered on the loop, so the turn that answers
+//! a scrape is longer, by the time a few kilobytes of formatting take, for every client in it.
 //!
 //! Each connection is one more explicit state machine of the loop:
 //!
@@ -15,11 +22,19 @@
 //!      '-----------------------------------------+-------------------> Closed
 //! ```
 //!
-//! Limits, like the client port's: a request head of at most [`MAX_HEAD_BYTES`], whole within
-//! [`REQUEST_TIME`] of its first byte (or of the connection, for the first); a kept-alive
-//! connection idle for [`IDLE_TIME`] is closed; at most [`MAX_CONNECTIONS`] at once, and one
-//! more is answered `503` and closed. The request is parsed with `httparse`; the response is
-//! written by hand.
+//! Limits, like the client port's: a request head of at most [`MAX_HEAD_BYTES`]; the first
+//! request whole within [`REQUEST_TIME`] of the connection, and each later one on a kept-alive
+//! connection whole within [`IDLE_TIME`] of the response before it (the deadline is not moved
+//! by the first byte of a request); at most [`MAX_CONNECTIONS`] at once, and one more is
+//! answered `503` and closed by the loop's
+//! [`accept_admin`](crate::server::Server::accept_admin). The request is parsed with
+//! `httparse`; the response is written by hand.
+//!
+//! One request at a time: bytes that follow a request head in the same reads (a body, or a
+//! second, pipelined request) are dropped with the head once it is answered, and bytes that
+//! arrive while a response is being written are left in the socket, where their edge has
+//! already passed. Scrapers, `curl` and `herd status` send a request and wait for its response,
+//! which this serves; a client that pipelines waits for [`IDLE_TIME`] and is closed.
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -33,40 +48,55 @@ use crate::metrics::{
 };
 use crate::wire::OutBuf;
 
-/// The longest request head accepted.
+/// The longest request head accepted: past it, `400` and the connection is closed. A scrape's
+/// head is a few hundred bytes; this bounds what a connection that never ends its head holds.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
-/// How long a request may take to arrive whole.
+/// How long a connection's first request may take to arrive whole, from the accept: past it the
+/// connection is closed without a response (a client dripping bytes holds a slot no longer).
 pub const REQUEST_TIME: Duration = Duration::from_secs(5);
-/// How long a kept-alive connection may wait for its next request.
+/// How long a kept-alive connection may wait for its next request, and so take to send it
+/// whole, from the end of the response before it.
 pub const IDLE_TIME: Duration = Duration::from_secs(30);
-/// Admin connections open at once.
+/// Admin connections open at once: a fixed set of slots, each with its own token
+/// ([`crate::reactor::Source::Admin`]), so the token layout is known before the loop starts.
 pub const MAX_CONNECTIONS: usize = 8;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
+    /// `GET /metrics`: [`render_metrics`].
     Metrics,
+    /// `GET /healthz`: the loop's own judgement, made where it knows what is failing.
     Health,
+    /// `GET /status`: [`render_status`].
     Status,
 }
 
-/// One admin connection.
+/// One admin connection. It never registers anything and makes no response body: the loop
+/// reads it on each event ([`AdminConn::on_readable`]), makes the body the route asks for, and
+/// hands it back ([`AdminConn::reply`]); the end of the turn writes it ([`AdminConn::flush`]).
 pub struct AdminConn {
     stream: TcpStream,
     state: State,
 }
 
+/// Where a connection is. The deadline lives in the one state that has one, so leaving
+/// `Reading` cancels it.
 enum State {
     /// Reading a request head, due whole by `until`.
     Reading {
+        /// Everything read since the last response: the head is parsed from the start each
+        /// time more arrives (at most [`MAX_HEAD_BYTES`] and one read, so the repeat is cheap).
         buf: Vec<u8>,
         until: Instant,
     },
     /// Writing the response; then reading the next request, or closing.
     Writing {
         out: OutBuf,
+        /// What the response's `Connection` header promised: read again, or close.
         keep_alive: bool,
     },
+    /// Done with: the end of the turn frees the slot and drops the socket, which closes it.
     Closed,
 }
 
@@ -74,11 +104,16 @@ enum State {
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Asked {
+    /// No whole request yet, or one already answered here (an error) or the connection closed.
     Nothing,
+    /// A whole, valid request for `route`; the loop must [`AdminConn::reply`]. `keep_alive`:
+    /// HTTP/1.1 without `Connection: close`, so the connection may be read again after the
+    /// response.
     Route { route: Route, keep_alive: bool },
 }
 
 impl AdminConn {
+    /// A connection just accepted at `now`: its first request is due within [`REQUEST_TIME`].
     pub fn new(stream: TcpStream, now: Instant) -> AdminConn {
         AdminConn {
             stream,
@@ -89,15 +124,20 @@ impl AdminConn {
         }
     }
 
+    /// The socket, for the loop to register.
     pub fn socket(&mut self) -> &mut TcpStream {
         &mut self.stream
     }
 
+    /// Whether the connection is done with: the loop frees its slot at the end of the turn.
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
     }
 
-    /// When the connection next needs the loop.
+    /// When the connection next needs the loop: only a connection waiting for a request has a
+    /// deadline. A response being written has none: one the socket cannot take (a client that
+    /// stopped reading, a response larger than the kernel's buffers) holds its slot for as long
+    /// as the connection stays open.
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
             State::Reading { until, .. } => Some(*until),
@@ -106,43 +146,66 @@ impl AdminConn {
     }
 
     /// Fires its deadline: a request not whole in time, or a kept-alive connection idle too long.
+    /// Called for every connection each time the loop fires deadlines (every turn), so it
+    /// checks its own and is safe to call when none is due. No `408` is sent: the connection
+    /// is simply closed.
     pub fn on_timeout(&mut self, now: Instant) {
         if self.deadline().is_some_and(|at| at <= now) {
             self.state = State::Closed;
         }
     }
 
-    /// Reads what arrived; returns the route of a whole request, if one came.
+    /// Reads what arrived; returns the route of a whole request, if one came. An error
+    /// (`400`, `404`, `405`) is answered here, and [`Asked::Nothing`] returned.
+    ///
+    /// Called by the loop on every event of the connection's token, WRITABLE ones included
+    /// (the socket is registered for both): in any state but `Reading` it does nothing, and the
+    /// bytes stay in the socket (see the module docs). `scratch` is the loop's one read buffer.
     pub fn on_readable(&mut self, scratch: &mut [u8]) -> Asked {
         let State::Reading { buf, .. } = &mut self.state else {
             return Asked::Nothing;
         };
+        // Edge-triggered: read until `WouldBlock` (or until there is enough to judge, below):
+        // bytes left in the socket raise no new event.
         loop {
             match self.stream.read(scratch) {
+                // The client closed its side. Even after a whole request: a client that
+                // half-closes once it has sent is not answered.
                 Ok(0) => {
                     self.state = State::Closed;
                     return Asked::Nothing;
                 }
                 Ok(n) => buf.extend_from_slice(&scratch[..n]),
+                // The socket is empty: whatever is whole in `buf` is all there is.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // A reset, or another error: nothing can be answered.
                 Err(_) => {
                     self.state = State::Closed;
                     return Asked::Nothing;
                 }
             }
+            // Enough to judge: the head is whole in it, or it is too long. Bytes still in the
+            // socket are not read (the connection is about to be answered and closed, or they
+            // follow a whole head and would be dropped anyway).
             if buf.len() > MAX_HEAD_BYTES {
                 break;
             }
         }
+        // More than 32 headers is `TooManyHeaders`: a `400`, like any head httparse refuses.
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut headers);
         let parsed = request.parse(buf);
         let whole = match parsed {
+            // The head is whole; anything after it in `buf` is dropped with `buf` at the reply.
             Ok(httparse::Status::Complete(_)) => true,
+            // Not yet whole, and still within its limit: wait for the next event (or the
+            // deadline).
             Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => return Asked::Nothing,
+            // Not HTTP, or a head past its limit.
             _ => false,
         };
+        // Where a head went wrong, where the next request would begin cannot be trusted: close.
         if !whole {
             self.reply(400, "text/plain", b"bad request\n", false);
             return Asked::Nothing;
@@ -150,15 +213,21 @@ impl AdminConn {
         let close = request.headers.iter().any(|h| {
             h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
         });
+        // HTTP/1.1 keeps the connection unless told not to; HTTP/1.0 (version 0) is closed
+        // after its response, even with `Connection: keep-alive`.
         let keep_alive = request.version == Some(1) && !close;
+        // Exact paths: a query string (`/metrics?x`) is a `404`.
         let route = match (request.method, request.path) {
             (Some("GET"), Some("/metrics")) => Route::Metrics,
             (Some("GET"), Some("/healthz")) => Route::Health,
             (Some("GET"), Some("/status")) => Route::Status,
+            // A well-formed GET for an unknown path: the connection may go on.
             (Some("GET"), _) => {
                 self.reply(404, "text/plain", b"not found\n", keep_alive);
                 return Asked::Nothing;
             }
+            // Any other method may carry a body this does not read, which would be taken for
+            // the next request: closed after the answer.
             _ => {
                 self.reply(405, "text/plain", b"only GET\n", false);
                 return Asked::Nothing;
@@ -167,8 +236,11 @@ impl AdminConn {
         Asked::Route { route, keep_alive }
     }
 
-    /// Queues a response.
+    /// Queues a response: `status`, a `Content-Type` of `kind`, `body`, and a `Connection`
+    /// header that says what [`AdminConn::flush`] will do once it is written. Nothing is written
+    /// here; the end of the turn writes it. The request's bytes go with the reading state.
     pub fn reply(&mut self, status: u16, kind: &str, body: &[u8], keep_alive: bool) {
+        // The statuses this module and the loop send; any other would be misnamed `503`.
         let reason = match status {
             200 => "OK",
             400 => "Bad Request",
@@ -191,20 +263,32 @@ impl AdminConn {
     }
 
     /// Writes what waits; a response written goes back to reading (keep-alive) or closes.
+    ///
+    /// Called for every admin connection at the end of every turn (Redis's `beforeSleep`
+    /// writing replies), not only on WRITABLE: a response made this turn leaves at once, with
+    /// no turn spent waiting for an event. A response the socket cannot take whole waits for
+    /// the next turn, whatever woke it, and each turn until then costs one `write` that says
+    /// `WouldBlock`.
     pub fn flush(&mut self, now: Instant) {
         let State::Writing { out, keep_alive } = &mut self.state else {
             return;
         };
+        // The client went away: nothing more to say to it.
         if out.write_to(&mut self.stream).is_err() {
             self.state = State::Closed;
             return;
         }
         if out.pending() == 0 {
             self.state = match keep_alive {
+                // The next request gets the idle time, whole, from now.
                 true => State::Reading {
                     buf: Vec::new(),
                     until: now + IDLE_TIME,
                 },
+                // The FIN follows the response at once. Input left unread (a body, the rest of
+                // an overlong head) turns the close into a reset, which may overtake the
+                // response at the client: a client connection closed for a broken limit
+                // lingers to drain such input ([`crate::conn::LINGER`]); this does not.
                 false => {
                     let _ = self.stream.shutdown(std::net::Shutdown::Write);
                     State::Closed
@@ -216,12 +300,19 @@ impl AdminConn {
 
 /// The admin listener and its connections.
 pub struct Admin {
+    /// Registered for READABLE by the loop, under [`crate::reactor::Source::AdminListener`].
     pub listener: TcpListener,
+    /// The address bound: with port 0 asked for (as `herd up` does), the port the kernel
+    /// chose, which the server prints and writes to `<log_dir>/<NAME>.admin` for `herd status`.
     pub addr: SocketAddr,
+    /// [`MAX_CONNECTIONS`] slots; slot `i` is token [`crate::reactor::Source::Admin`]`(i)`.
+    /// A slot is emptied at the end of the turn its connection closed in.
     pub conns: Vec<Option<AdminConn>>,
 }
 
 impl Admin {
+    /// Listens at `addr`, before the loop starts. A failure (the port taken) stops the server's
+    /// start, as one on its client port does.
     pub fn bind(addr: SocketAddr) -> Result<Admin, String> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| format!("cannot listen for the admin endpoint on {addr}: {e}"))?;
@@ -243,13 +334,16 @@ impl Admin {
     }
 }
 
-/// Appends a metric's `# HELP` and `# TYPE` lines.
+/// Appends a metric's `# HELP` and `# TYPE` lines. Every `help` here is a fixed text with no
+/// backslash or newline, the two characters the format would want escaped in it.
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// Appends a histogram in Prometheus's cumulative form.
+/// Appends a histogram in Prometheus's cumulative form. [`Histogram`] counts each bucket apart
+/// (an observation is one increment); the sums are made here, when a scraper asks, not on the
+/// loop's hot path. `labels` is `key="value",...` without braces, or empty.
 fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogram) {
     head(out, name, "histogram", help);
     let mut cumulative = 0;
@@ -261,6 +355,8 @@ fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogr
             "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
         );
     }
+    // The last of `counts`, past every bound, has no line of its own: `+Inf` is every
+    // observation, which is `count`.
     let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
     let braces = if labels.is_empty() {
         String::new()
@@ -271,7 +367,8 @@ fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogr
     let _ = writeln!(out, "{name}_count{braces} {}", h.count);
 }
 
-/// A label value, escaped as the text format wants.
+/// A label value, escaped as the text format wants: backslash, double quote and newline. Only
+/// names from the configuration are labels here, but a name is not checked for these.
 fn label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
@@ -282,44 +379,73 @@ fn label(value: &str) -> String {
 /// One link's state, as the server sees it, for the metrics and the status.
 #[derive(Debug, Clone)]
 pub struct LinkView {
+    /// The neighbour's name in the configuration.
     pub neighbour: String,
     /// `out`: the link we dialled; `in`: the one the neighbour dialled.
     pub direction: &'static str,
+    /// The link's state name (`out`: as it was at the end of the last turn; `in`: now).
     pub state: &'static str,
+    /// `out`: the dialled link is `Up`; `in`: a proved connection from the neighbour is held.
     pub up: bool,
+    /// Seconds since `state` last changed (for `in`, since the server started if it never did).
     pub seconds_in_state: f64,
 }
 
-/// Everything `/metrics` and `/status` show, gathered by the loop.
+/// Everything `/metrics` and `/status` show, gathered by the loop
+/// ([`Server::view`](crate::server::Server::view)) at the moment of the request. Borrowed where
+/// it can be: a view lives only while one response is made.
 pub struct View<'a> {
+    /// The server's name: the `server` label of every sample.
     pub name: &'a str,
+    /// The counts the loop keeps as it works.
     pub metrics: &'a crate::metrics::Metrics,
+    /// Clients whose record the store holds.
     pub records: usize,
+    /// The store's order-independent digest ([`crate::store`]): equal on two servers that hold
+    /// the same records.
     pub digest: u64,
+    /// Accepted connections open: clients, and neighbours that have not yet proved who they
+    /// are (a proved one becomes an inbound link and is not counted).
     pub clients_connected: usize,
+    /// Two per neighbour, its `out` link then its `in` link, in the configuration's order.
     pub links: Vec<LinkView>,
     /// Each neighbour's counts, in the order of its `out` link in `links`.
     pub link_counts: Vec<LinkCounts>,
+    /// The Places pool's counts; `None` when the server has no API key, and then no Places
+    /// metric is shown.
     pub places: Option<&'a PlacesCounts>,
+    /// Places connections with a request under way (connecting or exchanging).
     pub places_slots_busy: usize,
+    /// The store's file; `None` when the server keeps its records in memory only.
     pub store_file: Option<StoreFileView>,
+    /// Seconds since the server was started, by the monotonic clock.
     pub uptime: f64,
 }
 
 /// The store's file, for the metrics.
 pub struct StoreFileView {
+    /// The file's counts ([`crate::aof::Stats`]).
     pub stats: crate::aof::Stats,
+    /// The file's length now: it falls when a compaction replaces the file.
     pub bytes: u64,
+    /// The syncs the loop made itself (`fsync = "always"`); empty under the other policies.
     pub sync_seconds: Histogram,
     /// The `everysec` helper's syncs and the longest, in seconds.
     pub helper: Option<(u64, f64)>,
 }
 
-/// The Prometheus text of `view`.
+/// The Prometheus text of `view` (text format 0.0.4, the `Content-Type` the loop sends with it).
+///
+/// Every series of a family is written even at zero (every verb and result, every close
+/// reason, every Places outcome): a series that first appears at 1 loses its first increment
+/// to `rate()` and `increase()`, which need two samples. Every sample carries `server`, the
+/// server's name, so queries can name servers as the herd does rather than by address.
 pub fn render_metrics(view: &View) -> String {
     let m = view.metrics;
     let mut out = String::with_capacity(8 * 1024);
     let server = format!("server=\"{}\"", label(view.name));
+    // By the monotonic clock, so a change of the wall clock does not move it; a fall means the
+    // server restarted, and with it every counter below.
     head(
         &mut out,
         "herd_up_seconds",
@@ -327,6 +453,8 @@ pub fn render_metrics(view: &View) -> String {
         "Seconds since the server started.",
     );
     let _ = writeln!(out, "herd_up_seconds{{{server}}} {:.3}", view.uptime);
+    // The accepted connections the loop holds a slot for: neither the admin connections nor a
+    // neighbour's proved inbound link, which has its own token and no slot.
     head(
         &mut out,
         "herd_connections_open",
@@ -338,6 +466,8 @@ pub fn render_metrics(view: &View) -> String {
         "herd_connections_open{{{server}}} {}",
         view.clients_connected
     );
+    // Counted once a connection has its slot and is registered; one refused at the door is
+    // counted in the next family instead, never in both.
     head(
         &mut out,
         "herd_connections_accepted_total",
@@ -349,6 +479,9 @@ pub fn render_metrics(view: &View) -> String {
         "herd_connections_accepted_total{{{server}}} {}",
         m.accepted
     );
+    // Refused before it had a slot: its address already holds `max_connections_per_address`,
+    // or every place is taken and no stranger could be evicted. A stranger evicted to make
+    // room is counted nowhere: neither here nor as closed.
     head(
         &mut out,
         "herd_connections_refused_total",
@@ -360,6 +493,10 @@ pub fn render_metrics(view: &View) -> String {
         "herd_connections_refused_total{{{server}}} {}",
         m.refused
     );
+    // Client connections and neighbours' inbound links alike, by the kinds of
+    // [`crate::metrics::close_kind`]: `peer_link` is an inbound link its neighbour closed,
+    // left silent, broke the protocol on or replaced; `not_reading` a client closed for leaving
+    // its replies unread. The links this server dialled are not counted here (see the ups).
     head(
         &mut out,
         "herd_connections_closed_total",
@@ -372,6 +509,11 @@ pub fn render_metrics(view: &View) -> String {
             "herd_connections_closed_total{{{server},reason=\"{kind}\"}} {count}"
         );
     }
+    // `invalid`: an IAMAT whose client id or time is out of bounds, a WHATSAT about a client
+    // the store does not know; a line that parses as neither (a malformed IAMAT or WHATSAT
+    // too) is `other`. `refused`: an IAMAT for a new client past `max_clients`, a WHATSAT over
+    // `whatsat_per_minute`. A stale IAMAT is `ok`, answered as any other; a WHATSAT is `ok`
+    // once handed to Places, whatever Places then does (the Places outcomes say that).
     head(
         &mut out,
         "herd_commands_total",
@@ -387,6 +529,8 @@ pub fn render_metrics(view: &View) -> String {
             );
         }
     }
+    // Clients are never removed from the store, so while the server runs this only grows, up
+    // to `max_clients`.
     head(
         &mut out,
         "herd_records",
@@ -394,6 +538,9 @@ pub fn render_metrics(view: &View) -> String {
         "Clients whose record the store holds.",
     );
     let _ = writeln!(out, "herd_records{{{server}}} {}", view.records);
+    // Only records that changed the store: each is appended to the store's file and flooded.
+    // A copy that reaches a server again, by a second path or in a resync, is stale and not
+    // counted.
     head(
         &mut out,
         "herd_records_stored_total",
@@ -410,6 +557,10 @@ pub fn render_metrics(view: &View) -> String {
         "herd_records_stored_total{{{server},source=\"peer\"}} {}",
         m.stored_from_peers
     );
+    // From neighbours only (a client's bad IAMAT is a command, above): a record that does not
+    // parse, whose client id or time is out of bounds, or for a new client past `max_clients`.
+    // A steady count points at a neighbour whose clock runs ahead of this one's, or at limits
+    // that differ between servers.
     head(
         &mut out,
         "herd_records_refused_total",
@@ -421,6 +572,10 @@ pub fn render_metrics(view: &View) -> String {
         "herd_records_refused_total{{{server}}} {}",
         m.refused_records
     );
+    // The digest as a label on a constant 1, Prometheus's `_info` idiom for a value that is not
+    // a number to graph. The herd agrees when
+    // `count(count by (digest) (herd_store_digest_info)) == 1`; while records are in flight,
+    // servers differ for a moment, so alert on a difference that lasts.
     head(
         &mut out,
         "herd_store_digest_info",
@@ -432,6 +587,8 @@ pub fn render_metrics(view: &View) -> String {
         "herd_store_digest_info{{{server},digest=\"{:016x}\"}} 1",
         view.digest
     );
+    // Both directions of each neighbour: the link this server dialled carries its records out,
+    // the one the neighbour dialled brings the neighbour's in, so either down is half a link.
     head(
         &mut out,
         "herd_link_up",
@@ -447,6 +604,8 @@ pub fn render_metrics(view: &View) -> String {
             u8::from(l.up)
         );
     }
+    // The state is a label, so a change of state ends one series and starts another: the
+    // series present is the state now.
     head(
         &mut out,
         "herd_link_state_seconds",
@@ -461,12 +620,16 @@ pub fn render_metrics(view: &View) -> String {
             l.direction, l.state, l.seconds_in_state
         );
     }
+    // The per-neighbour counts below are indexed like the `out` links (see [`View`]).
     let neighbours: Vec<&String> = view
         .links
         .iter()
         .filter(|l| l.direction == "out")
         .map(|l| &l.neighbour)
         .collect();
+    // What is written on the link this server dialled (its records and copies) and read on
+    // the one the neighbour dialled (the neighbour's). What flows the other way on each link
+    // (handshake replies, heartbeats, digests) is not counted.
     head(
         &mut out,
         "herd_link_bytes_total",
@@ -486,6 +649,8 @@ pub fn render_metrics(view: &View) -> String {
             c.bytes_received
         );
     }
+    // Rising steadily, the link flaps: each rise is a reconnect, and a copy of the whole store
+    // after it.
     head(
         &mut out,
         "herd_link_ups_total",
@@ -500,6 +665,9 @@ pub fn render_metrics(view: &View) -> String {
             c.ups
         );
     }
+    // Each copy started or widened because the two stores' digests kept differing, whichever
+    // side saw it ([`Link::resync`](crate::link::Link::resync)); the copy of the whole store
+    // that follows every reconnect is not counted.
     head(
         &mut out,
         "herd_resyncs_total",
@@ -514,6 +682,8 @@ pub fn render_metrics(view: &View) -> String {
             c.resyncs
         );
     }
+    // Sums the parts of each resync: a copy of the whole store counts
+    // [`DIGEST_PARTS`](crate::store::DIGEST_PARTS), which the help text says as 256.
     head(
         &mut out,
         "herd_parts_copied_total",
@@ -528,7 +698,14 @@ pub fn render_metrics(view: &View) -> String {
             c.parts_copied
         );
     }
+    // Only with an API key: without one there is no pool, and a WHATSAT about a known client
+    // is answered `REQUEST_DENIED` at once (and counted as an `ok` command, nothing more).
     if let Some(places) = view.places {
+        // `answered`: a whole HTTP response came back, whatever Google's status in it, and
+        // even if its body could not be read as an answer (the client is then told
+        // `UNKNOWN_ERROR`); `failed`: no whole response (connect, TLS, HTTP framing, a body
+        // over `max_body_bytes`); `late`: past `timeout_ms`; `busy`: refused because
+        // `max_queue` requests were already waiting.
         head(
             &mut out,
             "herd_places_requests_total",
@@ -541,6 +718,8 @@ pub fn render_metrics(view: &View) -> String {
                 "herd_places_requests_total{{{server},outcome=\"{outcome}\"}} {count}"
             );
         }
+        // Every outcome is timed, so `busy` refusals add observations of about zero and `late`
+        // ones pile up at `timeout_ms`: read it beside the outcomes.
         histogram(
             &mut out,
             "herd_places_request_seconds",
@@ -548,6 +727,8 @@ pub fn render_metrics(view: &View) -> String {
             &server,
             &places.seconds,
         );
+        // At `pool_size`, new requests queue: a pool too small for the load shows here
+        // before it shows as `busy` refusals.
         head(
             &mut out,
             "herd_places_connections_busy",
@@ -560,8 +741,11 @@ pub fn render_metrics(view: &View) -> String {
             view.places_slots_busy
         );
     }
+    // Only with a data directory: a server that keeps its records in memory has no file.
     if let Some(file) = &view.store_file {
         let s = &file.stats;
+        // Counted when a record is queued for the end of the turn, so a record whose write
+        // then failed is counted here and not in the bytes written.
         head(
             &mut out,
             "herd_store_file_records_total",
@@ -573,6 +757,8 @@ pub fn render_metrics(view: &View) -> String {
             "herd_store_file_records_total{{{server}}} {}",
             s.records
         );
+        // Bytes whose `write` succeeded (to the page cache: what reached the disk depends on
+        // `fsync`).
         head(
             &mut out,
             "herd_store_file_written_bytes_total",
@@ -584,6 +770,8 @@ pub fn render_metrics(view: &View) -> String {
             "herd_store_file_written_bytes_total{{{server}}} {}",
             s.bytes
         );
+        // Grows with every update and falls at each compaction; compactions start when it
+        // passes twice the live records and `compact_min_bytes`.
         head(
             &mut out,
             "herd_store_file_bytes",
@@ -602,7 +790,12 @@ pub fn render_metrics(view: &View) -> String {
             "herd_store_file_compactions_total{{{server}}} {}",
             s.compactions
         );
+        // Time the clients of a turn waited for the disk: with `fsync = "always"` the loop
+        // syncs before it writes the turn's replies. Empty under the other policies.
         histogram(&mut out, "herd_store_file_sync_seconds", "Seconds the loop spent syncing the store's file before a turn's replies (fsync = \"always\").", &server, &file.sync_seconds);
+        // The helper thread's syncs (failed ones included) and its longest: these delay no
+        // client, but a long sync widens, by as much, the span of records a crash of the
+        // machine can lose.
         if let Some((syncs, longest)) = file.helper {
             head(
                 &mut out,
@@ -626,6 +819,9 @@ pub fn render_metrics(view: &View) -> String {
             );
         }
     }
+    // The loop itself. Events per turn (the ratio of these two) is the batch a poll returns:
+    // it grows with load, as more sockets are ready each time the loop looks. A turn woken by
+    // a deadline alone has no event.
     head(
         &mut out,
         "herd_loop_turns_total",
@@ -640,6 +836,9 @@ pub fn render_metrics(view: &View) -> String {
         "Readiness events the loop handled.",
     );
     let _ = writeln!(out, "herd_loop_events_total{{{server}}} {}", m.events);
+    // The work of a turn, not its sleep: from `poll` returning to the end of the turn's
+    // writes. Replies leave at the end of the turn their command ran in, so a long turn delays
+    // every client served in it.
     histogram(
         &mut out,
         "herd_loop_turn_seconds",
@@ -650,18 +849,23 @@ pub fn render_metrics(view: &View) -> String {
     out
 }
 
-/// The one line of JSON `herd status` reads.
+/// The one line of JSON `herd status` reads: what its table shows of this server, where
+/// `/metrics` has everything.
 pub fn render_status(view: &View) -> String {
+    // A neighbour's link counts as up when the link this server dialled is: that is the one
+    // its records leave by.
     let links_up = view
         .links
         .iter()
         .filter(|l| l.direction == "out" && l.up)
         .count();
     let links = view.links.iter().filter(|l| l.direction == "out").count();
+    // Every outcome but the first, `answered` ([`PLACES_OUTCOMES`]).
     let places_errors: u64 = view.places.map_or(0, |p| p.outcomes[1..].iter().sum());
     let status = serde_json::json!({
         "name": view.name,
         "records": view.records,
+        // Hex, as in `/metrics` and the `.store` dump, so the three can be compared by eye.
         "digest": format!("{:016x}", view.digest),
         "links_up": links_up,
         "links": links,

@@ -51,14 +51,21 @@ use crate::store::{Bounds, Merge, Store};
 /// When records reach the disk: Redis's `appendfsync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
+    /// `fdatasync` in the loop at the end of every turn that wrote, before its replies.
     Always,
+    /// `fdatasync` by a helper thread, about once a second when something was written.
     EverySec,
+    /// Never asked for: the kernel writes the pages back when it chooses.
     No,
 }
 
-/// The smallest file worth compacting, unless configured.
+/// The smallest file worth compacting, unless configured (`[store] compact_min_bytes`): a
+/// smaller file is left as it is, however many old records it holds (Redis's
+/// `auto-aof-rewrite-min-size` has the same default).
 pub const COMPACT_MIN_BYTES: u64 = 64 << 20;
-/// How much of the store a compaction writes per turn: about a millisecond of the loop.
+/// How much of the store a compaction writes per turn: about a millisecond of the loop. The
+/// copy is spread over turns so that no turn, and no client served in it, waits for the
+/// whole store to be written.
 const COMPACT_TURN_BYTES: usize = 256 * 1024;
 /// How often the helper thread syncs an `everysec` file.
 const EVERY: Duration = Duration::from_secs(1);
@@ -84,6 +91,8 @@ const CRC_TABLE: [u32; 256] = {
     table
 };
 
+/// The CRC-32C of `bytes`, a byte at a time through [`CRC_TABLE`]; `123456789` gives the
+/// standard check value, `e3069283`.
 pub fn crc32c(bytes: &[u8]) -> u32 {
     !bytes.iter().fold(!0u32, |crc, &b| {
         CRC_TABLE[usize::from((crc as u8) ^ b)] ^ (crc >> 8)
@@ -97,7 +106,8 @@ fn frame(record: &[u8], out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-/// The record of one line of the file (without its `\n`), if its checksum holds.
+/// The record of one line of the file (without its `\n`), if its checksum holds. A line too
+/// short, without its space, or with a sum that is not hex is damaged like a wrong sum.
 fn unframe(line: &[u8]) -> Option<&[u8]> {
     let (sum, record) = (line.get(..8)?, line.get(9..)?);
     if line.get(8) != Some(&b' ') {
@@ -110,17 +120,27 @@ fn unframe(line: &[u8]) -> Option<&[u8]> {
 /// What a replay found.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Replayed {
-    /// Records read, and how many changed the store (the rest were older copies).
+    /// Whole records read.
     pub records: u64,
+    /// Records that changed the store (the rest were older copies, or refused).
     pub stored: u64,
     /// Bytes of a torn tail cut off the file.
     pub cut: u64,
-    /// Records the store refused (its bounds are tighter than when they were written).
+    /// Records the store refused: new clients past its `max_clients` (lowered since they were
+    /// written), or lines that are whole but not valid records.
     pub refused: u64,
 }
 
 /// Reads the records of `bytes` into `store`. `Ok(len)` with the length of the whole records
 /// (the rest is a torn tail); `Err(offset)` if a damaged record has whole records after it.
+///
+/// The file is only ever appended to, so a crash can damage only its end: a last record cut
+/// short, or the last blocks left as garbage. Damage with whole records after it is not a
+/// crash's doing (a disk's, or a hand's), and cutting there would throw the good records
+/// after it away: start-up stops and leaves the choice to the operator.
+///
+/// Records are merged with no bounds but the store's own `max_clients`: each passed them when
+/// it was stored, and a client time that was near enough to the clock then is behind it now.
 fn replay_bytes(bytes: &[u8], store: &mut Store, seen: &mut Replayed) -> Result<usize, usize> {
     let mut at = 0;
     let mut bad: Option<usize> = None;
@@ -129,6 +149,7 @@ fn replay_bytes(bytes: &[u8], store: &mut Store, seen: &mut Replayed) -> Result<
             break; // the last record, cut short
         };
         match unframe(&bytes[at..end]) {
+            // A whole record, with no damage before it: into the store, newest wins.
             Some(record) if bad.is_none() => {
                 seen.records += 1;
                 match store.merge_record(record, &Bounds::NONE) {
@@ -139,34 +160,46 @@ fn replay_bytes(bytes: &[u8], store: &mut Store, seen: &mut Replayed) -> Result<
             }
             // A whole record after a damaged one: the damage is in the middle.
             Some(_) => return Err(bad.unwrap_or(at)),
+            // Damaged: the tail starts here unless a whole record turns up after it.
             None => bad = bad.or(Some(at)),
         }
         at = end + 1;
     }
+    // The whole records end at the first damage, or at the last `\n`; what follows (damaged
+    // lines, a last line with no `\n`) is the torn tail.
     Ok(bad.unwrap_or(at).min(at))
 }
 
-/// The file of records of one server.
+/// The file of records of one server. Owned by the loop ([`crate::herd::Herd`]), which calls
+/// [`Aof::append`] as the store changes and [`Aof::end_turn`] before the turn's replies leave.
 pub struct Aof {
     path: PathBuf,
+    /// The file's directory, synced after a compaction's rename so the new name survives a crash.
     dir: PathBuf,
+    /// Opened for appending: every write lands at the end, wherever the offset was.
     file: File,
     fsync: Fsync,
     /// This turn's records, framed, for the end of the turn.
     pending: Vec<u8>,
-    /// The file's length.
+    /// The file's length, as this process has written it (not asked of the file system).
     len: u64,
+    /// `[store] compact_min_bytes`.
     compact_min: u64,
+    /// The rewrite under way, if any: while it runs, every record goes to both files.
     compaction: Option<Compaction>,
     /// The `everysec` helper: written-since-sync flag, and its reports.
     syncer: Option<Syncer>,
     /// Figures for the metrics: appends, bytes, syncs done in the loop and their time.
     pub stats: Stats,
+    /// Each sync the loop made itself (`always`), in seconds: the clients of its turn waited
+    /// for it.
     pub sync_seconds: Histogram,
 }
 
 /// A compaction under way: the new file, and how far through the store it is.
 struct Compaction {
+    /// `<name>.aof.compact`, beside the file it will replace (a rename stays in one directory
+    /// and one file system, which is what makes it atomic).
     path: PathBuf,
     file: File,
     /// The next position of the store to copy, up to `end` (its size when the compaction began;
@@ -179,11 +212,15 @@ struct Compaction {
 
 /// The helper thread of `everysec`.
 struct Syncer {
-    /// Set by the loop when it has written since the last sync; the thread's own clone going
-    /// away (one holder left) tells it to stop.
+    /// Set by the loop when it has written since the last sync. The loop's holder going away
+    /// (the thread's clone is then the only one) tells the thread to stop.
     dirty: Arc<AtomicBool>,
+    /// The loop's end of the thread's reports: a sync that failed, said in words.
     failures: Receiver<String>,
+    /// The thread's end, kept here to be cloned for the thread a compaction starts.
     reports: Sender<String>,
+    /// Wakes the loop when a report is sent, so a failure is said within a turn rather than
+    /// whenever the next event comes.
     waker: Arc<Waker>,
     /// How many syncs it has done, and the longest, in microseconds.
     syncs: Arc<AtomicU64>,
@@ -193,17 +230,28 @@ struct Syncer {
 /// Counts for the metrics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
+    /// Records queued for the file ([`Aof::append`]), whether or not their write then worked.
     pub records: u64,
+    /// Bytes written to the file, compactions' copies not counted.
     pub bytes: u64,
+    /// Syncs made by the loop itself (`always`); the helper's are counted apart.
     pub syncs: u64,
+    /// The time of those syncs, in all, in microseconds.
     pub sync_us_total: u64,
+    /// The longest of them, in microseconds.
     pub sync_us_max: u64,
+    /// Compactions finished: the new file in the old one's place.
     pub compactions: u64,
 }
 
 impl Aof {
     /// Opens (creating if needed) `<dir>/<name>.aof` and replays it into `store`. A torn tail is
     /// cut off the file; a damaged record in the middle is an error naming the file and offset.
+    ///
+    /// Called before the listener opens, so nothing is answered from a store that is not yet
+    /// whole. Blocking, and the whole file is read into memory at once: at start-up there is
+    /// no loop to keep turning, and the file is bounded by compaction to about twice the live
+    /// records (or `compact_min`).
     pub fn open(
         dir: &Path,
         name: &str,
@@ -218,6 +266,7 @@ impl Aof {
         let shown = path.display().to_string();
         // A compaction that did not finish left its new file: the old one is whole.
         let _ = std::fs::remove_file(path.with_extension("aof.compact"));
+        // Owner-only: the records are where the herd's clients have been.
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -240,6 +289,8 @@ impl Aof {
                  move it aside to start empty (the neighbours resend what they hold)"
             )
         })?;
+        // Cut before anything is appended, or the next record would follow the torn one and
+        // make it damage in the middle at the next start.
         if whole < bytes.len() {
             seen.cut = (bytes.len() - whole) as u64;
             file.set_len(whole as u64)
@@ -275,17 +326,21 @@ impl Aof {
         self.len
     }
 
+    /// Whether the file holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    /// Queues a record that changed the store, for the end of the turn.
+    /// Queues a record that changed the store, for the end of the turn. Called as the store
+    /// changes, before the reply or the flood it causes is queued; nothing touches the disk
+    /// until [`Aof::end_turn`], so a turn's records cost one `write` however many there are.
     pub fn append(&mut self, record: &[u8]) {
         frame(record, &mut self.pending);
         self.stats.records += 1;
     }
 
-    /// Whether the next turn should come at once: a compaction has more to copy.
+    /// Whether the next turn should come at once: a compaction has more to copy. No event
+    /// would come for it (the file is not a socket), so the loop polls without waiting.
     pub fn wants_turn(&self) -> bool {
         self.compaction.is_some()
     }
@@ -293,6 +348,11 @@ impl Aof {
     /// The end of the turn: writes the turn's records (to the new file of a compaction too),
     /// syncs them with `always`, and moves a compaction on by a slice. Called before the turn's
     /// replies are written. Returns what the log should say, if anything.
+    ///
+    /// A failed write keeps `pending`, to be written again at the next turn's end, while the
+    /// loop says the failure once and goes on serving from memory. A write that failed part way
+    /// has already put its first bytes in the file, and the retry appends the whole batch after
+    /// them; one that failed on a compaction's new file is retried on both.
     pub fn end_turn(&mut self, store: &Store) -> Result<Option<String>, String> {
         let mut said = None;
         if !self.pending.is_empty() {
@@ -300,6 +360,8 @@ impl Aof {
             self.file
                 .write_all(&self.pending)
                 .map_err(|e| format!("cannot write data file {shown}: {e}"))?;
+            // The new file too: a compaction copies each position once, and a record that
+            // changes after its position was copied reaches the new file only this way.
             if let Some(c) = &mut self.compaction {
                 c.file
                     .write_all(&self.pending)
@@ -310,6 +372,8 @@ impl Aof {
             self.stats.bytes += self.pending.len() as u64;
             self.pending.clear();
             match self.fsync {
+                // The data and the file's size, not its times: all a replay needs. A failure is
+                // returned, but the records were written and stay counted as such.
                 Fsync::Always => {
                     let started = Instant::now();
                     self.file
@@ -329,6 +393,8 @@ impl Aof {
                 Fsync::No => {}
             }
         }
+        // Near Redis's default rule (rewrite when the file has grown to twice its size after the
+        // last rewrite): here, once it holds twice what a fresh file would.
         if self.compaction.is_some() {
             said = self.compact_slice(store)?;
         } else if self.len >= self.compact_min && self.len > 2 * live_bytes(store) {
@@ -337,9 +403,13 @@ impl Aof {
         Ok(said)
     }
 
-    /// Starts rewriting the file with only the store's records.
+    /// Starts rewriting the file with only the store's records. Nothing is copied yet: the
+    /// first slice goes at the next turn's end. The copy covers the store's positions as they
+    /// are now (`end`); clients first seen later reach the new file through
+    /// [`Aof::end_turn`]'s writes to both files.
     fn start_compaction(&mut self, store: &Store) -> Result<String, String> {
         let path = self.path.with_extension("aof.compact");
+        // Truncated: whatever an earlier attempt left there is not to be trusted.
         let file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -365,6 +435,11 @@ impl Aof {
 
     /// Copies the next slice of the store into the new file; at the end, syncs it and puts it
     /// in the old one's place.
+    ///
+    /// A record is copied as the store holds it when its slice is written, which may be newer
+    /// than a copy appended earlier in the new file: replay keeps the newest, so the order of
+    /// the two does not matter. An error leaves the compaction where it was, to be tried again
+    /// at the next turn's end.
     fn compact_slice(&mut self, store: &Store) -> Result<Option<String>, String> {
         let Some(c) = &mut self.compaction else {
             return Ok(None);
@@ -380,6 +455,7 @@ impl Aof {
             .write_all(&slice)
             .map_err(|e| format!("cannot write {}: {e}", c.path.display()))?;
         c.len += slice.len() as u64;
+        // More to copy: [`Aof::wants_turn`] brings the next turn at once.
         if c.next < c.end {
             return Ok(None);
         }
@@ -397,13 +473,15 @@ impl Aof {
         };
         let before = self.len;
         // The new file is the file now; the appends go on to it (its descriptor appends: it was
-        // written only at its end).
+        // written only at its end). Until this succeeds `self.file` is still the old file,
+        // which no name reaches any more: a failure here leaves the appends going there.
         self.file = OpenOptions::new()
             .append(true)
             .open(&self.path)
             .map_err(|e| format!("cannot reopen {}: {e}", self.path.display()))?;
         drop(c.file);
         self.len = c.len;
+        // The helper's descriptor is of the old file: a new helper takes the new one.
         if let Some(syncer) = &mut self.syncer {
             syncer.follow(&self.file)?;
         }
@@ -415,7 +493,8 @@ impl Aof {
         )))
     }
 
-    /// What the `everysec` helper reported: a sync that failed.
+    /// What the `everysec` helper reported: a sync that failed. Called at every turn's end,
+    /// so a report waits at most one turn (and the helper's wake makes that turn come).
     pub fn take_failures(&mut self) -> Vec<String> {
         match &self.syncer {
             Some(syncer) => syncer.failures.try_iter().collect(),
@@ -423,7 +502,8 @@ impl Aof {
         }
     }
 
-    /// The helper's syncs and the longest, in microseconds (`everysec`).
+    /// The helper's syncs and the longest, in microseconds (`everysec`). Read from atomics the
+    /// helper updates, with no ordering needed: figures for the metrics, not a protocol.
     pub fn helper_syncs(&self) -> Option<(u64, u64)> {
         let s = self.syncer.as_ref()?;
         Some((
@@ -432,7 +512,10 @@ impl Aof {
         ))
     }
 
-    /// Stopping: everything written and synced, whatever the policy.
+    /// Stopping: everything written and synced, whatever the policy, so that a clean stop
+    /// loses nothing even under `no`. A compaction under way moves on by one slice at most;
+    /// left unfinished, its file is removed at the next start, and the old file, whole, is
+    /// replayed.
     pub fn close(&mut self, store: &Store) -> Result<(), String> {
         self.end_turn(store)?;
         self.file
@@ -448,6 +531,9 @@ fn live_bytes(store: &Store) -> u64 {
 }
 
 impl Syncer {
+    /// The helper for `file`, started when the file is opened with `everysec`. A thread, not
+    /// the loop: `fdatasync` on a busy disk can block for a long time, and the loop must not
+    /// (Redis hands the same sync to a background thread for the same reason).
     fn start(file: &File, waker: Arc<Waker>) -> Result<Syncer, String> {
         let (reports, failures) = mpsc::channel();
         let syncer = Syncer {
@@ -477,14 +563,19 @@ impl Syncer {
         std::thread::Builder::new()
             .name("fsync".into())
             .spawn(move || loop {
+                // Sleep first: at most one sync a second, however busy the loop.
                 std::thread::sleep(EVERY);
                 if Arc::strong_count(&dirty) == 1 {
                     return; // the file was closed, or a compaction replaced it
                 }
+                // Cleared before the sync: records written during the sync set it again and are
+                // synced a second later, never missed. Nothing written: no sync.
                 if !dirty.swap(false, Ordering::AcqRel) {
                     continue;
                 }
                 let started = Instant::now();
+                // The loop hears of a failure at its next turn; the thread goes on, and tries
+                // again when more is written.
                 if let Err(e) = own.sync_data() {
                     let _ = reports.send(format!("cannot sync the data file: {e}"));
                     let _ = waker.wake();
@@ -498,14 +589,15 @@ impl Syncer {
     }
 
     /// After a compaction: a new thread syncs the new file (the old one stops at its next
-    /// tick, its flag no longer shared).
+    /// tick, its flag no longer shared). The new flag starts set, so the new file's first
+    /// second is synced whatever the old flag held when it was dropped.
     fn follow(&mut self, file: &File) -> Result<(), String> {
         self.dirty = Arc::new(AtomicBool::new(true));
         self.spawn(file)
     }
 }
 
-/// Reads `text` as `[store] fsync`.
+/// Reads `text` as `[store] fsync`: Redis's `appendfsync` words.
 pub fn parse_fsync(text: &str) -> Option<Fsync> {
     match text {
         "always" => Some(Fsync::Always),

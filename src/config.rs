@@ -1,5 +1,11 @@
 //! `herd.toml`: the servers of a herd, their links, Places and the limits, checked as a whole
 //! at start-up. Every problem is one line that names it; README.md lists every key.
+//!
+//! Each field below says which key sets it, its unit and its default. Relative paths are
+//! relative to the configuration file's directory, not to where the server was started, so a
+//! herd started from anywhere finds the same files. An unknown key is an error rather than
+//! ignored: a misspelt limit would otherwise leave its default in force without a word.
+//! Numbers are whole and not negative; durations are whole milliseconds (keys ending `_ms`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,96 +16,194 @@ use toml::{Table, Value};
 use crate::aof::{parse_fsync, Fsync, COMPACT_MIN_BYTES};
 use crate::places::{Api, Output};
 
+/// The whole configuration file, as every server and tool of the herd reads it.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `log_dir`, default `logs`: the directory of each server's log `<NAME>.log`, and of the
+    /// files it writes beside it (`<NAME>.store` on SIGUSR1, `<NAME>.admin` while it runs).
+    /// Made if missing.
     pub log_dir: PathBuf,
-    /// A log file past this many bytes is rotated (0: never; for logrotate, send SIGHUP).
+    /// `log_max_bytes`, in bytes, default 0: a log file past this many bytes is rotated when
+    /// the log is next written (0: never; for logrotate, send SIGHUP).
     pub log_max_bytes: u64,
-    /// Rotated log files kept.
+    /// `log_keep`, default 5: rotated log files kept, `<NAME>.log.1` (the newest) up; 0 keeps
+    /// none, and a full log is deleted.
     pub log_keep: usize,
-    /// Whether peer housekeeping (heartbeats, digests) is logged line by line.
+    /// `log_housekeeping`, default `false`: whether the heartbeats and digests received from
+    /// neighbours (`PING`, `DIGEST`, `PARTS`: every second or so on every link) are logged line
+    /// by line.
     pub log_housekeeping: bool,
-    /// Where each server keeps its records on disk (`<data_dir>/<NAME>.aof`); `None`: in
-    /// memory only.
+    /// `data_dir`, default `data`: where each server keeps its records on disk
+    /// (`<data_dir>/<NAME>.aof`); `data_dir = ""` gives `None`: in memory only, and a restarted
+    /// server starts empty until its neighbours resend what they hold.
     pub data_dir: Option<PathBuf>,
+    /// `[store]`: how the records on disk are kept.
     pub store: StoreConfig,
-    /// A file holding the herd secret, used when `HERD_SECRET` is not set.
+    /// `secret_file`, default none: a file holding the herd secret, used when `HERD_SECRET` is
+    /// not set. A file that grants anyone but its owner any access (mode looser than 600) is
+    /// refused.
     pub secret_file: Option<PathBuf>,
+    /// The `[[server]]` tables, in the file's order: at least one.
     pub servers: Vec<ServerConfig>,
+    /// `[places]`: how WHATSAT reaches Google Places.
     pub places: PlacesConfig,
+    /// `[limits]`: what a client, a neighbour or Places can make a server hold.
     pub limits: Limits,
 }
 
 /// `[store]`: how the records on disk are kept.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// `fsync`: `"always"`, `"everysec"` (the default) or `"no"`: when the records written
+    /// reach the disk ([`Fsync`]).
     pub fsync: Fsync,
-    /// A file smaller than this is never compacted.
+    /// `compact_min_bytes`, in bytes, default [`COMPACT_MIN_BYTES`] (64 MiB): a file smaller
+    /// than this is never compacted; a larger one is once it is twice the size of the live
+    /// records.
     pub compact_min_bytes: u64,
 }
 
+/// One `[[server]]` table: a server of the herd.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// `name`, required: unique in the herd, non-empty, with no white space (it is a field of
+    /// every `AT` line the server writes).
     pub name: String,
-    /// Where neighbours dial this server.
+    /// `host`, default `127.0.0.1`: where neighbours, clients of `herd iamat` and the like,
+    /// and `herd status` reach this server; also where it listens, unless `listen` says.
     pub host: String,
+    /// `port`, required: the TCP port for clients and neighbours alike; unique per `host`.
+    /// `0` (any free port) only for a server that no neighbour has to dial.
     pub port: u16,
-    /// Where it listens, when not at `host:port` (behind a proxy or NAT, on all interfaces).
+    /// `listen`, `HOST:PORT`, default `host:port`: where it listens, when not at `host:port`
+    /// (behind a proxy or NAT, on all interfaces).
     pub listen: Option<String>,
+    /// `neighbors`, default none: the names of the servers it links to. Each must name this
+    /// server back: a link is configured on both sides or not at all.
     pub neighbors: Vec<String>,
-    /// `HOST:PORT` of its admin endpoint (`/metrics`, `/healthz`, `/status`); off when `None`.
+    /// `admin`, default none: `HOST:PORT` of its admin endpoint (`/metrics`, `/healthz`,
+    /// `/status`); off when `None` (`herd up` then gives it one on a free port).
     pub admin: Option<String>,
 }
 
+/// `[places]`: how WHATSAT reaches Google Places. The API key is not here: it comes from
+/// `GOOGLE_PLACES_API_KEY` or the file `key_file` names, never from this file's text.
 #[derive(Debug, Clone)]
 pub struct PlacesConfig {
+    /// `api`: `"legacy"` (the default: Nearby Search) or `"new"` (Places API (New)
+    /// `searchNearby`).
     pub api: Api,
+    /// `output`: `"google"` (the default: the body as Google sent it) or `"legacy"` (an
+    /// answer of the new API rewritten as a legacy Nearby Search body).
     pub output: Output,
-    /// The URL as configured, for messages.
+    /// `url`, default Google's endpoint for `api` ([`LEGACY_URL`], [`NEW_URL`]): the URL as
+    /// configured, `https://host[:port]/path`, for messages; the three fields below are taken
+    /// from it.
     pub url: String,
+    /// The URL's host: what is resolved and dialled, the TLS server name, the `Host` header.
     pub host: String,
+    /// The URL's port, default 443.
     pub port: u16,
+    /// The URL's path, default `/`.
     pub path: String,
+    /// `ca_file`, default none: a PEM file of extra trusted roots, on top of the built-in web
+    /// roots (for tests and corporate proxies). Checked readable when the file is loaded.
     pub ca_file: Option<PathBuf>,
+    /// `key_file`, default none: a file holding the API key, read when `GOOGLE_PLACES_API_KEY`
+    /// is not set.
     pub key_file: Option<PathBuf>,
+    /// `timeout_ms`, in milliseconds, default 5000: the deadline of one WHATSAT's Places
+    /// request, from the turn the command ran in to the last byte of Google's answer, time
+    /// spent waiting for a connection included; past it the reply is `UNKNOWN_ERROR`.
     pub timeout: Duration,
+    /// `pool_size`, default 4 (0 is taken as 1): the most HTTPS connections open to Places at
+    /// once, each with its own token; requests beyond them wait in the queue.
     pub pool_size: usize,
-    /// Most requests waiting for a connection; past it a WHATSAT is answered UNKNOWN_ERROR.
+    /// `max_queue`, default 1024: most requests waiting for a connection; past it a WHATSAT is
+    /// answered UNKNOWN_ERROR at once. Every request passes through the queue, so 0 refuses
+    /// them all.
     pub max_queue: usize,
+    /// `max_body_bytes`, in bytes, default 1048576 (1 MiB): a response whose body is larger
+    /// is abandoned, its connection closed, and the WHATSAT answered `UNKNOWN_ERROR`; this
+    /// bounds what Places can make a server hold per connection.
     pub max_body_bytes: usize,
+    /// `field_mask`, default [`DEFAULT_FIELD_MASK`]: the `X-Goog-FieldMask` of requests to
+    /// the new API (Google bills by the fields asked for); unused with `api = "legacy"`. One
+    /// line: it goes into a header.
     pub field_mask: String,
 }
 
 /// Every buffer's limit (docs/protocol.md section 7); README.md says what crossing each one does.
+/// `[limits]`, each key named in its field's doc; the defaults are [`Limits::default`].
+///
+/// The time limits of a client connection are checked by the loop's sweep, once a second, so
+/// each acts up to a second after it is reached. A client that breaks a limit loses its own
+/// connection and nothing else.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// `max_line_bytes`, in bytes, default 4096, at least 64 (smaller is raised): the longest
+    /// line a client may send, its `\n` not counted. A longer one is answered
+    /// `? <its first 64 bytes>... (line longer than N bytes)` and the connection closed. A
+    /// neighbour's lines may be twice as long and 1024 bytes more (a record is longer than the
+    /// IAMAT it stores).
     pub max_line_bytes: usize,
-    /// A line started must end within this (a client sending a byte at a time holds a
-    /// connection and a buffer; this bounds how long).
+    /// `line_timeout_ms`, in milliseconds, default 10000: a line started must end within this
+    /// (a client sending a byte at a time holds a connection and a buffer; this bounds how
+    /// long). 0 does not turn it off: a line unfinished at a sweep closes its connection.
     pub line_timeout: Duration,
+    /// `idle_timeout_ms`, in milliseconds, default 300000 (5 minutes): a client connection
+    /// that has sent nothing for this long and has no reply pending is closed; 0 turns it off.
     pub idle_timeout: Duration,
-    /// Unread replies past this close the connection at once...
+    /// `client_output_bytes`, in bytes, default 4194304 (4 MiB): unread replies past this close
+    /// the connection at once... Long before, at a quarter of it (at most 256 KiB,
+    /// [`crate::herd::OUTPUT_HIGH_WATER`]), the client's commands stop being run until it
+    /// reads: the back-pressure mark, which also sizes every client socket's send buffer.
     pub client_output_bytes: usize,
-    /// ...and past this for `client_output_soft_time`.
+    /// ...and past this (`client_output_soft_bytes`, in bytes, default 1048576, 1 MiB) for
+    /// `client_output_soft_time`.
     pub client_output_soft_bytes: usize,
+    /// `client_output_soft_ms`, in milliseconds, default 10000: how long unread replies may
+    /// stay over `client_output_soft_bytes` before the connection is closed.
     pub client_output_soft_time: Duration,
+    /// `pending_replies`, default 64, at least 1: replies one client may have waiting on
+    /// Places; at this many, no more of its commands are run until one is answered (replies go
+    /// out in command order, so each one waiting holds back those behind it).
     pub pending_replies: usize,
+    /// `max_connections`, default 16384: accepted connections open at once (clients, and
+    /// neighbours not yet proved). A connection past it is answered `? server busy` and
+    /// closed, but for two places per neighbour kept beyond it, which only a neighbour's
+    /// greeting may hold ([`crate::server`]). The server raises its soft descriptor limit to
+    /// the hard one at start; the hard limit must leave room for this many.
     pub max_connections: usize,
+    /// `peer_output_bytes`, in bytes, default 16777216 (16 MiB): a link to a neighbour whose
+    /// unsent output passes this when a record is queued is dropped, then redialled and
+    /// resynchronised: nothing queues without bound for a neighbour that does not keep up.
     pub peer_output_bytes: usize,
     /// One connection's share of a turn of the loop: see [`Turn`].
     pub turn: Turn,
-    /// The longest client id an IAMAT or a neighbour's record may carry.
+    /// `max_client_id_bytes`, in bytes, default 256, at least 1: the longest client id an
+    /// IAMAT or a neighbour's record may carry. A longer IAMAT is invalid, a longer record
+    /// refused.
     pub max_client_id_bytes: usize,
-    /// The most clients the store holds; a new client past it is refused.
+    /// `max_clients`, default 1000000: the most clients the store holds; a new client past it
+    /// is refused (its IAMAT answered `?`, a neighbour's record dropped). Clients are never
+    /// removed, so this bounds the store's memory.
     pub max_clients: usize,
-    /// How far ahead of this server's clock a client time may lie: further, and an IAMAT is
-    /// invalid and a neighbour's record refused (a far-future time would pin its client).
+    /// `client_time_ahead_ms`, in milliseconds, default 60000: how far ahead of this server's
+    /// clock a client time may lie: further, and an IAMAT is invalid and a neighbour's record
+    /// refused (a far-future time would pin its client).
     pub client_time_ahead: Duration,
-    /// A new connection's first line must come within this.
+    /// `first_line_timeout_ms`, in milliseconds, default 60000: a new connection's first line
+    /// must come within this. A connection in a place kept for neighbours gets the shorter of
+    /// this and [`crate::peer::HANDSHAKE_TIMEOUT`].
     pub first_line_timeout: Duration,
-    /// The most connections open from one address at once; 0: no cap.
+    /// `max_connections_per_address`, default 1024: the most connections open from one IP
+    /// address at once; past it a newcomer is refused like one past `max_connections`; 0: no
+    /// cap.
     pub max_connections_per_address: usize,
-    /// WHATSATs one client address may send per minute; 0: no limit.
+    /// `whatsat_per_minute`, default 0 (no limit): WHATSATs one client IP address may send per
+    /// minute, as a bucket of that many that refills evenly over the minute; one over it is
+    /// answered with an `OVER_QUERY_LIMIT` body, and costs no Places request.
     pub whatsat_per_minute: usize,
 }
 
@@ -116,19 +220,24 @@ pub struct Limits {
 /// eight clients'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Turn {
-    /// Lines a client's connection runs per turn; 0: no limit.
+    /// `turn_lines`, default [`Turn::LINES`]: lines a client's connection runs per turn; 0: no
+    /// limit.
     pub lines: usize,
-    /// Bytes read from a client's connection per turn; 0: no limit.
+    /// `turn_read_bytes`, in bytes, default [`Turn::READ_BYTES`]: bytes read from a client's
+    /// connection per turn; 0: no limit.
     pub read_bytes: usize,
 }
 
 impl Turn {
+    /// The default lines per turn: about half a millisecond of IAMATs.
     pub const LINES: usize = 512;
+    /// The default bytes read per turn: 32 KiB, about 500 IAMATs.
     pub const READ_BYTES: usize = 32 * 1024;
     /// A neighbour's inbound link gets this many clients' share.
     pub const PEER_SHARE: usize = 8;
 
-    /// A neighbour's inbound link's share.
+    /// A neighbour's inbound link's share: [`Turn::PEER_SHARE`] times this, a limit of 0 still
+    /// none.
     pub fn peer(self) -> Turn {
         Turn {
             lines: self.lines.saturating_mul(Turn::PEER_SHARE),
@@ -169,8 +278,12 @@ impl Default for Limits {
     }
 }
 
+/// Google's legacy Nearby Search endpoint: the default `url` with `api = "legacy"`.
 pub const LEGACY_URL: &str = "https://maps.googleapis.com/maps/api/place/nearbysearch/json";
+/// Places API (New) `searchNearby`: the default `url` with `api = "new"`.
 pub const NEW_URL: &str = "https://places.googleapis.com/v1/places:searchNearby";
+/// The default `field_mask`: a few basic fields of each place (Google bills by the fields asked
+/// for); with `output = "legacy"`, the body written holds only what these return.
 pub const DEFAULT_FIELD_MASK: &str = "places.id,places.displayName,places.formattedAddress,places.location,places.types,places.rating,places.userRatingCount,places.businessStatus";
 
 impl Config {
@@ -195,6 +308,7 @@ impl Config {
             Some(Value::Boolean(b)) => b,
             Some(_) => return Err("log_housekeeping must be true or false".into()),
         };
+        // Absent: records kept on disk, under `data`; only an explicit `""` turns that off.
         let data_dir = match take_str(&mut top, "data_dir", "")? {
             None => Some(base.join("data")),
             Some(dir) if dir.is_empty() => None,
@@ -212,6 +326,7 @@ impl Config {
         };
         let places = parse_places(take_table(&mut top, "places")?, base)?;
         let limits = parse_limits(take_table(&mut top, "limits")?)?;
+        // Every known key was taken out of the table as it was read: what is left is unknown.
         no_unknown_keys(&top, "")?;
         check_herd(&servers)?;
         Ok(Config {
@@ -228,6 +343,7 @@ impl Config {
         })
     }
 
+    /// The server called `name`; the error lists the names there are.
     pub fn server(&self, name: &str) -> Result<&ServerConfig, String> {
         self.servers.iter().find(|s| s.name == name).ok_or_else(|| {
             let names: Vec<&str> = self.servers.iter().map(|s| s.name.as_str()).collect();
@@ -238,6 +354,7 @@ impl Config {
         })
     }
 
+    /// `<log_dir>/<name>.log`: where server `name` logs.
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.log_dir.join(format!("{name}.log"))
     }
@@ -365,6 +482,7 @@ fn parse_places(mut t: Table, base: &Path) -> Result<PlacesConfig, String> {
     }
     let key_file = file(&mut t, "key_file")?;
     let timeout = take_ms(&mut t, "timeout_ms", at, Duration::from_millis(5000))?;
+    // A pool of no connections would hold every request in the queue until its deadline.
     let pool_size = take_uint(&mut t, "pool_size", at, 4)?.max(1);
     let max_queue = take_uint(&mut t, "max_queue", at, 1024)?;
     let max_body_bytes = take_uint(&mut t, "max_body_bytes", at, 1 << 20)?;
@@ -390,7 +508,8 @@ fn parse_places(mut t: Table, base: &Path) -> Result<PlacesConfig, String> {
     })
 }
 
-/// Splits `https://host[:port]/path`.
+/// Splits `https://host[:port]/path`: the port defaults to 443 and the path to `/`; an IPv6
+/// host is written in brackets, which are taken off. Any other scheme is refused.
 fn split_https_url(url: &str) -> Result<(String, u16, String), String> {
     let bad = || format!("places.url {url:?} must look like https://host[:port]/path");
     let rest = url.strip_prefix("https://").ok_or_else(bad)?;

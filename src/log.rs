@@ -5,6 +5,12 @@
 //! logging every line costs a copy, not a system call per line. The time stamp is formatted once
 //! per turn too: every event of a turn happened at that turn's `now`. Client bytes are escaped,
 //! so a client cannot forge a log line.
+//!
+//! The write is a blocking call on the loop, kept small: the buffer of one turn, to a file
+//! opened for appending, whose pages are handed to the disk and dropped from the cache as it
+//! goes ([`CachedPages`]). A log that cannot be written does not stop the server
+//! ([`Log::flush`]); rotation ([`Log::rotate_at`]) and SIGHUP ([`Log::reopen`]) keep the file
+//! from growing without end.
 
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
@@ -16,10 +22,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::bytes::{escape_into, push_decimal};
 
-/// Past this much buffered text the log is written out at once rather than at the end of the turn.
+/// Past this much buffered text the log is written out at once rather than at the end of the
+/// turn: a turn that logs a great deal (a copy of the store to a neighbour, every record of it
+/// logged; a burst of pipelined commands) holds no more than this, and no write is larger.
 const FLUSH_AT_BYTES: usize = 1 << 20;
 
+/// A server's log: the file, and the lines of the current turn not yet written to it.
 pub struct Log {
+    /// `None` for a log that keeps nothing ([`Log::discard`]).
     file: Option<File>,
     /// Where the file is: opened again after a rotation, on SIGHUP, or after a failed write.
     path: Option<PathBuf>,
@@ -28,6 +38,7 @@ pub struct Log {
     buf: Vec<u8>,
     /// `2026-11-24T17:26:00.123456Z`, the current turn's time.
     stamp: String,
+    /// The last write failed: said once, and every flush opens the file again until one works.
     failed: bool,
     /// Past this many bytes the file is rotated (`log_max_bytes`; 0: never), keeping `keep`
     /// older files.
@@ -51,7 +62,9 @@ fn open_file(path: &Path) -> Result<File, String> {
 }
 
 impl Log {
-    /// Opens `path` for appending, creating its directory.
+    /// Opens `path` for appending, creating its directory. Called before the loop starts, so
+    /// an unwritable log directory stops the server's start with a message rather than a
+    /// server that runs without its log.
     pub fn open(path: &Path) -> Result<Log, String> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -92,7 +105,9 @@ impl Log {
     }
 
     /// Opens the file again at its path: after logrotate moved it away (SIGHUP), after a
-    /// rotation, or to try again after a failed write. What was buffered goes to the new file.
+    /// rotation, or to try again after a failed write. What was buffered goes to the new file
+    /// (on SIGHUP the loop flushes first, so the lines before the signal stay in the old one).
+    /// On an error the old descriptor is kept: the lines go on to the file that was moved away.
     pub fn reopen(&mut self) -> Result<(), String> {
         let Some(path) = &self.path else {
             return Ok(());
@@ -105,7 +120,8 @@ impl Log {
     }
 
     /// Moves `NAME.log` to `NAME.log.1` (and each older one a number up, the oldest dropped),
-    /// then starts a new `NAME.log`.
+    /// then starts a new `NAME.log`. Called by [`Log::flush`] once the file has passed
+    /// `max_bytes`: a removal and `keep` renames on the loop, each a metadata change only.
     fn rotate(&mut self) -> Result<(), String> {
         let Some(path) = self.path.clone() else {
             return Ok(());
@@ -115,16 +131,22 @@ impl Log {
             name.push(format!(".{n}"));
             PathBuf::from(name)
         };
+        // Nothing kept: the full file is simply removed, and a new one started below.
         if self.keep == 0 {
             let _ = std::fs::remove_file(&path);
         } else {
+            // Oldest first, so no rename lands on a file still to be moved. A missing numbered
+            // file (fewer rotations so far than `keep`) is no error.
             let _ = std::fs::remove_file(numbered(self.keep));
             for n in (1..self.keep).rev() {
                 let _ = std::fs::rename(numbered(n), numbered(n + 1));
             }
+            // The one rename that matters: if it fails, the full file stays where it is.
             std::fs::rename(&path, numbered(1))
                 .map_err(|e| format!("cannot rotate {}: {e}", path.display()))?;
         }
+        // The open descriptor still points at the file just renamed: the next lines must go to
+        // a new one.
         self.reopen()
     }
     /// Sets the time stamp of the lines that follow: once per turn of the loop.
@@ -159,7 +181,10 @@ impl Log {
         self.end();
     }
 
-    /// `STAMP WHO TEXT`: an event.
+    /// `STAMP WHO TEXT`: an event. `what` is escaped like client bytes, since it may carry
+    /// text from outside (a Places status as Google sent it, an error a neighbour caused);
+    /// `who` is the server's own text (`c7`, `link Bona`) and is not. Formats through a
+    /// `String`: events are rarer than lines.
     pub fn event(&mut self, who: fmt::Arguments, what: fmt::Arguments) {
         self.start(who);
         let mut text = String::new();
@@ -168,6 +193,7 @@ impl Log {
         self.end();
     }
 
+    /// The stamp and `who` of an event's line.
     fn start(&mut self, who: fmt::Arguments) {
         self.buf.extend_from_slice(self.stamp.as_bytes());
         self.buf.push(b' ');
@@ -175,6 +201,7 @@ impl Log {
         self.buf.push(b' ');
     }
 
+    /// Ends a line; writes the buffer out now if it has grown past [`FLUSH_AT_BYTES`].
     fn end(&mut self) {
         self.buf.push(b'\n');
         if self.buf.len() >= FLUSH_AT_BYTES {
@@ -194,6 +221,9 @@ impl Log {
         if self.buf.is_empty() {
             return;
         }
+        // Failing: each flush opens the file afresh and tries again. If it cannot even be
+        // opened, the turn's lines are dropped: holding them would grow without bound for as
+        // long as the disk is away.
         if self.failed && self.reopen().is_err() {
             self.buf.clear();
             return;
@@ -209,6 +239,8 @@ impl Log {
                     self.cached
                         .wrote(written, |filled, old| release(file, filled, old));
                 }
+                // The first failure is said on standard error; the loop's `/healthz` reports it
+                // from [`Log::failing`] until a write works.
                 Err(e) if !self.failed => {
                     self.failed = true;
                     log::error!("cannot write the log file: {e}");
@@ -216,7 +248,10 @@ impl Log {
                 Err(_) => {}
             }
         }
+        // Written or not, the lines go: see above.
         self.buf.clear();
+        // Rotation is judged on the bytes written since the file was opened, added to its size
+        // then; a failing log is not rotated (the failure is dealt with first).
         if self.max_bytes != 0 && self.cached.end >= self.max_bytes && !self.failed {
             if let Err(e) = self.rotate() {
                 self.failed = true;
@@ -307,8 +342,11 @@ fn release(_: &File, _: Range<u64>, _: Option<Range<u64>>) {}
 /// link we dialled (`link Bona`) or on the one it dialled (`peer Bona`).
 #[derive(Debug, Clone, Copy)]
 pub enum Who<'a> {
+    /// An accepted connection, by its id: a client, or a neighbour not yet proved.
     Conn(u64),
+    /// The link this server dialled to the named neighbour.
     Link(&'a str),
+    /// The link the named neighbour dialled to this server.
     Peer(&'a str),
 }
 

@@ -7,17 +7,24 @@
 use crate::conn::CloseReason;
 
 /// A histogram of durations in seconds, with fixed bucket bounds (Prometheus's `le`).
+///
+/// Fixed bounds, chosen for what each histogram measures, keep an observation to a short scan
+/// and an increment, with no allocation; the price is a resolution no finer than the bounds.
 #[derive(Debug, Clone)]
 pub struct Histogram {
+    /// The buckets' upper bounds, in seconds, ascending.
     pub bounds: &'static [f64],
     /// How many observations fell at or under each bound (not cumulative; the text makes them
     /// so), and over the last.
     pub counts: Vec<u64>,
+    /// The sum of every observation, in seconds (Prometheus's `_sum`).
     pub sum: f64,
+    /// How many observations there were (Prometheus's `_count`, and the `+Inf` bucket).
     pub count: u64,
 }
 
 impl Histogram {
+    /// An empty histogram with these bounds (ascending), and one bucket more past the last.
     pub fn new(bounds: &'static [f64]) -> Histogram {
         Histogram {
             bounds,
@@ -27,6 +34,7 @@ impl Histogram {
         }
     }
 
+    /// Counts one duration of `seconds` in the first bucket whose bound it does not pass.
     pub fn observe(&mut self, seconds: f64) {
         let at = self
             .bounds
@@ -48,12 +56,16 @@ pub const PLACES_BOUNDS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 /// Bounds of a sync of the store's file to the disk, from 100 µs to a second.
 pub const SYNC_BOUNDS: &[f64] = &[0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
 
-/// The verbs a client's command is counted by.
+/// The verbs a client's command is counted by, the `verb` label's values: `other` is any line
+/// that is neither a valid IAMAT nor a valid WHATSAT (a blank line is not counted).
 pub const VERBS: [&str; 3] = ["IAMAT", "WHATSAT", "other"];
-/// What became of a command.
+/// What became of a command, the `result` label's values: answered as asked (`ok`), answered
+/// `?` for what it said (`invalid`), or turned away by a limit (`refused`).
 pub const RESULTS: [&str; 3] = ["ok", "invalid", "refused"];
 
-/// The kinds of close, named as the `reason` label says them.
+/// The kind of a close: its index in [`CLOSE_KINDS`], the `reason` label. Reasons are grouped
+/// into a few kinds: a label naming each [`CloseReason`] with its detail (an error's text, a
+/// limit's value) would make a new series for every value.
 pub fn close_kind(reason: &CloseReason) -> usize {
     match reason {
         CloseReason::EndOfStream => 0,
@@ -90,37 +102,52 @@ pub const CLOSE_KINDS: [&str; 10] = [
 /// which the one it dialled adds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LinkCounts {
-    /// Bytes written on the link we dialled, and read on the one it dialled.
+    /// Bytes written on the link we dialled.
     pub bytes_sent: u64,
+    /// Bytes read on the link the neighbour dialled.
     pub bytes_received: u64,
     /// Times it came up (our dialled link).
     pub ups: u64,
     /// Copies of the store, or of parts of it, made again at the neighbour's asking or ours.
     pub resyncs: u64,
+    /// The parts those copies covered: a copy of the whole store counts every one of
+    /// [`crate::store::DIGEST_PARTS`].
     pub parts_copied: u64,
 }
 
-/// Every count of one server.
+/// Every count of one server. Counters only grow, from zero at start: Prometheus reads a fall
+/// as a restart.
 #[derive(Debug, Clone)]
 pub struct Metrics {
+    /// Connections accepted into a slot.
     pub accepted: u64,
+    /// Connections refused at once, before they had a slot (too many from their address, or
+    /// every place taken).
     pub refused: u64,
+    /// Connections closed (clients, and neighbours' inbound links), by [`close_kind`].
     pub closed: [u64; CLOSE_KINDS.len()],
     /// By verb and result ([`VERBS`], [`RESULTS`]).
     pub commands: [[u64; RESULTS.len()]; VERBS.len()],
+    /// Clients' IAMATs that changed the store.
     pub stored_from_clients: u64,
+    /// Neighbours' records that changed the store.
     pub stored_from_peers: u64,
     /// Records from neighbours refused (out of bounds) or invalid.
     pub refused_records: u64,
+    /// Turns of the loop.
     pub turns: u64,
+    /// Readiness events the loop handled, over every turn.
     pub events: u64,
+    /// How long each turn's work took (not its wait in `poll`).
     pub turn_seconds: Histogram,
 }
 
 /// What the Places pool counts: requests by outcome ([`PLACES_OUTCOMES`]) and their time.
 #[derive(Debug, Clone)]
 pub struct PlacesCounts {
+    /// Requests by outcome, indexed like [`PLACES_OUTCOMES`].
     pub outcomes: [u64; 4],
+    /// Seconds from a WHATSAT's turn to its reply, for every outcome.
     pub seconds: Histogram,
 }
 
@@ -133,7 +160,8 @@ impl Default for PlacesCounts {
     }
 }
 
-/// The outcomes of a Places request, as the `outcome` label says them.
+/// The outcomes of a Places request, as the `outcome` label says them. The first is the one
+/// success; `herd status` counts the others as errors.
 pub const PLACES_OUTCOMES: [&str; 4] = ["answered", "failed", "late", "busy"];
 
 impl Default for Metrics {
@@ -143,6 +171,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every count at zero.
     pub fn new() -> Metrics {
         Metrics {
             accepted: 0,

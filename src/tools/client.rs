@@ -10,11 +10,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{resolve, Config};
 
-/// How long to wait for the server to connect, and to answer (a WHATSAT waits on Places).
+/// How long to wait for the server to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for each read of the answer: longer than the server's Places timeout (5 s
+/// by default), since a WHATSAT waits on Places before the server answers.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `SERVER` is a server's name in the configuration, or `HOST:PORT`.
+/// `SERVER` is a server's name in the configuration, or `HOST:PORT`. A name is looked up
+/// first, so a server may be called anything, even something with a colon in it.
 pub fn server_address(server: &str, config: Option<&Config>) -> Result<SocketAddr, String> {
     if let Some(config) = config {
         if let Ok(s) = config.server(server) {
@@ -47,7 +50,9 @@ pub fn iamat_line(client: &str, location: &str) -> String {
     )
 }
 
-/// Sends `line` and a newline, half-closes, and returns every byte of the reply.
+/// Sends `line` and a newline, half-closes, and returns every byte of the reply. The server
+/// answers, sees the end of stream, and closes: reading to the end is how the reply is known
+/// to be whole, with no parsing of it here.
 pub fn exchange(addr: SocketAddr, line: &str) -> Result<Vec<u8>, String> {
     let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;

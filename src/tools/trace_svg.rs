@@ -159,7 +159,8 @@ pub fn draw(trace: &str) -> String {
     let t0 = (steps.iter())
         .find(|(_, step)| !matches!(step, Step::Turn { .. }))
         .map_or(0, |(t, _)| *t);
-    // Lanes: servers in the order they first appear, then clients and Places.
+    // Lanes in the order their names first appear. A server's `turn` line comes before the
+    // lines of its clients, so a client's lane usually follows its server's.
     let mut lanes: Vec<String> = Vec::new();
     let lane = |name: &str, lanes: &mut Vec<String>| -> usize {
         match lanes.iter().position(|l| l == name) {
@@ -255,15 +256,22 @@ pub fn draw(trace: &str) -> String {
     render(&lanes, &rows, &arrows, &turns, t0)
 }
 
+/// Whether `lane` is a client's (`c3@Bailey`): client lines are drawn where they happen, not
+/// paired like records between servers.
 fn is_client(lane: &str) -> bool {
     lane.starts_with('c') && lane.contains('@')
 }
 
+/// Width of a lane, in SVG user units (pixels).
 const LANE: usize = 170;
+/// Height of a row: one line drawn.
 const ROW: usize = 22;
+/// Room above the first row, for the lanes' names.
 const TOP: usize = 60;
+/// Room left of the first lane, for the times.
 const LEFT: usize = 90;
 
+/// The SVG document: lanes, the time of each row, the turn marks, then the arrows on top.
 fn render(
     lanes: &[String],
     rows: &[(u64, String)],

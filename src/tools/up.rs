@@ -21,6 +21,7 @@ use crate::config::Config;
 /// How long children get to exit after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// One server of the herd, as a child process.
 struct Running {
     name: String,
     child: Child,
@@ -59,6 +60,8 @@ pub fn run(config_path: &Path, config: &Config, tracing: &Tracing) -> Result<i32
     code
 }
 
+/// Starts every server, waits for each one's ready line, then waits for a signal: Ctrl-C or
+/// SIGTERM stops the herd, SIGHUP is passed on, and a server that exits stops the rest.
 fn run_herd(
     config_path: &Path,
     config: &Config,
@@ -102,7 +105,8 @@ fn run_herd(
                 None => Stdio::inherit(),
             })
             .envs(secret.iter().map(|s| ("HERD_SECRET", s)))
-            // Its own process group: a terminal's Ctrl-C reaches `up`, which stops the herd in order.
+            // Its own process group: a terminal's Ctrl-C reaches `up` alone, which stops the
+            // herd in order.
             .process_group(0);
         // SAFETY: prctl is async-signal-safe; it makes the kernel send SIGTERM to the child if
         // `up` itself dies, so no server outlives it.
@@ -242,6 +246,7 @@ const MERGE_WAIT_US: u64 = 50_000;
 const KEEP_LINES: usize = 1_000_000;
 
 impl Merger {
+    /// Starts the printer thread; `keep` also keeps the lines for a drawing.
     fn start(keep: bool) -> Merger {
         let (sender, lines) = mpsc::channel::<String>();
         let printer = std::thread::spawn(move || {
@@ -284,6 +289,7 @@ impl Merger {
         Merger { sender, printer }
     }
 
+    /// Where each server's trace reader sends its lines.
     fn sender(&self) -> Sender<String> {
         self.sender.clone()
     }

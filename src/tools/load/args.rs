@@ -10,6 +10,7 @@ pub(super) const CLIENT_PREFIX: &str = "load-";
 /// What `herd load` was asked to do.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
+    /// The server to load (`--addr`), resolved once, IPv4 first.
     pub addr: SocketAddr,
     /// Connections open at once (one-shot: connections under way at once).
     pub connections: usize,
@@ -19,6 +20,7 @@ pub struct LoadOptions {
     pub duration: Duration,
     /// Load before the window opens, not counted.
     pub warmup: Duration,
+    /// Which commands make up the load (`--mix`).
     pub mix: Mix,
     /// One command per connection, as the course's test clients send them.
     pub one_shot: bool,
@@ -43,10 +45,14 @@ pub struct LoadOptions {
 /// Which commands make up the load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mix {
+    /// IAMAT only: the store and the flood, no Places.
     Iamat,
+    /// WHATSAT only, about clients primed first: the Places path (or the server's answer
+    /// without a key).
     Whatsat,
     /// This many WHATSAT in every hundred commands, evenly spread; IAMAT for the rest.
     Mixed {
+        /// 0 to 100.
         whatsat_percent: u8,
     },
 }
@@ -197,6 +203,7 @@ pub fn parse_args(args: &[String]) -> Result<LoadOptions, String> {
     })
 }
 
+/// `iamat`, `whatsat` or `mixed:N`.
 pub(super) fn parse_mix(text: &str) -> Result<Mix, String> {
     match text {
         "iamat" => Ok(Mix::Iamat),

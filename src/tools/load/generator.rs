@@ -58,6 +58,7 @@ impl Phase {
         }
     }
 
+    /// What may be sent in this phase.
     pub(super) fn sending(&self) -> Sending {
         match self {
             Phase::Priming { .. } => Sending::Primers,
@@ -67,9 +68,7 @@ impl Phase {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
 // The shell: one connection
-// ---------------------------------------------------------------------------------------------
 
 /// Where one connection is in its life. The socket lives in the states that have one.
 pub(super) enum ConnState {
@@ -88,6 +87,7 @@ pub(super) enum ConnState {
     Closed(TcpStream),
 }
 
+/// One connection of the load: its state, its buffers, and the commands it waits on.
 pub(super) struct Conn {
     pub(super) state: ConnState,
     pub(super) out: OutBuf,
@@ -100,6 +100,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
+    /// A connection with no socket yet, room for `in_flight` commands outstanding.
     pub(super) fn new(in_flight: usize) -> Conn {
         Conn {
             state: ConnState::Idle,
@@ -219,6 +220,8 @@ impl Conn {
         self.input.drain(..at);
     }
 
+    /// The server closed its side: the end of a one-shot exchange, or, with replies still
+    /// due, a failure.
     pub(super) fn on_end_of_stream(&mut self, tally: &mut Tally) {
         match self.state {
             // The one-shot exchange is complete: the server answered, then closed.
@@ -328,6 +331,8 @@ impl Sources {
     /// The most `--sources` may ask for: 127.0.0.2 to 127.0.0.254.
     const MAX: usize = 253;
 
+    /// `count` addresses from 127.0.0.2 up, at most [`Sources::MAX`]; none for 0 or 1 (the
+    /// kernel chooses).
     pub(super) fn new(count: usize) -> Sources {
         let addrs = match count {
             0 | 1 => Vec::new(),
@@ -464,9 +469,7 @@ pub(super) fn quote(bytes: &[u8]) -> String {
     format!("\"{}\"", String::from_utf8_lossy(&out))
 }
 
-// ---------------------------------------------------------------------------------------------
 // The shell: the loop
-// ---------------------------------------------------------------------------------------------
 
 /// Generates load as `opts` says, then reports. Blocks for the warm-up, the window and at most
 /// `DRAIN_TIMEOUT` more (plus priming, for a load with WHATSAT).
@@ -495,6 +498,7 @@ pub(super) struct Generator<'a> {
 }
 
 impl<'a> Generator<'a> {
+    /// A generator for `opts`, its pipelined connections dialled and its first phase begun.
     pub(super) fn new(opts: &'a LoadOptions) -> Result<Generator<'a>, String> {
         let poll = Poll::new().map_err(|e| format!("cannot create the poll: {e}"))?;
         let epoch_ns = SystemTime::now()
@@ -599,6 +603,8 @@ impl<'a> Generator<'a> {
         }
     }
 
+    /// One event: the connection of its token connects, or reads. Writing waits for the end
+    /// of the turn.
     pub(super) fn dispatch(&mut self, event: &Event, now: Instant) {
         let slot = event.token().0;
         let counted = matches!(self.phase, Phase::Measuring { .. });
@@ -791,6 +797,7 @@ impl<'a> Generator<'a> {
         self.requests.exhausted() && self.tally.outstanding == 0
     }
 
+    /// Lists connection `slot` for the end of the turn, once however often it is marked.
     pub(super) fn mark_dirty(&mut self, slot: usize) {
         let conn = &mut self.conns[slot];
         if !conn.dirty {
@@ -810,6 +817,7 @@ impl<'a> Generator<'a> {
         })
     }
 
+    /// Lists every connection for the end of the turn.
     pub(super) fn mark_all_dirty(&mut self) {
         for slot in 0..self.conns.len() {
             self.mark_dirty(slot);

@@ -20,15 +20,17 @@
 //! `connect()` searches for one to recycle (a few milliseconds each, all inside one turn of the
 //! loop; that is the one-shot p99).
 //!
-//! Map of the file, top to bottom:
+//! Map of the module, one file per part:
 //!
-//! | part | what it is |
-//! |---|---|
-//! | [`LoadOptions`], [`parse_args`], [`USAGE`] | the command line |
-//! | `Requests`, `parse_reply`, `Histogram` | pure cores: commands made, replies checked, latencies kept; no sockets, no clock |
-//! | `Phase` | the run's timeline: priming, warm-up, measuring, draining, done |
-//! | `Generator`, `Conn` | the shell: the loop, and one connection's state machine |
-//! | [`LoadReport`] | the figures, as one line of JSON |
+//! - [`args`]: the command line ([`LoadOptions`], [`parse_args`], [`USAGE`]);
+//! - [`requests`]: pure cores, no sockets and no clock: the commands made
+//!   ([`Requests`](requests::Requests)) and the check of each reply
+//!   ([`parse_reply`](requests::parse_reply));
+//! - [`stats`]: the latencies kept ([`Histogram`](stats::Histogram)), the tallies, and the
+//!   figures as one line of JSON ([`LoadReport`]);
+//! - [`generator`]: the shell: the run's timeline ([`Phase`](generator::Phase): priming,
+//!   warm-up, measuring, draining, done), one connection's state machine
+//!   ([`Conn`](generator::Conn)), and the loop ([`Generator`](generator::Generator)).
 //!
 //! Every reply is checked. An IAMAT must be answered by exactly
 //! `AT SERVER [+-]S.NNNNNNNNN CLIENT LOCATION TIME\n` with the three client fields as sent; a

@@ -11,6 +11,7 @@ use memchr::memchr;
 /// The location every generated IAMAT reports: the spec's example, on UCLA's campus.
 pub(super) const LOCATION: &[u8] = b"+34.068930-118.445127";
 
+/// The two commands the load sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
     Iamat,
@@ -18,6 +19,7 @@ pub(super) enum Kind {
 }
 
 impl Kind {
+    /// The command's verb, for error messages.
     pub(super) fn verb(self) -> &'static str {
         match self {
             Kind::Iamat => "IAMAT",
@@ -77,6 +79,8 @@ pub(super) struct Requests {
 }
 
 impl Requests {
+    /// The commands of a run started at `start`, when the wall clock read `epoch_ns`. A load
+    /// with WHATSAT primes every client id first.
     pub(super) fn new(opts: &LoadOptions, start: Instant, epoch_ns: u64) -> Requests {
         let primed = if opts.mix == Mix::Iamat {
             0
@@ -179,6 +183,7 @@ impl Requests {
         })
     }
 
+    /// The kind of the next load command, as the mix says.
     pub(super) fn next_kind(&mut self) -> Kind {
         match self.mix {
             Mix::Iamat => Kind::Iamat,
@@ -205,6 +210,7 @@ pub(super) fn write_iamat_fields(out: &mut Vec<u8>, prefix: &[u8], client: u64, 
     write_client_time(out, time_ns);
 }
 
+/// `<prefix><client>`: a client id.
 pub(super) fn write_client_id(out: &mut Vec<u8>, prefix: &[u8], client: u64) {
     out.extend_from_slice(prefix);
     push_decimal(out, client);
@@ -223,7 +229,6 @@ pub(super) fn write_client_time(out: &mut Vec<u8>, ns: u64) {
     out.extend_from_slice(&digits);
 }
 
-// ---------------------------------------------------------------------------------------------
 /// What the reply at the head of a connection's input must be.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Expect<'a> {

@@ -21,6 +21,7 @@ pub(super) const SUB_BUCKET_BITS: u32 = 7;
 pub(super) const MAX_TRACKED_NS: u64 = 60_000_000_000;
 
 impl Histogram {
+    /// An empty histogram, its buckets all made at once.
     pub(super) fn new() -> Histogram {
         Histogram {
             counts: vec![0; bucket_of(MAX_TRACKED_NS) + 1],
@@ -29,6 +30,7 @@ impl Histogram {
         }
     }
 
+    /// Counts one latency: an index computation and an increment.
     pub(super) fn record(&mut self, latency: Duration) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
         self.counts[bucket_of(ns.min(MAX_TRACKED_NS))] += 1;
@@ -82,7 +84,6 @@ pub(super) fn bucket_range(index: usize) -> (u64, u64) {
     (((1 << SUB_BUCKET_BITS) + sub) << shift, 1 << shift)
 }
 
-// ---------------------------------------------------------------------------------------------
 /// The figures of one run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadReport {
@@ -92,17 +93,27 @@ pub struct LoadReport {
     pub errors: u64,
     /// Length of the measured window.
     pub seconds: f64,
+    /// `requests` over `seconds`.
     pub per_second: f64,
+    /// The median latency, in microseconds: from handing a command to the socket to parsing
+    /// its whole reply (the connect included, one-shot), over the window's valid replies.
     pub p50_us: f64,
+    /// The 90th percentile latency, in microseconds, within 1/128 ([`Histogram`]).
     pub p90_us: f64,
+    /// The 99th percentile latency, in microseconds.
     pub p99_us: f64,
+    /// The 99.9th percentile latency, in microseconds.
     pub p999_us: f64,
+    /// The slowest valid reply in the window, in microseconds, exact.
     pub max_us: f64,
     /// The generator's own user and system CPU time over the window.
     pub cpu_seconds: f64,
+    /// `cpu_seconds` over `seconds`, as a percentage of one core.
     pub cpu_percent: f64,
     /// The generator used 90% or more of its one core: the rate is its limit, not the server's.
     pub client_bound: bool,
+    /// What the first error was, with the reply quoted if there was one; later errors are
+    /// only counted.
     pub first_error: Option<String>,
 }
 
@@ -155,6 +166,7 @@ impl Tally {
         }
     }
 
+    /// The report of a run whose measured window was `window`.
     pub(super) fn report(&self, window: Measured) -> LoadReport {
         let us = |quantile: f64| self.latency.quantile_ns(quantile) as f64 / 1000.0;
         let per_second = |x: f64| match window.seconds > 0.0 {
@@ -188,6 +200,7 @@ pub(super) struct Measured {
 }
 
 impl Measured {
+    /// Closes a window opened at `from`, when the generator's CPU time was `cpu_from`.
     pub(super) fn close(from: Instant, cpu_from: Duration, now: Instant) -> Measured {
         Measured {
             seconds: now.saturating_duration_since(from).as_secs_f64(),
