@@ -16,25 +16,30 @@
 //! Each connection is one more explicit state machine of the loop:
 //!
 //! ```text
-//!            a whole request head: answered          written, keep-alive
-//!   Reading -------------------------------> Writing -------------------> Reading
-//!      |  head too long, too slow, not GET       |  written, close
+//!            a whole request head: answered          written, keep-alive: the next request,
+//!   Reading -------------------------------> Writing ---------------------> Reading
+//!      |  too slow                               |    already read or still to come
+//!      |                                         |  written, close (a bad request, HTTP/1.0,
+//!      |                                         |  `Connection: close`, the client half-closed)
+//!      |                                         v
+//!      |                                    Lingering: input read and dropped until the client
+//!      |                                         |     closes too, or for LINGER at most
 //!      '-----------------------------------------+-------------------> Closed
 //! ```
 //!
 //! Limits, like the client port's: a request head of at most [`MAX_HEAD_BYTES`]; the first
 //! request whole within [`REQUEST_TIME`] of the connection, and each later one on a kept-alive
 //! connection whole within [`IDLE_TIME`] of the response before it (the deadline is not moved
-//! by the first byte of a request); at most [`MAX_CONNECTIONS`] at once, and one more is
-//! answered `503` and closed by the loop's
-//! [`accept_admin`](crate::server::Server::accept_admin). The request is parsed with
-//! `httparse`; the response is written by hand.
+//! by the first byte of a request); a response the client does not take within [`IDLE_TIME`]
+//! closes the connection; at most [`MAX_CONNECTIONS`] at once: more wait in the kernel's accept
+//! queue until one closes (the loop's [`accept_admin`](crate::server::Server::accept_admin)
+//! takes them then). The request is parsed with `httparse`; the response is written by hand.
 //!
-//! One request at a time: bytes that follow a request head in the same reads (a body, or a
-//! second, pipelined request) are dropped with the head once it is answered, and bytes that
-//! arrive while a response is being written are left in the socket, where their edge has
-//! already passed. Scrapers, `curl` and `herd status` send a request and wait for its response,
-//! which this serves; a client that pipelines waits for [`IDLE_TIME`] and is closed.
+//! Requests may be pipelined: what follows a request head is kept, and read while the response
+//! is written, and the next request is answered once the response before it is written. A client
+//! that sends a request and half-closes is answered, then closed. A connection closed after its
+//! response has its input drained before the close (a lingering close, as for clients), so that
+//! the response is not destroyed by a reset.
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -72,30 +77,37 @@ pub enum Route {
     Status,
 }
 
+/// How long a connection closed after its response has its input read and dropped, so that
+/// the close is a FIN and not a reset that could destroy the response at the client.
+pub const LINGER: Duration = Duration::from_secs(2);
+
 /// One admin connection. It never registers anything and makes no response body: the loop
 /// reads it on each event ([`AdminConn::on_readable`]), makes the body the route asks for, and
 /// hands it back ([`AdminConn::reply`]); the end of the turn writes it ([`AdminConn::flush`]).
 pub struct AdminConn {
     stream: TcpStream,
+    /// What was read and not yet answered: a request head being read, or requests pipelined
+    /// behind the one being answered. Never more than [`MAX_HEAD_BYTES`] and one read.
+    input: Vec<u8>,
+    /// The client closed its side: the requests whole in `input` are the last.
+    ended: bool,
     state: State,
 }
 
-/// Where a connection is. The deadline lives in the one state that has one, so leaving
-/// `Reading` cancels it.
+/// Where a connection is. Each state that waits carries its deadline, so leaving it cancels it.
 enum State {
-    /// Reading a request head, due whole by `until`.
-    Reading {
-        /// Everything read since the last response: the head is parsed from the start each
-        /// time more arrives (at most [`MAX_HEAD_BYTES`] and one read, so the repeat is cheap).
-        buf: Vec<u8>,
-        until: Instant,
-    },
-    /// Writing the response; then reading the next request, or closing.
+    /// Waiting for a request head, due whole by `until`.
+    Reading { until: Instant },
+    /// Writing the response, due taken by `until`; then reading the next request, or closing.
     Writing {
         out: OutBuf,
         /// What the response's `Connection` header promised: read again, or close.
         keep_alive: bool,
+        until: Instant,
     },
+    /// The response written and the write side shut: input is read and dropped until the
+    /// client closes too, or until `until`.
+    Lingering { until: Instant },
     /// Done with: the end of the turn frees the slot and drops the socket, which closes it.
     Closed,
 }
@@ -104,12 +116,17 @@ enum State {
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Asked {
-    /// No whole request yet, or one already answered here (an error) or the connection closed.
+    /// No whole request yet, or one already answered here (an error), or the connection is
+    /// writing, lingering or closed.
     Nothing,
-    /// A whole, valid request for `route`; the loop must [`AdminConn::reply`]. `keep_alive`:
-    /// HTTP/1.1 without `Connection: close`, so the connection may be read again after the
-    /// response.
-    Route { route: Route, keep_alive: bool },
+    /// A whole, valid request; the loop must [`AdminConn::reply`].
+    Route {
+        /// What is asked for.
+        route: Route,
+        /// HTTP/1.1 without `Connection: close`: the connection may be read again after the
+        /// response.
+        keep_alive: bool,
+    },
 }
 
 impl AdminConn {
@@ -117,8 +134,9 @@ impl AdminConn {
     pub fn new(stream: TcpStream, now: Instant) -> AdminConn {
         AdminConn {
             stream,
+            input: Vec::new(),
+            ended: false,
             state: State::Reading {
-                buf: Vec::new(),
                 until: now + REQUEST_TIME,
             },
         }
@@ -134,49 +152,53 @@ impl AdminConn {
         matches!(self.state, State::Closed)
     }
 
-    /// When the connection next needs the loop: only a connection waiting for a request has a
-    /// deadline. A response being written has none: one the socket cannot take (a client that
-    /// stopped reading, a response larger than the kernel's buffers) holds its slot for as long
-    /// as the connection stays open.
+    /// Whether it is reading with a request possibly waiting in what it already holds: the
+    /// loop must call [`AdminConn::on_readable`] again, as no event will come for those bytes.
+    pub fn has_input(&self) -> bool {
+        matches!(self.state, State::Reading { .. }) && (!self.input.is_empty() || self.ended)
+    }
+
+    /// When the connection next needs the loop.
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::Reading { until, .. } => Some(*until),
-            _ => None,
+            State::Reading { until }
+            | State::Writing { until, .. }
+            | State::Lingering { until } => Some(*until),
+            State::Closed => None,
         }
     }
 
-    /// Fires its deadline: a request not whole in time, or a kept-alive connection idle too long.
-    /// Called for every connection each time the loop fires deadlines (every turn), so it
-    /// checks its own and is safe to call when none is due. No `408` is sent: the connection
-    /// is simply closed.
+    /// Fires its deadline: a request not whole in time, a kept-alive connection idle too long, a
+    /// response not taken in time, a linger over. Called for every connection each time the
+    /// loop fires deadlines (every turn), so it checks its own and is safe to call when none is
+    /// due. No `408` is sent: the connection is simply closed.
     pub fn on_timeout(&mut self, now: Instant) {
         if self.deadline().is_some_and(|at| at <= now) {
             self.state = State::Closed;
         }
     }
 
-    /// Reads what arrived; returns the route of a whole request, if one came. An error
-    /// (`400`, `404`, `405`) is answered here, and [`Asked::Nothing`] returned.
+    /// Reads what arrived, and returns the route of the next whole request, if one is there.
+    /// An error (`400`, `404`, `405`) is answered here, and [`Asked::Nothing`] returned.
     ///
     /// Called by the loop on every event of the connection's token, WRITABLE ones included
-    /// (the socket is registered for both): in any state but `Reading` it does nothing, and the
-    /// bytes stay in the socket (see the module docs). `scratch` is the loop's one read buffer.
-    pub fn on_readable(&mut self, scratch: &mut [u8]) -> Asked {
-        let State::Reading { buf, .. } = &mut self.state else {
+    /// (the socket is registered for both), and again when [`AdminConn::has_input`] says so.
+    /// It reads in every state but `Closed`: while a response is written, a pipelined request
+    /// is read into `input` (edge-triggered: its event is now, not after the response), up to
+    /// the head limit; lingering, what is read is dropped.
+    pub fn on_readable(&mut self, now: Instant, scratch: &mut [u8]) -> Asked {
+        if matches!(self.state, State::Closed) {
             return Asked::Nothing;
-        };
-        // Edge-triggered: read until `WouldBlock` (or until there is enough to judge, below):
-        // bytes left in the socket raise no new event.
-        loop {
+        }
+        let lingering = matches!(self.state, State::Lingering { .. });
+        // Edge-triggered: read until `WouldBlock`, the end of the stream, or more than a head's
+        // worth held; bytes left in the socket past that are read once the held ones are
+        // answered (`has_input` brings the loop back).
+        while !self.ended && (lingering || self.input.len() <= MAX_HEAD_BYTES) {
             match self.stream.read(scratch) {
-                // The client closed its side. Even after a whole request: a client that
-                // half-closes once it has sent is not answered.
-                Ok(0) => {
-                    self.state = State::Closed;
-                    return Asked::Nothing;
-                }
-                Ok(n) => buf.extend_from_slice(&scratch[..n]),
-                // The socket is empty: whatever is whole in `buf` is all there is.
+                Ok(0) => self.ended = true,
+                Ok(_) if lingering => {}
+                Ok(n) => self.input.extend_from_slice(&scratch[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 // A reset, or another error: nothing can be answered.
@@ -185,31 +207,39 @@ impl AdminConn {
                     return Asked::Nothing;
                 }
             }
-            // Enough to judge: the head is whole in it, or it is too long. Bytes still in the
-            // socket are not read (the connection is about to be answered and closed, or they
-            // follow a whole head and would be dropped anyway).
-            if buf.len() > MAX_HEAD_BYTES {
-                break;
-            }
         }
+        match self.state {
+            State::Lingering { .. } if self.ended => self.state = State::Closed,
+            State::Reading { .. } => return self.next_request(now),
+            _ => {}
+        }
+        Asked::Nothing
+    }
+
+    /// Takes the next whole request out of `input`, if there is one.
+    fn next_request(&mut self, now: Instant) -> Asked {
         // More than 32 headers is `TooManyHeaders`: a `400`, like any head httparse refuses.
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut headers);
-        let parsed = request.parse(buf);
-        let whole = match parsed {
-            // The head is whole; anything after it in `buf` is dropped with `buf` at the reply.
-            Ok(httparse::Status::Complete(_)) => true,
-            // Not yet whole, and still within its limit: wait for the next event (or the
-            // deadline).
-            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => return Asked::Nothing,
-            // Not HTTP, or a head past its limit.
-            _ => false,
+        let length = match request.parse(&self.input) {
+            Ok(httparse::Status::Complete(length)) => length,
+            // Not yet whole, and still within its limit: wait for more (or the deadline), unless
+            // no more can come.
+            Ok(httparse::Status::Partial) if self.input.len() <= MAX_HEAD_BYTES => {
+                if self.ended {
+                    // Nothing, or half a request, before the end: nothing to answer.
+                    self.state = State::Closed;
+                }
+                return Asked::Nothing;
+            }
+            // Not HTTP, or a head past its limit: where the next request would begin cannot be
+            // trusted, so the connection is closed after the answer.
+            _ => {
+                self.input.clear();
+                self.reply(now, 400, "text/plain", b"bad request\n", false);
+                return Asked::Nothing;
+            }
         };
-        // Where a head went wrong, where the next request would begin cannot be trusted: close.
-        if !whole {
-            self.reply(400, "text/plain", b"bad request\n", false);
-            return Asked::Nothing;
-        }
         let close = request.headers.iter().any(|h| {
             h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
         });
@@ -217,29 +247,35 @@ impl AdminConn {
         // after its response, even with `Connection: keep-alive`.
         let keep_alive = request.version == Some(1) && !close;
         // Exact paths: a query string (`/metrics?x`) is a `404`.
-        let route = match (request.method, request.path) {
-            (Some("GET"), Some("/metrics")) => Route::Metrics,
-            (Some("GET"), Some("/healthz")) => Route::Health,
-            (Some("GET"), Some("/status")) => Route::Status,
-            // A well-formed GET for an unknown path: the connection may go on.
-            (Some("GET"), _) => {
-                self.reply(404, "text/plain", b"not found\n", keep_alive);
-                return Asked::Nothing;
-            }
+        let asked = match (request.method, request.path) {
+            (Some("GET"), Some("/metrics")) => Some(Route::Metrics),
+            (Some("GET"), Some("/healthz")) => Some(Route::Health),
+            (Some("GET"), Some("/status")) => Some(Route::Status),
+            (Some("GET"), _) => None,
             // Any other method may carry a body this does not read, which would be taken for
             // the next request: closed after the answer.
             _ => {
-                self.reply(405, "text/plain", b"only GET\n", false);
+                self.input.clear();
+                self.reply(now, 405, "text/plain", b"only GET\n", false);
                 return Asked::Nothing;
             }
         };
-        Asked::Route { route, keep_alive }
+        self.input.drain(..length);
+        match asked {
+            Some(route) => Asked::Route { route, keep_alive },
+            // A well-formed GET for an unknown path: the connection may go on.
+            None => {
+                self.reply(now, 404, "text/plain", b"not found\n", keep_alive);
+                Asked::Nothing
+            }
+        }
     }
 
-    /// Queues a response: `status`, a `Content-Type` of `kind`, `body`, and a `Connection`
-    /// header that says what [`AdminConn::flush`] will do once it is written. Nothing is written
-    /// here; the end of the turn writes it. The request's bytes go with the reading state.
-    pub fn reply(&mut self, status: u16, kind: &str, body: &[u8], keep_alive: bool) {
+    /// Queues a response, made at `now`: `status`, a `Content-Type` of `kind`, `body`, and a `Connection`
+    /// header that says what [`AdminConn::flush`] will do once it is written (a client that has
+    /// half-closed is told `close`). Nothing is written here; the end of the turn writes it.
+    pub fn reply(&mut self, now: Instant, status: u16, kind: &str, body: &[u8], keep_alive: bool) {
+        let keep_alive = keep_alive && !self.ended;
         // The statuses this module and the loop send; any other would be misnamed `503`.
         let reason = match status {
             200 => "OK",
@@ -259,10 +295,17 @@ impl AdminConn {
             .as_bytes(),
         );
         out.push(body);
-        self.state = State::Writing { out, keep_alive };
+        // A client that does not take its response within the idle time holds its slot no
+        // longer.
+        self.state = State::Writing {
+            out,
+            keep_alive,
+            until: now + IDLE_TIME,
+        };
     }
 
-    /// Writes what waits; a response written goes back to reading (keep-alive) or closes.
+    /// Writes what waits; a response written goes back to reading (keep-alive), or shuts the
+    /// write side and lingers.
     ///
     /// Called for every admin connection at the end of every turn (Redis's `beforeSleep`
     /// writing replies), not only on WRITABLE: a response made this turn leaves at once, with
@@ -270,7 +313,10 @@ impl AdminConn {
     /// the next turn, whatever woke it, and each turn until then costs one `write` that says
     /// `WouldBlock`.
     pub fn flush(&mut self, now: Instant) {
-        let State::Writing { out, keep_alive } = &mut self.state else {
+        let State::Writing {
+            out, keep_alive, ..
+        } = &mut self.state
+        else {
             return;
         };
         // The client went away: nothing more to say to it.
@@ -278,23 +324,31 @@ impl AdminConn {
             self.state = State::Closed;
             return;
         }
-        if out.pending() == 0 {
-            self.state = match keep_alive {
-                // The next request gets the idle time, whole, from now.
-                true => State::Reading {
-                    buf: Vec::new(),
-                    until: now + IDLE_TIME,
-                },
-                // The FIN follows the response at once. Input left unread (a body, the rest of
-                // an overlong head) turns the close into a reset, which may overtake the
-                // response at the client: a client connection closed for a broken limit
-                // lingers to drain such input ([`crate::conn::LINGER`]); this does not.
-                false => {
-                    let _ = self.stream.shutdown(std::net::Shutdown::Write);
-                    State::Closed
-                }
-            };
+        if out.pending() != 0 {
+            return;
         }
+        self.state = match (*keep_alive, self.ended) {
+            // The next request gets the idle time, whole, from now.
+            (true, false) => State::Reading {
+                until: now + IDLE_TIME,
+            },
+            // The client has closed its side: it sends nothing more, and the FIN follows.
+            (_, true) => {
+                let _ = self.stream.shutdown(std::net::Shutdown::Write);
+                State::Closed
+            }
+            // Input may still come or wait unread (a body, the rest of an overlong head): a
+            // close now would be a reset, which may overtake the response at the client.
+            (false, false) => match self.stream.shutdown(std::net::Shutdown::Write) {
+                Ok(()) => {
+                    self.input.clear();
+                    State::Lingering {
+                        until: now + LINGER,
+                    }
+                }
+                Err(_) => State::Closed,
+            },
+        };
     }
 }
 

@@ -279,6 +279,9 @@ impl Default for Limits {
 }
 
 /// Google's legacy Nearby Search endpoint: the default `url` with `api = "legacy"`.
+/// The longest `limits.max_line_bytes` accepted.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
 pub const LEGACY_URL: &str = "https://maps.googleapis.com/maps/api/place/nearbysearch/json";
 /// Places API (New) `searchNearby`: the default `url` with `api = "new"`.
 pub const NEW_URL: &str = "https://places.googleapis.com/v1/places:searchNearby";
@@ -514,10 +517,9 @@ fn split_https_url(url: &str) -> Result<(String, u16, String), String> {
     let bad = || format!("places.url {url:?} must look like https://host[:port]/path");
     let rest = url.strip_prefix("https://").ok_or_else(bad)?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    // A port follows the last `:`, unless that colon is inside an IPv6 literal's brackets.
     let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h, p.parse::<u16>().map_err(|_| bad())?)
-        }
+        Some((h, p)) if !p.contains(']') => (h, p.parse::<u16>().map_err(|_| bad())?),
         _ => (authority, 443),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -590,6 +592,15 @@ fn parse_limits(mut t: Table) -> Result<Limits, String> {
         whatsat_per_minute: take_uint(&mut t, "whatsat_per_minute", at, d.whatsat_per_minute)?,
     };
     no_unknown_keys(&t, at)?;
+    // A connection stops reading at `conn::INPUT_HIGH_WATER` of unhandled input, and a
+    // neighbour's sealed line may be twice a client's and more: a longer limit would let a
+    // line be legal that can never be read whole.
+    if limits.max_line_bytes > MAX_LINE_BYTES {
+        return Err(format!(
+            "limits.max_line_bytes is {}: it must be at most {MAX_LINE_BYTES}",
+            limits.max_line_bytes
+        ));
+    }
     Ok(limits)
 }
 
@@ -710,6 +721,10 @@ mod tests {
         assert!(parse(&url).unwrap_err().contains("https://host"));
         let ca = format!("{PAIR}[places]\nca_file = \"/nonexistent/ca.pem\"\n");
         assert!(parse(&ca).unwrap_err().contains("/nonexistent/ca.pem"));
+        let long = format!("{PAIR}[limits]\nmax_line_bytes = 1000000\n");
+        assert!(parse(&long)
+            .unwrap_err()
+            .contains("limits.max_line_bytes is 1000000: it must be at most 65536"));
     }
 
     #[test]
@@ -717,6 +732,14 @@ mod tests {
         assert_eq!(
             split_https_url("https://127.0.0.1:8443/v1/places:searchNearby").unwrap(),
             ("127.0.0.1".into(), 8443, "/v1/places:searchNearby".into())
+        );
+        assert_eq!(
+            split_https_url("https://[::1]/p").unwrap(),
+            ("::1".into(), 443, "/p".into())
+        );
+        assert_eq!(
+            split_https_url("https://[::1]:8443/p").unwrap(),
+            ("::1".into(), 8443, "/p".into())
         );
         assert_eq!(
             split_https_url("https://[::1]:9/x").unwrap(),

@@ -106,6 +106,8 @@ pub enum CloseReason {
     },
     /// Replies unread over the hard cap.
     OutputCap(usize),
+    /// Done with its commands, its last replies still unread this long after.
+    Undelivered(Duration),
     /// A client sent a line only peers send: it was answered `?` like any invalid command.
     PeerLineFromClient,
     /// A neighbour's handshake failed, as said.
@@ -158,6 +160,11 @@ impl fmt::Display for CloseReason {
             CloseReason::OutputCap(cap) => write!(
                 f,
                 "over {cap} bytes of replies unread: the client does not read"
+            ),
+            CloseReason::Undelivered(t) => write!(
+                f,
+                "its last replies unread {} ms after its last command: the client does not read",
+                t.as_millis()
             ),
             CloseReason::PeerLineFromClient => write!(f, "a client sent a peer's line"),
             CloseReason::Handshake(why) | CloseReason::PeerProtocol(why) => write!(f, "{why}"),
@@ -376,10 +383,11 @@ impl<S: Transport> Conn<S> {
         }
     }
 
-    /// Whether it has said nothing yet (blank lines aside): a stranger, if it holds a place
-    /// kept for neighbours.
-    pub fn is_silent(&self) -> bool {
-        matches!(self.state, State::Undecided { .. })
+    /// Whether, in a place kept for neighbours, it is a stranger who can be made to give the
+    /// place up: it has not greeted as a neighbour (it is silent, or it spoke and was told the
+    /// server is busy, and is closing). A stranger that spoke is not let linger in the place.
+    pub fn is_stranger(&self) -> bool {
+        !matches!(self.state, State::Challenged { .. } | State::Peer { .. })
     }
 
     /// Whether its lines are read and run: before it drains, lingers, closes or is handed over.
@@ -453,8 +461,8 @@ impl<S: Transport> Conn<S> {
                         (self.wire.reader).fill(&mut self.wire.stream, scratch, high, hangup);
                     let taken = self.wire.reader.buffered().saturating_sub(before);
                     self.share.read_bytes = self.share.read_bytes.saturating_sub(taken);
-                    self.heard = now;
                     if taken > 0 {
+                        self.heard = now;
                         trace_loop!("  c{} read {taken} bytes", self.id);
                     }
                     fill
@@ -681,8 +689,14 @@ impl<S: Transport> Conn<S> {
         if trace::enabled() {
             trace_lines(&format!("c{}", self.id), '>', self.wire.out.unsent());
         }
+        let owed = self.wire.out.pending();
         if let Err(e) = self.wire.out.write_to(&mut self.wire.stream) {
             self.set_state(State::Closed(CloseReason::WriteFailed(e.to_string())));
+        }
+        // A draining connection reads nothing more: what it takes of its replies is how it is
+        // heard from (see `on_timeout`).
+        if matches!(self.state, State::Draining(_)) && self.wire.out.pending() < owed {
+            self.heard = now;
         }
         // Over the hard cap: closed at once, whatever is still owed. The mark stops its
         // commands long before; what passes the cap is mostly WHATSATs' answers, which come
@@ -766,10 +780,15 @@ impl<S: Transport> Conn<S> {
             // Not while a WHATSAT is out: the client is waiting on us, not idle.
             State::Client => (!idle.is_zero() && quiet >= idle && self.replies.is_empty())
                 .then_some(CloseReason::Idle(idle)),
-            // No deadline of its own: it waits until its replies are made (Places answers
-            // every job by its deadline) and taken by the kernel, which a client that does not
-            // read may never allow. Only the two guards above cut the wait short.
-            State::Draining(_) => None,
+            // It waits until its replies are made (Places answers every job by its deadline)
+            // and taken by the kernel, which a client that does not read may never allow: once
+            // all are made, it closes when the kernel has taken none of them for the soft
+            // limit's time (`heard`: its last command, or the last write that took some).
+            // Without this, a client that stops reading with less than the soft limit unread
+            // would hold its place for ever.
+            State::Draining(_) => (self.replies.is_empty()
+                && quiet >= limits.client_output_soft_time)
+                .then_some(CloseReason::Undelivered(limits.client_output_soft_time)),
         };
         match why {
             Some(why) => {
@@ -1161,6 +1180,27 @@ mod tests {
             Flushed::Closed(CloseReason::EndOfStream)
         );
         assert_eq!(written(&c), "AT Test +0.000000000 kiwi +1+1 100\n");
+    }
+
+    #[test]
+    fn draining_with_replies_the_client_takes_none_of_is_closed_after_the_soft_limits_time() {
+        let mut herd = herd(None);
+        let mut c = conn(&[data("IAMAT kiwi +1+1 100"), Step::Eof]);
+        c.wire.stream.room = Some(10);
+        let _ = serve_hangup(&mut c, &mut herd);
+        let limits = herd.limits.clone();
+        let soft = limits.client_output_soft_time;
+        let t0 = herd.now;
+        assert_eq!(flush(&mut c, &herd), Flushed::Open);
+        assert_eq!(written(&c), "AT Test +0");
+        // Taking some of its replies counts as being heard from: the wait starts again.
+        herd.now = t0 + soft / 2;
+        c.wire.stream.room = Some(10);
+        assert_eq!(flush(&mut c, &herd), Flushed::Open);
+        assert!(!c.on_timeout(t0 + soft, &limits), "it took some at soft / 2");
+        assert!(c.on_timeout(t0 + soft / 2 + soft, &limits));
+        let undelivered = CloseReason::Undelivered(soft);
+        assert_eq!(flush(&mut c, &herd), Flushed::Closed(undelivered));
     }
 
     #[test]

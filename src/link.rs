@@ -217,6 +217,11 @@ impl<S: Transport> Link<S> {
         }
     }
 
+    /// The neighbour's address: where it is dialled, and where its own connections come from.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The state's name, for the trace.
     pub fn state_name(&self) -> &'static str {
         match self.state {

@@ -73,7 +73,7 @@ pub fn close_kind(reason: &CloseReason) -> usize {
         CloseReason::LineTooLong(_) => 2,
         CloseReason::LineTimeout(_) | CloseReason::NoFirstLine(_) => 3,
         CloseReason::Idle(_) => 4,
-        CloseReason::Unread { .. } | CloseReason::OutputCap(_) => 5,
+        CloseReason::Unread { .. } | CloseReason::OutputCap(_) | CloseReason::Undelivered(_) => 5,
         CloseReason::PeerLineFromClient => 6,
         CloseReason::Handshake(_) | CloseReason::NotAuthenticated(_) => 7,
         CloseReason::PeerClosed(_)

@@ -375,10 +375,12 @@ impl Server {
     }
 
     /// Whether the next turn must come at once: a connection's or an inbound link's share ran
-    /// out with work left, a link copying the store wants more of it written, or a compaction
-    /// of the store's file has more slices to copy. None of these will raise an event.
+    /// out with work left, a Places answer waits to be handed over, a link copying the store
+    /// wants more of it written, or a compaction of the store's file has more slices to copy.
+    /// None of these will raise an event.
     fn has_work(&self) -> bool {
         !self.again.is_empty()
+            || self.places_done()
             || self.herd.links.iter().any(Link::wants_turn)
             || self.herd.aof.as_ref().is_some_and(Aof::wants_turn)
     }
@@ -592,12 +594,16 @@ impl Server {
             self.next_conn_id += 1;
             let limits = &self.herd.limits;
             let from_there = self.per_address.get(&addr.ip()).copied().unwrap_or(0);
-            // Every client place is taken: this one can only have a place kept for neighbours.
-            let full = self.open_conns >= limits.max_connections;
+            let over_address = limits.max_connections_per_address != 0
+                && from_there >= limits.max_connections_per_address;
+            // Clients may share a neighbour's address (a herd on one machine, or behind one
+            // NAT): past the cap from there, the newcomer may still be the neighbour itself.
+            let neighbour_there = (self.herd.links.iter()).any(|l| l.addr().ip() == addr.ip());
+            // Every client place is taken (here, or for its address): this one can only have a
+            // place kept for neighbours.
+            let full = self.open_conns >= limits.max_connections || over_address;
             let reserve = RESERVED_PER_NEIGHBOUR * self.herd.links.len();
-            let refusal = if limits.max_connections_per_address != 0
-                && from_there >= limits.max_connections_per_address
-            {
+            let refusal = if over_address && !neighbour_there {
                 Some(format!("{from_there} connections open from there"))
             } else if full && self.reserved_conns >= reserve && !self.evict_a_stranger() {
                 Some(format!("{} connections open", self.open_conns))
@@ -621,6 +627,11 @@ impl Server {
                 self.conns.len() - 1
             });
             if full {
+                // Entries of connections gone since are dropped first, so the queue holds no
+                // more than the places it stands for.
+                let conns = &self.conns;
+                (self.reserved_order)
+                    .retain(|&(s, i)| matches!(conns.get(s), Some(Some(c)) if c.id == i));
                 self.reserved_order.push_back((slot, id));
             }
             // Should this fail, the socket is dropped (closed) and its slot given back; nothing
@@ -668,12 +679,12 @@ impl Server {
             if conn.id != id || !conn.reserved {
                 continue; // gone: its slot holds another
             }
-            if !conn.is_silent() {
-                // Not silent: a neighbour greeting, or a connection closing. It keeps its
-                // place and its turn at the front; the oldest silent one behind it goes.
+            if !conn.is_stranger() {
+                // A neighbour proving itself: it keeps its place and its turn at the front;
+                // the oldest stranger behind it goes.
                 self.reserved_order.push_front((slot, id));
                 let silent = (self.reserved_order.iter().skip(1)).position(|&(s, i)| {
-                    matches!(self.conns.get(s), Some(Some(c)) if c.id == i && c.is_silent())
+                    matches!(self.conns.get(s), Some(Some(c)) if c.id == i && c.is_stranger())
                 });
                 let Some(at) = silent.map(|at| at + 1) else {
                     return false;
@@ -699,6 +710,7 @@ impl Server {
         self.free_slots.pop();
         self.free_later.push(slot);
         refuse(conn.socket(), &mut self.scratch);
+        self.herd.metrics.closed[close_kind(&CloseReason::Evicted)] += 1;
         self.herd.log.event(
             format_args!("c{id}"),
             format_args!("closed: {}", CloseReason::Evicted),
@@ -768,8 +780,13 @@ impl Server {
             match source {
                 Source::Conn(slot) => self.serve_conn(slot, Readiness::HELD),
                 Source::Inbound(i) => self.serve_inbound(i, false),
+                Source::Admin(i) => self.serve_admin(i),
                 _ => {}
             }
+        }
+        // Answers finished at the end of the last turn, after its deliveries.
+        if self.places_done() {
+            self.after_places();
         }
     }
 
@@ -800,23 +817,33 @@ impl Server {
     /// the latest, which may be a sleep away.
     fn after_places(&mut self) {
         self.register_places();
-        let Some(pool) = &mut self.herd.places else {
-            return;
-        };
-        for done in std::mem::take(&mut pool.done) {
-            let slot = done.owner.slot;
-            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-                continue;
+        // Serving a connection again may finish more jobs at once (a WHATSAT refused because
+        // the queue is full, or whose connect failed on the spot): until none is left.
+        loop {
+            let finished = match &mut self.herd.places {
+                Some(pool) if !pool.done.is_empty() => std::mem::take(&mut pool.done),
+                _ => return,
             };
-            if conn.id != done.owner.id {
-                continue; // the client left; its slot now holds another
+            for done in finished {
+                let slot = done.owner.slot;
+                let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                    continue;
+                };
+                if conn.id != done.owner.id {
+                    continue; // the client left; its slot now holds another
+                }
+                let reply = whatsat_reply(&done.record, &done.body);
+                self.herd.log.bytes(Who::Conn(conn.id), '>', &reply);
+                conn.deliver(done.job, reply);
+                // Lines may wait behind the reply, and input behind a full buffer.
+                self.serve_conn(slot, Readiness::HELD);
             }
-            let reply = whatsat_reply(&done.record, &done.body);
-            self.herd.log.bytes(Who::Conn(conn.id), '>', &reply);
-            conn.deliver(done.job, reply);
-            // Lines may wait behind the reply, and input behind a full buffer.
-            self.serve_conn(slot, Readiness::HELD);
         }
+    }
+
+    /// Whether the Places pool has answers no one has been handed yet.
+    fn places_done(&self) -> bool {
+        self.herd.places.as_ref().is_some_and(|pool| !pool.done.is_empty())
     }
 
     /// Phase 3: fires whatever deadline has passed. Each machine is asked, rather than taking
@@ -1078,27 +1105,22 @@ impl Server {
         }
     }
 
-    /// Accepts admin connections into free slots; one past them is answered 503 and closed.
-    /// The slots are few and fixed because each has its own token in the layout
-    /// ([`crate::reactor::Tokens`]). Stops at `WouldBlock`, as every accept must, and at any
-    /// other error too: the admin endpoint is not worth a log line per failure.
+    /// Accepts admin connections into free slots. The slots are few and fixed because each has
+    /// its own token in the layout ([`crate::reactor::Tokens`]); with none free, the connections
+    /// that wait stay in the kernel's accept queue, and [`Server::flush_admin`] comes back here
+    /// when a slot frees (no event would: their edge has passed). Stops at `WouldBlock`, as every
+    /// accept must, and at any other error too: the admin endpoint is not worth a log line per
+    /// failure.
     fn accept_admin(&mut self) {
         let now = self.herd.now;
         let Some(admin) = &mut self.admin else {
             return;
         };
-        loop {
+        while let Some(slot) = admin.conns.iter().position(Option::is_none) {
             let mut stream = match admin.listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
-            };
-            let Some(slot) = admin.conns.iter().position(Option::is_none) else {
-                // One write into a new socket's empty buffer, then the close: never waited on.
-                let _ = stream.write(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-                continue;
             };
             if self
                 .reactor
@@ -1115,7 +1137,7 @@ impl Server {
     /// the turn ([`Server::flush_admin`]).
     fn serve_admin(&mut self, slot: usize) {
         let asked = match self.admin.as_mut().and_then(|a| a.conns[slot].as_mut()) {
-            Some(conn) => conn.on_readable(&mut self.scratch),
+            Some(conn) => conn.on_readable(self.herd.now, &mut self.scratch),
             None => return,
         };
         let Asked::Route { route, keep_alive } = asked else {
@@ -1134,7 +1156,7 @@ impl Server {
             },
         };
         if let Some(conn) = self.admin.as_mut().and_then(|a| a.conns[slot].as_mut()) {
-            conn.reply(status, kind, body.as_bytes(), keep_alive);
+            conn.reply(self.herd.now, status, kind, body.as_bytes(), keep_alive);
         }
     }
 
@@ -1154,18 +1176,41 @@ impl Server {
     /// Writes the admin connections' responses; frees those that closed. All of them, every
     /// turn: there are at most [`admin::MAX_CONNECTIONS`], and no list of the ones with work
     /// is worth keeping.
+    ///
+    /// A connection whose response went out may already hold its next request (pipelined), and
+    /// no event will come for bytes already read: it is answered here, a few requests a turn
+    /// at most, and served again next turn if more wait. A slot freed lets a connection
+    /// waiting in the accept queue in.
     fn flush_admin(&mut self) {
+        /// Requests one admin connection has answered in one turn, at most.
+        const PER_TURN: usize = 8;
         let now = self.herd.now;
-        let Some(admin) = &mut self.admin else {
-            return;
-        };
-        for slot in admin.conns.iter_mut() {
-            if let Some(conn) = slot {
+        let mut freed = false;
+        for slot in 0..admin::MAX_CONNECTIONS {
+            for _ in 0..PER_TURN {
+                let Some(conn) = self.admin.as_mut().and_then(|a| a.conns[slot].as_mut()) else {
+                    break;
+                };
                 conn.flush(now);
-                if conn.is_closed() {
-                    *slot = None;
+                if !conn.has_input() {
+                    break;
                 }
+                self.serve_admin(slot);
             }
+            let Some(admin) = &mut self.admin else {
+                return;
+            };
+            match &admin.conns[slot] {
+                Some(conn) if conn.is_closed() => {
+                    admin.conns[slot] = None;
+                    freed = true;
+                }
+                Some(conn) if conn.has_input() => self.again.push(Source::Admin(slot)),
+                _ => {}
+            }
+        }
+        if freed {
+            self.accept_admin();
         }
     }
 

@@ -316,6 +316,12 @@ impl OutBuf {
             } else {
                 self.buf.clear();
             }
+        } else if self.sent >= self.buf.len() / 2 {
+            // A reader that keeps up but never quite catches up would otherwise keep every byte
+            // ever written here: the written half goes, at a cost of one copy of the unsent
+            // half, which is no bigger (so each byte is copied once, on average, at most).
+            self.buf.drain(..self.sent);
+            self.sent = 0;
         }
         Ok(())
     }
@@ -519,5 +525,53 @@ mod tests {
             lines(&mut r, 100),
             [Line::TooLong(&[b'x'; TOO_LONG_PREFIX])]
         );
+    }
+
+    /// A socket that takes at most `room` bytes per call to `write_to`.
+    struct Slow {
+        room: usize,
+        taken: Vec<u8>,
+    }
+
+    impl Write for Slow {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.taken.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_a_reader_never_quite_catches_up_with_stays_the_size_of_what_is_unsent() {
+        let mut out = OutBuf::default();
+        let mut socket = Slow {
+            room: 0,
+            taken: Vec::new(),
+        };
+        let reply = [b'r'; 100];
+        // Every turn 1,000 bytes of replies, and the reader takes 990: the backlog grows by 10 a
+        // turn, and the buffer must hold that backlog, not all 1,000,000 bytes written.
+        for _ in 0..1000 {
+            for _ in 0..10 {
+                out.push(&reply);
+            }
+            socket.room = 990;
+            out.write_to(&mut socket).unwrap();
+        }
+        assert_eq!(out.pending(), 10_000);
+        assert_eq!(socket.taken.len(), 990_000);
+        assert!(out.buf.len() <= 2 * out.pending(), "{} bytes held", out.buf.len());
+        socket.room = usize::MAX;
+        out.write_to(&mut socket).unwrap();
+        assert_eq!((out.pending(), out.buf.len()), (0, 0));
+        assert_eq!(socket.taken.len(), 1_000_000);
     }
 }

@@ -342,6 +342,57 @@ fn a_restarted_neighbour_gets_in_while_clients_hold_every_place() {
     drop(held);
 }
 
+/// A neighbour that shares its address with clients (here, the whole herd on 127.0.0.1) gets in
+/// when those clients have reached `max_connections_per_address`: past the cap, a connection from
+/// a neighbour's address takes a place kept for neighbours instead of being refused, and a
+/// client there is told the server is busy. A stranger who spoke from such a place and was told
+/// so is closing, and gives the place up to the neighbour rather than linger in it.
+#[test]
+fn a_neighbour_gets_in_past_the_per_address_cap_its_clients_reached() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const CAP: usize = 6;
+    let mut herd = Herd::build("per-address-neighbour")
+        .env(WITH_SECRET)
+        .extra(&format!(
+            "{NO_PLACES}\n[limits]\nmax_connections_per_address = {CAP}\n"
+        ))
+        .start_retrying(|| {
+            let p = free_ports(2);
+            vec![
+                member("Bailey", p[0], &["Bona"]),
+                member("Bona", p[1], &["Bailey"]),
+            ]
+        });
+    herd.wait_linked();
+    let addr = herd.get("Bailey").addr;
+    let client = |i: usize| {
+        let mut c = Client::connect(addr);
+        c.send(format!("IAMAT held-{i} {LOCATION} {}\n", now_secs_string()).as_bytes());
+        let reply = c.read_line();
+        (c, reply)
+    };
+    // Clients take the whole cap (a neighbour's link, once proved, is not counted in it).
+    let held: Vec<Client> = (0..CAP).map(|i| client(i).0).collect();
+    // Past the cap: a place kept for neighbours, and a client in it is told the server is busy
+    // (and kept in it while it lingers: two such strangers take both places kept for Bona).
+    let (busy_a, reply_a) = client(100);
+    let (busy_b, reply_b) = client(101);
+    assert_eq!(show(&reply_a), show(b"? server busy\n"));
+    assert_eq!(show(&reply_b), show(b"? server busy\n"));
+    // The restarted Bona dials from the capped address, with both places kept for it held by
+    // strangers who were told the server is busy: it gets in all the same.
+    let mark = herd.get("Bailey").log_bytes().len();
+    herd.get_mut("Bona").kill();
+    herd.restart("Bona");
+    await_log_line(
+        herd.get("Bailey"),
+        "is peer Bona, authenticated",
+        mark,
+        SETTLE,
+    );
+    drop((busy_a, busy_b, held));
+}
+
 fn now_secs() -> u64 {
     (now_ns() / 1_000_000_000) as u64
 }

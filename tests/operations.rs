@@ -220,6 +220,61 @@ fn the_admin_endpoint_answers_health_status_and_metrics() {
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400 "));
 }
 
+/// The admin endpoint as HTTP clients use it beyond one request at a time: requests pipelined
+/// in one write are all answered, in order; a request followed by a half-close is answered
+/// before the close; and more connections than its slots are all answered, the extra ones once
+/// a slot frees, with a slot held by a client that sends nothing freed by its deadline.
+#[test]
+fn the_admin_endpoint_answers_pipelined_half_closed_and_queued_requests() {
+    use std::io::{Read, Write};
+    let herd = lone("admin-more", "");
+    let admin = admin_addr(herd.get("Bailey"));
+    let connect = || {
+        let s = std::net::TcpStream::connect(admin).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s
+    };
+    let answers = |text: &str| text.matches("HTTP/1.1 200 OK\r\n").count();
+
+    // Three requests in one write, the last asking to close: three answers, then the end.
+    let mut s = connect();
+    let one = "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+    let last = "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    s.write_all(format!("{one}{one}{last}").as_bytes())
+        .expect("send");
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("read to the end");
+    assert_eq!(answers(&got), 3, "{got}");
+    assert!(got.ends_with("Connection: close\r\n\r\nok\n"), "{got}");
+
+    // A request, then the client's side closed: answered, then closed.
+    let mut s = connect();
+    s.write_all(one.as_bytes()).expect("send");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("read to the end");
+    assert_eq!(answers(&got), 1, "{got}");
+
+    // Every slot taken by a client that sends nothing, and more waiting behind them: each
+    // waiting client is answered once the silent ones' first-request deadline frees a slot.
+    let silent: Vec<_> = (0..herd::admin::MAX_CONNECTIONS).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let mut s = connect();
+            s.write_all(last.as_bytes()).expect("send");
+            s
+        })
+        .collect();
+    for mut s in waiting {
+        let mut got = String::new();
+        s.read_to_string(&mut got).expect("read to the end");
+        assert_eq!(answers(&got), 1, "{got}");
+    }
+    drop(silent);
+}
+
 /// Where `promtool` and `prometheus` are: CI installs them; elsewhere the tests that need them
 /// skip with a word, unless `HERD_REQUIRE_PROMETHEUS` is set.
 fn prometheus_tools() -> Option<()> {

@@ -686,3 +686,63 @@ fn the_api_key_never_appears_in_a_reply_or_the_log() {
     bailey.assert_key_absent();
     new_bailey.assert_key_absent();
 }
+
+/// A WHATSAT answered on the spot (here: the one connection to Places is busy and the one
+/// request that may wait for it is waiting) is written in the turn that read it, not when some later event happens to
+/// wake the loop: counted in the server's own trace.
+#[test]
+fn a_whatsat_refused_on_the_spot_is_answered_in_the_turn_that_read_it() {
+    let fake = FakePlaces::start(Behaviour::ok(legacy_ok()).delayed(Duration::from_secs(30)));
+    let dir = TestDir::new("whatsat-busy-turn");
+    let port = common::herds::free_ports(1)[0];
+    let places = format!(
+        "{}pool_size = 1\nmax_queue = 1\n",
+        fake.places_toml("legacy", 20_000)
+    );
+    let config =
+        common::herds::write_config(&dir, &[common::herds::member("Bailey", port, &[])], &places);
+    let server = common::traced::Traced::start(&config, "Bailey", WITH_KEY);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(eventually(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    }));
+    let iamat = exchange(
+        addr,
+        format!("IAMAT {KIWI} {LOCATION} {}\n", now_secs_string()).as_bytes(),
+    );
+    assert!(iamat.starts_with(b"AT Bailey "), "{}", show(&iamat));
+    // The first WHATSAT takes the one connection, and waits on the stalled Places; the second
+    // waits for the connection.
+    let mut first = Client::connect(addr);
+    first.send(format!("WHATSAT {KIWI} 10 1\n").as_bytes());
+    assert!(eventually(Duration::from_secs(10), || fake.requests().len() == 1));
+    let mut second = Client::connect(addr);
+    second.send(format!("WHATSAT {KIWI} 10 1\n").as_bytes());
+    assert!(eventually(Duration::from_secs(10), || {
+        common::traced::find(&server.lines(), 0, "places #2 > ").is_some()
+    }));
+    // The third has nowhere to wait: refused at once.
+    let reply = exchange(addr, format!("WHATSAT {KIWI} 10 1\n").as_bytes());
+    assert!(
+        reply.starts_with(b"AT Bailey ")
+            && contains(&reply, b"too many requests are waiting for Google Places"),
+        "{}",
+        show(&reply)
+    );
+    let lines = server.lines();
+    let whatsat = format!("< WHATSAT {KIWI} 10 1");
+    let first_asked = common::traced::find(&lines, 0, &whatsat).expect("the first WHATSAT");
+    let second_asked =
+        common::traced::find(&lines, first_asked + 1, &whatsat).expect("the second WHATSAT");
+    let asked =
+        common::traced::find(&lines, second_asked + 1, &whatsat).expect("the third WHATSAT");
+    let conn = lines[asked].split_whitespace().nth(2).expect("its connection").to_owned();
+    let answered = common::traced::find(&lines, asked, &format!(" {conn} > AT Bailey "))
+        .expect("its reply in the trace");
+    assert_eq!(
+        common::traced::turn_of(&lines, answered),
+        common::traced::turn_of(&lines, asked),
+        "the refused WHATSAT's reply went out in a later turn"
+    );
+    drop((first, second));
+}

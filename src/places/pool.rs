@@ -140,6 +140,15 @@ enum Failure {
 }
 
 impl Failure {
+    /// Its index in [`crate::metrics::PLACES_OUTCOMES`] (0 is "answered").
+    fn outcome(self) -> usize {
+        match self {
+            Failure::Failed => 1,
+            Failure::Late => 2,
+            Failure::Busy => 3,
+        }
+    }
+
     fn told(self) -> &'static str {
         match self {
             Failure::Late => "Google Places did not answer in time",
@@ -405,12 +414,11 @@ impl<S: Transport> PlacesPool<S> {
                 continue;
             }
             // A kept-alive connection first: the request goes into rustls, which encrypts it;
-            // the pump writes it, and reads whatever the connection already holds.
-            if let Some(i) = self
-                .slots
-                .iter()
-                .position(|s| matches!(s, Slot::Idle { .. }))
-            {
+            // the pump writes it, and reads whatever the connection already holds. Not for a
+            // job retried because a kept-alive connection had been closed under it: the others,
+            // idle as long, may be closed too, so it gets a new one.
+            let idle = (self.slots.iter()).position(|s| matches!(s, Slot::Idle { .. }));
+            if let Some(i) = idle.filter(|_| !job.retried) {
                 let Slot::Idle { mut conn, .. } =
                     std::mem::replace(&mut self.slots[i], Slot::Empty)
                 else {
@@ -435,7 +443,10 @@ impl<S: Transport> PlacesPool<S> {
                 self.pump(i, now, log);
                 continue;
             }
-            let Some(i) = self.slots.iter().position(|s| matches!(s, Slot::Empty)) else {
+            // An empty slot; for a retried job with none empty, an idle one, its connection
+            // closed to make room.
+            let Some(i) = (self.slots.iter().position(|s| matches!(s, Slot::Empty))).or(idle)
+            else {
                 self.queue.push_front(job);
                 return; // every slot is busy: the job waits for one
             };
@@ -685,6 +696,7 @@ impl<S: Transport> PlacesPool<S> {
             // What counts is the body, whatever the HTTP status (docs/protocol.md section 4).
             Ok(resp) => {
                 let elapsed = now.saturating_duration_since(job.started).as_millis();
+                let mut failed = false;
                 let body = match places::answer(self.api, self.output, &resp.body, job.bound) {
                     Ok(answer) => {
                         log.event(
@@ -703,6 +715,7 @@ impl<S: Transport> PlacesPool<S> {
                             format_args!("places #{}", job.id),
                             format_args!("failed: {why}"),
                         );
+                        failed = true;
                         places::error_body("UNKNOWN_ERROR", Failure::Failed.told())
                     }
                 };
@@ -714,7 +727,9 @@ impl<S: Transport> PlacesPool<S> {
                         until: now + IDLE_KEEP,
                     };
                 }
-                self.finish(job, body, 0);
+                // A body Google's shape cannot be cut from counts as failed, as it was answered.
+                let outcome = if failed { Failure::Failed.outcome() } else { 0 };
+                self.finish(job, body, outcome);
             }
             // A kept-alive connection the server had already closed: try once more, afresh.
             Err(_) if reused && !response.started() && !job.retried && job.deadline > now => {
@@ -797,12 +812,7 @@ impl<S: Transport> PlacesPool<S> {
     /// it was ([`Failure`]); the detail (addresses, TLS errors, what Google sent) goes to the
     /// log.
     fn fail(&mut self, job: Job, log: &mut Log, failure: Failure, why: &str) {
-        // Its index in `metrics::PLACES_OUTCOMES`.
-        let outcome = match failure {
-            Failure::Failed => 1,
-            Failure::Late => 2,
-            Failure::Busy => 3,
-        };
+        let outcome = failure.outcome();
         log.event(
             format_args!("places #{}", job.id),
             format_args!("failed: {why}"),

@@ -10,6 +10,7 @@
 //!   a neighbour that never reads);
 //! - `netns`: hosts on network namespaces, for tests that need real addresses;
 //! - `fake_places`: a Google Places the test scripts (the bench uses it too);
+//! - `traced`: `herd serve --trace`, for tests that assert what happened in which turn;
 //! - `up`: `herd up` as a child that never outlives its test.
 //!
 //! Every wait here is bounded: a server that does not come up, a reply that never arrives or a
@@ -21,6 +22,7 @@ pub mod herds;
 pub mod links;
 pub mod load;
 pub mod netns;
+pub mod traced;
 pub mod up;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
