@@ -721,8 +721,14 @@ impl Server {
         match conn.flush(self.herd.now, &self.herd.limits, mark) {
             Flushed::Open => {}
             // Written, but lines wait behind the back-pressure: no event will come for bytes
-            // already held, so run them now (they are flushed again after).
-            Flushed::Resume => self.serve_conn(slot, Readiness::HELD),
+            // already held, so they run in the next turn, which comes at once. Not in this one:
+            // its records are in the file already, and the records of those lines must be too
+            // before their replies leave.
+            Flushed::Resume => {
+                if !self.again.contains(&Source::Conn(slot)) {
+                    self.again.push(Source::Conn(slot));
+                }
+            }
             Flushed::Closed(reason) => {
                 self.herd.log.event(
                     format_args!("c{}", conn.id),
