@@ -294,9 +294,12 @@ impl Aof {
         let mut said = None;
         if !self.pending.is_empty() {
             let shown = self.path.display();
-            self.file
-                .write_all(&self.pending)
-                .map_err(|e| format!("cannot write data file {shown}: {e}"))?;
+            if let Err(e) = self.file.write_all(&self.pending) {
+                // Part of a record may have gone in: the file is cut back to its last whole
+                // record, so that the records, still pending, are written after it next time.
+                let _ = self.file.set_len(self.len);
+                return Err(format!("cannot write data file {shown}: {e}"));
+            }
             if let Some(c) = &mut self.compaction {
                 c.file
                     .write_all(&self.pending)

@@ -860,3 +860,57 @@ fn everysec_and_no_keep_the_store_across_a_sigterm_restart() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A write that fails part way
+
+/// Sets `server`'s limit on the size of a file it writes (RLIMIT_FSIZE), `None`: no limit.
+fn limit_file_size(server: &ServerProc, bytes: Option<u64>) {
+    let limit = libc::rlimit {
+        rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let pid = libc::pid_t::try_from(server.pid()).expect("pid fits pid_t");
+    // SAFETY: prlimit reads one rlimit through a valid pointer and writes nothing (null).
+    let done = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// A write of the turn's records that fails part way (the file may grow no further) leaves
+/// part of a record at the end of the file; the server goes on from memory and writes the
+/// records at a later turn. They must follow the last whole record, not the piece: the file
+/// then holds every record whole, and the next start loads it.
+#[test]
+fn a_write_that_fails_part_way_leaves_a_file_that_loads() {
+    // A write past the limit fails with EFBIG instead of killing the server with SIGXFSZ; the
+    // servers this test process starts inherit the ignored signal (no other sets the limit).
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    let mut herd = lone("durable-write-fails", ALWAYS);
+    let path = aof_path(&herd, "Bailey");
+    let mut lines: Vec<String> = ["before-1", "before-2"]
+        .iter()
+        .map(|c| iamat_at(herd.get("Bailey"), c))
+        .collect();
+    let size = std::fs::metadata(&path).expect("the record file").len();
+    limit_file_size(herd.get("Bailey"), Some(size + 40));
+    lines.push(iamat_at(herd.get("Bailey"), "while-full"));
+    limit_file_size(herd.get("Bailey"), None);
+    assert_eq!(
+        show(&std::fs::read(&path).expect("read")),
+        show(&file_of(&lines[..2])),
+        "after a write that failed part way, the file ends with its last whole record"
+    );
+    lines.push(iamat_at(herd.get("Bailey"), "after"));
+    stop(&mut herd, "Bailey");
+    assert_eq!(
+        show(&std::fs::read(&path).expect("read")),
+        show(&file_of(&lines)),
+        "every record whole, after a write that failed part way"
+    );
+    restart(&mut herd, "Bailey", "after a write that failed part way");
+    let want: BTreeSet<String> = lines.into_iter().collect();
+    assert_eq!(records(&dump_store(herd.get("Bailey"))), want);
+}
