@@ -187,6 +187,9 @@ pub struct Aof {
     compact_min: u64,
     /// The rewrite under way, if any: while it runs, every record goes to both files.
     compaction: Option<Compaction>,
+    /// The size the file must reach before a compaction is tried again after one failed: a
+    /// disk that refuses the new file is not asked again every turn.
+    compact_retry_at: u64,
     /// The `everysec` helper: written-since-sync flag, and its reports.
     syncer: Option<Syncer>,
     /// Figures for the metrics: appends, bytes, syncs done in the loop and their time.
@@ -274,6 +277,13 @@ impl Aof {
             .mode(0o600)
             .open(&path)
             .map_err(|e| format!("cannot open data file {shown}: {e}"))?;
+        // A file made before by other hands (a restore, a copy) is tightened too.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| format!("cannot make data file {shown} the owner's alone: {e}"))?;
+        // A file just created is on disk only once its directory entry is.
+        if let Ok(dir) = File::open(dir) {
+            let _ = dir.sync_all();
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| format!("cannot read data file {shown}: {e}"))?;
@@ -295,6 +305,10 @@ impl Aof {
             seen.cut = (bytes.len() - whole) as u64;
             file.set_len(whole as u64)
                 .map_err(|e| format!("cannot cut the torn tail of {shown}: {e}"))?;
+            // On disk before anything is appended: a crash of the machine must not bring the
+            // torn bytes back in front of the next records.
+            file.sync_all()
+                .map_err(|e| format!("cannot sync data file {shown}: {e}"))?;
         }
         let syncer = match fsync {
             Fsync::EverySec => Some(Syncer::start(&file, waker.clone())?),
@@ -309,6 +323,7 @@ impl Aof {
             len: whole as u64,
             compact_min,
             compaction: None,
+            compact_retry_at: 0,
             syncer,
             stats: Stats::default(),
             sync_seconds: Histogram::new(SYNC_BOUNDS),
@@ -351,22 +366,36 @@ impl Aof {
     ///
     /// A failed write keeps `pending`, to be written again at the next turn's end, while the
     /// loop says the failure once and goes on serving from memory. A write that failed part way
-    /// has already put its first bytes in the file, and the retry appends the whole batch after
-    /// them; one that failed on a compaction's new file is retried on both.
+    /// may have put the first bytes of a record in the file: the file is cut back to its last
+    /// whole record first, so the retry leaves no damage in its middle. A failure on a
+    /// compaction's new file, or in any step of the compaction, gives the compaction up: the old
+    /// file has every record.
     pub fn end_turn(&mut self, store: &Store) -> Result<Option<String>, String> {
         let mut said = None;
         if !self.pending.is_empty() {
-            let shown = self.path.display();
-            self.file
-                .write_all(&self.pending)
-                .map_err(|e| format!("cannot write data file {shown}: {e}"))?;
+            let shown = self.path.display().to_string();
+            if let Err(e) = self.file.write_all(&self.pending) {
+                // Part of a record may have gone in: the file is cut back to its last whole
+                // record, so that the records, still pending, are written after it next time.
+                let _ = self.file.set_len(self.len);
+                return Err(format!("cannot write data file {shown}: {e}"));
+            }
             // The new file too: a compaction copies each position once, and a record that
             // changes after its position was copied reaches the new file only this way.
-            if let Some(c) = &mut self.compaction {
-                c.file
-                    .write_all(&self.pending)
-                    .map_err(|e| format!("cannot write {}: {e}", c.path.display()))?;
-                c.len += self.pending.len() as u64;
+            let failed = match &mut self.compaction {
+                Some(c) => match c.file.write_all(&self.pending) {
+                    Ok(()) => {
+                        c.len += self.pending.len() as u64;
+                        None
+                    }
+                    Err(e) => Some(format!("cannot write {}: {e}", c.path.display())),
+                },
+                None => None,
+            };
+            // The old file has every record: the compaction is given up, not retried after a
+            // piece of a batch that would be damage in the new file's middle.
+            if let Some(why) = failed {
+                said = Some(self.give_up_compaction(&why));
             }
             self.len += self.pending.len() as u64;
             self.stats.bytes += self.pending.len() as u64;
@@ -396,11 +425,33 @@ impl Aof {
         // Near Redis's default rule (rewrite when the file has grown to twice its size after the
         // last rewrite): here, once it holds twice what a fresh file would.
         if self.compaction.is_some() {
-            said = self.compact_slice(store)?;
-        } else if self.len >= self.compact_min && self.len > 2 * live_bytes(store) {
-            said = Some(self.start_compaction(store)?);
+            said = match self.compact_slice(store) {
+                Ok(done) => done,
+                Err(why) => Some(self.give_up_compaction(&why)),
+            };
+        } else if self.len >= self.compact_min.max(self.compact_retry_at)
+            && self.len > 2 * live_bytes(store)
+        {
+            said = Some(match self.start_compaction(store) {
+                Ok(started) => started,
+                Err(why) => self.give_up_compaction(&why),
+            });
         }
         Ok(said)
+    }
+
+    /// Abandons a compaction that failed: its file is removed (best effort; a start removes a
+    /// leftover one anyway), the old file, whole, stays the file, and the next attempt waits
+    /// until the file has grown by another `compact_min`. Returns what the log says.
+    fn give_up_compaction(&mut self, why: &str) -> String {
+        if let Some(c) = self.compaction.take() {
+            let _ = std::fs::remove_file(&c.path);
+        }
+        self.compact_retry_at = self.len.saturating_add(self.compact_min);
+        format!(
+            "compaction given up ({why}); {} stays as it was",
+            self.path.display()
+        )
     }
 
     /// Starts rewriting the file with only the store's records. Nothing is copied yet: the
@@ -438,8 +489,8 @@ impl Aof {
     ///
     /// A record is copied as the store holds it when its slice is written, which may be newer
     /// than a copy appended earlier in the new file: replay keeps the newest, so the order of
-    /// the two does not matter. An error leaves the compaction where it was, to be tried again
-    /// at the next turn's end.
+    /// the two does not matter. An error is returned for [`Aof::end_turn`] to give the
+    /// compaction up: a slice may have gone in part way.
     fn compact_slice(&mut self, store: &Store) -> Result<Option<String>, String> {
         let Some(c) = &mut self.compaction else {
             return Ok(None);
@@ -472,14 +523,10 @@ impl Aof {
             return Ok(None);
         };
         let before = self.len;
-        // The new file is the file now; the appends go on to it (its descriptor appends: it was
-        // written only at its end). Until this succeeds `self.file` is still the old file,
-        // which no name reaches any more: a failure here leaves the appends going there.
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| format!("cannot reopen {}: {e}", self.path.display()))?;
-        drop(c.file);
+        // The new file is the file now, and the appends go on to it through the descriptor that
+        // wrote it: written only at its end, its offset is its end. (Opening it again by name
+        // could fail, and leave the appends going to the old file, which no name reaches.)
+        self.file = c.file;
         self.len = c.len;
         // The helper's descriptor is of the old file: a new helper takes the new one.
         if let Some(syncer) = &mut self.syncer {

@@ -42,7 +42,7 @@
 //! - its share of the turn is spent ([`crate::config::Turn`]): the loop serves it again in the
 //!   next turn, which comes at once;
 //! - its replies not yet read reach the high-water mark (back-pressure): the end of a turn whose
-//!   write brings them under it runs the rest;
+//!   write brings them under it has the rest run in the next turn, which comes at once;
 //! - as many WHATSATs as it may have are waiting on Places: a reply coming back runs the rest.
 //!
 //! The kernel will not wake the loop for bytes already read, so whatever ends the wait runs the

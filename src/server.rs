@@ -994,8 +994,14 @@ impl Server {
             // more replies, brings it back here).
             Flushed::Open => {}
             // Written, but lines wait behind the back-pressure: no event will come for bytes
-            // already held, so run them now (they are flushed again after).
-            Flushed::Resume => self.serve_conn(slot, Readiness::HELD),
+            // already held, so they run in the next turn, which comes at once. Not in this one:
+            // its records are in the file already, and the records of those lines must be too
+            // before their replies leave.
+            Flushed::Resume => {
+                if !self.again.contains(&Source::Conn(slot)) {
+                    self.again.push(Source::Conn(slot));
+                }
+            }
             // Closed (by its own lines, by a deadline of the sweep, or by this write): counted,
             // logged, freed. Dropping the socket takes it out of the poll.
             Flushed::Closed(reason) => {
@@ -1035,7 +1041,7 @@ impl Server {
     }
 
     /// A neighbour's connection, proved: it becomes the neighbour's inbound link, on the link's
-    /// token. What it read after the proof is run at once: no event will come for it.
+    /// token. What it read after the proof runs in the next turn: no event will come for it.
     fn hand_over(&mut self, conn: Conn) {
         let id = conn.id;
         let Some((neighbour, session, mut wire)) = conn.into_peer() else {
@@ -1061,7 +1067,12 @@ impl Server {
                 .log
                 .event(format_args!("c{old}"), format_args!("closed: {reason}"));
         }
-        self.serve_inbound(neighbour, false);
+        // What it read after its proof runs in the next turn, which comes at once: no event will
+        // come for those bytes, and this turn has written its links and its file already, so
+        // records merged now would wait a whole turn to be flooded and stored.
+        if !self.again.contains(&Source::Inbound(neighbour)) {
+            self.again.push(Source::Inbound(neighbour));
+        }
         // Written now: this turn's inbound writes (step 2 of `before_sleep`) are already past.
         if let Err(reason) = self.inbound[neighbour].flush() {
             self.close_inbound(neighbour, reason);
