@@ -1197,7 +1197,10 @@ mod tests {
         herd.now = t0 + soft / 2;
         c.wire.stream.room = Some(10);
         assert_eq!(flush(&mut c, &herd), Flushed::Open);
-        assert!(!c.on_timeout(t0 + soft, &limits), "it took some at soft / 2");
+        assert!(
+            !c.on_timeout(t0 + soft, &limits),
+            "it took some at soft / 2"
+        );
         assert!(c.on_timeout(t0 + soft / 2 + soft, &limits));
         let undelivered = CloseReason::Undelivered(soft);
         assert_eq!(flush(&mut c, &herd), Flushed::Closed(undelivered));

@@ -309,6 +309,9 @@ impl<S: Transport> Link<S> {
                 // them all when the whole digest tells it to look.
                 if *next_digest <= now && sync >= sync_end {
                     for line in peer::store_lines(cx.store) {
+                        if cx.housekeeping {
+                            cx.log.bytes(Who::Link(&self.name), '>', &line);
+                        }
                         send(wire, session, &line);
                     }
                     *last_sent = now;
@@ -320,6 +323,9 @@ impl<S: Transport> Link<S> {
                 }
                 // Any line sent counts as a sign of life, so a busy link sends no PING.
                 if *last_sent + peer::HEARTBEAT_INTERVAL <= now {
+                    if cx.housekeeping {
+                        cx.log.bytes(Who::Link(&self.name), '>', b"PING");
+                    }
                     send(wire, session, b"PING");
                     *last_sent = now;
                 }
@@ -357,8 +363,10 @@ impl<S: Transport> Link<S> {
     /// Connecting, it may be the end of the connect or a spurious wake-up, which
     /// [`Transport::connected`] tells apart. Otherwise it reads; what the neighbour's lines
     /// call for (a proof, a copy of the store) waits for [`Link::flush`] at the end of the
-    /// turn. Any error takes the link down.
-    pub fn on_ready(&mut self, now: Instant, scratch: &mut [u8], cx: &mut Context) {
+    /// turn. Any error takes the link down. `hangup`: the event said the neighbour closed its
+    /// side, so the read goes on to the end of the stream (a short read would stop it before,
+    /// and the end of a stream raises no new event).
+    pub fn on_ready(&mut self, now: Instant, hangup: bool, scratch: &mut [u8], cx: &mut Context) {
         if let LinkState::Connecting { stream, .. } = &mut self.state {
             match stream.connected() {
                 // Then read in the same call: the event that ended the connect may also have
@@ -368,7 +376,7 @@ impl<S: Transport> Link<S> {
                 Err(e) => return self.go_down(now, cx.log, &e.to_string()),
             }
         }
-        if let Err(why) = self.read(now, scratch, cx) {
+        if let Err(why) = self.read(now, hangup, scratch, cx) {
             self.go_down(now, cx.log, &why);
         }
     }
@@ -454,7 +462,13 @@ impl<S: Transport> Link<S> {
     /// buffers four of the longest lines while the socket may hold more ([`Fill::Full`]) ends
     /// the link: a neighbour writes only a few short lines here, and one that floods it is
     /// broken.
-    fn read(&mut self, now: Instant, scratch: &mut [u8], cx: &mut Context) -> Result<(), String> {
+    fn read(
+        &mut self,
+        now: Instant,
+        hangup: bool,
+        scratch: &mut [u8],
+        cx: &mut Context,
+    ) -> Result<(), String> {
         let wire = match &mut self.state {
             LinkState::Authenticating { wire, .. }
             | LinkState::Proving { wire, .. }
@@ -463,10 +477,10 @@ impl<S: Transport> Link<S> {
         };
         let fill = wire
             .reader
-            .fill(&mut wire.stream, scratch, 4 * MAX_LINE_BYTES, false)
+            .fill(&mut wire.stream, scratch, 4 * MAX_LINE_BYTES, hangup)
             .map_err(|e| e.to_string())?;
         while let Some(line) = self.next_line() {
-            self.on_line(now, &line, cx)?;
+            self.on_line(now, &line?, cx)?;
         }
         match fill {
             Fill::Eof => Err("closed by the neighbour".into()),
@@ -476,9 +490,9 @@ impl<S: Transport> Link<S> {
     }
 
     /// The next whole line, copied out of the reader so that [`Link::on_line`] may change the
-    /// state it lives in. A line over [`MAX_LINE_BYTES`] becomes a placeholder that no state
-    /// accepts, so it takes the link down (the reason logged is that state's complaint).
-    fn next_line(&mut self) -> Option<Vec<u8>> {
+    /// state it lives in. A line over [`MAX_LINE_BYTES`] is an error that takes the link down:
+    /// the neighbour writes nothing that long.
+    fn next_line(&mut self) -> Option<Result<Vec<u8>, String>> {
         let wire = match &mut self.state {
             LinkState::Authenticating { wire, .. }
             | LinkState::Proving { wire, .. }
@@ -486,8 +500,10 @@ impl<S: Transport> Link<S> {
             _ => return None,
         };
         let line = match wire.reader.next_line(MAX_LINE_BYTES)? {
-            Line::Complete(line) => line.to_vec(),
-            Line::TooLong(_) => b"(an overlong line)".to_vec(),
+            Line::Complete(line) => Ok(line.to_vec()),
+            Line::TooLong(_) => Err(format!(
+                "the neighbour sent a line longer than {MAX_LINE_BYTES} bytes"
+            )),
         };
         wire.reader.compact();
         Some(line)
@@ -811,7 +827,7 @@ mod tests {
         let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
         dials(Script::reading(&[]));
         assert_eq!(link.on_timeout(t0, &mut around.cx()), Want::Register);
-        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        link.on_ready(t0, false, &mut [0; 1024], &mut around.cx());
         assert_eq!(link.state_name(), "Up");
         link
     }
@@ -829,7 +845,7 @@ mod tests {
         assert_eq!(link.state_name(), "Connecting");
         assert_eq!(link.deadline(), Some(t0 + PEER_CONNECT_TIMEOUT));
         // A spurious event changes nothing.
-        link.on_ready(t0, &mut [0; 64], &mut around.cx());
+        link.on_ready(t0, false, &mut [0; 64], &mut around.cx());
         assert_eq!(link.state_name(), "Connecting");
     }
 
@@ -843,7 +859,7 @@ mod tests {
             ..Script::default()
         });
         let _ = link.on_timeout(t0, &mut around.cx());
-        link.on_ready(t0, &mut [0; 64], &mut around.cx());
+        link.on_ready(t0, false, &mut [0; 64], &mut around.cx());
         assert_eq!(link.state_name(), "Down");
         assert_eq!(link.deadline(), Some(t0 + backoff(0)));
         let t1 = t0 + backoff(0);
@@ -896,7 +912,7 @@ mod tests {
             .expect("up")
             .input
             .push_back(Step::Data(b"PING\n".to_vec()));
-        link.on_ready(t1, &mut [0; 64], &mut around.cx());
+        link.on_ready(t1, false, &mut [0; 64], &mut around.cx());
         let _ = link.on_timeout(t1, &mut around.cx());
         link.flush(t1, &around.store, &mut around.log);
         assert_eq!(&written(&mut link)[greeted..], "PING\n");
@@ -905,7 +921,7 @@ mod tests {
             .expect("up")
             .input
             .push_back(Step::Data(b"PING\n".to_vec()));
-        link.on_ready(t3, &mut [0; 64], &mut around.cx());
+        link.on_ready(t3, false, &mut [0; 64], &mut around.cx());
         let _ = link.on_timeout(t3, &mut around.cx());
         link.flush(t3, &around.store, &mut around.log);
         let text = written(&mut link);
@@ -948,7 +964,7 @@ mod tests {
         let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
         dials(Script::reading(&[]));
         let _ = link.on_timeout(t0, &mut around.cx());
-        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        link.on_ready(t0, false, &mut [0; 1024], &mut around.cx());
         assert_eq!(link.state_name(), "Authenticating");
         link.flush(t0, &around.store, &mut around.log);
         let greeting = written(&mut link);
@@ -965,7 +981,7 @@ mod tests {
             socket.input.push_back(Step::Data(line.into_bytes()));
         };
         input(&mut link, format!("CHALLENGE {na}\n"));
-        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        link.on_ready(t0, false, &mut [0; 1024], &mut around.cx());
         assert_eq!(link.state_name(), "Proving");
         link.flush(t0, &around.store, &mut around.log);
         let (d, a) = (nd.as_bytes(), na.as_bytes());
@@ -977,7 +993,7 @@ mod tests {
             &mut link,
             format!("PROOF {}\n", String::from_utf8_lossy(&theirs)),
         );
-        link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+        link.on_ready(t0, false, &mut [0; 1024], &mut around.cx());
         assert_eq!(link.state_name(), "Up");
     }
 
@@ -995,13 +1011,13 @@ mod tests {
                 format!("CHALLENGE {na}\n").into_bytes(),
             )]));
             let _ = link.on_timeout(t0, &mut around.cx());
-            link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+            link.on_ready(t0, false, &mut [0; 1024], &mut around.cx());
             assert_eq!(link.state_name(), "Proving");
             match wrong {
                 Some(line) => {
                     let socket = link.socket().expect("a socket");
                     socket.input.push_back(Step::Data(line.into_bytes()));
-                    link.on_ready(t0, &mut [0; 1024], &mut around.cx());
+                    link.on_ready(t0, false, &mut [0; 1024], &mut around.cx());
                 }
                 None => {
                     let late = t0 + peer::HANDSHAKE_TIMEOUT;

@@ -375,6 +375,11 @@ pub fn parse_line(payload: &[u8]) -> Option<PeerLine<'_>> {
 
 /// The number written in hex `digits`.
 fn hex_u64(digits: &[u8]) -> Option<u64> {
+    // Exactly as written: 16 lower-case digits, no sign (`from_str_radix` alone takes `+`,
+    // upper case and fewer digits).
+    if !is_hex(digits, 16) {
+        return None;
+    }
     u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
 }
 

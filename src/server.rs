@@ -66,6 +66,9 @@ use crate::trace::{self, trace_loop};
 /// a connection's deadline is noticed up to this late. The next sweep is always among the
 /// deadlines ([`Server::next_deadline`]), so this is also the longest the loop ever sleeps.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long after the `everysec` helper's last failed sync the server counts as failing to
+/// write its store (`/healthz` says 503): two of the helper's once-a-second tries.
+const SYNC_FAILING_FOR: Duration = Duration::from_millis(2500);
 /// Size of the one read buffer shared by every connection. One thread serves one socket at a
 /// time, so one buffer is enough: each read lands here, and only the bytes that arrived are
 /// copied into the connection's own buffer. An idle connection holds no read buffer at all,
@@ -140,6 +143,9 @@ pub struct Server {
     dump_path: PathBuf,
     /// The store's file could not be written at the last try (said once, until it works again).
     disk_failing: bool,
+    /// When the `everysec` helper last said a sync failed: it tries once a second while there is
+    /// something to sync, so a failure in the last [`SYNC_FAILING_FOR`] means it is failing now.
+    sync_failed_at: Option<Instant>,
     /// Set by SIGTERM or SIGINT: the turn under way ends as usual (its `before_sleep` writes
     /// what it produced), and then the loop stops.
     stopping: bool,
@@ -305,6 +311,7 @@ impl Server {
             herd,
             dump_path: config.log_dir.join(format!("{name}.store")),
             disk_failing: false,
+            sync_failed_at: None,
             stopping: false,
         })
     }
@@ -532,9 +539,10 @@ impl Server {
             // (a connect that ended, lines to read).
             Source::Link(i) => {
                 let now = self.herd.now;
+                let hangup = event.is_read_closed() || event.is_error();
                 let (links, mut cx) = self.herd.links_and_context();
                 if let Some(link) = links.get_mut(i) {
-                    link.on_ready(now, &mut self.scratch, &mut cx);
+                    link.on_ready(now, hangup, &mut self.scratch, &mut cx);
                 }
             }
             // `hangup`: the neighbour closed its side, so the link reads on to the end of the
@@ -843,7 +851,10 @@ impl Server {
 
     /// Whether the Places pool has answers no one has been handed yet.
     fn places_done(&self) -> bool {
-        self.herd.places.as_ref().is_some_and(|pool| !pool.done.is_empty())
+        self.herd
+            .places
+            .as_ref()
+            .is_some_and(|pool| !pool.done.is_empty())
     }
 
     /// Phase 3: fires whatever deadline has passed. Each machine is asked, rather than taking
@@ -963,11 +974,16 @@ impl Server {
             return;
         };
         let mut said: Vec<String> = aof.take_failures();
+        if !said.is_empty() {
+            self.sync_failed_at = Some(herd.now);
+        }
         match aof.end_turn(&herd.store) {
-            // Written, and news for the log: a compaction begun or finished.
-            Ok(Some(what)) => said.push(what),
-            // Written: a failure after this is news again.
-            Ok(None) => self.disk_failing = false,
+            // Written (and news for the log: a compaction begun, finished or given up); a
+            // failure after this is news again.
+            Ok(what) => {
+                self.disk_failing = false;
+                said.extend(what);
+            }
             Err(e) if !self.disk_failing => {
                 self.disk_failing = true;
                 log::error!("{e}");
@@ -1175,7 +1191,10 @@ impl Server {
     fn unhealthy(&self) -> Option<&'static str> {
         if self.stopping {
             Some("stopping")
-        } else if self.disk_failing {
+        } else if self.disk_failing
+            || (self.sync_failed_at)
+                .is_some_and(|at| self.herd.now.saturating_duration_since(at) < SYNC_FAILING_FOR)
+        {
             Some("the store's file cannot be written")
         } else if self.herd.log.failing() {
             Some("the log cannot be written")

@@ -568,7 +568,11 @@ mod tests {
         }
         assert_eq!(out.pending(), 10_000);
         assert_eq!(socket.taken.len(), 990_000);
-        assert!(out.buf.len() <= 2 * out.pending(), "{} bytes held", out.buf.len());
+        assert!(
+            out.buf.len() <= 2 * out.pending(),
+            "{} bytes held",
+            out.buf.len()
+        );
         socket.room = usize::MAX;
         out.write_to(&mut socket).unwrap();
         assert_eq!((out.pending(), out.buf.len()), (0, 0));

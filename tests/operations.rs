@@ -258,7 +258,9 @@ fn the_admin_endpoint_answers_pipelined_half_closed_and_queued_requests() {
 
     // Every slot taken by a client that sends nothing, and more waiting behind them: each
     // waiting client is answered once the silent ones' first-request deadline frees a slot.
-    let silent: Vec<_> = (0..herd::admin::MAX_CONNECTIONS).map(|_| connect()).collect();
+    let silent: Vec<_> = (0..herd::admin::MAX_CONNECTIONS)
+        .map(|_| connect())
+        .collect();
     std::thread::sleep(Duration::from_millis(200));
     let waiting: Vec<_> = (0..3)
         .map(|_| {

@@ -715,7 +715,10 @@ fn a_whatsat_refused_on_the_spot_is_answered_in_the_turn_that_read_it() {
     // waits for the connection.
     let mut first = Client::connect(addr);
     first.send(format!("WHATSAT {KIWI} 10 1\n").as_bytes());
-    assert!(eventually(Duration::from_secs(10), || fake.requests().len() == 1));
+    assert!(eventually(Duration::from_secs(10), || fake
+        .requests()
+        .len()
+        == 1));
     let mut second = Client::connect(addr);
     second.send(format!("WHATSAT {KIWI} 10 1\n").as_bytes());
     assert!(eventually(Duration::from_secs(10), || {
@@ -736,7 +739,11 @@ fn a_whatsat_refused_on_the_spot_is_answered_in_the_turn_that_read_it() {
         common::traced::find(&lines, first_asked + 1, &whatsat).expect("the second WHATSAT");
     let asked =
         common::traced::find(&lines, second_asked + 1, &whatsat).expect("the third WHATSAT");
-    let conn = lines[asked].split_whitespace().nth(2).expect("its connection").to_owned();
+    let conn = lines[asked]
+        .split_whitespace()
+        .nth(2)
+        .expect("its connection")
+        .to_owned();
     let answered = common::traced::find(&lines, asked, &format!(" {conn} > AT Bailey "))
         .expect("its reply in the trace");
     assert_eq!(
