@@ -87,6 +87,7 @@ mod ceiling;
 mod config;
 #[path = "../../tests/common/fake_places.rs"]
 mod fake_places;
+mod fetch;
 mod herd_wide;
 mod load;
 mod lone_iamat;
