@@ -83,8 +83,11 @@
 
 mod affinity;
 mod bench;
+mod budget;
 mod ceiling;
 mod config;
+mod disk;
+mod fairness;
 #[path = "../../tests/common/fake_places.rs"]
 mod fake_places;
 mod fetch;
@@ -195,13 +198,16 @@ type Scenario = fn(&Bench) -> Result<Vec<Row>, String>;
 const CEILING_FLAG: &str = "--ceiling-server";
 
 /// The scenarios, in the order they run: a name (which filters match) and its function.
-const SCENARIOS: [(&str, Scenario); 6] = [
+const SCENARIOS: [(&str, Scenario); 9] = [
     ("lone server IAMAT", lone_iamat::run),
     ("herd-wide IAMAT", herd_wide::run),
     ("WHATSAT through the HTTPS fake", whatsat::run),
     ("propagation", propagation::run),
     ("memory", memory::run),
     ("start-up", startup::run),
+    ("fair turns (the herd only)", fairness::run),
+    ("turn budget (the herd only)", budget::run),
+    ("store on disk (the herd only)", disk::run),
 ];
 
 /// What the command line asks for.
