@@ -127,7 +127,7 @@ impl Restart {
 }
 
 /// Stores the plan's clients at a server with a data directory, stops it, and starts it again,
-/// `plan.startup_samples` times, timing each start to its first answer.
+/// `plan.restart_samples` times, timing each start to its first answer.
 fn restart(bench: &Bench) -> Result<Vec<Row>, String> {
     let plan = &bench.plan;
     let n = plan.stored_clients;
@@ -155,7 +155,7 @@ fn restart(bench: &Bench) -> Result<Vec<Row>, String> {
     let config = dir.join("herd.toml");
     let mut times = Vec::new();
     let mut rss_replayed = f64::NAN;
-    for k in 0..plan.startup_samples.max(1) {
+    for k in 0..plan.restart_samples.max(1) {
         let (took, mut proc) =
             spawn_and_answer(bench, Stack::Herd, &dir, &config, addr, RESTART_BOUND)?;
         if k == 0 {

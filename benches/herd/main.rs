@@ -147,6 +147,8 @@ struct Plan {
     startup_samples: usize,
     /// How long the well-behaved client of [`fairness`] is measured, beside each neighbour.
     fairness_window: Duration,
+    /// Restarts of a server with the stored clients on disk ([`disk`]), each replaying them.
+    restart_samples: usize,
 }
 
 impl Plan {
@@ -166,6 +168,7 @@ impl Plan {
             stored_budget: Duration::from_secs(120),
             startup_samples: 5,
             fairness_window: Duration::from_secs(2),
+            restart_samples: 3,
         }
     }
 
@@ -188,6 +191,7 @@ impl Plan {
             stored_budget: Duration::from_secs(20),
             startup_samples: 1,
             fairness_window: Duration::from_millis(300),
+            restart_samples: 1,
         }
     }
 }
