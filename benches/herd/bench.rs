@@ -62,11 +62,18 @@ impl<T> Runs<T> {
         &self.stacks
     }
 
-    /// `choose` (the best, or the worst, of the rounds) over `value` of each run.
+    /// `choose` (the best, or the worst, of the rounds) over `value` of each run; a value that
+    /// is not a number (a run that measured nothing) is left out.
     pub fn figure(&self, choose: fn(&[f64]) -> Option<f64>, value: impl Fn(&T) -> f64) -> Figures {
         let mut figures = Figures::default();
         for &stack in &self.stacks {
-            figures[stack] = choose(&self.of(stack).iter().map(&value).collect::<Vec<_>>());
+            let values: Vec<f64> = self
+                .of(stack)
+                .iter()
+                .map(&value)
+                .filter(|v| !v.is_nan())
+                .collect();
+            figures[stack] = choose(&values);
         }
         figures
     }

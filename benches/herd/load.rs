@@ -137,14 +137,23 @@ impl LoadReport {
                 .and_then(serde_json::Value::as_f64)
                 .ok_or_else(|| format!("herd load's JSON has no number {key:?}: {line}"))
         };
+        // A run that completed no request in its window has no latency: NaN, shown as —.
+        let requests = number("requests")? as u64;
+        let latency = |key: &str| -> Result<f64, String> {
+            Ok(if requests == 0 {
+                f64::NAN
+            } else {
+                number(key)?
+            })
+        };
         Ok(LoadReport {
-            requests: number("requests")? as u64,
+            requests,
             errors: number("errors")? as u64,
             seconds: number("seconds")?,
             per_second: number("per_second")?,
-            p50_us: number("p50_us")?,
-            p99_us: number("p99_us")?,
-            max_us: number("max_us")?,
+            p50_us: latency("p50_us")?,
+            p99_us: latency("p99_us")?,
+            max_us: latency("max_us")?,
             cpu_percent: number("cpu_percent")?,
             client_bound: json
                 .get("client_bound")
