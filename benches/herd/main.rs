@@ -185,7 +185,7 @@ impl Plan {
             // Each path starts a five-server herd per stack and pass: the smoke round proves
             // the code with one.
             propagation_paths: 1,
-            loaded_window: Duration::from_millis(500),
+            loaded_window: Duration::from_millis(300),
             idle_connections: 100,
             stored_clients: 1_000,
             stored_budget: Duration::from_secs(20),

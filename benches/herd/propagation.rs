@@ -288,9 +288,9 @@ fn loaded_propagation(
     label: &str,
 ) -> Result<Loaded, String> {
     let plan = &bench.plan;
-    // The background load runs a little longer than the sampling window, which starts once its
-    // warm-up is over.
-    let warmup = Duration::from_millis(300);
+    // The background load runs a little longer than the sampling window, which starts just
+    // after its warm-up.
+    let warmup = plan.warmup.min(Duration::from_millis(300));
     let spec = LoadSpec {
         conns: 10,
         in_flight: 16,
@@ -298,7 +298,7 @@ fn loaded_propagation(
         id_prefix: Some("background-".to_string()),
         ..LoadSpec::iamat(
             from.addr,
-            plan.loaded_window + Duration::from_millis(500),
+            plan.loaded_window + Duration::from_millis(250),
             warmup,
         )
     };
