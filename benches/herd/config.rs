@@ -82,15 +82,54 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Writes `<dir>/herd.toml`: logs in `<dir>/logs`, every server on 127.0.0.1 at its port, and
-/// the fake as Places when there is one.
+/// Where the servers of a run keep their store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// In memory only (`data_dir = ""`): every comparison row, since the prototypes keep no
+    /// store on disk. Like with like.
+    Memory,
+    /// On disk under `data` in the run's directory, with this `[store] fsync` policy
+    /// (`"always"`, `"everysec"` or `"no"`): the herd only.
+    Disk(&'static str),
+}
+
+/// What a run's configuration says beyond the herd's shape: the store, the per-turn budget,
+/// and the limits the bench's own loads would otherwise cross.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub store: Store,
+    /// The herd's per-connection budget per turn as it ships (`turn_lines`, `turn_read_bytes`
+    /// at their defaults), or off (both 0).
+    pub budget: bool,
+    /// `max_clients`: at least the memory scenario's stored clients, with room for markers.
+    pub max_clients: u64,
+}
+
+/// The data directory of a run on disk, in the run's directory.
+pub const DATA_DIR: &str = "data";
+
+/// Writes `<dir>/herd.toml`: logs in `<dir>/logs`, the store as `settings` say, every server on
+/// 127.0.0.1 at its port, the fake as Places when there is one, and the limits. The bench's
+/// loads come from one address (`max_connections_per_address = 0`: the memory scenario alone
+/// holds 10,000 idle connections from 127.0.0.1) and store up to a million clients. The
+/// prototypes ignore the keys they do not know.
 pub fn write_config(
     dir: &TempDir,
     topology: Topology,
     ports: &[u16],
     places: Option<&FakePlaces>,
+    settings: &Settings,
 ) -> Result<PathBuf, String> {
-    let mut text = format!("# Written by benches/herd.rs.\nlog_dir = \"{LOG_DIR}\"\n");
+    let mut text = format!("# Written by benches/herd.\nlog_dir = \"{LOG_DIR}\"\n");
+    match settings.store {
+        Store::Memory => text.push_str("data_dir = \"\"\n"),
+        Store::Disk(fsync) => {
+            let _ = write!(
+                text,
+                "data_dir = \"{DATA_DIR}\"\n\n[store]\nfsync = \"{fsync}\"\n"
+            );
+        }
+    }
     for ((name, neighbours), port) in topology.iter().zip(ports) {
         let neighbours: Vec<String> = neighbours.iter().map(|n| format!("\"{n}\"")).collect();
         let _ = write!(
@@ -103,6 +142,14 @@ pub fn write_config(
     if let Some(fake) = places {
         text.push('\n');
         text.push_str(&fake.places_toml("legacy", 5000));
+    }
+    let _ = write!(
+        text,
+        "\n[limits]\nmax_connections_per_address = 0\nmax_clients = {}\n",
+        settings.max_clients
+    );
+    if !settings.budget {
+        text.push_str("turn_lines = 0\nturn_read_bytes = 0\n");
     }
     let path = dir.join("herd.toml");
     std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::bench::{highest, lowest, Bench};
-use crate::config::{Logs, HERD_2023};
+use crate::config::{Logs, Settings, HERD_2023};
 use crate::load::LoadSpec;
 use crate::probe::converge;
 use crate::process::Cluster;
@@ -17,8 +17,11 @@ use crate::table::{fmt_count, fmt_micros, fmt_rate, Better, Goal, Row, Unit};
 const CONVERGE_BOUND: Duration = Duration::from_secs(60);
 
 /// One herd-wide run.
-struct HerdWide {
+pub struct HerdWide {
     acknowledged: u64,
+    /// Each server's own clients: the rate its load generator reached, and their p99 latency,
+    /// in the topology's order.
+    servers: Vec<(f64, f64)>,
     /// The longest measured window of the loads.
     load_seconds: f64,
     /// From the end of the loads until every server held every marker.
@@ -30,7 +33,7 @@ struct HerdWide {
 }
 
 impl HerdWide {
-    fn per_second(&self) -> f64 {
+    pub fn per_second(&self) -> f64 {
         self.acknowledged as f64 / (self.load_seconds + self.converge.as_secs_f64())
     }
 
@@ -64,27 +67,34 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
         // A failure here costs the comparison, not the scenario's other rows.
         let discarded = if stack == Stack::Herd {
             let label = format!("logs to /dev/null, round {round}");
-            herd_wide_run(bench, stack, &label, Logs::Discarded)
+            herd_wide_run(bench, stack, &label, Logs::Discarded, &bench.settings())
                 .map_err(|e| bench.problem(format!("herd-wide, {label}: {e}")))
                 .ok()
         } else {
             None
         };
-        let logged = herd_wide_run(bench, stack, &format!("round {round}"), Logs::Files)?;
+        let logged = herd_wide_run(
+            bench,
+            stack,
+            &format!("round {round}"),
+            Logs::Files,
+            &bench.settings(),
+        )?;
         Ok(HerdWideRound { logged, discarded })
     })?;
-    let mut absorbed = Row::new(
-        "Herd-wide IAMAT, 5 servers loaded at once, until all hold all",
-        Unit::PerSecond,
-        Better::Higher,
-        runs.figure(highest, |r| r.logged.per_second()),
-    )
-    .goal(Goal::Times(30.0))
-    .chart("herd-wide IAMAT, all 5 servers (updates/s)")
-    .note(
-        "acknowledged IAMATs ÷ (load seconds + time until every server held a marker sent \
+    let mut absorbed = runs
+        .row(
+            "Herd-wide IAMAT, 5 servers loaded at once, until all hold all",
+            Unit::PerSecond,
+            Better::Higher,
+            |r| r.logged.per_second(),
+        )
+        .goal(Goal::Times(30.0))
+        .chart("herd-wide IAMAT, all 5 servers (updates/s)")
+        .note(
+            "acknowledged IAMATs ÷ (load seconds + time until every server held a marker sent \
          after the load); 5 load generators share one core",
-    );
+        );
     for &stack in runs.stacks() {
         if runs.of(stack).iter().any(|r| r.logged.client_bound) {
             absorbed = absorbed.note(format!(
@@ -123,13 +133,68 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
          server's log file linked to /dev/null: every line is still formatted and written, but \
          the kernel keeps nothing",
     );
-    let converged = Row::new(
+    let converged = runs.row(
         "Herd-wide: convergence after the load ends",
         Unit::Micros,
         Better::Lower,
-        runs.figure(lowest, |r| r.logged.converge.as_secs_f64() * 1e6),
+        |r| r.logged.converge.as_secs_f64() * 1e6,
     );
-    Ok(vec![absorbed, discarded, converged])
+    // Issue 13: a single-threaded server is only as fair as its turns; under the herd-wide
+    // load, each server's own clients must still be served.
+    let mut share = runs
+        .row(
+            "Herd-wide: the slowest server's own clients' rate, as a share of the fastest's",
+            Unit::Percent,
+            Better::Higher,
+            |r| r.logged.slowest_share(),
+        )
+        .goal(Goal::AtLeast(50.0));
+    for &stack in runs.stacks() {
+        let rounds: Vec<String> = runs
+            .of(stack)
+            .iter()
+            .map(|r| {
+                let rates: Vec<String> = r
+                    .logged
+                    .servers
+                    .iter()
+                    .map(|&(rate, _)| fmt_rate(rate))
+                    .collect();
+                rates.join(" / ")
+            })
+            .collect();
+        share = share.note(format!(
+            "{stack}, each server's own clients (Bailey / Bona / Campbell / Clark / Jaquez), \
+             round by round: {}",
+            rounds.join("; ")
+        ));
+    }
+    let worst_p99 = runs
+        .row(
+            "Herd-wide: the worst p99 latency of any server's own clients",
+            Unit::Micros,
+            Better::Lower,
+            |r| r.logged.worst_p99(),
+        )
+        .goal(Goal::AtMost(50_000.0));
+    Ok(vec![absorbed, discarded, converged, share, worst_p99])
+}
+
+impl HerdWide {
+    /// The slowest server's own clients' rate, in percent of the fastest's.
+    fn slowest_share(&self) -> f64 {
+        let rates: Vec<f64> = self.servers.iter().map(|&(rate, _)| rate).collect();
+        match (lowest(&rates), highest(&rates)) {
+            (Some(low), Some(high)) if high > 0.0 => 100.0 * low / high,
+            _ => 0.0,
+        }
+    }
+
+    /// The highest p99 latency of any server's own clients, in µs.
+    fn worst_p99(&self) -> f64 {
+        let p99s: Vec<f64> = self.servers.iter().map(|&(_, p99)| p99).collect();
+        highest(&p99s).unwrap_or(f64::NAN)
+    }
 }
 
 /// What the servers' CPU time per update says of the herd-wide target. The five servers share
@@ -213,9 +278,16 @@ fn herd_wide_budget(rounds: &[[[f64; 2]; 2]], wanted: f64) -> Option<String> {
     ))
 }
 
-/// One herd-wide run (see [`run`]) of `stack`, its servers logging where `logs` says.
-fn herd_wide_run(bench: &Bench, stack: Stack, label: &str, logs: Logs) -> Result<HerdWide, String> {
-    let herd = Cluster::start_with_logs(bench, stack, HERD_2023, None, logs)?;
+/// One herd-wide run (see [`run`]) of `stack`, its servers logging where `logs` says and
+/// configured with `settings`.
+pub fn herd_wide_run(
+    bench: &Bench,
+    stack: Stack,
+    label: &str,
+    logs: Logs,
+    settings: &Settings,
+) -> Result<HerdWide, String> {
+    let herd = Cluster::start_with(bench, stack, HERD_2023, None, logs, settings)?;
     herd.await_links()?;
     let servers_cpu = || {
         herd.servers
@@ -259,6 +331,7 @@ fn herd_wide_run(bench: &Bench, stack: Stack, label: &str, logs: Logs) -> Result
     };
     let run = HerdWide {
         acknowledged: reports.iter().map(|r| r.requests).sum(),
+        servers: reports.iter().map(|r| (r.per_second, r.p99_us)).collect(),
         load_seconds: reports.iter().map(|r| r.seconds).fold(0.0, f64::max),
         converge,
         client_bound: reports.iter().any(|r| r.client_bound),

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::affinity::pin;
-use crate::bench::{highest, lowest, Bench, Runs};
+use crate::bench::{highest, Bench, Runs};
 use crate::process::{Proc, Server};
 use crate::procfs::{CpuMeter, CpuShare, OTHER_WORK_PERCENT};
 use crate::table::{fmt_count, fmt_micros, fmt_rate, Better, Goal, Row, Unit};
@@ -112,8 +112,9 @@ pub struct LoadReport {
     pub errors: u64,
     pub seconds: f64,
     pub per_second: f64,
-    p50_us: f64,
-    p99_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
     cpu_percent: f64,
     pub client_bound: bool,
     first_error: Option<String>,
@@ -136,13 +137,23 @@ impl LoadReport {
                 .and_then(serde_json::Value::as_f64)
                 .ok_or_else(|| format!("herd load's JSON has no number {key:?}: {line}"))
         };
+        // A run that completed no request in its window has no latency: NaN, shown as —.
+        let requests = number("requests")? as u64;
+        let latency = |key: &str| -> Result<f64, String> {
+            Ok(if requests == 0 {
+                f64::NAN
+            } else {
+                number(key)?
+            })
+        };
         Ok(LoadReport {
-            requests: number("requests")? as u64,
+            requests,
             errors: number("errors")? as u64,
             seconds: number("seconds")?,
             per_second: number("per_second")?,
-            p50_us: number("p50_us")?,
-            p99_us: number("p99_us")?,
+            p50_us: latency("p50_us")?,
+            p99_us: latency("p99_us")?,
+            max_us: latency("max_us")?,
             cpu_percent: number("cpu_percent")?,
             client_bound: json
                 .get("client_bound")
@@ -261,11 +272,11 @@ pub fn load_rows<T>(
     goals: &[Goal],
     chart: Option<&'static str>,
 ) -> Vec<Row> {
-    let mut throughput = Row::new(
+    let mut throughput = runs.row(
         format!("{what}: throughput"),
         Unit::PerSecond,
         Better::Higher,
-        runs.figure(highest, |r| report(r).per_second),
+        |r| report(r).per_second,
     );
     for goal in goals {
         throughput = throughput.goal(*goal);
@@ -305,17 +316,17 @@ pub fn load_rows<T>(
     }
     vec![
         throughput,
-        Row::new(
+        runs.row(
             format!("{what}: p50 latency"),
             Unit::Micros,
             Better::Lower,
-            runs.figure(lowest, |r| report(r).p50_us),
+            |r| report(r).p50_us,
         ),
-        Row::new(
+        runs.row(
             format!("{what}: p99 latency"),
             Unit::Micros,
             Better::Lower,
-            runs.figure(lowest, |r| report(r).p99_us),
+            |r| report(r).p99_us,
         ),
     ]
 }

@@ -43,9 +43,7 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
             server,
         )?;
         let one_shot = load_one_shot(bench, &stack.to_string(), round, base, server)?;
-        if stack == Stack::Prototype {
-            bench.note_event_loop(server);
-        }
+        bench.note_event_loop(stack, server);
         Ok(([one, sixteen, one_shot], ceiling))
     })?;
     let mut rows = load_rows(
@@ -154,19 +152,18 @@ fn start_ceiling(bench: &Bench) -> Result<Server, String> {
     })
 }
 
-/// A row of the ceiling's throughput under a load, in the herd's column, against the
-/// prototype's (the other stacks' columns stay empty). The note says whether the target ratio
-/// `times` is within the best that this load reached against any server, the herd and the bare
-/// one.
+/// A row of the ceiling's throughput under a load, in the herd's column, with no ratio (the
+/// other stacks' columns stay empty: the bare server is none of them). The note says whether
+/// the target ratio `times` is within the best that this load reached against any server, the
+/// herd and the bare one.
 fn ceiling_row(what: &str, ceiling: Option<f64>, measured: Figures, times: f64) -> Row {
-    let mut values = Figures::only(Stack::Herd, ceiling);
-    values[Stack::Prototype] = measured[Stack::Prototype];
     let mut row = Row::new(
         format!("Ceiling of this machine, {what} (a bare server, in the herd's column)"),
         Unit::PerSecond,
         Better::Higher,
-        values,
-    );
+        Figures::only(Stack::Herd, ceiling),
+    )
+    .apart();
     if let (Some(ceiling), Some(herd), Some(prototype)) =
         (ceiling, measured[Stack::Herd], measured[Stack::Prototype])
     {

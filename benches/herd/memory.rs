@@ -9,7 +9,7 @@ use crate::bench::{lowest, Bench, Runs};
 use crate::config::LONE;
 use crate::load::{LoadReport, LoadSpec};
 use crate::probe::Client;
-use crate::process::Cluster;
+use crate::process::{Cluster, Server};
 use crate::procfs::{open_fds, rss_bytes};
 use crate::stacks::Stack;
 use crate::table::{fmt_count, Better, Goal, Row, Unit};
@@ -95,11 +95,26 @@ fn rss_with_stored_clients(
     stack: Stack,
     n: u64,
 ) -> Result<(f64, f64, LoadReport, f64), String> {
-    const PREFIX: &str = "mem-";
     let lone = Cluster::start(bench, stack, LONE, None)?;
     let server = &lone.servers[0];
     let pid = server.proc.pid();
     let start = rss_bytes(pid)?;
+    let label = format!("{} stored clients, {stack}", fmt_count(n as f64));
+    let (report, at_line) = store_clients(bench, server, n, &label)?;
+    let end = rss_bytes(pid)?;
+    Ok((start, end, report, at_line))
+}
+
+/// Sends `server` one IAMAT from each of `n` distinct clients (50 connections × 16 in flight,
+/// within the plan's budget), recorded as `label`; returns the load's report and the average
+/// length of the AT lines stored.
+pub fn store_clients(
+    bench: &Bench,
+    server: &Server,
+    n: u64,
+    label: &str,
+) -> Result<(LoadReport, f64), String> {
+    const PREFIX: &str = "mem-";
     let spec = LoadSpec {
         conns: 50,
         in_flight: 16,
@@ -108,9 +123,7 @@ fn rss_with_stored_clients(
         id_prefix: Some(PREFIX.to_string()),
         ..LoadSpec::iamat(server.addr, bench.plan.stored_budget, Duration::ZERO)
     };
-    let label = format!("{} stored clients, {stack}", fmt_count(n as f64));
-    let report = bench.load(&label, &spec, server)?;
-    let end = rss_bytes(pid)?;
+    let report = bench.load(label, &spec, server)?;
     // The stored line of one generated client, as the server holds it; the others differ
     // only in the digits of their number.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -125,7 +138,7 @@ fn rss_with_stored_clients(
     }
     let stored = report.requests.min(n);
     let at_line = (line.len() - 1) as f64 + average_digits(stored);
-    Ok((start, end, report, at_line))
+    Ok((report, at_line))
 }
 
 /// Resident memory of one lone server: at start, with many idle client connections, and with

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::affinity::pin;
 use crate::bench::Bench;
-use crate::config::{discard_logs, free_ports, write_config, Logs, TempDir, Topology};
+use crate::config::{discard_logs, free_ports, write_config, Logs, Settings, TempDir, Topology};
 use crate::fake_places::FakePlaces;
 use crate::probe::converge;
 use crate::stacks::Stack;
@@ -201,6 +201,29 @@ impl Proc {
         Ok(lock(&self.stdout).clone())
     }
 
+    /// SIGTERM, then waits up to `timeout` for the process to exit (SIGKILL after that): a
+    /// server stops as its operator would stop it, writing what it holds.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let pid = libc::pid_t::try_from(self.pid()).map_err(|e| e.to_string())?;
+        // SAFETY: kill only sends a signal to our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        match self.wait_exit(timeout) {
+            Some(status) => Ok(status),
+            None => {
+                self.kill();
+                Err(format!(
+                    "{} did not stop within {timeout:?} of SIGTERM",
+                    self.label
+                ))
+            }
+        }
+    }
+
     /// SIGKILL, then reap.
     fn kill(&mut self) {
         if self.status.is_none() {
@@ -267,32 +290,42 @@ fn start_server(
 /// servers are killed before the directory is removed (fields drop in declaration order).
 pub struct Cluster {
     pub servers: Vec<Server>,
-    _dir: TempDir,
+    pub dir: TempDir,
 }
 
 impl Cluster {
-    /// Starts every server of `topology`, each on a free port; with the fake as Places (and an
-    /// API key) when there is one, else without a key.
+    /// Starts every server of `topology`, each on a free port, with the comparison's settings
+    /// ([`Bench::settings`]); with the fake as Places (and an API key) when there is one, else
+    /// without a key.
     pub fn start(
         bench: &Bench,
         stack: Stack,
         topology: Topology,
         places: Option<&FakePlaces>,
     ) -> Result<Cluster, String> {
-        Cluster::start_with_logs(bench, stack, topology, places, Logs::Files)
+        Cluster::start_with(
+            bench,
+            stack,
+            topology,
+            places,
+            Logs::Files,
+            &bench.settings(),
+        )
     }
 
-    /// [`Cluster::start`], with the servers' logs where `logs` says.
-    pub fn start_with_logs(
+    /// [`Cluster::start`], with the servers' logs where `logs` says and the configuration's
+    /// `settings`.
+    pub fn start_with(
         bench: &Bench,
         stack: Stack,
         topology: Topology,
         places: Option<&FakePlaces>,
         logs: Logs,
+        settings: &Settings,
     ) -> Result<Cluster, String> {
         let dir = TempDir::new(&stack.to_string());
         let ports = free_ports(topology.len())?;
-        let config = write_config(&dir, topology, &ports, places)?;
+        let config = write_config(&dir, topology, &ports, places, settings)?;
         if logs == Logs::Discarded {
             discard_logs(&dir, topology)?;
         }
@@ -308,7 +341,7 @@ impl Cluster {
             }
             servers.push(server);
         }
-        Ok(Cluster { servers, _dir: dir })
+        Ok(Cluster { servers, dir })
     }
 
     pub fn server(&self, name: &str) -> &Server {

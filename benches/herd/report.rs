@@ -6,19 +6,25 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::affinity::Cpus;
 use crate::bench::{highest, Bench};
 use crate::config::manifest_dir;
 use crate::process::Proc;
-use crate::stacks::Stack;
+use crate::stacks::{Stack, Stacks};
 use crate::table::{and_list, fmt_ratio, Better, Goal, Row, Table};
+use crate::RATIOS;
 
 /// What the figures were measured on.
 pub struct Machine {
+    /// Logical CPUs (`processor` entries of `/proc/cpuinfo`).
     pub cpus: usize,
+    /// The CPU's model name, as `/proc/cpuinfo` gives it.
     model: String,
     pub kernel: String,
     python: String,
+    /// uvloop's version in the uvloop stack's environment, when the run has that stack.
+    uvloop: Option<String>,
+    /// `node --version`, when the run has the node stack.
+    node: Option<String>,
     commit: String,
     /// When the bench ran, UTC.
     date: String,
@@ -38,7 +44,7 @@ fn command_output(program: &str, args: &[&str]) -> String {
 }
 
 impl Machine {
-    pub fn detect() -> Machine {
+    pub fn detect(stacks: &Stacks) -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let model = cpuinfo
             .lines()
@@ -51,6 +57,15 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map_or("unknown".to_string(), |k| k.trim().to_string());
         let python = command_output("python3", &["--version"]);
+        let uvloop = stacks.uvloop_python().map(|python| {
+            let python = python.to_string_lossy();
+            let code = "import uvloop; print(uvloop.__version__)";
+            command_output(&python, &["-c", code])
+        });
+        let node = stacks
+            .list()
+            .contains(&Stack::Node)
+            .then(|| command_output("node", &["--version"]));
         let commit = command_output("git", &["describe", "--always", "--dirty"]);
         let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
         Machine {
@@ -58,16 +73,31 @@ impl Machine {
             model,
             kernel,
             python,
+            uvloop,
+            node,
             commit,
             date,
         }
     }
 
+    /// The CPU (model and count) and the kernel.
     pub fn describe(&self) -> String {
         format!(
-            "{} × {}, Linux {}, {}",
-            self.cpus, self.model, self.kernel, self.python
+            "CPU: {} × {} ({} logical CPUs), Linux {}",
+            self.cpus, self.model, self.cpus, self.kernel
         )
+    }
+
+    /// The runtimes the stacks ran on.
+    pub fn runtimes(&self) -> String {
+        let mut parts = vec![self.python.clone()];
+        if let Some(uvloop) = &self.uvloop {
+            parts.push(format!("uvloop {uvloop}"));
+        }
+        if let Some(node) = &self.node {
+            parts.push(format!("Node.js {node}"));
+        }
+        parts.join(", ")
     }
 }
 
@@ -80,8 +110,10 @@ fn xml(text: &str) -> String {
 
 /// A horizontal grouped bar chart of the main figures: per figure, a bar per stack on the
 /// figure's own linear scale (the figures have different units), each labelled with its value,
-/// and on the right how many times better the herd is than the prototype.
-pub fn chart_svg(table: &Table, machine: &Machine, event_loop: &str, cpus: &Cpus) -> String {
+/// and on the right how many times better the herd is than the prototype on asyncio's default
+/// loop.
+pub fn chart_svg(bench: &Bench, table: &Table, machine: &Machine) -> String {
+    let cpus = &bench.cpus;
     const WIDTH: f64 = 1000.0;
     const LABEL_END: f64 = 330.0;
     const BAR_X: f64 = 340.0;
@@ -106,17 +138,16 @@ pub fn chart_svg(table: &Table, machine: &Machine, event_loop: &str, cpus: &Cpus
     let _ = writeln!(
         svg,
         "<text x=\"20\" y=\"30\" font-size=\"18\" font-weight=\"bold\">herd (Rust, mio) vs \
-         its Python asyncio prototype — {}</text>",
+         the same protocol on asyncio, uvloop and Node.js — {}</text>",
         xml(&format!("{} × {}", machine.cpus, machine.model))
     );
     let _ = writeln!(
         svg,
         "<text x=\"20\" y=\"52\" fill=\"#555\" font-size=\"12\">{}</text>",
         xml(&format!(
-            "Linux {}, {} ({} event loop) · logging on · {} · cargo bench --bench herd",
+            "Linux {}, {} · logging on · {} · cargo bench --bench herd",
             machine.kernel,
-            machine.python,
-            event_loop,
+            machine.runtimes(),
             match (cpus.server, cpus.client) {
                 (Some(s), Some(c)) => format!("servers on CPU {s}, load on CPU {c}"),
                 _ => "one CPU, nothing pinned".to_string(),
@@ -139,7 +170,7 @@ pub fn chart_svg(table: &Table, machine: &Machine, event_loop: &str, cpus: &Cpus
     let _ = writeln!(
         svg,
         "<text x=\"{x}\" y=\"78\" fill=\"#555\" font-size=\"12\">each figure on its own scale; \
-         right: how many times better the herd is</text>"
+         right: how many times better the herd is than asyncio</text>"
     );
     for (i, row) in rows.iter().enumerate() {
         let y = TOP + group * i as f64;
@@ -211,17 +242,24 @@ pub fn chart_svg(table: &Table, machine: &Machine, event_loop: &str, cpus: &Cpus
 
 /// `results.md`: how the figures were made, the table, every run, and any problem.
 pub fn results_markdown(bench: &Bench, table: &Table, machine: &Machine, took: Duration) -> String {
-    let event_loop = bench
-        .event_loop
-        .borrow()
-        .clone()
-        .unwrap_or("unknown".into());
-    let mut md = String::from("# herd vs its Python asyncio prototype\n\n");
-    let _ = writeln!(md, "- Machine: {}", machine.describe());
+    let mut md =
+        String::from("# herd vs the same protocol in Python (asyncio, uvloop) and Node.js\n\n");
+    let _ = writeln!(md, "- {}", machine.describe());
+    let _ = writeln!(md, "- Runtimes: {}", machine.runtimes());
     let _ = writeln!(md, "- Date: {}", machine.date);
     let mut options = Vec::new();
     if bench.plan.smoke {
         options.push("--smoke".to_string());
+    }
+    let others: Vec<String> = bench
+        .stacks
+        .list()
+        .iter()
+        .filter(|s| !matches!(s, Stack::Herd | Stack::Baseline))
+        .map(|s| s.to_string())
+        .collect();
+    if others.len() < 3 {
+        options.push(format!("--stacks {}", others.join(",")));
     }
     if let Some(baseline) = bench.stacks.baseline() {
         options.push(format!("--baseline {}", baseline.display()));
@@ -241,16 +279,23 @@ pub fn results_markdown(bench: &Bench, table: &Table, machine: &Machine, took: D
         },
         fmt_minutes(took)
     );
+    for &stack in bench.stacks.list() {
+        let on = match bench.event_loop(stack) {
+            Some(event_loop) => format!(" (its log: the `{event_loop}` event loop)"),
+            None => String::new(),
+        };
+        let _ = writeln!(md, "- `{stack}`: {}{on}", stack.describe());
+    }
     let _ = writeln!(
         md,
-        "- The prototype ran on the `{event_loop}` event loop (uvloop is used when installed)."
+        "- {}; logging on; every comparison with the store in memory only (data_dir = \"\").",
+        bench.cpus.describe()
     );
-    let _ = writeln!(md, "- {}; logging on.", bench.cpus.describe());
     let _ = writeln!(
         md,
         "- Each figure is the better of {} rounds, {} run in alternation on freshly started \
-         servers; memory is measured once, start-up is a median. A ratio above 1 means the herd \
-         is better.",
+         servers, the order turned by one each round; memory is measured once, start-up is a \
+         median. {RATIOS}",
         bench.plan.rounds,
         and_list(&labels(bench.stacks.list())),
     );
@@ -261,7 +306,7 @@ pub fn results_markdown(bench: &Bench, table: &Table, machine: &Machine, took: D
         let _ = writeln!(md, "- {disturbed}");
     }
     md.push('\n');
-    md.push_str("![herd vs prototype](herd-vs-prototype.svg)\n\n");
+    md.push_str("![herd vs the prototypes](herd-vs-prototype.svg)\n\n");
     md.push_str(&table.to_markdown());
     md.push_str("\n## Every run\n\n");
     for run in bench.runs.borrow().iter() {

@@ -3,7 +3,8 @@
 
 use std::fmt::Write as _;
 
-use crate::stacks::{Figures, Stack};
+use crate::bench::{highest, lowest};
+use crate::stacks::{Figures, PerStack, Stack};
 
 /// Which way a figure is better; orients the ratio so that above 1 means the herd is better.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,8 @@ pub enum Unit {
     /// Memory, in bytes.
     Bytes,
     Count,
+    /// A share, in percent.
+    Percent,
 }
 
 impl Unit {
@@ -37,11 +40,12 @@ impl Unit {
             Unit::MiB => format!("{:.1} MiB", value / (1024.0 * 1024.0)),
             Unit::Bytes => format!("{} B", fmt_count(value)),
             Unit::Count => fmt_count(value),
+            Unit::Percent => format!("{value:.0}%"),
         }
     }
 }
 
-/// A target of issue 3, item 4, for the herd's figure.
+/// A target for the herd's figure.
 #[derive(Clone, Copy)]
 pub enum Goal {
     /// At least this many times better than the prototype.
@@ -49,6 +53,22 @@ pub enum Goal {
     AtLeast(f64),
     AtMost(f64),
     Below(f64),
+    /// On a row with a reference ([`Versus`]): at least this many times as good as it (0.95:
+    /// within 5%).
+    OfReference(f64),
+}
+
+/// The reference a herd-only row is compared with: the same figure, measured in the same run
+/// in alternation, without the thing the row is about (no greedy connection, the budget off,
+/// the store in memory only).
+#[derive(Clone, Debug)]
+pub struct Versus {
+    /// What the reference is, in a few words ("alone", "budget off", "memory only").
+    pub label: String,
+    /// Its figure, chosen over the rounds as the row's own is.
+    pub value: Option<f64>,
+    /// Its figure in each round, in round order.
+    pub rounds: Vec<f64>,
 }
 
 /// One line of the table.
@@ -57,6 +77,13 @@ pub struct Row {
     pub unit: Unit,
     pub better: Better,
     pub values: Figures,
+    /// Each stack's figure in each round, in round order: the noise beside each ratio.
+    pub rounds: PerStack<Vec<f64>>,
+    /// Whether the stacks' figures are comparable: false where the herd's column holds
+    /// something else (a bare server's ceiling, the fake Places alone), so no ratio is printed.
+    pub compare: bool,
+    /// On a herd-only row, what the herd's figure is compared with instead of another stack.
+    pub versus: Option<Versus>,
     pub goals: Vec<Goal>,
     /// The short label of this figure in the chart, if it is one of the main figures.
     pub chart: Option<&'static str>,
@@ -70,6 +97,9 @@ impl Row {
             unit,
             better,
             values,
+            rounds: PerStack::default(),
+            compare: true,
+            versus: None,
             goals: Vec::new(),
             chart: None,
             notes: Vec::new(),
@@ -91,20 +121,96 @@ impl Row {
         self
     }
 
-    /// How many times better the herd is than the prototype, what the targets speak of: above
-    /// 1, the herd wins.
-    pub fn ratio(&self) -> Option<f64> {
-        self.ratio_to(Stack::Prototype)
+    /// Each stack's figure round by round, for the noise beside the ratios.
+    pub fn rounds(mut self, rounds: PerStack<Vec<f64>>) -> Row {
+        self.rounds = rounds;
+        self
     }
 
-    /// How many times better the herd is than `other`: above 1, the herd wins.
-    pub fn ratio_to(&self, other: Stack) -> Option<f64> {
-        let (herd, other) = (self.values[Stack::Herd]?, self.values[other]?);
+    /// No ratio: the herd's column holds something the other columns are not (see `compare`).
+    pub fn apart(mut self) -> Row {
+        self.compare = false;
+        self
+    }
+
+    /// A herd-only row compared with `versus` rather than with the other stacks.
+    pub fn versus(mut self, versus: Versus) -> Row {
+        self.versus = Some(versus);
+        self
+    }
+
+    /// `herd` against `other`, oriented so that above 1 the herd is better.
+    fn oriented(&self, herd: f64, other: f64) -> Option<f64> {
         let ratio = match self.better {
             Better::Higher => herd / other,
             Better::Lower => other / herd,
         };
         ratio.is_finite().then_some(ratio)
+    }
+
+    /// How many times better the herd is than the prototype, what the targets speak of: above
+    /// 1, the herd wins. On a row with a reference, how many times better than the reference.
+    pub fn ratio(&self) -> Option<f64> {
+        match &self.versus {
+            Some(versus) => self.oriented(self.values[Stack::Herd]?, versus.value?),
+            None => self.ratio_to(Stack::Prototype),
+        }
+    }
+
+    /// How many times better the herd is than `other`: above 1, the herd wins. None on a row
+    /// whose figures are not comparable, or that has a reference instead.
+    pub fn ratio_to(&self, other: Stack) -> Option<f64> {
+        if !self.compare || self.versus.is_some() {
+            return None;
+        }
+        self.oriented(self.values[Stack::Herd]?, self.values[other]?)
+    }
+
+    /// The lowest and highest of the round-by-round ratios of the herd against `other` (or the
+    /// row's reference, when `other` is the prototype and the row has one): round `i` of one
+    /// against round `i` of the other. None with fewer than two rounds.
+    pub fn ratio_range(&self, other: Stack) -> Option<(f64, f64)> {
+        let theirs: &[f64] = match &self.versus {
+            Some(versus) if other == Stack::Prototype => &versus.rounds,
+            Some(_) => return None,
+            None if self.compare => &self.rounds[other],
+            None => return None,
+        };
+        let ours = &self.rounds[Stack::Herd];
+        let ratios: Vec<f64> = ours
+            .iter()
+            .zip(theirs)
+            .filter_map(|(&herd, &other)| self.oriented(herd, other))
+            .collect();
+        if ratios.len() < 2 {
+            return None;
+        }
+        Some((lowest(&ratios)?, highest(&ratios)?))
+    }
+
+    /// The ratio cell: the ratio, and the noise seen over the rounds (`12× (10–13)`).
+    fn ratio_cell(&self, other: Stack) -> String {
+        let ratio = if other == Stack::Prototype {
+            self.ratio()
+        } else {
+            self.ratio_to(other)
+        };
+        let Some(ratio) = ratio else {
+            return "—".to_string();
+        };
+        let shown = fmt_ratio(ratio);
+        match self.ratio_range(other) {
+            Some((low, high)) => {
+                let (low, high) = (fmt_ratio(low), fmt_ratio(high));
+                if low == high && low == shown {
+                    shown
+                } else {
+                    let (low, high) = (low.trim_end_matches('×'), high.trim_end_matches('×'));
+                    format!("{shown} ({low}–{high})")
+                }
+            }
+            None => shown,
+        }
     }
 
     /// The targets, each with ✓ or ✗ (? when the figure is missing).
@@ -126,6 +232,14 @@ impl Row {
                     Goal::Below(v) => (
                         format!("< {}", self.unit.format(v)),
                         self.values[Stack::Herd].map(|h| h < v),
+                    ),
+                    Goal::OfReference(x) => (
+                        format!(
+                            "≥ {}× {}",
+                            fmt_ratio(x).trim_end_matches('×'),
+                            self.versus.as_ref().map_or("", |v| v.label.as_str())
+                        ),
+                        self.ratio().map(|r| r >= x),
                     ),
                 };
                 let mark = match met {
@@ -162,12 +276,15 @@ impl Table {
     }
 
     /// The ratio columns, each the herd against another stack: `ratio` against the prototype
-    /// (what the targets speak of), and `vs baseline` against an earlier build of the herd, when
-    /// the run has one.
+    /// on asyncio's default loop (what the targets speak of; on a herd-only row, against the
+    /// row's reference), then `vs uvloop`, `vs node` and `vs baseline` for the stacks the run
+    /// has.
     fn comparisons(&self) -> Vec<(String, Stack)> {
         let mut columns = vec![("ratio".to_string(), Stack::Prototype)];
-        if self.stacks.contains(&Stack::Baseline) {
-            columns.push((format!("vs {}", Stack::Baseline), Stack::Baseline));
+        for &stack in &self.stacks {
+            if !matches!(stack, Stack::Herd | Stack::Prototype) {
+                columns.push((format!("vs {stack}"), stack));
+            }
         }
         columns
     }
@@ -198,8 +315,7 @@ impl Table {
                 let value = |v: Option<f64>| v.map_or("—".to_string(), |v| row.unit.format(v));
                 let mut cells = vec![figure];
                 cells.extend(self.stacks.iter().map(|&stack| value(row.values[stack])));
-                let ratio = |other: Stack| row.ratio_to(other).map_or("—".to_string(), fmt_ratio);
-                cells.extend(comparisons.iter().map(|&(_, other)| ratio(other)));
+                cells.extend(comparisons.iter().map(|&(_, other)| row.ratio_cell(other)));
                 cells.push(row.target());
                 cells
             })
@@ -305,7 +421,7 @@ pub fn fmt_rate(per_second: f64) -> String {
 pub fn fmt_micros(us: f64) -> String {
     if !us.is_finite() {
         "—".to_string()
-    } else if us < 1_000.0 {
+    } else if us < 999.5 {
         format!("{us:.0} µs")
     } else if us < 1_000_000.0 && us % 1_000.0 == 0.0 {
         format!("{:.0} ms", us / 1e3) // a round target, "50 ms"
@@ -321,6 +437,10 @@ pub fn fmt_ratio(ratio: f64) -> String {
         format!("{ratio:.0}×")
     } else if ratio >= 1.0 {
         format!("{ratio:.1}×")
+    } else if ratio > 0.0 {
+        // Two significant digits: 0.95×, 0.0041×.
+        let decimals = (1 - ratio.log10().floor() as i32).max(2) as usize;
+        format!("{ratio:.decimals$}×")
     } else {
         format!("{ratio:.2}×")
     }
