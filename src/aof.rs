@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use mio::Waker;
 
 use crate::metrics::{Histogram, SYNC_BOUNDS};
+use crate::pages::CachedPages;
 use crate::store::{Bounds, Merge, Store};
 
 /// When records reach the disk: Redis's `appendfsync`.
@@ -91,17 +92,56 @@ const CRC_TABLE: [u32; 256] = {
     table
 };
 
-/// The CRC-32C of `bytes`, a byte at a time through [`CRC_TABLE`]; `123456789` gives the
-/// standard check value, `e3069283`.
+/// The CRC-32C of `bytes`; `123456789` gives the standard check value, `e3069283`. Every
+/// record written and every record replayed is summed, so it is on the IAMAT's path: with the
+/// CPU's own instruction where there is one (x86-64's SSE 4.2, eight bytes a step), else a byte
+/// at a time through [`CRC_TABLE`], some ten times slower.
 pub fn crc32c(bytes: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU has SSE 4.2, as just asked (the answer is cached after the first).
+        return unsafe { crc32c_sse42(bytes) };
+    }
+    crc32c_table(bytes)
+}
+
+/// [`crc32c`] a byte at a time, through the table.
+fn crc32c_table(bytes: &[u8]) -> u32 {
     !bytes.iter().fold(!0u32, |crc, &b| {
         CRC_TABLE[usize::from((crc as u8) ^ b)] ^ (crc >> 8)
     })
 }
 
-/// Appends `record` as a line of the file: its checksum, a space, the record, `\n`.
+/// [`crc32c`] with SSE 4.2's `crc32` instruction, which computes this very polynomial.
+///
+/// # Safety
+///
+/// The CPU must have SSE 4.2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+unsafe fn crc32c_sse42(bytes: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    let mut crc = u64::from(!0u32);
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        crc = _mm_crc32_u64(crc, u64::from_le_bytes(word));
+    }
+    let mut crc = crc as u32;
+    for &b in words.remainder() {
+        crc = _mm_crc32_u8(crc, b);
+    }
+    !crc
+}
+
+/// Appends `record` as a line of the file: its checksum in eight lower-case hex digits, a
+/// space, the record, `\n`.
 fn frame(record: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(format!("{:08x} ", crc32c(record)).as_bytes());
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let sum = crc32c(record);
+    out.extend((0..8).rev().map(|i| DIGITS[((sum >> (4 * i)) & 0xf) as usize]));
+    out.push(b' ');
     out.extend_from_slice(record);
     out.push(b'\n');
 }
@@ -113,8 +153,17 @@ fn unframe(line: &[u8]) -> Option<&[u8]> {
     if line.get(8) != Some(&b' ') {
         return None;
     }
-    let sum = u32::from_str_radix(std::str::from_utf8(sum).ok()?, 16).ok()?;
-    (crc32c(record) == sum).then_some(record)
+    // Exactly as `frame` writes it: eight lower-case hex digits.
+    let mut value = 0u32;
+    for &digit in sum {
+        let nibble = match digit {
+            b'0'..=b'9' => digit - b'0',
+            b'a'..=b'f' => digit - b'a' + 10,
+            _ => return None,
+        };
+        value = value << 4 | u32::from(nibble);
+    }
+    (crc32c(record) == value).then_some(record)
 }
 
 /// What a replay found.
@@ -190,6 +239,9 @@ pub struct Aof {
     /// The size the file must reach before a compaction is tried again after one failed: a
     /// disk that refuses the new file is not asked again every turn.
     compact_retry_at: u64,
+    /// The file's pages: the server never reads the file back while it runs, so what it
+    /// writes is handed to the disk and dropped from the cache as it goes, like the log's.
+    cached: CachedPages,
     /// The `everysec` helper: written-since-sync flag, and its reports.
     syncer: Option<Syncer>,
     /// Figures for the metrics: appends, bytes, syncs done in the loop and their time.
@@ -211,6 +263,8 @@ struct Compaction {
     end: usize,
     /// Bytes written to the new file so far.
     len: u64,
+    /// The new file's pages, handed to the disk and dropped from the cache as they are written.
+    cached: CachedPages,
 }
 
 /// The helper thread of `everysec`.
@@ -293,6 +347,9 @@ impl Aof {
             cut: 0,
             refused: 0,
         };
+        // A line per record: room for them all at once (records of the same client make it an
+        // overestimate, by at most the half of the file a compaction would remove).
+        store.reserve(memchr::memchr_iter(b'\n', &bytes).count());
         let whole = replay_bytes(&bytes, store, &mut seen).map_err(|offset| {
             format!(
                 "data file {shown} is damaged at byte {offset}, with whole records after it: \
@@ -321,6 +378,7 @@ impl Aof {
             fsync,
             pending: Vec::with_capacity(64 * 1024),
             len: whole as u64,
+            cached: CachedPages::after(whole as u64),
             compact_min,
             compaction: None,
             compact_retry_at: 0,
@@ -380,12 +438,14 @@ impl Aof {
                 let _ = self.file.set_len(self.len);
                 return Err(format!("cannot write data file {shown}: {e}"));
             }
+            self.cached.wrote(&self.file, self.pending.len() as u64);
             // The new file too: a compaction copies each position once, and a record that
             // changes after its position was copied reaches the new file only this way.
             let failed = match &mut self.compaction {
                 Some(c) => match c.file.write_all(&self.pending) {
                     Ok(()) => {
                         c.len += self.pending.len() as u64;
+                        c.cached.wrote(&c.file, self.pending.len() as u64);
                         None
                     }
                     Err(e) => Some(format!("cannot write {}: {e}", c.path.display())),
@@ -480,6 +540,7 @@ impl Aof {
             next: 0,
             end: store.len(),
             len: 0,
+            cached: CachedPages::after(0),
         });
         Ok(said)
     }
@@ -506,6 +567,7 @@ impl Aof {
             .write_all(&slice)
             .map_err(|e| format!("cannot write {}: {e}", c.path.display()))?;
         c.len += slice.len() as u64;
+        c.cached.wrote(&c.file, slice.len() as u64);
         // More to copy: [`Aof::wants_turn`] brings the next turn at once.
         if c.next < c.end {
             return Ok(None);
@@ -528,6 +590,7 @@ impl Aof {
         // could fail, and leave the appends going to the old file, which no name reaches.)
         self.file = c.file;
         self.len = c.len;
+        self.cached = c.cached;
         // The helper's descriptor is of the old file: a new helper takes the new one.
         if let Some(syncer) = &mut self.syncer {
             syncer.follow(&self.file)?;
@@ -663,6 +726,13 @@ mod tests {
         // The check value of CRC-32C.
         assert_eq!(crc32c(b"123456789"), 0xe306_9283);
         assert_eq!(crc32c(b""), 0);
+        // The instruction and the table agree, whatever the length and alignment.
+        let bytes: Vec<u8> = (0..300u32).map(|i| (i * 37 + 11) as u8).collect();
+        for start in 0..9 {
+            for end in start..bytes.len() {
+                assert_eq!(crc32c(&bytes[start..end]), crc32c_table(&bytes[start..end]));
+            }
+        }
     }
 
     #[test]

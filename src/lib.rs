@@ -16,6 +16,7 @@ pub mod inbound;
 pub mod link;
 pub mod log;
 pub mod metrics;
+pub mod pages;
 pub mod peer;
 pub mod places;
 pub mod protocol;

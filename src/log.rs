@@ -8,19 +8,19 @@
 //!
 //! The write is a blocking call on the loop, kept small: the buffer of one turn, to a file
 //! opened for appending, whose pages are handed to the disk and dropped from the cache as it
-//! goes ([`CachedPages`]). A log that cannot be written does not stop the server
+//! goes ([`CachedPages`](crate::pages::CachedPages)). A log that cannot be written does not stop the server
 //! ([`Log::flush`]); rotation ([`Log::rotate_at`]) and SIGHUP ([`Log::reopen`]) keep the file
 //! from growing without end.
 
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
-use std::ops::Range;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::bytes::{escape_into, push_decimal};
+use crate::pages::CachedPages;
 
 /// Past this much buffered text the log is written out at once rather than at the end of the
 /// turn: a turn that logs a great deal (a copy of the store to a neighbour, every record of it
@@ -235,9 +235,7 @@ impl Log {
                         self.failed = false;
                         log::warn!("the log file can be written again");
                     }
-                    let written = self.buf.len() as u64;
-                    self.cached
-                        .wrote(written, |filled, old| release(file, filled, old));
+                    self.cached.wrote(file, self.buf.len() as u64);
                 }
                 // The first failure is said on standard error; the loop's `/healthz` reports it
                 // from [`Log::failing`] until a write works.
@@ -260,83 +258,6 @@ impl Log {
         }
     }
 }
-
-/// The log's pages in the page cache. The server appends to its log and never reads it back, yet
-/// every page written stays cached until memory runs short: a busy server would fill the
-/// machine's memory with its log, and each new page costs the kernel an allocation (on a virtual
-/// machine whose idle memory goes back to the host, a first touch too, about 7 µs a page: more
-/// than the write itself). So what the log writes is handed to the disk at once, in steps of at
-/// least [`HAND_OVER_AT`] bytes, and dropped from the cache once [`CACHE_LAG`] more bytes have
-/// followed it, long since on disk; the kernel then reuses those pages for the next writes.
-///
-/// Handing pages to the disk costs the loop time (the file system's block allocation runs in
-/// the caller), about 0.1 ms per MiB: in small steps, each of some microseconds, so that no
-/// client waits for a long one. Both calls are advice: an error changes nothing but memory use,
-/// so it is ignored. On tmpfs the kernel ignores them.
-struct CachedPages {
-    /// The end of the file: where the next write lands.
-    end: u64,
-    /// Everything before this was handed to the disk.
-    handed: u64,
-    /// Everything before this was dropped from the cache.
-    dropped: u64,
-}
-
-/// The least the log hands to the disk at once.
-const HAND_OVER_AT: u64 = 64 << 10;
-
-/// How far behind the end the log's pages are dropped: at 250 MB/s of log, 64 ms for the disk.
-const CACHE_LAG: u64 = 16 << 20;
-
-/// Only whole pages are handed over: the last, partly written one would be written twice.
-const PAGE: u64 = 4096;
-
-impl CachedPages {
-    fn after(length: u64) -> CachedPages {
-        let whole = length / PAGE * PAGE;
-        CachedPages {
-            end: length,
-            handed: whole,
-            dropped: whole,
-        }
-    }
-
-    /// `written` more bytes are in the file: `release` what is to be handed to the disk now,
-    /// and what is to be dropped from the cache, when enough of either has gathered.
-    fn wrote(&mut self, written: u64, release: impl FnOnce(Range<u64>, Option<Range<u64>>)) {
-        self.end += written;
-        let whole = self.end / PAGE * PAGE;
-        if whole - self.handed < HAND_OVER_AT {
-            return;
-        }
-        let hand = self.handed..whole;
-        self.handed = whole;
-        let old = whole.saturating_sub(CACHE_LAG);
-        let drop = (old > self.dropped).then_some(self.dropped..old);
-        self.dropped = self.dropped.max(old);
-        release(hand, drop);
-    }
-}
-
-/// Starts writing `hand` to disk, and drops `drop` from the cache.
-#[cfg(target_os = "linux")]
-fn release(file: &File, hand: Range<u64>, drop: Option<Range<u64>>) {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let offset = |at: u64| libc::off_t::try_from(at).unwrap_or(libc::off_t::MAX);
-    // SAFETY: plain system calls on a descriptor this file owns, with no pointers.
-    unsafe {
-        let (start, length) = (offset(hand.start), offset(hand.end - hand.start));
-        libc::sync_file_range(fd, start, length, libc::SYNC_FILE_RANGE_WRITE);
-        if let Some(drop) = drop {
-            let (start, length) = (offset(drop.start), offset(drop.end - drop.start));
-            libc::posix_fadvise(fd, start, length, libc::POSIX_FADV_DONTNEED);
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn release(_: &File, _: Range<u64>, _: Option<Range<u64>>) {}
 
 /// Whose line a protocol line is: an accepted connection's (`c7`), or a neighbour's on the
 /// link we dialled (`link Bona`) or on the one it dialled (`peer Bona`).
@@ -391,37 +312,6 @@ mod tests {
         s.clear();
         format_utc(&mut s, UNIX_EPOCH + Duration::from_secs(951_782_400));
         assert_eq!(s, "2000-02-29T00:00:00.000000Z");
-    }
-
-    #[test]
-    fn written_pages_go_to_disk_in_steps_and_leave_the_cache_lag_bytes_later() {
-        let mut released = Vec::new();
-        // A file that held half a page when it was opened.
-        let mut pages = CachedPages::after(PAGE / 2);
-        pages.wrote(HAND_OVER_AT - PAGE, |h, d| released.push((h, d)));
-        assert!(released.is_empty(), "in steps of HAND_OVER_AT");
-        pages.wrote(PAGE, |h, d| released.push((h, d)));
-        assert_eq!(released, [(0..HAND_OVER_AT, None)], "whole pages only");
-        // Up to the lag, nothing is dropped; then what lies the lag behind the end, once.
-        let mut end = HAND_OVER_AT + PAGE / 2;
-        while end < CACHE_LAG + 3 * HAND_OVER_AT {
-            pages.wrote(HAND_OVER_AT, |h, d| released.push((h, d)));
-            end += HAND_OVER_AT;
-        }
-        let end = end - PAGE / 2; // the last whole page
-        let handed: Vec<Range<u64>> = released.iter().map(|r| r.0.clone()).collect();
-        assert!(
-            handed.windows(2).all(|w| w[0].end == w[1].start),
-            "{handed:?}"
-        );
-        assert_eq!(handed.last().map(|h| h.end), Some(end));
-        let dropped: Vec<Range<u64>> = released.iter().filter_map(|r| r.1.clone()).collect();
-        assert_eq!(dropped.first().map(|d| d.start), Some(0));
-        assert!(
-            dropped.windows(2).all(|w| w[0].end == w[1].start),
-            "{dropped:?}"
-        );
-        assert_eq!(dropped.last().map(|d| d.end), Some(end - CACHE_LAG));
     }
 
     #[test]

@@ -155,9 +155,25 @@ impl Store {
     /// Keeps `line` as `client`'s record if it is newer than the one held (docs/protocol.md
     /// section 3, "Which record wins"). `client` is `line`'s fourth field, as in every `AT` line.
     pub fn merge(&mut self, client: &[u8], time_ns: i128, line: &[u8]) -> Merge {
-        if let Some(&at) = self.index.get(client) {
-            return self.replace_if_newer(at, time_ns, line);
+        match self.index.get(client) {
+            Some(&at) => self.replace_if_newer(at, time_ns, line),
+            None => self.insert_new(client, time_ns, line),
         }
+    }
+
+    /// Room for `additional` more clients (at most up to `max_clients`), made at once: a replay
+    /// that knows how many records are coming grows the index once instead of rehashing every
+    /// key at each doubling.
+    pub fn reserve(&mut self, additional: usize) {
+        let room = additional.min(self.max_clients.saturating_sub(self.records.len()));
+        self.index.reserve(room);
+        self.records.reserve(room);
+        self.part_at.reserve(room);
+    }
+
+    /// Stores the first record of `client`, which the caller has just looked up and not found
+    /// (so the index is searched once, not twice, for a new client).
+    fn insert_new(&mut self, client: &[u8], time_ns: i128, line: &[u8]) -> Merge {
         if self.records.len() >= self.max_clients {
             return Merge::Full;
         }
@@ -216,7 +232,8 @@ impl Store {
             if record.time_ns > bounds.latest_ns {
                 return Some(Merge::Ahead);
             }
-            return Some(self.merge(record.client, record.time_ns, line));
+            // The client looked up above is the record's: it is new.
+            return Some(self.insert_new(record.client, record.time_ns, line));
         };
         if *self.records[at].line == *line {
             return Some(Merge::Stale);
