@@ -5,21 +5,25 @@
 //! 2. a link blackholed for 30 s by a proxy the test controls, then healed;
 //! 3. equal-time conflicting updates at both ends of the herd;
 //! 4. a neighbour stopped with SIGSTOP for 30 s under load; and a neighbour that heartbeats but
-//!    never reads, so that the peer output cap is what trips;
-//! 5. forged peer traffic on the client port, with and without a herd secret;
+//!    stops reading, so that the peer output cap is what trips;
+//! 5. forged peer traffic on the client port, with and without a herd secret; a handshake that
+//!    takes too long or sends too long a line, either way; an acceptor that forges its
+//!    challenge or its proof; two servers of different secrets, and a shared `secret_file`;
 //! 6. 900 connections dripping a byte a second, a client that never reads its WHATSAT
 //!    replies, and one connection over the limit;
 //! 7. a Places that stalls, dribbles, sends 5 MiB, presents a bad certificate or answers 429;
-//! 8. the API key in no log line, whatever fails (every test here also checks its own logs).
+//! 8. the API key and the herd secret in no log line, whatever fails (every test here also
+//!    checks its own logs).
 //! 9. a server restarted after its neighbours' backoff reached its cap, and a host unplugged
 //!    silently between real hosts (network namespaces): the neighbours dial back as soon as it
 //!    greets them (issue 22).
 //!
 //! Convergence is checked with the store dumps a server writes on SIGUSR1 (`dump_store`): every
 //! server's dump must be the same, and where the test knows what was acknowledged, exactly that.
-//! Every wait is bounded. The numbers the issue fixes (a dead link detected within 6 s, the
-//! herd converged within 5 s of the heal) are asserted as they are; elsewhere the bounds are
-//! generous, and the figures measured are printed (`-- --nocapture` shows them).
+//! Every figure README.md's "What the herd promises" quotes is asserted here at the bound the
+//! README states, timed from the moment it names (the restart, the heal, SIGCONT, the first
+//! byte); where the servers' own clocks tell the time better than the test's polling can, their
+//! log stamps are used. The figures one run measured are printed (`-- --nocapture` shows them).
 
 mod common;
 
@@ -31,13 +35,14 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::fake_places::{Behaviour, Dribble, DribblePlaces, FakePlaces, Framing};
+use common::fake_places::{toml_basic, Behaviour, Dribble, DribblePlaces, FakePlaces, Framing};
 use common::herds::{
-    assert_key_absent, await_converged, await_log_line, await_stored, conn_id, dump_store,
-    free_ports, herd_2023, log_stamp, member, records, seconds_between, stored_clients, Env, Herd,
+    assert_absent, assert_key_absent, await_converged, await_log_line, await_log_past,
+    await_stored, conn_id, dump_store, free_ports, herd_2023, log_stamp, member, records,
+    seconds_between, stored_clients, Env, Herd,
 };
 use common::links::{small_receive_buffer, Proxy, SlowNeighbour};
-use common::load::{latest_records, rss_kb, summary, Load, Pinger, Updater};
+use common::load::{latest_records, rss_kb, summary, Load, Pinger, Updater, PROMPT};
 use common::*;
 use herd::peer::{self, Secret, Session};
 
@@ -61,6 +66,9 @@ const BLACKHOLE: Duration = Duration::from_secs(30);
 const DETECT_WITHIN: Duration = Duration::from_secs(6);
 /// Issue 4: "the herd converges within five seconds of the heal".
 const CONVERGE_AFTER_HEAL: Duration = Duration::from_secs(5);
+/// Equal-time conflicting updates at the two ends of the herd: every server holds the winner
+/// within this of the first update's arrival, by the servers' log stamps.
+const CONFLICT_CONVERGED_WITHIN: Duration = Duration::from_secs(1);
 /// Issue 4: "a neighbour stopped with SIGSTOP for 30 seconds".
 const STOPPED: Duration = Duration::from_secs(30);
 /// The peer output cap of the SIGSTOP test, small. At 2000 updates a second the kernel's
@@ -68,15 +76,36 @@ const STOPPED: Duration = Duration::from_secs(30);
 /// neighbour is found silent, so there the link drops as silent; the slow-reader test, whose
 /// neighbour heartbeats, is where the cap is what trips.
 const PEER_OUTPUT_BYTES: u64 = 1 << 20;
+/// What a server's memory may grow by beyond the output it holds for a neighbour that does
+/// not keep up: the log's buffer of a turn (1 MiB, reserved at start and touched as the turns
+/// grow), and with it the allocator's slack.
+const MEMORY_SLACK: u64 = 1 << 20;
+
+/// The most a server's resident memory may grow, in kB, while one neighbour does not keep up,
+/// with the output for it capped at `cap` bytes.
+fn growth_bound_kb(cap: u64) -> u64 {
+    (cap + MEMORY_SLACK) / 1024
+}
+/// How often the server checks its connections' deadlines (line, idle, unread replies,
+/// authentication): a connection is closed at most this long after its deadline...
+const SWEEP: Duration = Duration::from_secs(1);
+/// ...and this much later again on a shared machine, where a turn of the loop, or the test's
+/// own poll, may come late.
+const LATE: Duration = Duration::from_millis(500);
 /// `line_timeout_ms` of the slow-drip test.
 const LINE_TIMEOUT: Duration = Duration::from_secs(3);
 const DRIPPERS: usize = 900;
-/// `places.timeout_ms` of the Places fault tests, and how late after it a reply may come.
+/// `places.timeout_ms` of the Places fault tests, and how late after it a reply may come: the
+/// deadline is the request's own (the loop wakes for it), so a reply past the timeout is late
+/// by a turn of the loop, which may come late on a shared machine.
 const PLACES_TIMEOUT: Duration = Duration::from_secs(2);
-const REPLY_MARGIN: Duration = Duration::from_millis(1500);
-/// Issue 4: "a few seconds after the restart every server holds the same latest record": a
-/// generous reading of "a few", for a loaded machine.
-const FEW_SECONDS: Duration = Duration::from_secs(10);
+const REPLY_MARGIN: Duration = Duration::from_millis(250);
+/// A server restarted empty after `kill -9` holds every update acknowledged before its restart
+/// within this of the restart, while updates go on.
+const CAUGHT_UP_WITHIN: Duration = Duration::from_secs(1);
+/// ...and, the updates stopped once it has, every store holds exactly the latest acknowledged
+/// records within this of the restart.
+const RESTART_CONVERGED_WITHIN: Duration = Duration::from_secs(2);
 /// The bound of other waits whose length the issue does not fix.
 const SETTLE: Duration = Duration::from_secs(20);
 
@@ -84,6 +113,13 @@ const SETTLE: Duration = Duration::from_secs(20);
 /// machine on purpose (a stopped neighbour under load, 900 drips, a flooded link), and a bound
 /// asserted about a server must not depend on which other test shares the two cores with it.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Neither the API key nor the herd secret is in a log line of `servers` or in anything they
+/// printed; each wrote a log.
+fn assert_secrets_absent(servers: &[&ServerProc]) {
+    assert_key_absent(servers, KEY);
+    assert_absent(servers, SECRET, "the herd secret");
+}
 
 const UNKNOWN_ERROR_PREFIX: &[u8] =
     br#"{"html_attributions" : [], "results" : [], "status" : "UNKNOWN_ERROR", "error_message" : ""#;
@@ -102,6 +138,10 @@ fn log_stamps_parse() {
 // ---------------------------------------------------------------------------------------------
 // 1. kill -9 a middle server under steady updates
 
+/// Campbell, in the middle of the 2023 herd, killed with SIGKILL under steady updates and
+/// restarted 2 s later, empty: within 1 s of its restart it holds every update acknowledged
+/// before it, and (the updates stopped then) within 2 s of the restart every store holds exactly
+/// the latest acknowledged records.
 #[test]
 fn a_killed_middle_server_restarts_and_every_server_holds_every_acknowledged_update() {
     let _alone = lock(&ONE_AT_A_TIME);
@@ -121,13 +161,12 @@ fn a_killed_middle_server_restarts_and_every_server_holds_every_acknowledged_upd
     let campbell = herd.index("Campbell");
     herd.servers[campbell].kill(); // SIGKILL: no goodbye, no flush
     thread::sleep(Duration::from_secs(2));
-    herd.restart("Campbell");
-    let restarted = Instant::now();
-    // The restarted Campbell catches up with everything acknowledged before it came back,
-    // while the updates go on.
+    // The restart is the moment the process is started again; what was acknowledged by then is
+    // what the restarted Campbell must catch up with, while the updates go on.
     let before = updater.snapshot();
-    let mut caught_up = None;
-    while restarted.elapsed() < Duration::from_secs(2) || caught_up.is_none() {
+    let restarted = Instant::now();
+    herd.restart("Campbell");
+    let caught_up = loop {
         let held: BTreeMap<String, String> = records(&dump_store(&herd.servers[campbell]))
             .into_iter()
             .filter_map(|r| {
@@ -143,17 +182,21 @@ fn a_killed_middle_server_restarts_and_every_server_holds_every_acknowledged_upd
                 None => true,
             }
         });
-        if !behind && caught_up.is_none() {
-            caught_up = Some(restarted.elapsed());
+        let elapsed = restarted.elapsed();
+        if !behind {
+            break elapsed;
         }
         assert!(
-            restarted.elapsed() < FEW_SECONDS,
-            "the restarted Campbell did not catch up within {FEW_SECONDS:?}"
+            elapsed < CAUGHT_UP_WITHIN,
+            "the restarted Campbell did not hold every update acknowledged before its restart \
+             within {CAUGHT_UP_WITHIN:?}"
         );
-        thread::sleep(Duration::from_millis(50));
-    }
+        thread::sleep(Duration::from_millis(20));
+    };
+    // Updates stop once it has caught up: from then on, every store must hold exactly the
+    // latest acknowledged records.
     let acked = updater.stop();
-    let stopped = Instant::now();
+    let stopped = restarted.elapsed();
     let expected = latest_records(&acked);
     let updates = acked.values().map(|(n, _)| n + 1).max().unwrap_or(0);
     assert!(updates > 100, "only {updates} updates were acknowledged");
@@ -161,19 +204,23 @@ fn a_killed_middle_server_restarts_and_every_server_holds_every_acknowledged_upd
         &herd.all(),
         Some(&expected),
         restarted,
-        FEW_SECONDS,
+        RESTART_CONVERGED_WITHIN,
         "after Campbell's restart",
+    );
+    assert!(
+        took <= RESTART_CONVERGED_WITHIN,
+        "the five stores were identical {took:?} after Campbell's restart (bound \
+         {RESTART_CONVERGED_WITHIN:?})"
     );
     println!(
         "kill -9: {updates} updates acknowledged for {} clients; the restarted Campbell held \
-         everything acknowledged before its restart {:?} after it; all five stores identical \
-         and holding every latest acknowledged record {took:?} after the restart (updates \
-         stopped {:?} after it)",
+         everything acknowledged before its restart {caught_up:?} after it (bound \
+         {CAUGHT_UP_WITHIN:?}); updates stopped {stopped:?} after the restart; all five stores \
+         identical and holding every latest acknowledged record {took:?} after the restart \
+         (bound {RESTART_CONVERGED_WITHIN:?})",
         expected.len(),
-        caught_up.unwrap_or_default(),
-        stopped - restarted
     );
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
 }
 
 /// Issue 22, as the course's grader does it: a server restarted after its neighbours' backoff
@@ -255,6 +302,7 @@ fn a_restarted_server_is_dialled_back_when_it_greets_and_misses_no_update() {
         "greeting redial: Bailey's link to the restarted Campbell was up {:.1} ms after its greeting",
         redial * 1000.0
     );
+    assert_secrets_absent(&herd.all());
 }
 
 /// Issue 22: the 2023 herd on five hosts (network namespaces, real addresses), Campbell cut off
@@ -378,6 +426,7 @@ fn a_silent_cut_between_hosts_heals_within_a_greeting_and_a_resync() {
         links.join("; "),
         took.as_secs_f64()
     );
+    assert_secrets_absent(&herd.all());
 }
 
 /// The longest wait between redials (`link::MAX_RETRY`).
@@ -485,7 +534,7 @@ fn a_blackholed_link_is_detected_within_6_s_and_the_herd_converges_within_5_s_of
         expected.len()
     );
     drop(proxies);
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -572,13 +621,37 @@ fn equal_time_conflicting_updates_at_both_ends_pick_one_winner_and_do_not_ping_p
     let winner = replies.iter().max().expect("two").clone();
     let loser = replies.iter().min().expect("two").clone();
     assert!(winner.starts_with("AT Jaquez "), "winner {winner:?}");
-    let since = Instant::now();
-    let took = await_converged(
+    // Every store holds the winner alone (the wait is the dumps', a liveness bound)...
+    await_converged(
         &herd.all(),
         Some(&BTreeSet::from([winner.clone()])),
-        since,
+        Instant::now(),
         SETTLE,
         "after the conflicting updates",
+    );
+    // ...and, by the servers' own clocks, every server held it within the bound of the first
+    // IAMAT's arrival: Jaquez when it ran its own, each other when the winner first reached it.
+    let iamat = format!("< IAMAT {client} ");
+    let stamp_of =
+        |server: &ServerProc, needle: &str| log_stamp(&await_log_line(server, needle, 0, SETTLE));
+    let first = [herd.get("Bailey"), herd.get("Jaquez")]
+        .iter()
+        .map(|s| stamp_of(s, &iamat))
+        .min()
+        .expect("two");
+    let mut held_at = Vec::new();
+    for s in &herd.servers {
+        let at = match s.name.as_str() {
+            "Jaquez" => stamp_of(s, &iamat),
+            _ => stamp_of(s, &format!(" < {winner}")),
+        };
+        held_at.push((s.name.clone(), seconds_between(first, at)));
+    }
+    let took = held_at.iter().map(|(_, t)| *t).fold(0.0, f64::max);
+    assert!(
+        took <= CONFLICT_CONVERGED_WITHIN.as_secs_f64(),
+        "the winner reached every server only {took:.3} s after the first IAMAT arrived (bound \
+         {CONFLICT_CONVERGED_WITHIN:?}): {held_at:?}"
     );
     // No ping-pong: once converged, nothing more about the client is sent or received, through
     // more than one digest interval; and each server received each record at most once from
@@ -631,20 +704,26 @@ fn equal_time_conflicting_updates_at_both_ends_pick_one_winner_and_do_not_ping_p
     }
     let total: usize = counts.values().sum();
     println!(
-        "conflict: winner {winner:?} everywhere {took:?} after the replies; {total} receptions of \
-         the two records in all ({} of the loser), none after convergence",
+        "conflict: winner {winner:?} held by all five {:.1} ms after the first IAMAT arrived \
+         (bound {CONFLICT_CONVERGED_WITHIN:?}); {total} receptions of the two records in all ({} \
+         of the loser), none after convergence",
+        took * 1000.0,
         counts
             .iter()
             .filter(|((_, _, w), _)| *w == 1)
             .map(|(_, n)| n)
             .sum::<usize>()
     );
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
 }
 
 // ---------------------------------------------------------------------------------------------
 // 4. a neighbour stopped under load
 
+/// Bona stopped with SIGSTOP for 30 s while Bailey, its neighbour, takes 2,000 updates a second
+/// (the load ends just before SIGCONT): its neighbours' memory grows by at most their output cap
+/// to it and the log's buffer, each drops its link to Bona as silent within 6 s of the stop,
+/// and all five stores are identical within 5 s of SIGCONT.
 #[test]
 fn a_neighbour_stopped_for_30_s_under_load_costs_bounded_memory_and_the_herd_converges() {
     let _alone = lock(&ONE_AT_A_TIME);
@@ -655,14 +734,19 @@ fn a_neighbour_stopped_for_30_s_under_load_costs_bounded_memory_and_the_herd_con
         .start_retrying(|| herd_2023(&free_ports(5)));
     herd.wait_linked();
     let bona = herd.get("Bona");
-    // 2000 IAMATs a second at Bailey, a neighbour of Bona, for the whole stop and a little
-    // before and after; every update is flooded towards Bona by Bailey, Campbell and Clark.
+    // 2000 IAMATs a second at Bailey, a neighbour of Bona, from a little before the stop to a
+    // little before its end; every update is flooded towards Bona by Bailey, Campbell and Clark.
     const BEFORE: Duration = Duration::from_secs(3);
-    const AFTER: Duration = Duration::from_secs(3);
-    let window = (BEFORE + STOPPED + AFTER).as_millis().to_string();
+    const ENDS_BEFORE_SIGCONT: Duration = Duration::from_millis(1500);
+    let warmup = Duration::from_millis(500);
+    let window = (BEFORE + STOPPED).saturating_sub(warmup + ENDS_BEFORE_SIGCONT);
     let load = Load::start(
         herd.get("Bailey").addr,
-        &format!("-c 8 -p 8 --rate 2000 --clients 2000 --warmup-ms 500 --duration-ms {window}"),
+        &format!(
+            "-c 8 -p 8 --rate 2000 --clients 2000 --warmup-ms {} --duration-ms {}",
+            warmup.as_millis(),
+            window.as_millis()
+        ),
     );
     thread::sleep(BEFORE);
     let others = ["Bailey", "Campbell", "Clark", "Jaquez"];
@@ -673,6 +757,7 @@ fn a_neighbour_stopped_for_30_s_under_load_costs_bounded_memory_and_the_herd_con
         .iter()
         .map(|n| herd.get(n).log_bytes().len())
         .collect();
+    let stopped_wall = SystemTime::now();
     bona.signal(libc::SIGSTOP);
     let stopped = Instant::now();
     let mut peak = baseline.clone();
@@ -682,48 +767,43 @@ fn a_neighbour_stopped_for_30_s_under_load_costs_bounded_memory_and_the_herd_con
             peak[i] = peak[i].max(rss_kb(herd.get(n).pid()));
         }
     }
+    // The load is over before Bona resumes, so that what follows SIGCONT is the resync alone.
+    let report = load.finish(Duration::from_secs(20));
     bona.signal(libc::SIGCONT);
     let resumed = Instant::now();
 
-    // Bounded memory: at most twice the start, plus one peer output cap. What may grow is the
-    // output for the stopped neighbour (capped at peer_output_bytes, then the link is dropped)
-    // and allocator slack; the store itself is already full.
+    // Bounded memory: what may grow is each server's output to the stopped neighbour (capped
+    // at peer_output_bytes, then the link is dropped), and allocator slack; the store is full.
     let mut figures = Vec::new();
     for (i, n) in others.iter().enumerate() {
-        let bound = 2 * baseline[i] + PEER_OUTPUT_BYTES / 1024;
+        let grew = peak[i].saturating_sub(baseline[i]);
         assert!(
-            peak[i] <= bound,
-            "{n}'s RSS reached {} kB while Bona was stopped (start {} kB, bound {bound} kB)",
+            grew <= growth_bound_kb(PEER_OUTPUT_BYTES),
+            "{n}'s RSS grew by {grew} kB while Bona was stopped ({} → {} kB; bound {} kB: the \
+             peer output cap and {} kB for the log's buffer)",
+            baseline[i],
             peak[i],
-            baseline[i]
+            growth_bound_kb(PEER_OUTPUT_BYTES),
+            MEMORY_SLACK / 1024
         );
-        figures.push(format!("{n} {}→{} kB", baseline[i], peak[i]));
+        figures.push(format!("{n} +{grew} kB"));
     }
-    // Bona's neighbours dropped their links to it: over the output cap, or silent.
+    // Bona's neighbours dropped their links to it as silent, within 6 s of the stop.
     let mut drops = Vec::new();
     for (i, n) in others.iter().enumerate() {
         if !["Bailey", "Campbell", "Clark"].contains(n) {
             continue;
         }
-        let log = herd.get(n).log_bytes();
-        let text = String::from_utf8_lossy(&log[marks[i]..]).into_owned();
-        let line = text
-            .lines()
-            .find(|l| l.contains("link Bona down: over") || l.contains("link Bona down: silent"))
-            .unwrap_or_else(|| {
-                let about: Vec<&str> = text.lines().filter(|l| l.contains("Bona")).collect();
-                panic!(
-                    "{n} never dropped its link to the stopped Bona; its lines about Bona:\n{}",
-                    about[about.len().saturating_sub(20)..].join("\n")
-                )
-            });
-        drops.push(format!(
-            "{n}: {}",
-            line.split_once(' ').map_or(line, |(_, l)| l)
-        ));
+        let line = await_log_line(herd.get(n), "link Bona down:", marks[i], SETTLE);
+        let after = seconds_between(stopped_wall, log_stamp(&line));
+        assert!(
+            line.contains("link Bona down: silent for 5 s") && after <= DETECT_WITHIN.as_secs_f64(),
+            "{n} dropped its link to the stopped Bona {after:.3} s after the stop (bound \
+             {DETECT_WITHIN:?}, as silent): {line}"
+        );
+        drops.push(format!("{n} {after:.3} s"));
     }
 
-    let report = load.finish(AFTER + Duration::from_secs(20));
     let json: serde_json::Value = serde_json::from_str(report.trim())
         .unwrap_or_else(|e| panic!("herd load printed {report:?}: {e}"));
     assert_eq!(
@@ -731,28 +811,39 @@ fn a_neighbour_stopped_for_30_s_under_load_costs_bounded_memory_and_the_herd_con
         Some(0),
         "Bailey failed to answer some of the load: {report}"
     );
-    let loaded = Instant::now();
-    let took = await_converged(&herd.all(), None, loaded, SETTLE, "after SIGCONT");
+    let took = await_converged(
+        &herd.all(),
+        None,
+        resumed,
+        CONVERGE_AFTER_HEAL,
+        "after SIGCONT",
+    );
+    assert!(
+        took <= CONVERGE_AFTER_HEAL,
+        "the stores were identical {took:?} after SIGCONT (bound {CONVERGE_AFTER_HEAL:?})"
+    );
     let count = records(&dump_store(bona)).len();
     assert_eq!(
         count, 2000,
         "records in the converged stores: one per client of the load"
     );
     println!(
-        "sigstop: RSS start→peak {}; {}; load {} requests, {}/s; all five stores identical \
-         ({count} records) {took:?} after the load ended, {:?} after SIGCONT",
+        "sigstop: RSS growth while Bona was stopped {} (bound {} kB); links to Bona dropped as \
+         silent by {} after the stop; load {} requests, {}/s; all five stores identical ({count} \
+         records) {took:?} after SIGCONT (bound {CONVERGE_AFTER_HEAL:?})",
         figures.join(", "),
-        drops.join("; "),
+        growth_bound_kb(PEER_OUTPUT_BYTES),
+        drops.join(", "),
         json["requests"],
         json["per_second"],
-        resumed.elapsed()
     );
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
 }
 
-/// The cap on a link's unsent output, with a neighbour that is alive (it heartbeats) but does
-/// not read: the link is dropped at the cap, memory stays bounded, and once the neighbour reads
-/// again the resync on reconnect gives it everything, so nothing is lost.
+/// The cap on a link's unsent output, with a neighbour that is alive (it heartbeats) but stops
+/// reading: the link is dropped at the cap, the server's memory grows by at most the cap and
+/// the log's buffer, and once the neighbour reads again the resync on reconnect gives it
+/// everything within 5 s, so nothing is lost.
 #[test]
 fn a_neighbour_that_heartbeats_but_never_reads_is_dropped_at_the_output_cap_and_resynced() {
     let _alone = lock(&ONE_AT_A_TIME);
@@ -778,9 +869,28 @@ fn a_neighbour_that_heartbeats_but_never_reads_is_dropped_at_the_output_cap_and_
         bailey.wait_log("link Bona up", SETTLE),
         "Bailey never linked to Bona"
     );
+    // First the same load for a second while Bona reads: the store fills with the load's 2000
+    // clients, and the buffers of the load's connections and of the log reach their size.
+    // What grows after is what a neighbour that does not read costs.
+    bona.read_from_now_on();
+    let warm = Load::start(
+        bailey.addr,
+        "-c 8 -p 16 --rate 20000 --clients 2000 --warmup-ms 0 --duration-ms 1000",
+    );
+    warm.finish(Duration::from_secs(20));
+    let expected = records(&dump_store(bailey));
+    let filled = eventually(SETTLE, || bona.records().is_superset(&expected));
+    assert!(
+        filled,
+        "Bona never received all of Bailey's {} records",
+        expected.len()
+    );
+    bona.stop_reading();
+    thread::sleep(Duration::from_millis(200));
     let baseline = rss_kb(bailey.pid());
+    let mark = bailey.log_bytes().len();
     // 20000 IAMATs a second for 6 s, each flooded to Bona: 2 MB a second, more than the
-    // kernel's socket buffers (a few MB on loopback) hold for long.
+    // kernel's socket buffers hold for long.
     let load = Load::start(
         bailey.addr,
         "-c 8 -p 16 --rate 20000 --clients 2000 --warmup-ms 200 --duration-ms 6000",
@@ -791,20 +901,29 @@ fn a_neighbour_that_heartbeats_but_never_reads_is_dropped_at_the_output_cap_and_
     let mut dropped = None;
     while started.elapsed() < Duration::from_secs(7) {
         peak = peak.max(rss_kb(bailey.pid()));
-        if dropped.is_none() && bailey.log().contains(&needle) {
+        if dropped.is_none()
+            && bailey.log_bytes()[mark..]
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+        {
             dropped = Some(started.elapsed());
         }
         thread::sleep(Duration::from_millis(100));
     }
     let report = load.finish(Duration::from_secs(20));
-    let line = await_log_line(bailey, &needle, 0, SETTLE);
-    // Twice the start, plus one cap: the store (2000 small records), the load's connections
-    // and the per-turn log buffer (1 MiB at most) fit in the start twice over; the link's
-    // output is the cap at most.
-    let bound = 2 * baseline + CAP / 1024;
+    // The first drop after the baseline is for the cap, nothing else.
+    let line = await_log_line(bailey, "link Bona down:", mark, SETTLE);
     assert!(
-        peak <= bound,
-        "Bailey's RSS reached {peak} kB (start {baseline} kB, bound {bound} kB)"
+        line.contains(&needle),
+        "Bailey dropped its link to Bona: {line}"
+    );
+    let grew = peak.saturating_sub(baseline);
+    assert!(
+        grew <= growth_bound_kb(CAP),
+        "Bailey's RSS grew by {grew} kB ({baseline} → {peak} kB; bound {} kB: the cap and {} kB \
+         for the log's buffer)",
+        growth_bound_kb(CAP),
+        MEMORY_SLACK / 1024
     );
     let json: serde_json::Value = serde_json::from_str(report.trim())
         .unwrap_or_else(|e| panic!("herd load printed {report:?}: {e}"));
@@ -814,29 +933,33 @@ fn a_neighbour_that_heartbeats_but_never_reads_is_dropped_at_the_output_cap_and_
         "Bailey failed some of the load: {report}"
     );
     // Bona reads again: the resync of a later link brings it every latest record.
+    let expected = records(&dump_store(bailey));
     bona.read_from_now_on();
     let resumed = Instant::now();
-    let expected = records(&dump_store(bailey));
-    let complete = eventually(SETTLE, || bona.records().is_superset(&expected));
+    let complete = eventually(CONVERGE_AFTER_HEAL, || {
+        bona.records().is_superset(&expected)
+    });
+    let took = resumed.elapsed();
     let got = bona.records();
     assert!(
-        complete,
-        "Bona never received {} of Bailey's {} latest records, e.g. {:?}",
+        complete && took <= CONVERGE_AFTER_HEAL,
+        "Bona lacked {} of Bailey's {} latest records {took:?} after it read again (bound \
+         {CONVERGE_AFTER_HEAL:?}), e.g. {:?}",
         expected.difference(&got).count(),
         expected.len(),
         expected.difference(&got).next()
     );
     println!(
-        "slow reader: link dropped at its cap {:?} into the load ({}); Bailey's RSS {baseline}→{peak} kB \
-         (bound {bound} kB); load {} requests; every one of {} latest records at Bona {:?} after \
-         it read again",
+        "slow reader: link dropped at its cap {:?} into the load ({}); Bailey's RSS grew by \
+         {grew} kB (bound {} kB); load {} requests; every one of {} latest records at Bona \
+         {took:?} after it read again (bound {CONVERGE_AFTER_HEAL:?})",
         dropped.unwrap_or_default(),
         line.split_once(' ').map_or("", |(_, l)| l),
+        growth_bound_kb(CAP),
         json["requests"],
         expected.len(),
-        resumed.elapsed()
     );
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -975,7 +1098,7 @@ fn assert_unchanged(
     for why in why {
         assert!(log.contains(why), "Bailey's log never says {why:?}:\n{log}");
     }
-    assert_key_absent(&[bailey], KEY);
+    assert_secrets_absent(&[bailey]);
 }
 
 /// A peer's line as a client's first line: `? LINE`, then the connection is closed, and the
@@ -1215,7 +1338,354 @@ fn without_a_secret_a_client_still_cannot_inject_records() {
         "the store holds {after:?}"
     );
     assert!(!stored_clients(bailey).contains("injected.cs.ucla.edu"));
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
+}
+
+/// Bailey with neighbour Bona, whose port is a listener of the test: the test plays the Bona
+/// that Bailey dials (and may dial Bailey as Bona too).
+fn bailey_and_a_played_bona(tag: &str) -> (Herd, TcpListener) {
+    Herd::build(tag)
+        .env(WITH_SECRET)
+        .extra(NO_PLACES)
+        .only(&["Bailey"])
+        .start_retrying_with(|| {
+            let bona = TcpListener::bind("127.0.0.1:0").expect("cannot bind a port for Bona");
+            let bona_port = bona.local_addr().expect("address").port();
+            let members = vec![
+                member("Bailey", free_ports(1)[0], &["Bona"]),
+                member("Bona", bona_port, &["Bailey"]),
+            ];
+            (members, bona)
+        })
+}
+
+/// The time between the first lines of `server`'s log (from byte `from`) that contain `first`
+/// and then `then`, by the log's own stamps.
+fn logged_between(server: &ServerProc, first: &str, then: &str, from: usize) -> f64 {
+    let a = await_log_line(server, first, from, SETTLE);
+    let b = await_log_line(server, then, from, SETTLE);
+    seconds_between(log_stamp(&a), log_stamp(&b))
+}
+
+/// Before it has authenticated, a connection gets 5 s and lines of 1,024 bytes, both ways: an
+/// acceptor closes a neighbour that greets and then says nothing, between 5 s and the next
+/// check of its deadlines, and one whose proof line is longer than 1,024 bytes at once; a
+/// dialler gives up on a neighbour that never sends its challenge 5 s after its greeting.
+#[test]
+fn a_handshake_must_end_within_5_s_in_lines_of_at_most_1024_bytes_either_way() {
+    let _alone = lock(&ONE_AT_A_TIME);
+    let (herd, bona) = bailey_and_a_played_bona("handshake-limits");
+    let bailey = herd.get("Bailey");
+    let timeout = peer::HANDSHAKE_TIMEOUT;
+    let max = peer::MAX_HANDSHAKE_BYTES;
+    // Bailey dials the test, greets, and hears nothing back (on a thread: it takes 5 s).
+    let dialled = thread::spawn(move || {
+        let mut link = Client::accept(&bona);
+        let greeting = link.read_line();
+        (greeting, link.read_to_end())
+    });
+    // Acceptor side: a proof line of exactly the limit is read as a (wrong) proof...
+    let (mut c, _, _) = greet(bailey.addr);
+    c.send(format!("PROOF {}\n", "a".repeat(max - "PROOF ".len())).as_bytes());
+    assert_eq!(show(&c.read_to_end()), "", "a proof line of {max} bytes");
+    await_log_line(
+        bailey,
+        "Bona failed to prove it knows the herd secret",
+        0,
+        SETTLE,
+    );
+    // ...and one byte more closes the connection at once, with nothing said.
+    let (mut c, _, _) = greet(bailey.addr);
+    c.send(format!("PROOF {}\n", "a".repeat(max + 1 - "PROOF ".len())).as_bytes());
+    let told = c.read_to_end();
+    assert_eq!(show(&told), "", "a proof line of {} bytes", max + 1);
+    drop(c);
+    await_log_line(
+        bailey,
+        &format!("closed: line longer than {max} bytes"),
+        0,
+        SETTLE,
+    );
+    // A greeting, then nothing: closed once its 5 s are up, with nothing said.
+    let mark = bailey.log_bytes().len();
+    let (mut c, _, _) = greet(bailey.addr);
+    c.stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .expect("a read timeout");
+    assert_eq!(
+        show(&c.read_to_end()),
+        "",
+        "a neighbour that never proves itself"
+    );
+    let id = await_log_line(bailey, "< PEER herd/1 Bona ", mark, SETTLE)
+        .split(' ')
+        .nth(1)
+        .expect("STAMP cN < PEER")
+        .to_owned();
+    let acceptor_took = logged_between(
+        bailey,
+        &format!(" {id} < PEER herd/1 Bona "),
+        &format!(" {id} closed: did not authenticate within 5 s"),
+        mark,
+    );
+    let acceptor_bound = timeout + SWEEP + LATE;
+    assert!(
+        acceptor_took >= timeout.as_secs_f64() && acceptor_took <= acceptor_bound.as_secs_f64(),
+        "a neighbour that did not prove itself was closed {acceptor_took:.3} s after its \
+         greeting (bound {timeout:?}..{acceptor_bound:?})"
+    );
+    // Dialler side: the deadline is the link's own, exact to a turn of the loop.
+    let (greeting, rest) = join(dialled);
+    assert!(
+        greeting.starts_with(b"PEER herd/1 Bailey "),
+        "{}",
+        show(&greeting)
+    );
+    assert_eq!(show(&rest), "", "after its greeting, Bailey sent");
+    let dialler_took = logged_between(
+        bailey,
+        "link Bona > PEER herd/1 Bailey ",
+        "link Bona down: no challenge within 5 s",
+        0,
+    );
+    let dialler_bound = timeout + LATE;
+    assert!(
+        dialler_took >= timeout.as_secs_f64() && dialler_took <= dialler_bound.as_secs_f64(),
+        "Bailey gave up on a neighbour that never sent its challenge {dialler_took:.3} s after \
+         its greeting (bound {timeout:?}..{dialler_bound:?})"
+    );
+    println!(
+        "handshake: a neighbour that never proved itself closed {acceptor_took:.3} s after its \
+         greeting (bound {timeout:?}..{acceptor_bound:?}); a dialled neighbour that never \
+         challenged given up {dialler_took:.3} s after the greeting (bound \
+         {timeout:?}..{dialler_bound:?}); a proof line of {} bytes closed at once",
+        max + 1
+    );
+    assert_secrets_absent(&herd.all());
+}
+
+/// The dialling side of the handshake, against an acceptor played by the test: a challenge
+/// that is not one, or a proof that does not prove the herd secret, takes the link down with
+/// nothing sent after the dialler's own proof (no record reaches a neighbour that has not
+/// proved itself); a good proof brings it up, and the store follows.
+#[test]
+fn a_dialling_server_refuses_a_malformed_or_forged_challenge_and_a_wrong_proof() {
+    let _alone = lock(&ONE_AT_A_TIME);
+    let (herd, bona) = bailey_and_a_played_bona("forged-challenge");
+    let bailey = herd.get("Bailey");
+    let seed = iamat_at(bailey, "seed.cs.ucla.edu");
+    let secret = Secret::new(SECRET.as_bytes());
+    let wrong = Secret::new(b"not-the-herd-secret-at-all");
+    let na = b"00112233445566778899aabbccddeeff".to_vec();
+    let na_text = String::from_utf8(na.clone()).expect("hex");
+    let other_nd = b"ffeeddccbbaa99887766554433221100".to_vec();
+    type Proof = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+    let not_a_challenge = "the neighbour did not answer with a challenge";
+    let wrong_proof = "the neighbour's proof is wrong";
+    let cases: Vec<(&str, String, Option<Proof>, &str)> = vec![
+        (
+            "a challenge with a proof of its own",
+            format!("CHALLENGE {na_text} {}", "ab".repeat(32)),
+            None,
+            not_a_challenge,
+        ),
+        (
+            "a nonce a digit short",
+            format!("CHALLENGE {}", &na_text[1..]),
+            None,
+            not_a_challenge,
+        ),
+        (
+            "a proof where the challenge belongs",
+            format!("PROOF {}", "cd".repeat(32)),
+            None,
+            not_a_challenge,
+        ),
+        (
+            "a challenge line over 1,024 bytes",
+            format!("CHALLENGE {}", "a".repeat(1100)),
+            None,
+            not_a_challenge,
+        ),
+        (
+            "a proof made with another secret",
+            format!("CHALLENGE {na_text}"),
+            Some(Box::new({
+                let (wrong, na) = (wrong.clone(), na.clone());
+                move |nd| wrong.proof(b"accept", b"Bailey", b"Bona", nd, &na)
+            })),
+            wrong_proof,
+        ),
+        (
+            "the dialler's own proof sent back",
+            format!("CHALLENGE {na_text}"),
+            Some(Box::new({
+                let (secret, na) = (secret.clone(), na.clone());
+                move |nd| secret.proof(b"dial", b"Bailey", b"Bona", nd, &na)
+            })),
+            wrong_proof,
+        ),
+        (
+            "a proof for another connection's nonces",
+            format!("CHALLENGE {na_text}"),
+            Some(Box::new({
+                let (secret, na) = (secret.clone(), na.clone());
+                move |_| secret.proof(b"accept", b"Bailey", b"Bona", &other_nd, &na)
+            })),
+            wrong_proof,
+        ),
+    ];
+    let mut from = 0;
+    // Everything Bailey sent on its links: the secret is never in it.
+    let mut heard = Vec::new();
+    for (what, challenge, proof, why) in &cases {
+        let mut link = Client::accept(&bona);
+        let greeting = link.read_line();
+        heard.extend_from_slice(&greeting);
+        let nd = peer::parse_greeting(&greeting[..greeting.len() - 1])
+            .and_then(|g| g.nonce)
+            .unwrap_or_else(|| panic!("{what}: Bailey greeted {}", show(&greeting)))
+            .to_vec();
+        link.send(format!("{challenge}\n").as_bytes());
+        if let Some(proof) = proof {
+            // Bailey proves itself first, and rightly.
+            let line = link.read_line();
+            heard.extend_from_slice(&line);
+            let theirs = peer::parse_proof(&line[..line.len() - 1])
+                .unwrap_or_else(|| panic!("{what}: Bailey answered {}", show(&line)));
+            assert!(
+                secret.verify(theirs, b"dial", b"Bailey", b"Bona", &nd, &na),
+                "{what}: Bailey's proof does not prove the herd secret"
+            );
+            link.send(&[&b"PROOF "[..], &proof(&nd), b"\n"].concat());
+        }
+        let rest = link.read_to_end();
+        assert_eq!(show(&rest), "", "{what}: after the handshake, Bailey sent");
+        let line = await_log_line(bailey, "link Bona down: ", from, SETTLE);
+        assert!(line.contains(why), "{what}: {line}");
+        from = await_log_past(bailey, "link Bona down: ", from, SETTLE);
+    }
+    assert!(
+        !bailey.log().contains("link Bona up"),
+        "Bailey's link to Bona came up:\n{}",
+        bailey.log()
+    );
+    // The same acceptor with the right proof: the link comes up, and Bailey's store follows.
+    let mut link = Client::accept(&bona);
+    let greeting = link.read_line();
+    let nd = peer::parse_greeting(&greeting[..greeting.len() - 1])
+        .and_then(|g| g.nonce)
+        .expect("a nonce")
+        .to_vec();
+    link.send(format!("CHALLENGE {na_text}\n").as_bytes());
+    let _ = link.read_line(); // Bailey's proof
+    let ours = secret.proof(b"accept", b"Bailey", b"Bona", &nd, &na);
+    link.send(&[&b"PROOF "[..], &ours, b"\n"].concat());
+    let mut session = Session::new(&secret, &nd, &na, false);
+    let record = loop {
+        let line = link.read_line();
+        let payload = session
+            .open(&line[..line.len() - 1])
+            .unwrap_or_else(|e| panic!("a line from Bailey does not open ({e}): {}", show(&line)))
+            .to_vec();
+        if payload.starts_with(b"AT ") {
+            break payload;
+        }
+    };
+    assert_eq!(show(&record), show(seed.as_bytes()), "the first record");
+    assert!(
+        !contains(&heard, SECRET.as_bytes()),
+        "Bailey sent the herd secret on a link"
+    );
+    println!(
+        "forged challenge: {} malformed or forged challenges and proofs refused by the dialler, \
+         nothing sent after its proof; the right proof brought the link up",
+        cases.len()
+    );
+    assert_secrets_absent(&herd.all());
+}
+
+/// A second herd secret, for a neighbour that does not share the first.
+const OTHER_SECRET: &str = "a3c5e7092b4d6f81d3e5f7a9c1b3d5e7f9a1c3e5";
+/// The secret of `secret_file`.
+const FILE_SECRET: &str = "6f1d0c8e3a5b47e29c0d8f7a6b5e4d3c2b1a0f9e";
+
+/// Two real servers: Bailey reads the herd secret from `secret_file`, Bona has a different one
+/// in `HERD_SECRET`, which wins over the file. Each proves itself to the other with its own,
+/// and fails: no link comes up either way, and each log says why. Bona started again without
+/// `HERD_SECRET` reads the same file, and both links come up, authenticated. Neither secret
+/// appears in a log.
+#[test]
+fn neighbours_with_different_secrets_never_link_and_a_shared_secret_file_links_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let _alone = lock(&ONE_AT_A_TIME);
+    let dir = TestDir::new("secret-file");
+    let file = dir.join("herd.secret");
+    std::fs::write(&file, format!("{FILE_SECRET}\n")).expect("the secret file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let top = format!(
+        "data_dir = \"\"\nsecret_file = {}\n",
+        toml_basic(&file.display().to_string())
+    );
+    const KEY_ONLY: Env = &[("GOOGLE_PLACES_API_KEY", KEY)];
+    let herd = Herd::build("secret-file")
+        .env(KEY_ONLY)
+        .top(&top)
+        .extra(NO_PLACES)
+        .only(&["Bailey"])
+        .start_retrying(|| {
+            let p = free_ports(2);
+            vec![
+                member("Bailey", p[0], &["Bona"]),
+                member("Bona", p[1], &["Bailey"]),
+            ]
+        });
+    let bailey = herd.get("Bailey");
+    let env = [
+        ("GOOGLE_PLACES_API_KEY", KEY),
+        ("HERD_SECRET", OTHER_SECRET),
+    ];
+    let mut bona = spawn_server(&herd.config, "Bona", &env);
+    // Each dials the other, again and again, and fails to prove itself every time.
+    for (s, other) in [(bailey, "Bona"), (&bona, "Bailey")] {
+        let why = format!("{other} failed to prove it knows the herd secret");
+        let mut from = 0;
+        for _ in 0..3 {
+            from = await_log_past(s, &why, from, SETTLE);
+        }
+    }
+    let at = iamat_at(bailey, "apart.cs.ucla.edu");
+    thread::sleep(Duration::from_millis(300));
+    for (s, other) in [(bailey, "Bona"), (&bona, "Bailey")] {
+        let log = s.log();
+        for never in [format!("link {other} up"), format!("is peer {other}")] {
+            assert!(
+                !log.contains(&never),
+                "{} linked with a neighbour of another secret: {never:?} in\n{log}",
+                s.name
+            );
+        }
+    }
+    let got = exchange(bona.addr, b"WHATSAT apart.cs.ucla.edu 10 1\n");
+    assert_eq!(
+        show(&got),
+        show(b"? WHATSAT apart.cs.ucla.edu 10 1\n"),
+        "a record crossed between servers of different secrets"
+    );
+    bona.kill();
+    let marks = (bailey.log_bytes().len(), bona.log_bytes().len());
+    let bona = spawn_server(&herd.config, "Bona", KEY_ONLY);
+    for (s, other, mark) in [(bailey, "Bona", marks.0), (&bona, "Bailey", marks.1)] {
+        let up = await_log_line(s, &format!("link {other} up to "), mark, SETTLE);
+        assert!(up.contains(", authenticated;"), "{}: {up}", s.name);
+        await_log_line(s, &format!("is peer {other}, authenticated"), mark, SETTLE);
+    }
+    await_stored(&bona, &at);
+    println!("secrets: different secrets never linked; a shared secret_file linked both ways");
+    assert_key_absent(&[bailey, &bona], KEY);
+    for secret in [FILE_SECRET, OTHER_SECRET] {
+        assert_absent(&[bailey, &bona], secret, "a herd secret");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1349,10 +1819,9 @@ fn slow_drips_are_closed_at_the_line_deadline_while_a_client_is_answered_promptl
         "a dripping connection was closed {shortest:?} after its first byte, before the line \
          timeout {LINE_TIMEOUT:?}"
     );
-    // The server looks for expired lines once a second; the rest is room for a shared, noisy
-    // machine (this is a bound on liveness, not a timing goal: closing early is what must not
-    // happen, and that is asserted exactly above).
-    let bound = LINE_TIMEOUT + Duration::from_secs(1) + Duration::from_secs(6);
+    // The server looks for expired lines once a second, and a turn of the loop, or the test's
+    // own, may come late on a shared machine.
+    let bound = LINE_TIMEOUT + SWEEP + LATE;
     assert!(
         longest <= bound,
         "a dripping connection was closed only {longest:?} after its first byte (bound {bound:?})"
@@ -1371,11 +1840,12 @@ fn slow_drips_are_closed_at_the_line_deadline_while_a_client_is_answered_promptl
     assert_eq!(closes, DRIPPERS, "closes for the line deadline in the log");
     println!(
         "slowloris: {DRIPPERS} drips closed {shortest:?}..{longest:?} after their first byte \
-         ({} bytes sent to them); meanwhile {}",
+         (bound {LINE_TIMEOUT:?}..{bound:?}; {} bytes sent to them); meanwhile {} (bound \
+         {PROMPT:?})",
         bytes_back,
         summary(&rtts)
     );
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
 }
 
 #[test]
@@ -1384,10 +1854,14 @@ fn a_client_that_pipelines_whatsats_and_never_reads_is_disconnected_at_its_cap()
     let fake = FakePlaces::start(
         Behaviour::ok(fixture("legacy_ok_20.json")).delayed(Duration::from_millis(200)),
     );
+    // Four WHATSATs in flight at most: once its unread replies stop its commands (at a quarter
+    // of the cap, 256 KiB), the four that complete later cannot take them past the cap, so the
+    // soft limit is the one that trips.
     let extra = format!(
-        "{}\n[limits]\nclient_output_soft_bytes = 65536\nclient_output_soft_ms = 1000\n\
-         client_output_bytes = 1048576\n",
-        fake.places_toml("legacy", 5000)
+        "{}\n[limits]\nclient_output_soft_bytes = 65536\nclient_output_soft_ms = {}\n\
+         client_output_bytes = 1048576\npending_replies = 4\n",
+        fake.places_toml("legacy", 5000),
+        SOFT_OUTPUT_TIME.as_millis()
     );
     let herd = bailey_alone("never-reads", WITHOUT_SECRET, &extra);
     let bailey = herd.get("Bailey");
@@ -1405,11 +1879,23 @@ fn a_client_that_pipelines_whatsats_and_never_reads_is_disconnected_at_its_cap()
         .expect("the WHATSATs");
     let sent = Instant::now();
     let id = conn_id(bailey, hog.local_addr().expect("local address"));
-    let line = await_log_line(bailey, &format!("{id} closed: over "), 0, SETTLE);
+    let line = await_log_line(bailey, &format!("{id} closed: "), 0, SETTLE);
     let cut_after = sent.elapsed();
+    let soft = format!(
+        "{id} closed: over 65536 bytes of replies unread for {} ms: the client does not read",
+        SOFT_OUTPUT_TIME.as_millis()
+    );
     assert!(
-        line.contains("the client does not read"),
-        "the close says {line:?}"
+        line.ends_with(&soft),
+        "the client that never reads was closed, but not by the soft output limit: {line:?}"
+    );
+    // Not before the soft limit's time, and within it, the time its replies take to pass the
+    // limit (the first comes 200 ms after it asked), and the once-a-second check.
+    let bound = SOFT_OUTPUT_TIME + SOFT_OUTPUT_FILL + SWEEP + LATE;
+    assert!(
+        cut_after >= SOFT_OUTPUT_TIME && cut_after <= bound,
+        "the client that never reads was cut off {cut_after:?} after it sent its WHATSATs \
+         (bound {SOFT_OUTPUT_TIME:?}..{bound:?})"
     );
     // The socket sees the end: what the kernel already holds, then end of stream (or a reset).
     hog.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
@@ -1431,13 +1917,19 @@ fn a_client_that_pipelines_whatsats_and_never_reads_is_disconnected_at_its_cap()
     let reply = other.read_whatsat_reply();
     assert!(reply.starts_with(b"AT Bailey "), "{}", show(&reply));
     println!(
-        "never reads: cut off {cut_after:?} after sending ({}), {got} bytes were still \
-         readable; meanwhile {}",
+        "never reads: cut off {cut_after:?} after sending (bound {bound:?}: {}), {got} bytes \
+         were still readable; meanwhile {} (bound {PROMPT:?})",
         line.split_once(" closed: ").map_or("", |(_, why)| why),
         summary(&rtts)
     );
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
 }
+
+/// `client_output_soft_ms` of the test of a client that never reads...
+const SOFT_OUTPUT_TIME: Duration = Duration::from_secs(1);
+/// ...and how long its replies may take to pass the soft limit: the first comes after Places'
+/// 200 ms, then four at a time, and the kernel's buffers of the connection fill first.
+const SOFT_OUTPUT_FILL: Duration = Duration::from_secs(1);
 
 const MAX_CONNECTIONS: usize = 20;
 
@@ -1551,7 +2043,7 @@ fn over_the_connection_limit_the_extra_client_is_refused_and_peer_links_stay_up(
     });
     assert!(served, "no room after a client left");
     println!("max connections: 3 extra clients refused with `? server busy`, links up throughout");
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1601,7 +2093,8 @@ impl PlacesServer {
         let rtts = pinger.stop(what);
         assert!(
             took <= PLACES_TIMEOUT + REPLY_MARGIN,
-            "{what}: the reply took {took:?} (timeout {PLACES_TIMEOUT:?})"
+            "{what}: the reply took {took:?} (timeout {PLACES_TIMEOUT:?}, bound {:?})",
+            PLACES_TIMEOUT + REPLY_MARGIN
         );
         assert!(
             reply.starts_with(&self.at_line) && reply.ends_with(b"\n\n"),
@@ -1629,7 +2122,9 @@ impl PlacesServer {
         c.half_close();
         assert_eq!(show(&c.read_to_end()), "", "{what}: bytes after the reply");
         println!(
-            "places: {what}: well-formed reply in {took:?}; meanwhile {}",
+            "places: {what}: well-formed reply in {took:?} (bound {:?}); meanwhile {} (bound \
+             {PROMPT:?})",
+            PLACES_TIMEOUT + REPLY_MARGIN,
             summary(&rtts)
         );
         took
@@ -1713,7 +2208,7 @@ fn places_that_stalls_drops_sends_5_mib_or_answers_429_still_gets_every_whatsat_
         fake.requests().iter().all(|r| r.target.contains(KEY)),
         "the requests did not carry the key"
     );
-    assert_key_absent(&server.herd.all(), KEY);
+    assert_secrets_absent(&server.herd.all());
 }
 
 /// A whole HTTP response with this body and Content-Length.
@@ -1759,7 +2254,7 @@ fn places_that_dribbles_is_given_up_at_the_timeout_or_relayed_when_it_finishes_i
         "a dribble that ends in time",
         &Expect::Body(newline_rules(&small)),
     );
-    assert_key_absent(&server.herd.all(), KEY);
+    assert_secrets_absent(&server.herd.all());
 }
 
 #[test]
@@ -1775,7 +2270,7 @@ fn places_with_a_bad_certificate_gets_unknown_error() {
         fake.requests().is_empty(),
         "a request went past a bad certificate"
     );
-    assert_key_absent(&server.herd.all(), KEY);
+    assert_secrets_absent(&server.herd.all());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1856,7 +2351,7 @@ fn the_api_key_never_appears_in_any_log_whatever_fails() {
             "{what}: the reply shows the key"
         );
     }
-    assert_key_absent(&herd.all(), KEY);
+    assert_secrets_absent(&herd.all());
     let failures = bailey.log().matches("failed: ").count();
     println!(
         "api key: {} WHATSATs against a failing Places ({failures} failures logged), key in no \

@@ -18,7 +18,7 @@ use common::herds::{
     await_log_past, free_ports, herd_2023, herd_goloman, member, write_config, write_config_with,
     Herd, Member,
 };
-use common::up::{signal, Up};
+use common::up::{children_of, signal, Up};
 use common::*;
 
 const CONVERGE: Duration = Duration::from_secs(10);
@@ -458,6 +458,75 @@ fn try_start_up(env: &[(&str, &str)]) -> Result<(TestDir, [Member; 3], Up), Stri
     let config = write_config(&dir, &specs, "");
     let up = Up::start(&dir.path, &config, &[], env, &specs)?;
     Ok((dir, specs, up))
+}
+
+/// `herd up` with no herd secret configured makes one for the herd it starts: each server has
+/// it in its environment (256 bits, in hex, the same for all, never on a command line), every
+/// link comes up authenticated with it both ways, and it is in no log line.
+#[test]
+fn herd_up_makes_a_herd_secret_and_every_link_authenticates_with_it() {
+    let mut attempt = 1;
+    let (dir, specs, up) = loop {
+        match try_start_up(&[]) {
+            Ok(started) => break started,
+            Err(_) if attempt < 3 => attempt += 1,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let log_of = |name: &str| {
+        std::fs::read_to_string(dir.join(&format!("logs/{name}.log"))).unwrap_or_default()
+    };
+    for spec in &specs {
+        for n in spec.neighbors {
+            let up_line = format!("link {n} up to ");
+            let peer_line = format!("is peer {n}, authenticated");
+            let linked = eventually(CONVERGE, || {
+                let log = log_of(spec.name);
+                log.lines()
+                    .any(|l| l.contains(&up_line) && l.contains(", authenticated;"))
+                    && log.contains(&peer_line)
+            });
+            assert!(
+                linked,
+                "{}'s link with {n} is not authenticated both ways:\n{}",
+                spec.name,
+                log_of(spec.name)
+            );
+        }
+    }
+    let mut secrets = Vec::new();
+    for pid in children_of(up.child.id()) {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let secret = environ
+            .split(|&b| b == 0)
+            .find_map(|var| var.strip_prefix(b"HERD_SECRET="))
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .unwrap_or_else(|| panic!("server {pid} of herd up has no HERD_SECRET"));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !contains(&cmdline, secret.as_bytes()),
+            "the secret is on a server's command line"
+        );
+        secrets.push(secret);
+    }
+    assert_eq!(secrets.len(), specs.len(), "one server per member");
+    let secret = &secrets[0];
+    assert!(
+        secret.len() == 64 && secret.bytes().all(|b| b.is_ascii_hexdigit()),
+        "herd up made a secret of {} characters, not 256 bits in hex",
+        secret.len()
+    );
+    assert!(
+        secrets.iter().all(|s| s == secret),
+        "the servers' secrets differ"
+    );
+    for spec in &specs {
+        assert!(
+            !log_of(spec.name).contains(secret.as_str()),
+            "{}'s log shows the herd secret",
+            spec.name
+        );
+    }
 }
 
 #[test]

@@ -1,12 +1,13 @@
 //! Property tests: the parsers that read what clients, peers and Google send, fed arbitrary
-//! and adversarial bytes. They must never panic, never accept what they should refuse, and
-//! agree with their own writers (what is written is read back the same).
+//! and adversarial bytes. They must never panic, never accept what they should refuse (inputs
+//! made invalid by construction, one field damaged at a time, must be refused), and agree with
+//! their own writers (what is written is read back the same).
 //!
 //! proptest keeps every failing case it finds under `proptest-regressions/` and replays it first
 //! on every run: that is the corpus. CI runs the default 256 cases per property; a longer hunt
 //! is `PROPTEST_CASES=100000 cargo test --release --test properties`.
 
-use herd::peer::{self, Secret, Session};
+use herd::peer::{self, Greeting, PartSet, PeerLine, Secret, Session};
 use herd::places::http::ResponseReader;
 use herd::places::{self, Api, Output};
 use herd::protocol::{self, Command};
@@ -88,6 +89,222 @@ proptest! {
         let _ = peer::parse_challenge(&line);
         let _ = peer::parse_proof(&line);
         let _ = peer::parse_line(&line);
+    }
+
+    /// The handshake's lines are read back as written, and refused with a nonce or a proof that
+    /// is not exactly its lower-case hex digits, a field too many, or another verb or version.
+    #[test]
+    fn handshake_lines_are_read_back_and_refused_when_damaged(
+        name in "[A-Za-z][A-Za-z0-9]{0,11}",
+        nonce in hex_digits(32),
+        proof in hex_digits(64),
+        bad_nonce in bad_hex(32),
+        bad_proof in bad_hex(64),
+        extra in "[a-z0-9]{1,8}",
+    ) {
+        let (n, p) = (nonce.as_bytes(), proof.as_bytes());
+        let greeting = peer::greeting(&name, Some(n));
+        prop_assert_eq!(
+            peer::parse_greeting(&greeting),
+            Some(Greeting { name: name.as_bytes(), nonce: Some(n) })
+        );
+        let bare = peer::greeting(&name, None);
+        prop_assert_eq!(
+            peer::parse_greeting(&bare),
+            Some(Greeting { name: name.as_bytes(), nonce: None })
+        );
+        let challenge = format!("CHALLENGE {nonce}");
+        prop_assert_eq!(peer::parse_challenge(challenge.as_bytes()), Some(n));
+        let proof_line = format!("PROOF {proof}");
+        prop_assert_eq!(peer::parse_proof(proof_line.as_bytes()), Some(p));
+        let refused = [
+            format!("PEER herd/1 {name} {bad_nonce}"),
+            format!("PEER herd/1 {name} {nonce} {extra}"),
+            format!("PEER herd/2 {name} {nonce}"),
+            format!("PEERS herd/1 {name} {nonce}"),
+            "PEER herd/1".to_owned(),
+        ];
+        for line in &refused {
+            prop_assert_eq!(peer::parse_greeting(line.as_bytes()), None, "{}", line);
+        }
+        let refused = [
+            format!("CHALLENGE {bad_nonce}"),
+            format!("CHALLENGE {nonce} {proof}"),
+            format!("CHALLENGE {nonce} {extra}"),
+            "CHALLENGE".to_owned(),
+            format!("PROOF {nonce}"),
+        ];
+        for line in &refused {
+            prop_assert_eq!(peer::parse_challenge(line.as_bytes()), None, "{}", line);
+        }
+        let refused = [
+            format!("PROOF {bad_proof}"),
+            format!("PROOF {proof} {extra}"),
+            "PROOF".to_owned(),
+            format!("CHALLENGE {proof}"),
+        ];
+        for line in &refused {
+            prop_assert_eq!(peer::parse_proof(line.as_bytes()), None, "{}", line);
+        }
+    }
+
+    /// A link's lines (`PARTS`, `DIGEST`, `SYNC`, `PING`) are read back as written, and refused
+    /// when a field is missing, added or out of its range: a `PARTS` line that does not start
+    /// on a line's boundary or within the store's parts, or lacks or adds a digest, or holds one
+    /// that is not 16 hex digits; a `DIGEST` of another scheme or without a count; a `SYNC`
+    /// naming no part, or not 64 hex digits.
+    #[test]
+    fn link_lines_are_read_back_and_refused_when_damaged(
+        line_no in 0usize..8,
+        digests in prop::collection::vec(any::<u64>(), 32),
+        off in 1usize..32,
+        which in any::<prop::sample::Index>(),
+        bad_digest in bad_hex(16),
+        count in any::<u64>(),
+        digest in any::<u64>(),
+        words in any::<[u64; 4]>().prop_filter("a part at least", |w| w.iter().any(|&x| x != 0)),
+        bad_set in bad_hex(64),
+    ) {
+        let first = line_no * 32;
+        let parts = |first: &str, digests: &[String]| format!("PARTS {first} {}", digests.join(" "));
+        let hex: Vec<String> = digests.iter().map(|d| format!("{d:016x}")).collect();
+        let line = parts(&first.to_string(), &hex);
+        let want: Box<[u64; 32]> = Box::new(digests.clone().try_into().unwrap());
+        prop_assert_eq!(
+            peer::parse_line(line.as_bytes()),
+            Some(PeerLine::Parts { first, digests: want })
+        );
+        let mut short = hex.clone();
+        short.pop();
+        let mut long = hex.clone();
+        long.push(hex[0].clone());
+        let mut damaged = hex.clone();
+        damaged[which.index(32)] = bad_digest;
+        let refused = [
+            parts(&(first + off).to_string(), &hex),
+            parts(&(first + 256).to_string(), &hex),
+            parts(&format!("0{first}"), &hex),
+            parts(&first.to_string(), &short),
+            parts(&first.to_string(), &long),
+            parts(&first.to_string(), &damaged),
+        ];
+        for line in &refused {
+            prop_assert_eq!(peer::parse_line(line.as_bytes()), None, "{}", line);
+        }
+
+        let line = format!("DIGEST {count} {digest:016x} {}", peer::DIGEST_SCHEME);
+        prop_assert_eq!(peer::parse_line(line.as_bytes()), Some(PeerLine::Digest { count, digest }));
+        let refused = [
+            format!("DIGEST {count} {digest:016x} {}x", peer::DIGEST_SCHEME),
+            format!("DIGEST {count} {digest:016x}"),
+            format!("DIGEST {count}x {digest:016x} {}", peer::DIGEST_SCHEME),
+            format!("DIGEST {digest:016x} {}", peer::DIGEST_SCHEME),
+        ];
+        for line in &refused {
+            prop_assert_eq!(peer::parse_line(line.as_bytes()), None, "{}", line);
+        }
+
+        // Part 0 in the last word's lowest bit.
+        let text = format!("{:016x}{:016x}{:016x}{:016x}", words[3], words[2], words[1], words[0]);
+        let mut set = PartSet::default();
+        for part in 0..=u8::MAX {
+            if words[usize::from(part / 64)] & (1 << (part % 64)) != 0 {
+                set.insert(part);
+            }
+        }
+        let sync = format!("SYNC {text}");
+        prop_assert_eq!(peer::parse_line(sync.as_bytes()), Some(PeerLine::Sync(Some(set))));
+        prop_assert_eq!(peer::parse_line(b"SYNC"), Some(PeerLine::Sync(None)));
+        prop_assert_eq!(peer::parse_line(b"PING"), Some(PeerLine::Ping));
+        let refused = [
+            format!("SYNC {}", "0".repeat(64)),
+            format!("SYNC {bad_set}"),
+            format!("SYNC {text} {text}"),
+            format!("PING {count}"),
+            format!("PONG {count}"),
+        ];
+        for line in &refused {
+            prop_assert_eq!(peer::parse_line(line.as_bytes()), None, "{}", line);
+        }
+    }
+
+    /// A neighbour's record is refused when any one of its fields is damaged, although the rest
+    /// is a record's: the line is stored and sent on byte for byte, so nothing loose passes.
+    #[test]
+    fn at_records_with_a_damaged_field_are_refused(
+        record in at_record_fields(),
+        damage in 0usize..12,
+    ) {
+        let line = record.join(" ");
+        prop_assert!(protocol::parse_at_record(line.as_bytes()).is_some(), "{}", line);
+        let mut f = record.clone();
+        let line = match damage {
+            0 => format!("{line} extra"),
+            1 => f[..5].join(" "),
+            2 => line.replacen(' ', "  ", 1),
+            3 => line.replacen(' ', "\t", 1),
+            4 => {
+                f[2] = f[2][1..].to_owned(); // the difference without its sign
+                f.join(" ")
+            }
+            5 => {
+                f[2].pop(); // eight decimals
+                f.join(" ")
+            }
+            6 => {
+                f[4] = "+90.000000001+0.0".to_owned();
+                f.join(" ")
+            }
+            7 => {
+                f[4] = "+0.0-180.5".to_owned();
+                f.join(" ")
+            }
+            8 => {
+                f[4] = f[4][1..].to_owned(); // the location without its first sign
+                f.join(" ")
+            }
+            9 => {
+                f[0] = "at".to_owned();
+                f.join(" ")
+            }
+            10 => {
+                f[5].push('x');
+                f.join(" ")
+            }
+            _ => format!("{line} "),
+        };
+        prop_assert_eq!(protocol::parse_at_record(line.as_bytes()), None, "{}", line);
+    }
+
+    /// A client's command with one field out of its range, or a field too many or too few, is
+    /// invalid (answered `? LINE`): a latitude past 90 or a longitude past 180 by any amount, a
+    /// location or time that is not a number, a radius of 0 or past 50 km, a bound past 20.
+    #[test]
+    fn client_commands_out_of_range_are_invalid(
+        over in 1u32..100_000,
+        fraction in "[0-9]{0,6}[1-9]",
+        ok_lat in 0u32..=90,
+        ok_lng in 0u32..=180,
+        bound in 21u32..1000,
+        damage in 0usize..13,
+    ) {
+        let location = format!("+{ok_lat}-{ok_lng}");
+        let line = match damage {
+            0 => format!("IAMAT c +{}.5+0 1", 90 + over),
+            1 => format!("IAMAT c -90.{fraction}+0 1"),
+            2 => format!("IAMAT c +0+{}", 180 + over) + " 1",
+            3 => format!("IAMAT c +0-180.{fraction} 1"),
+            4 => format!("IAMAT c {ok_lat}-{ok_lng} 1"),
+            5 => format!("IAMAT c {location} 1.{fraction}x"),
+            6 => format!("IAMAT c {location} .{fraction}"),
+            7 => format!("IAMAT c {location} 1 {over}"),
+            8 => format!("IAMAT c {location}"),
+            9 => format!("WHATSAT c 0.{} 1", "0".repeat(fraction.len())),
+            10 => format!("WHATSAT c 50.{fraction} 1"),
+            11 => format!("WHATSAT c 10 {bound}"),
+            _ => format!("WHATSAT c {} 1", 50 + over),
+        };
+        prop_assert_eq!(protocol::parse_command(line.as_bytes()), Command::Invalid, "{}", line);
     }
 
     /// A sealed line opens to its payload, once; any change to it, or playing it twice, fails.
@@ -172,14 +389,20 @@ proptest! {
         prop_assert!(raw.starts_with(&body.as_bytes()[..at]));
         prop_assert!(body.ends_with('}'), "the body ends with its closing brace");
         prop_assert_eq!(body.matches("\"place_id\"").count(), bound.min(20));
-        // Damaged JSON is refused, not cut: a byte turned into a brace breaks the structure.
+        // Damaged JSON is refused, not cut. A body cut anywhere short of its closing brace is
+        // never JSON, and is always refused...
+        let end = raw.iter().rposition(|&b| b == b'}').unwrap();
+        let short = &raw[..mangle.index(end)];
+        prop_assert!(places::answer(Api::Legacy, Output::AsSent, short, bound).is_err());
+        // ...and a byte turned into a brace is answered exactly when the body is still JSON
+        // (inside a string it may be).
         let mut damaged = raw.clone();
         let i = mangle.index(damaged.len());
         damaged[i] = b'{';
-        if let Ok(answer) = places::answer(Api::Legacy, Output::AsSent, &damaged, bound) {
-            prop_assert!(serde_json::from_slice::<serde_json::Value>(&damaged).is_ok());
-            let _ = answer;
-        }
+        let json = std::str::from_utf8(&damaged).is_ok()
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&damaged).is_ok();
+        let answer = places::answer(Api::Legacy, Output::AsSent, &damaged, bound);
+        prop_assert_eq!(answer.is_ok(), json);
     }
 }
 
@@ -217,6 +440,72 @@ proptest! {
             prop_assert!(serde_json::from_slice::<serde::de::IgnoredAny>(&answer.body).is_ok());
         }
     }
+}
+
+/// `n` lower-case hex digits.
+fn hex_digits(n: usize) -> impl Strategy<Value = String> {
+    prop::collection::vec(prop::sample::select(b"0123456789abcdef".to_vec()), n)
+        .prop_map(|digits| String::from_utf8(digits).unwrap())
+}
+
+/// A field that is not `n` lower-case hex digits, by construction: a digit short, a digit too
+/// many, or one digit replaced by an upper-case one or a byte that is no digit.
+fn bad_hex(n: usize) -> impl Strategy<Value = String> {
+    (
+        hex_digits(n + 1),
+        0usize..3,
+        any::<prop::sample::Index>(),
+        prop::sample::select(b"ABCDEFgGxz+-./_".to_vec()),
+    )
+        .prop_map(move |(digits, how, at, byte)| match how {
+            0 => digits[..n - 1].to_owned(),
+            1 => digits,
+            _ => {
+                let mut d = digits.into_bytes();
+                d.truncate(n);
+                d[at.index(n)] = byte;
+                String::from_utf8(d).unwrap()
+            }
+        })
+}
+
+/// The six fields of a well-formed record, as a server writes one: `AT`, a server's name, a
+/// signed difference with nine decimals, a client id, a location in range, a client time.
+fn at_record_fields() -> impl Strategy<Value = Vec<String>> {
+    (
+        "[A-Za-z]{1,10}",
+        prop::sample::select(vec!['+', '-']),
+        0u64..1_000_000,
+        0u32..1_000_000_000,
+        "[!-~]{1,20}",
+        (
+            0u32..=89,
+            0u32..=179,
+            "[0-9]{0,6}",
+            prop::sample::select(vec!["+-", "-+", "++", "--"]),
+        ),
+        (0u64..10_000_000_000, "[0-9]{0,12}"),
+    )
+        .prop_map(
+            |(server, sign, secs, nanos, client, (lat, lng, frac, signs), (time, tfrac))| {
+                let dot = |f: &str| {
+                    if f.is_empty() {
+                        String::new()
+                    } else {
+                        format!(".{f}")
+                    }
+                };
+                let s: Vec<char> = signs.chars().collect();
+                vec![
+                    "AT".to_owned(),
+                    server,
+                    format!("{sign}{secs}.{nanos:09}"),
+                    client,
+                    format!("{}{lat}{}{}{lng}{}", s[0], dot(&frac), s[1], dot(&frac)),
+                    format!("{time}{}", dot(&tfrac)),
+                ]
+            },
+        )
 }
 
 /// Bytes that matter to JSON's grammar more often than not, and any byte now and then.

@@ -617,7 +617,7 @@ fn client_ids_need_not_be_utf8() {
 
 #[test]
 fn many_commands_on_one_connection_are_answered_in_order() {
-    pipelined_commands_are_all_answered(1000);
+    pipelined_commands_are_all_answered(1000, false);
 }
 
 /// Far more output than a client may leave unread (here 100,000 bytes), sent while the client
@@ -625,10 +625,43 @@ fn many_commands_on_one_connection_are_answered_in_order() {
 /// itself, with no new event, once the client reads.
 #[test]
 fn megabytes_of_pipelined_commands_are_all_answered() {
-    pipelined_commands_are_all_answered(50_000);
+    pipelined_commands_are_all_answered(50_000, true);
 }
 
-fn pipelined_commands_are_all_answered(n: usize) {
+/// Bytes that have arrived on `stream` and wait to be read.
+fn unread_bytes(stream: &std::net::TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid for its size.
+    let result = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(result, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    usize::try_from(n).expect("a count")
+}
+
+/// The size of `stream`'s kernel receive buffer (`SO_RCVBUF`).
+fn receive_buffer(stream: &std::net::TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut size: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes through the pointer, which is valid for
+    // them, and the length through the other.
+    let result = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut size as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(result, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    usize::try_from(size).expect("a size")
+}
+
+/// `n` IAMATs and a WHATSAT in one stream, all answered in order. With `fill`, the client first
+/// reads nothing until the server's output is full: replies wait unread in the client's socket
+/// and no more arrive, while most are still owed.
+fn pipelined_commands_are_all_answered(n: usize, fill: bool) {
     let n_minus_1 = n - 1;
     let s = lone_with("many", "[limits]\nclient_output_bytes = 100000\n");
     let mut c = Client::connect(s.addr());
@@ -643,8 +676,28 @@ fn pipelined_commands_are_all_answered(n: usize) {
         writer.write_all(&sent).expect("cannot send the commands");
         writer.shutdown(Shutdown::Write).expect("cannot half-close");
     });
-    // Let the server fill its output and the kernel's buffers before reading anything.
-    thread::sleep(Duration::from_millis(300));
+    if fill {
+        // The server fills its output and the kernel's buffers before anything is read: the
+        // bytes waiting in this socket stop growing, with the socket's receive buffer full (a
+        // quarter of it at least: the kernel keeps some of it for its own) and most replies
+        // still owed.
+        let full_at = receive_buffer(&c.stream) / 4;
+        let mut before = unread_bytes(&c.stream);
+        let full = eventually(SETTLE, || {
+            thread::sleep(Duration::from_millis(200));
+            let now = unread_bytes(&c.stream);
+            let still = now == before && now > 0;
+            before = now;
+            still
+        });
+        let owed = n * "AT Bailey +0.000000000 m0 +1+1 0.5\n".len();
+        assert!(
+            full && before >= full_at && before < owed / 2,
+            "the server's output never filled: {before} bytes waiting unread in the client's \
+             socket, steady: {full} (its receive buffer is full at {full_at}; the replies owed \
+             are over {owed})"
+        );
+    }
     let mut last = Vec::new();
     for i in 0..n {
         last = assert_at(&c.read_line(), format!("m{i} +1+1 {i}.5").as_bytes());
@@ -1038,6 +1091,55 @@ fn a_line_longer_than_max_line_bytes_is_refused_and_the_connection_closed() {
     iamat(&mut c, b"after", b"+1+1", b"5");
 }
 
+/// `idle_timeout_ms`: a client with nothing received and nothing pending for this long is
+/// closed (no earlier, and within the once-a-second check and half a second more); a client
+/// that keeps sending is not; with `0` a client is never closed for idling.
+#[test]
+fn a_client_idle_past_idle_timeout_ms_is_closed_and_0_turns_it_off() {
+    const IDLE: Duration = Duration::from_millis(1000);
+    let bound = IDLE + Duration::from_millis(1500);
+    let s = lone_with(
+        "idle",
+        &format!("[limits]\nidle_timeout_ms = {}\n", IDLE.as_millis()),
+    );
+    let never = lone_with("idle-off", "[limits]\nidle_timeout_ms = 0\n");
+    let (addr, never_addr) = (s.addr(), never.addr());
+    // A client that keeps sending, every 400 ms, for longer than the bound.
+    let busy = thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        let started = std::time::Instant::now();
+        let mut i = 0;
+        while started.elapsed() < bound + Duration::from_millis(500) {
+            iamat(&mut c, format!("busy-{i}").as_bytes(), b"+1+1", b"5");
+            i += 1;
+            thread::sleep(Duration::from_millis(400));
+        }
+        iamat(&mut c, b"busy-last", b"+1+1", b"5");
+    });
+    // With the timeout off, a client quiet for as long is still served.
+    let off = thread::spawn(move || {
+        let mut c = Client::connect(never_addr);
+        iamat(&mut c, b"quiet-1", b"+1+1", b"5");
+        thread::sleep(bound + Duration::from_millis(500));
+        iamat(&mut c, b"quiet-2", b"+1+1", b"5");
+    });
+    let mut c = Client::connect(addr);
+    iamat(&mut c, b"idle", b"+1+1", b"5");
+    let quiet_since = std::time::Instant::now();
+    let rest = c.read_to_end();
+    let closed_after = quiet_since.elapsed();
+    assert_eq!(show(&rest), "", "an idle client was sent something");
+    assert!(
+        closed_after >= IDLE && closed_after <= bound,
+        "an idle client was closed {closed_after:?} after its last byte (idle_timeout_ms \
+         {IDLE:?}; bound {bound:?})"
+    );
+    busy.join().expect("the busy client");
+    off.join()
+        .expect("the client of the server without an idle timeout");
+    println!("idle: closed {closed_after:?} after its last byte (idle_timeout_ms {IDLE:?})");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Process and log
 
@@ -1054,6 +1156,7 @@ fn sigterm_exits_zero_with_the_log_flushed() {
         "exit status after SIGTERM: {status}"
     );
     let log = s.server().log();
+    assert_log_ends_stopped(s.server());
     assert!(
         log.contains("IAMAT sigterm-client +1+1 5"),
         "the log lacks the received line:\n{log}"
@@ -1072,6 +1175,7 @@ fn sigint_exits_zero_with_the_log_flushed() {
     iamat(&mut c, b"sigint-client", b"+1+1", b"5");
     let status = s.server().signal_and_wait(libc::SIGINT);
     assert_eq!(status.code(), Some(0), "exit status after SIGINT: {status}");
+    assert_log_ends_stopped(s.server());
     let log = s.server().log();
     assert!(
         log.contains("IAMAT sigint-client +1+1 5"),

@@ -7,14 +7,17 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::fake_places::{Behaviour, FakePlaces, Framing, Request, LEGACY_PATH, NEW_PATH};
-use common::herds::{lone_bailey, Env, Herd};
+use common::herds::{await_log_line, conn_id, log_stamp, lone_bailey, Env, Herd};
+use common::load::PROMPT;
 use common::*;
+use herd::config::DEFAULT_FIELD_MASK;
 
 /// The Places API key the server gets from its environment; it must never come back out.
 const KEY: &str = "test-key-5ecret";
@@ -399,11 +402,10 @@ fn assert_new_request(request: &Request, bound: u64) {
         Some(KEY.as_bytes()),
         "{what}"
     );
-    assert!(
-        request
-            .header("x-goog-fieldmask")
-            .is_some_and(|v| !v.is_empty()),
-        "no X-Goog-FieldMask: {what}"
+    assert_eq!(
+        request.header("x-goog-fieldmask").map(show).as_deref(),
+        Some(DEFAULT_FIELD_MASK),
+        "not the default X-Goog-FieldMask: {what}"
     );
     assert!(
         request.header("accept-encoding").is_none(),
@@ -448,6 +450,25 @@ fn new_api_posts_search_nearby_and_cuts_places() {
         assert_new_request(&request, u64::from(bound));
     }
     assert_eq!(fake.requests().len(), 6, "one Places request per WHATSAT");
+    bailey.assert_key_absent();
+}
+
+/// `places.field_mask`: the configured mask is the `X-Goog-FieldMask` of every request, as
+/// configured (Google bills by the fields asked for).
+#[test]
+fn the_configured_field_mask_reaches_google() {
+    const MASK: &str = "places.id,places.location,places.rating";
+    let fake = FakePlaces::start(Behaviour::Raw(fixture("new_ok_5.chunked.http")));
+    let places = fake.places_toml("new", 2000) + &format!("field_mask = {MASK:?}\n");
+    let mut bailey = Bailey::start_with(&places);
+    bailey.expect_body("new_ok_5.chunked.http", 3, &expected("new_cut_3.json"));
+    bailey.expect_body("new_ok_5.chunked.http", 1, &expected("new_cut_1.json"));
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 2, "one Places request per WHATSAT");
+    for request in &requests {
+        let mask = request.header("x-goog-fieldmask").map(show);
+        assert_eq!(mask.as_deref(), Some(MASK), "{}", request.describe());
+    }
     bailey.assert_key_absent();
 }
 
@@ -630,6 +651,11 @@ fn places_connections_are_kept_alive_and_reused() {
     }
     assert_eq!(fake.requests().len(), 40, "one Places request per WHATSAT");
     assert!(
+        fake.connections() <= 4,
+        "{} connections to Places for pool_size 4",
+        fake.connections()
+    );
+    assert!(
         fake.handshakes() <= 4,
         "{} TLS handshakes ({} TCP connections) for 40 requests: the pool (pool_size 4) \
          does not keep connections alive",
@@ -677,6 +703,7 @@ fn the_api_key_never_appears_in_a_reply_or_the_log() {
             "SIGTERM: {} exited with {status}",
             server.name
         );
+        assert_log_ends_stopped(server);
     }
     let log = bailey.server().log();
     assert!(
@@ -752,4 +779,253 @@ fn a_whatsat_refused_on_the_spot_is_answered_in_the_turn_that_read_it() {
         "the refused WHATSAT's reply went out in a later turn"
     );
     drop((first, second));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+/// A JSON body in Google's legacy shape, on one line, of exactly `size` bytes.
+fn body_of_size(size: usize) -> Vec<u8> {
+    let head =
+        br#"{"html_attributions" : [], "results" : [], "status" : "ZERO_RESULTS", "padding" : ""#;
+    let tail = br#""}"#;
+    let pad = size - head.len() - tail.len();
+    [&head[..], &vec![b'x'; pad], tail].concat()
+}
+
+/// `places.max_body_bytes`, here 10,000: a body of that size is relayed, one byte more is
+/// abandoned and answered `UNKNOWN_ERROR`, however it is framed.
+#[test]
+fn a_places_body_over_max_body_bytes_is_refused_and_one_at_it_relayed() {
+    const MAX: usize = 10_000;
+    let fake = FakePlaces::start(Behaviour::ok(body_of_size(MAX)));
+    let places = fake.places_toml("legacy", 2000) + &format!("max_body_bytes = {MAX}\n");
+    let mut bailey = Bailey::start_with(&places);
+    let framings = [
+        ("Content-Length", Framing::ContentLength),
+        ("chunked", Framing::Chunked(vec![999])),
+        ("to the end of the stream", Framing::Close),
+    ];
+    for (name, framing) in framings {
+        fake.set(Behaviour::framed(body_of_size(MAX), framing.clone()));
+        bailey.expect_body(&format!("{MAX} bytes, {name}"), 20, &body_of_size(MAX));
+        fake.set(Behaviour::framed(body_of_size(MAX + 1), framing));
+        bailey.expect_unknown_error(&format!("{} bytes, {name}", MAX + 1), 20);
+    }
+    // The log is written at the end of the turn that sent the reply: it may come just after.
+    let why = format!("Places sent a body larger than {MAX} bytes");
+    let logged = eventually(Duration::from_secs(5), || {
+        bailey.server().log().matches(&why).count() == 3
+    });
+    assert!(
+        logged,
+        "{why:?} is not in the log 3 times:\n{}",
+        bailey.server().log()
+    );
+    bailey.assert_key_absent();
+}
+
+/// `limits.pending_replies`, here 2: with two WHATSATs of a client waiting on Places, none of
+/// its later commands runs until one is answered. A third WHATSAT reaches Places only then
+/// (not with the first two, though the pool has room), an IAMAT behind it is not run meanwhile,
+/// and every reply still comes, in command order.
+#[test]
+fn past_pending_replies_no_command_of_the_client_runs_until_one_is_answered() {
+    const DELAY: Duration = Duration::from_millis(1000);
+    let fake = FakePlaces::start(Behaviour::ok(legacy_ok()).delayed(DELAY));
+    let config = fake.places_toml("legacy", 5000) + "\n[limits]\npending_replies = 2\n";
+    let bailey = Bailey::start_with(&config);
+    let time = now_secs_string();
+    let mut c = Client::connect(bailey.addr());
+    let sent = Instant::now();
+    c.send(
+        format!(
+            "WHATSAT {KIWI} 10 1\nWHATSAT {KIWI} 10 5\nWHATSAT {KIWI} 10 20\n\
+             IAMAT held.cs.ucla.edu {LOCATION} {time}\n"
+        )
+        .as_bytes(),
+    );
+    // While the first two wait on Places: two requests, and the IAMAT not run.
+    let two = eventually(DELAY / 2, || fake.requests().len() >= 2);
+    thread::sleep(DELAY / 4);
+    let requested = fake.requests().len();
+    let other = exchange(bailey.addr(), b"WHATSAT held.cs.ucla.edu 10 1\n");
+    assert!(
+        sent.elapsed() < DELAY,
+        "the machine is too slow for this test: {:?} went by before the checks",
+        sent.elapsed()
+    );
+    assert!(
+        two && requested == 2,
+        "{requested} requests at Places with 2 pending_replies"
+    );
+    assert_eq!(
+        show(&other),
+        show(b"? WHATSAT held.cs.ucla.edu 10 1\n"),
+        "the IAMAT behind the held WHATSAT ran"
+    );
+    // Then every reply, in order; the third only once one of the first two was answered.
+    for bound in [1, 5, 20] {
+        let want = bailey.reply_with(&expected(&format!("legacy_cut_{bound}.json")));
+        assert_bytes_eq(
+            &format!("WHATSAT bound {bound}"),
+            &c.read_n(want.len()),
+            &want,
+        );
+    }
+    let third = sent.elapsed();
+    assert_at_line(&c.read_line(), "held.cs.ucla.edu", &time);
+    assert_eq!(fake.requests().len(), 3, "one Places request per WHATSAT");
+    assert!(
+        third >= 2 * DELAY,
+        "the third WHATSAT was answered {third:?} after it was sent: it went to Places with \
+         the first two (each takes {DELAY:?})"
+    );
+    println!("pending replies: the third WHATSAT answered {third:?} after it was sent");
+}
+
+/// `places.max_queue`, here 1, with one connection to Places (`pool_size = 1`) that stalls:
+/// the first WHATSAT holds the connection, the second waits for it, and the third is answered
+/// `UNKNOWN_ERROR` at once, in the turn it arrived, without reaching Places.
+#[test]
+fn past_places_max_queue_a_whatsat_is_answered_unknown_error_at_once() {
+    let fake = FakePlaces::start(Behaviour::Stall);
+    let places = fake.places_toml("legacy", 5000) + "pool_size = 1\nmax_queue = 1\n";
+    let bailey = Bailey::start_with(&places);
+    let server = bailey.server();
+    let ask = || {
+        let mut c = Client::connect(bailey.addr());
+        c.send(format!("WHATSAT {KIWI} 10 1\n").as_bytes());
+        c
+    };
+    let _first = ask();
+    assert!(
+        eventually(Duration::from_secs(10), || fake.requests().len() == 1),
+        "the first WHATSAT never reached Places"
+    );
+    let _second = ask();
+    await_log_line(server, "places #2 ", 0, Duration::from_secs(10));
+    let asked = Instant::now();
+    let mut third = ask();
+    let reply = third.read_whatsat_reply();
+    let took = asked.elapsed();
+    assert_unknown_error("past max_queue", &reply, &bailey.at_line);
+    assert!(
+        contains(&reply, b"too many requests are waiting for Google Places"),
+        "{}",
+        show(&reply)
+    );
+    assert_eq!(fake.requests().len(), 1, "a queued request reached Places");
+    // At once: failed in the turn the WHATSAT arrived, by the log's stamps.
+    let id = conn_id(server, third.stream.local_addr().expect("address"));
+    let arrived = await_log_line(
+        server,
+        &format!(" {id} < WHATSAT"),
+        0,
+        Duration::from_secs(10),
+    );
+    let failed = await_log_line(
+        server,
+        "places #3 failed: 1 Places requests are already waiting",
+        0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        log_stamp(&arrived),
+        log_stamp(&failed),
+        "not in the same turn:\n{arrived}\n{failed}"
+    );
+    assert!(took < PROMPT, "the refusal took {took:?}");
+    println!("max queue: the WHATSAT past the queue answered in {took:?}");
+}
+
+/// `limits.client_output_bytes`, here 64 KiB, on its own: a client pipelines 64 WHATSATs and
+/// reads nothing. All go to Places before any reply comes back; once its unread replies reach
+/// a quarter of the cap no more of its commands run, but the replies already asked for keep
+/// coming, and the one that takes them over the cap closes the connection, in the turn it
+/// came (the soft limit, 1 MiB for 10 s by default, has no time to).
+#[test]
+fn a_client_whose_unread_replies_pass_client_output_bytes_is_closed_at_once() {
+    const CAP: usize = 64 << 10;
+    let fake = FakePlaces::start(Behaviour::ok(legacy_ok()).delayed(Duration::from_millis(100)));
+    let config =
+        fake.places_toml("legacy", 5000) + &format!("\n[limits]\nclient_output_bytes = {CAP}\n");
+    let bailey = Bailey::start_with(&config);
+    let server = bailey.server();
+    let mut hog = TcpStream::connect(bailey.addr()).expect("connect");
+    hog.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+    let sent = Instant::now();
+    hog.write_all(format!("WHATSAT {KIWI} 10 20\n").repeat(64).as_bytes())
+        .expect("the WHATSATs");
+    let id = conn_id(server, hog.local_addr().expect("address"));
+    let closed = await_log_line(
+        server,
+        &format!(" {id} closed: "),
+        0,
+        Duration::from_secs(10),
+    );
+    let cut_after = sent.elapsed();
+    let why = format!("over {CAP} bytes of replies unread: the client does not read");
+    assert!(
+        closed.ends_with(&why),
+        "closed, but not at the cap: {closed}"
+    );
+    // In the turn of the reply that took it over: the last line sent to it has the same stamp.
+    let log = server.log();
+    let last_reply = log
+        .lines()
+        .take_while(|l| *l != closed)
+        .filter(|l| l.contains(&format!(" {id} > ")))
+        .last()
+        .expect("replies were sent to it");
+    assert_eq!(
+        log_stamp(last_reply),
+        log_stamp(&closed),
+        "the close did not come in the turn of the last reply"
+    );
+    // It sees the end: what the kernel held, then end of stream (or a reset).
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match hog.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the client over its cap never saw the end: {e}"),
+        }
+    }
+    // Another client is served.
+    let mut other = Client::connect(bailey.addr());
+    other.send(format!("WHATSAT {KIWI} 10 1\n").as_bytes());
+    let want = bailey.reply_with(&expected("legacy_cut_1.json"));
+    assert_bytes_eq("another client", &other.read_whatsat_reply(), &want);
+    println!("output cap: closed {cut_after:?} after it sent its WHATSATs ({why})");
+}
+
+/// `limits.idle_timeout_ms` counts only while nothing is pending: a client whose WHATSAT waits
+/// on Places longer than the idle timeout gets its reply, and is closed as idle within the
+/// next check of the deadlines after it.
+#[test]
+fn a_client_waiting_on_places_is_not_idle() {
+    const PLACES: Duration = Duration::from_millis(2500);
+    let fake = FakePlaces::start(Behaviour::ok(legacy_ok()).delayed(PLACES));
+    let config = fake.places_toml("legacy", 5000) + "\n[limits]\nidle_timeout_ms = 1000\n";
+    let bailey = Bailey::start_with(&config);
+    let mut c = Client::connect(bailey.addr());
+    let sent = Instant::now();
+    c.send(format!("WHATSAT {KIWI} 10 1\n").as_bytes());
+    let reply = c.read_whatsat_reply();
+    let answered = sent.elapsed();
+    let want = bailey.reply_with(&expected("legacy_cut_1.json"));
+    assert_bytes_eq("the reply after the idle time", &reply, &want);
+    assert!(answered >= PLACES, "answered after {answered:?}");
+    let rest = c.read_to_end();
+    let closed = sent.elapsed();
+    assert_eq!(show(&rest), "", "after the reply");
+    // Its last byte came long enough ago: closed at the next check, once a second.
+    let bound = answered + Duration::from_millis(1500);
+    assert!(
+        closed <= bound,
+        "closed {closed:?} after it asked (answered at {answered:?}; bound {bound:?})"
+    );
 }

@@ -583,6 +583,12 @@ pub fn seconds_between(earlier: SystemTime, later: SystemTime) -> f64 {
 /// The API key `key` is in no log line of `servers` and in nothing they printed; each wrote a
 /// log.
 pub fn assert_key_absent(servers: &[&ServerProc], key: &str) {
+    assert_absent(servers, key, "the API key");
+}
+
+/// `secret` (`what`: "the API key", "the herd secret") is in no log line of `servers` and in
+/// nothing they printed; each wrote a log.
+pub fn assert_absent(servers: &[&ServerProc], secret: &str, what: &str) {
     for s in servers {
         let log = s.log();
         assert!(
@@ -591,12 +597,12 @@ pub fn assert_key_absent(servers: &[&ServerProc], key: &str) {
             s.name,
             s.log_path.display()
         );
-        if let Some(line) = log.lines().find(|l| l.contains(key)) {
-            panic!("{}'s log shows the API key: {line}", s.name);
+        if let Some(line) = log.lines().find(|l| l.contains(secret)) {
+            panic!("{}'s log shows {what}: {line}", s.name);
         }
         assert!(
-            !s.stdout().contains(key),
-            "{} printed the API key: {}",
+            !s.stdout().contains(secret),
+            "{} printed {what}: {}",
             s.name,
             s.stdout()
         );

@@ -222,8 +222,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &ProxyShared) {
 
 /// A neighbour Bona played by the test, without a herd secret: it accepts every link Bailey
 /// dials, reads its greeting, sends `PING` every half second so that the link never looks
-/// dead, and reads nothing more until `read_from_now_on`; from then on it keeps every AT record
-/// it receives. Every thread stops when it is dropped.
+/// dead, and reads nothing more until `read_from_now_on` (and again from `stop_reading` on);
+/// while it reads, it keeps every AT record it receives. Every thread stops when it is dropped.
 pub struct SlowNeighbour {
     accepting: Accepting<SlowShared>,
 }
@@ -257,6 +257,14 @@ impl SlowNeighbour {
             .shared()
             .reading
             .store(true, Ordering::SeqCst);
+    }
+
+    /// Stops reading again (its heartbeats go on): what Bailey sends from now on waits.
+    pub fn stop_reading(&self) {
+        self.accepting
+            .shared()
+            .reading
+            .store(false, Ordering::SeqCst);
     }
 
     pub fn records(&self) -> BTreeSet<String> {

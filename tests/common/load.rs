@@ -198,7 +198,12 @@ pub struct Load {
 impl Load {
     /// `herd load --addr ADDR ARGS` (`args` split at white space).
     pub fn start(addr: SocketAddr, args: &str) -> Load {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
+        // Nothing of the environment the tests run in reaches it (it reads `RUST_LOG`).
+        for var in super::SERVER_ENV {
+            command.env_remove(var);
+        }
+        let mut child = command
             .arg("load")
             .arg("--addr")
             .arg(addr.to_string())

@@ -148,6 +148,39 @@ pub fn server_command() -> Command {
     }
 }
 
+/// The line a server writes when SIGTERM or SIGINT stops it, once everything else is written:
+/// `server NAME stopped`, the herd's last log line; the prototypes (see [`server_command`]) say
+/// `stopping on signal`.
+pub fn stopped_line(name: &str) -> String {
+    match std::env::var("HERD_TEST_SERVER").as_deref() {
+        Ok("prototype" | "node") => "stopping on signal".to_owned(),
+        _ => format!("server {name} stopped"),
+    }
+}
+
+/// The log of `server`, stopped by a signal, ends with the line written at the very end of the
+/// shutdown ([`stopped_line`]): the log was written out when the process stopped, not only
+/// turn by turn before. (A prototype's stop line need not be its last.)
+pub fn assert_log_ends_stopped(server: &ServerProc) {
+    let log = server.log();
+    let want = stopped_line(&server.name);
+    let herd = !matches!(
+        std::env::var("HERD_TEST_SERVER").as_deref(),
+        Ok("prototype" | "node")
+    );
+    let ok = match herd {
+        true => log.lines().last().is_some_and(|l| l.ends_with(&want)),
+        false => log.contains(&want),
+    };
+    let tail: Vec<&str> = log.lines().collect();
+    assert!(
+        ok,
+        "{}'s log does not end with {want:?}; its last lines:\n{}",
+        server.name,
+        tail[tail.len().saturating_sub(5)..].join("\n")
+    );
+}
+
 /// Spawns `herd serve NAME --config PATH` with the directory of the configuration as its
 /// working directory, `env` added to its environment (and each of [`SERVER_ENV`] it does not
 /// set removed), stdin null, stdout piped and drained by a thread, stderr inherited. Returns
