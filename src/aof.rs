@@ -140,7 +140,11 @@ unsafe fn crc32c_sse42(bytes: &[u8]) -> u32 {
 fn frame(record: &[u8], out: &mut Vec<u8>) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let sum = crc32c(record);
-    out.extend((0..8).rev().map(|i| DIGITS[((sum >> (4 * i)) & 0xf) as usize]));
+    out.extend(
+        (0..8)
+            .rev()
+            .map(|i| DIGITS[((sum >> (4 * i)) & 0xf) as usize]),
+    );
     out.push(b' ');
     out.extend_from_slice(record);
     out.push(b'\n');

@@ -211,13 +211,16 @@ pub struct Limits {
 /// single-threaded server is only as fair as its turns. A connection that still has work when
 /// its share is spent is served again in the next turn, which comes at once.
 ///
-/// A client's share is about half a millisecond of the loop: 512 commands (an IAMAT costs a
-/// microsecond or less), read 32 KiB at a time (about 500 IAMATs), as Redis reads 16 KiB per
-/// client per event. A busy client with sixteen commands in flight never comes near it; one that
+/// A client's share is about fifty microseconds of the loop: 64 commands (an IAMAT costs a
+/// microsecond or less), read 16 KiB at a time (about 270 IAMATs, so a share's worth is read
+/// ahead), as Redis reads 16 KiB per client per event. A busy client with sixteen commands in flight never comes near it; one that
 /// pipelines a million stops there, and a client behind it waits a turn, not a million commands.
+/// The share is small because the turn is everyone's: with ten connections pipelining as fast as
+/// they can, a turn is ten shares, and a client that sends one command waits for one or two of
+/// them (with 512 commands a share, that was 7 ms at the median; with 64, half a millisecond).
 /// A neighbour's inbound link carries the updates of every client of the herd, and it must keep
 /// up or its sender's output grows until the link is dropped and resynchronised: its share is
-/// eight clients'.
+/// thirty-two clients'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Turn {
     /// `turn_lines`, default [`Turn::LINES`]: lines a client's connection runs per turn; 0: no
@@ -229,12 +232,12 @@ pub struct Turn {
 }
 
 impl Turn {
-    /// The default lines per turn: about half a millisecond of IAMATs.
-    pub const LINES: usize = 512;
-    /// The default bytes read per turn: 32 KiB, about 500 IAMATs.
-    pub const READ_BYTES: usize = 32 * 1024;
+    /// The default lines per turn: about fifty microseconds of IAMATs.
+    pub const LINES: usize = 64;
+    /// The default bytes read per turn: 16 KiB, about 270 IAMATs.
+    pub const READ_BYTES: usize = 16 * 1024;
     /// A neighbour's inbound link gets this many clients' share.
-    pub const PEER_SHARE: usize = 8;
+    pub const PEER_SHARE: usize = 32;
 
     /// A neighbour's inbound link's share: [`Turn::PEER_SHARE`] times this, a limit of 0 still
     /// none.

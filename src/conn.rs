@@ -501,10 +501,14 @@ impl<S: Transport> Conn<S> {
         // or bytes left in the socket when the read share ran out. Lines held by the output
         // mark or by Places wait for `flush` or a Places answer, after which the loop serves
         // the connection again.
+        // Not when the output mark or Places holds it: serving it next turn would find it
+        // held still, and the loop would turn at once, again and again, until the client read.
         let unread_input = self.wire.reader.is_full() && self.share.read_bytes == 0;
-        match self.held == Some(Held::Turn) || (unread_input && self.running()) {
-            true => Served::More,
-            false => Served::Done,
+        match self.held {
+            Some(Held::Turn) => Served::More,
+            Some(Held::Output | Held::Places) => Served::Done,
+            None if unread_input && self.running() => Served::More,
+            None => Served::Done,
         }
     }
 
@@ -1337,6 +1341,35 @@ mod tests {
         next_turn(&mut herd);
         let _ = c.serve(Readiness::HELD, &mut [0; 8], &mut herd, 0);
         assert_eq!(c.wire.out.pending() / reply_len, ran);
+    }
+
+    #[test]
+    fn client_held_by_the_mark_with_input_left_waits_for_its_replies_to_go_not_the_next_turn() {
+        let mut herd = herd(None);
+        herd.limits.client_output_bytes = 4096; // a mark of 1 KiB
+        herd.limits.turn.read_bytes = 64; // its read share spent at once, bytes left behind
+        let hundred: String = (0..100)
+            .map(|i| format!("IAMAT c{i:02} +1+1 100\n"))
+            .collect();
+        let mut c = conn(&[data(&hundred)]);
+        c.wire.stream.room = Some(0); // the kernel takes nothing
+                                      // Input is left in the buffer and the socket, and the share read is spent: but the
+                                      // mark holds it, so the next turn would find it held still. Only its replies going out
+                                      // (`Flushed::Resume`) bring it back.
+        for _ in 0..20 {
+            if serve(&mut c, &mut herd) == Served::Done {
+                break;
+            }
+            next_turn(&mut herd);
+        }
+        assert!(c.wire.out.pending() >= 1024, "it reached the mark");
+        assert_eq!(serve(&mut c, &mut herd), Served::Done);
+        next_turn(&mut herd);
+        assert_eq!(
+            serve(&mut c, &mut herd),
+            Served::Done,
+            "held by the mark: not served again every turn"
+        );
     }
 
     #[test]

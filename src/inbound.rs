@@ -557,18 +557,19 @@ mod tests {
     #[test]
     fn a_link_whose_share_of_the_turn_is_spent_is_served_again_with_no_new_event() {
         let mut herd = herd();
-        herd.limits.turn.lines = 1; // a neighbour's share: eight lines
-        let records: String = (0..20)
-            .map(|i| format!("AT Bona +0.000000001 c{i:02} +1+1 5\n"))
+        herd.limits.turn.lines = 1; // a neighbour's share: PEER_SHARE lines
+        let share = crate::config::Turn::PEER_SHARE;
+        let records: String = (0..2 * share + 4)
+            .map(|i| format!("AT Bona +0.000000001 c{i:03} +1+1 5\n"))
             .collect();
         let mut inbound = adopted(&herd, &[lines(&records)], None);
         assert_eq!(serve(&mut inbound, &mut herd), Ok(Served::More));
-        assert_eq!(herd.store.len(), 8);
+        assert_eq!(herd.store.len(), share);
         herd.turn += 1;
         assert_eq!(serve(&mut inbound, &mut herd), Ok(Served::More));
         herd.turn += 1;
         assert_eq!(serve(&mut inbound, &mut herd), Ok(Served::Done));
-        assert_eq!(herd.store.len(), 20);
+        assert_eq!(herd.store.len(), 2 * share + 4);
     }
 
     #[test]

@@ -31,7 +31,7 @@
 //! Places job's owner, the order of the places kept for neighbours) keeps the connection's id
 //! beside its slot and checks both before it acts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -133,8 +133,11 @@ pub struct Server {
     /// listed twice; the second time finds nothing to do.
     to_flush: Vec<usize>,
     /// Connections whose share of the turn ran out with work left: served again in the next
-    /// turn, which then comes without sleeping.
+    /// turn, which then comes without sleeping. Each at most once ([`Server::serve_later`]).
     again: Vec<Source>,
+    /// What `again` holds, so that a connection served twice in a turn is not listed twice
+    /// (listed twice, it would be served twice a turn from then on, and more with each event).
+    listed_again: HashSet<Source>,
     /// The one read buffer ([`READ_CHUNK`] bytes), lent to whichever machine is reading.
     scratch: Vec<u8>,
     /// Everything the machines share: the store, the dialled links, the Places pool, the log.
@@ -307,6 +310,7 @@ impl Server {
             sweep_at: now + SWEEP_INTERVAL,
             to_flush: Vec::new(),
             again: Vec::new(),
+            listed_again: HashSet::new(),
             scratch: vec![0; READ_CHUNK],
             herd,
             dump_path: config.log_dir.join(format!("{name}.store")),
@@ -738,7 +742,7 @@ impl Server {
         };
         let served = conn.serve(ready, &mut self.scratch, &mut self.herd, slot);
         if served == Served::More {
-            self.again.push(Source::Conn(slot));
+            self.serve_later(Source::Conn(slot));
         }
         self.to_flush.push(slot);
         // A WHATSAT may have opened a connection to Places.
@@ -754,7 +758,7 @@ impl Server {
             return;
         };
         match inbound.serve(hangup, &mut self.scratch, &mut self.herd, i) {
-            Ok(Served::More) => self.again.push(Source::Inbound(i)),
+            Ok(Served::More) => self.serve_later(Source::Inbound(i)),
             Ok(Served::Done) => {}
             Err(reason) => self.close_inbound(i, reason),
         }
@@ -776,6 +780,13 @@ impl Server {
         }
     }
 
+    /// Lists `source` to be served in the next turn, once however often it asks.
+    fn serve_later(&mut self, source: Source) {
+        if self.listed_again.insert(source) {
+            self.again.push(source);
+        }
+    }
+
     /// Serves again what ran out of its share in the last turn: with no event, as what it
     /// holds (or what the socket still holds past the share) raises none. Each gets this
     /// turn's share, counted with anything this turn's events already had it do, and may list
@@ -784,6 +795,7 @@ impl Server {
     /// nothing to do.
     fn serve_again(&mut self) {
         // Taken first: what runs out again now is listed for the next turn, not this one.
+        self.listed_again.clear();
         for source in std::mem::take(&mut self.again) {
             match source {
                 Source::Conn(slot) => self.serve_conn(slot, Readiness::HELD),
@@ -1014,9 +1026,7 @@ impl Server {
             // its records are in the file already, and the records of those lines must be too
             // before their replies leave.
             Flushed::Resume => {
-                if !self.again.contains(&Source::Conn(slot)) {
-                    self.again.push(Source::Conn(slot));
-                }
+                self.serve_later(Source::Conn(slot));
             }
             // Closed (by its own lines, by a deadline of the sweep, or by this write): counted,
             // logged, freed. Dropping the socket takes it out of the poll.
@@ -1086,9 +1096,7 @@ impl Server {
         // What it read after its proof runs in the next turn, which comes at once: no event will
         // come for those bytes, and this turn has written its links and its file already, so
         // records merged now would wait a whole turn to be flooded and stored.
-        if !self.again.contains(&Source::Inbound(neighbour)) {
-            self.again.push(Source::Inbound(neighbour));
-        }
+        self.serve_later(Source::Inbound(neighbour));
         // Written now: this turn's inbound writes (step 2 of `before_sleep`) are already past.
         if let Err(reason) = self.inbound[neighbour].flush() {
             self.close_inbound(neighbour, reason);
@@ -1235,7 +1243,7 @@ impl Server {
                     admin.conns[slot] = None;
                     freed = true;
                 }
-                Some(conn) if conn.has_input() => self.again.push(Source::Admin(slot)),
+                Some(conn) if conn.has_input() => self.serve_later(Source::Admin(slot)),
                 _ => {}
             }
         }
