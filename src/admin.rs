@@ -548,7 +548,7 @@ pub fn render_metrics(view: &View) -> String {
         m.refused
     );
     // Client connections and neighbours' inbound links alike, by the kinds of
-    // [`crate::metrics::close_kind`]: `peer_link` is an inbound link its neighbour closed,
+    // [`crate::conn::CloseReason::kind`]: `peer_link` is an inbound link its neighbour closed,
     // left silent, broke the protocol on or replaced; `not_reading` a client closed for leaving
     // its replies unread. The links this server dialled are not counted here (see the ups).
     head(

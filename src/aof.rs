@@ -45,25 +45,11 @@ use std::time::{Duration, Instant};
 
 use mio::Waker;
 
+use crate::config::Fsync;
 use crate::metrics::{Histogram, SYNC_BOUNDS};
 use crate::pages::CachedPages;
 use crate::store::{Bounds, Merge, Store};
 
-/// When records reach the disk: Redis's `appendfsync`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fsync {
-    /// `fdatasync` in the loop at the end of every turn that wrote, before its replies.
-    Always,
-    /// `fdatasync` by a helper thread, about once a second when something was written.
-    EverySec,
-    /// Never asked for: the kernel writes the pages back when it chooses.
-    No,
-}
-
-/// The smallest file worth compacting, unless configured (`[store] compact_min_bytes`): a
-/// smaller file is left as it is, however many old records it holds (Redis's
-/// `auto-aof-rewrite-min-size` has the same default).
-pub const COMPACT_MIN_BYTES: u64 = 64 << 20;
 /// How much of the store a compaction writes per turn: about a millisecond of the loop. The
 /// copy is spread over turns so that no turn, and no client served in it, waits for the
 /// whole store to be written.
@@ -708,16 +694,6 @@ impl Syncer {
     fn follow(&mut self, file: &File) -> Result<(), String> {
         self.dirty = Arc::new(AtomicBool::new(true));
         self.spawn(file)
-    }
-}
-
-/// Reads `text` as `[store] fsync`: Redis's `appendfsync` words.
-pub fn parse_fsync(text: &str) -> Option<Fsync> {
-    match text {
-        "always" => Some(Fsync::Always),
-        "everysec" => Some(Fsync::EverySec),
-        "no" => Some(Fsync::No),
-        _ => None,
     }
 }
 

@@ -13,9 +13,6 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
-use crate::aof::{parse_fsync, Fsync, COMPACT_MIN_BYTES};
-use crate::places::{Api, Output};
-
 /// The whole configuration file, as every server and tool of the herd reads it.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -282,6 +279,51 @@ impl Default for Limits {
 }
 
 /// Google's legacy Nearby Search endpoint: the default `url` with `api = "legacy"`.
+/// Which Places API a server talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// Nearby Search (`maps/api/place/nearbysearch/json`), a GET with the key in the query.
+    Legacy,
+    /// Places API (New), a POST of JSON to `v1/places:searchNearby`.
+    New,
+}
+
+/// What a reply body is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Google's body as Google sent it (cut to the bound, newlines squeezed).
+    AsSent,
+    /// With the New API, its answer turned into a legacy Nearby Search body, for clients written
+    /// for the legacy layout ([`crate::places::legacy`]). The same as `AsSent` with the legacy API.
+    Legacy,
+}
+
+/// When records reach the disk: Redis's `appendfsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// `fdatasync` in the loop at the end of every turn that wrote, before its replies.
+    Always,
+    /// `fdatasync` by a helper thread, about once a second when something was written.
+    EverySec,
+    /// Never asked for: the kernel writes the pages back when it chooses.
+    No,
+}
+
+/// The smallest file worth compacting, unless configured (`[store] compact_min_bytes`): a
+/// smaller file is left as it is, however many old records it holds (Redis's
+/// `auto-aof-rewrite-min-size` has the same default).
+pub const COMPACT_MIN_BYTES: u64 = 64 << 20;
+
+/// Reads `text` as `[store] fsync`: Redis's `appendfsync` words.
+pub fn parse_fsync(text: &str) -> Option<Fsync> {
+    match text {
+        "always" => Some(Fsync::Always),
+        "everysec" => Some(Fsync::EverySec),
+        "no" => Some(Fsync::No),
+        _ => None,
+    }
+}
+
 /// The longest `limits.max_line_bytes` accepted.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 

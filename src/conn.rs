@@ -131,6 +131,30 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// The kind of a close: its index in [`CLOSE_KINDS`](crate::metrics::CLOSE_KINDS), the
+    /// `reason` label of the metrics. Reasons are grouped into a few kinds: a label naming each
+    /// reason with its detail (an error's text, a limit's value) would make a new series for
+    /// every value.
+    pub fn kind(&self) -> usize {
+        match self {
+            CloseReason::EndOfStream => 0,
+            CloseReason::ReadFailed(_) | CloseReason::WriteFailed(_) => 1,
+            CloseReason::LineTooLong(_) => 2,
+            CloseReason::LineTimeout(_) | CloseReason::NoFirstLine(_) => 3,
+            CloseReason::Idle(_) => 4,
+            CloseReason::Unread { .. }
+            | CloseReason::OutputCap(_)
+            | CloseReason::Undelivered(_) => 5,
+            CloseReason::PeerLineFromClient => 6,
+            CloseReason::Handshake(_) | CloseReason::NotAuthenticated(_) => 7,
+            CloseReason::PeerClosed(_)
+            | CloseReason::Silent(_)
+            | CloseReason::PeerProtocol(_)
+            | CloseReason::Replaced(_) => 8,
+            CloseReason::Busy | CloseReason::Evicted => 9,
+        }
+    }
+
     /// Whether a connection closed for this reason lingers: the client broke a limit and was
     /// told so with a `?` line, which a reset must not destroy.
     pub fn lingers(&self) -> bool {

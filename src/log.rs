@@ -8,7 +8,7 @@
 //!
 //! The write is a blocking call on the loop, kept small: the buffer of one turn, to a file
 //! opened for appending, whose pages are handed to the disk and dropped from the cache as it
-//! goes ([`CachedPages`](crate::pages::CachedPages)). A log that cannot be written does not stop the server
+//! goes ([`CachedPages`]). A log that cannot be written does not stop the server
 //! ([`Log::flush`]); rotation ([`Log::rotate_at`]) and SIGHUP ([`Log::reopen`]) keep the file
 //! from growing without end.
 

@@ -4,8 +4,6 @@
 //! allocation, so counting costs the client path nothing measurable. The Prometheus text is made
 //! only when a scraper asks, by [`crate::admin`], from these counts and the server's state.
 
-use crate::conn::CloseReason;
-
 /// A histogram of durations in seconds, with fixed bucket bounds (Prometheus's `le`).
 ///
 /// Fixed bounds, chosen for what each histogram measures, keep an observation to a short scan
@@ -63,28 +61,7 @@ pub const VERBS: [&str; 3] = ["IAMAT", "WHATSAT", "other"];
 /// `?` for what it said (`invalid`), or turned away by a limit (`refused`).
 pub const RESULTS: [&str; 3] = ["ok", "invalid", "refused"];
 
-/// The kind of a close: its index in [`CLOSE_KINDS`], the `reason` label. Reasons are grouped
-/// into a few kinds: a label naming each [`CloseReason`] with its detail (an error's text, a
-/// limit's value) would make a new series for every value.
-pub fn close_kind(reason: &CloseReason) -> usize {
-    match reason {
-        CloseReason::EndOfStream => 0,
-        CloseReason::ReadFailed(_) | CloseReason::WriteFailed(_) => 1,
-        CloseReason::LineTooLong(_) => 2,
-        CloseReason::LineTimeout(_) | CloseReason::NoFirstLine(_) => 3,
-        CloseReason::Idle(_) => 4,
-        CloseReason::Unread { .. } | CloseReason::OutputCap(_) | CloseReason::Undelivered(_) => 5,
-        CloseReason::PeerLineFromClient => 6,
-        CloseReason::Handshake(_) | CloseReason::NotAuthenticated(_) => 7,
-        CloseReason::PeerClosed(_)
-        | CloseReason::Silent(_)
-        | CloseReason::PeerProtocol(_)
-        | CloseReason::Replaced(_) => 8,
-        CloseReason::Busy | CloseReason::Evicted => 9,
-    }
-}
-
-/// The `reason` labels, by [`close_kind`].
+/// The `reason` labels, by [`CloseReason::kind`](crate::conn::CloseReason::kind).
 pub const CLOSE_KINDS: [&str; 10] = [
     "end_of_stream",
     "io_error",
@@ -124,7 +101,7 @@ pub struct Metrics {
     /// Connections refused at once, before they had a slot (too many from their address, or
     /// every place taken).
     pub refused: u64,
-    /// Connections closed (clients, and neighbours' inbound links), by [`close_kind`].
+    /// Connections closed (clients, and neighbours' inbound links), by [`CloseReason::kind`](crate::conn::CloseReason::kind).
     pub closed: [u64; CLOSE_KINDS.len()],
     /// By verb and result ([`VERBS`], [`RESULTS`]).
     pub commands: [[u64; RESULTS.len()]; VERBS.len()],

@@ -54,7 +54,7 @@ use crate::herd::{whatsat_reply, Herd};
 use crate::inbound::Inbound;
 use crate::link::Link;
 use crate::log::{Log, Who};
-use crate::metrics::{close_kind, LinkCounts};
+use crate::metrics::LinkCounts;
 use crate::peer::{self, Secret};
 use crate::places::pool::{tls_config, PlacesPool};
 use crate::reactor::{Reactor, Source, Want};
@@ -722,7 +722,7 @@ impl Server {
         self.free_slots.pop();
         self.free_later.push(slot);
         refuse(conn.socket(), &mut self.scratch);
-        self.herd.metrics.closed[close_kind(&CloseReason::Evicted)] += 1;
+        self.herd.metrics.closed[CloseReason::Evicted.kind()] += 1;
         self.herd.log.event(
             format_args!("c{id}"),
             format_args!("closed: {}", CloseReason::Evicted),
@@ -768,7 +768,7 @@ impl Server {
     /// socket takes it out of the poll; the neighbour finds its link dead and dials again.
     fn close_inbound(&mut self, i: usize, reason: CloseReason) {
         let now = self.herd.now;
-        self.herd.metrics.closed[close_kind(&reason)] += 1;
+        self.herd.metrics.closed[reason.kind()] += 1;
         if let Some(id) = self
             .inbound
             .get_mut(i)
@@ -1031,7 +1031,7 @@ impl Server {
             // Closed (by its own lines, by a deadline of the sweep, or by this write): counted,
             // logged, freed. Dropping the socket takes it out of the poll.
             Flushed::Closed(reason) => {
-                self.herd.metrics.closed[close_kind(&reason)] += 1;
+                self.herd.metrics.closed[reason.kind()] += 1;
                 self.herd.log.event(
                     format_args!("c{}", conn.id),
                     format_args!("closed: {reason}"),

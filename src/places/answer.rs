@@ -14,17 +14,9 @@ use serde::de::{
 };
 use serde_json::value::RawValue;
 
+use crate::config::{Api, Output};
 use crate::protocol::Coordinate;
 use memchr::memchr;
-
-/// Which Places API a server talks to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    /// Nearby Search (`maps/api/place/nearbysearch/json`), a GET with the key in the query.
-    Legacy,
-    /// Places API (New), a POST of JSON to `v1/places:searchNearby`.
-    New,
-}
 
 impl Api {
     /// The key of the array that the bound cuts.
@@ -34,16 +26,6 @@ impl Api {
             Api::New => "places",
         }
     }
-}
-
-/// What a reply body is made of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    /// Google's body as Google sent it (cut to the bound, newlines squeezed).
-    AsSent,
-    /// With the New API, its answer turned into a legacy Nearby Search body, for clients written
-    /// for the legacy layout ([`crate::places::legacy`]). The same as `AsSent` with the legacy API.
-    Legacy,
 }
 
 /// Where a WHATSAT asks about: the client's location and the radius in metres.

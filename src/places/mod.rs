@@ -11,5 +11,6 @@ pub mod legacy;
 pub mod pool;
 
 // What the rest of the server uses, by name, wherever in here it lives.
-pub use answer::{answer, build_request, error_body, Answer, Api, Output, Query, Request};
+pub use crate::config::{Api, Output};
+pub use answer::{answer, build_request, error_body, Answer, Query, Request};
 pub use pool::PlacesPool;

@@ -6,7 +6,7 @@ use std::io::{self, Read};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::args::LoadOptions;
+use super::args::{LoadOptions, Sources};
 use super::requests::*;
 use super::stats::*;
 use crate::bytes::escape_into;
@@ -312,60 +312,6 @@ impl Conn {
             | ConnState::Closed(s) => next(s),
             ConnState::Idle => ConnState::Idle,
         };
-    }
-}
-
-/// The source addresses connections take in turn (`--sources`).
-///
-/// A client that closes first keeps each connection's port in TIME_WAIT for a minute, and one
-/// source address has about 28,000 ephemeral ports: a one-shot run soon has every `connect()`
-/// searching the port range for one the kernel may recycle, and the generator's core, not the
-/// server, sets the rate. The whole of 127.0.0.0/8 is loopback on Linux, and each address has
-/// its own ports.
-pub(super) struct Sources {
-    pub(super) addrs: Vec<Ipv4Addr>,
-    pub(super) next: usize,
-}
-
-impl Sources {
-    /// The most `--sources` may ask for: 127.0.0.2 to 127.0.0.254.
-    const MAX: usize = 253;
-
-    /// `count` addresses from 127.0.0.2 up, at most [`Sources::MAX`]; none for 0 or 1 (the
-    /// kernel chooses).
-    pub(super) fn new(count: usize) -> Sources {
-        let addrs = match count {
-            0 | 1 => Vec::new(),
-            n => (0..n.min(Sources::MAX))
-                .map(|i| Ipv4Addr::new(127, 0, 0, 2 + i as u8))
-                .collect(),
-        };
-        Sources { addrs, next: 0 }
-    }
-
-    /// Whether `count` sources can be used to reach `addr`.
-    pub(super) fn check(count: usize, addr: SocketAddr) -> Result<(), String> {
-        if !cfg!(target_os = "linux") {
-            return Err(
-                "--sources: binding to a loopback address per connection needs Linux".into(),
-            );
-        }
-        if count > Sources::MAX {
-            return Err(format!("--sources {count}: at most {}", Sources::MAX));
-        }
-        match addr {
-            SocketAddr::V4(v4) if v4.ip().is_loopback() => Ok(()),
-            _ => Err(format!(
-                "--sources: the server must be at an IPv4 loopback address, not {addr}"
-            )),
-        }
-    }
-
-    /// The address for the next connection; `None`: the kernel's choice.
-    pub(super) fn next(&mut self) -> Option<Ipv4Addr> {
-        let addr = *self.addrs.get(self.next)?;
-        self.next = (self.next + 1) % self.addrs.len();
-        Some(addr)
     }
 }
 
