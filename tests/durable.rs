@@ -20,7 +20,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -621,43 +621,10 @@ fn file_of(lines: &[String]) -> Vec<u8> {
 /// Runs `herd serve NAME --config CONFIG` to its exit (10 s at most); returns its exit code,
 /// stdout and stderr.
 fn serve_to_exit(config: &Path, name: &str) -> (Option<i32>, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
-    for var in SERVER_ENV {
-        command.env_remove(var);
-    }
-    let mut child = command
-        .arg("serve")
-        .arg(name)
-        .arg("--config")
-        .arg(config)
-        .current_dir(config.parent().expect("a directory"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start herd serve");
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut out = Vec::new();
-            let _ = pipe.read_to_end(&mut out);
-            String::from_utf8_lossy(&out).into_owned()
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
-    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => thread::sleep(POLL_INTERVAL),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("herd serve {name} did not exit within 10 s");
-            }
-        }
-    };
-    (status.code(), join(stdout), join(stderr))
+    let config_arg = config.to_str().expect("a UTF-8 path");
+    let cwd = config.parent().expect("a directory");
+    let (status, stdout, stderr) = run_to_exit(&["serve", name, "--config", config_arg], cwd, &[]);
+    (status.code(), stdout, stderr)
 }
 
 /// Stops `name` with SIGTERM, which must end it with status 0.

@@ -8,13 +8,13 @@ mod common;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::herds::{admin_addr, free_ports, http_get, member, Herd};
+use common::traced::{find, turn_of, Traced};
 use common::*;
 
 /// The server's high-water mark of unread replies (herd::herd::OUTPUT_HIGH_WATER, with the
@@ -232,26 +232,7 @@ fn a_greedy_client_delays_another_clients_reply_by_a_turn_at_most() {
     let dir = TestDir::new("greedy-trace");
     let port = free_ports(1)[0];
     let config = common::herds::write_config(&dir, &[member("Bailey", port, &[])], "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(["serve", "Bailey", "--trace", "--config"])
-        .arg(&config)
-        .env_remove("HERD_SECRET")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start herd serve --trace");
-    let trace = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let trace = trace.clone();
-        let stderr = child.stderr.take().expect("piped");
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                trace.lock().unwrap().push(line);
-            }
-        });
-    }
+    let server = Traced::start(&config, "Bailey", &[]);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     assert!(eventually(Duration::from_secs(10), || TcpStream::connect(
         addr
@@ -287,33 +268,19 @@ fn a_greedy_client_delays_another_clients_reply_by_a_turn_at_most() {
     let _ = greedy.shutdown(std::net::Shutdown::Both);
     let _ = sender.join();
     let _ = drain.join();
-    let _ = child.kill();
-    let _ = child.wait();
-    let lines = trace.lock().unwrap().clone();
+    let lines = server.lines();
+    drop(server);
     // The polite client's connection: the one whose command names it.
-    let asked = lines
-        .iter()
-        .position(|l| l.contains(&format!("< IAMAT {client} ")))
+    let asked = find(&lines, 0, &format!("< IAMAT {client} "))
         .expect("the polite client's command in the trace");
     let conn = lines[asked]
         .split_whitespace()
         .nth(2)
         .expect("the connection's name")
         .to_owned();
-    let answered = (asked..lines.len())
-        .find(|&i| lines[i].contains(&format!(" {conn} > AT Bailey ")))
+    let answered = find(&lines, asked, &format!(" {conn} > AT Bailey "))
         .expect("the polite client's reply in the trace");
-    let turn_at = |line: usize| {
-        (0..=line)
-            .rev()
-            .find_map(|i| {
-                let text = &lines[i];
-                let at = text.find(" turn ")?;
-                text[at + 6..].split(':').next()?.parse::<u64>().ok()
-            })
-            .expect("a turn before")
-    };
-    let (read_turn, reply_turn) = (turn_at(asked), turn_at(answered));
+    let (read_turn, reply_turn) = (turn_of(&lines, asked), turn_of(&lines, answered));
     println!("the polite client's command ran in turn {read_turn}, its reply went out in turn {reply_turn}");
     assert!(
         reply_turn <= read_turn + 1,

@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::herds::{
     await_log_past, free_ports, herd_2023, herd_goloman, member, write_config, write_config_with,
@@ -152,55 +151,6 @@ fn the_goloman_herd_converges() {
 // ---------------------------------------------------------------------------------------------
 // Start-up errors
 
-/// Runs `herd ARGS` to its exit, at most 10 s (then kills it and panics), with `env` in the
-/// environment (the variables the server reads otherwise removed). Returns the status, stdout
-/// and stderr.
-fn run_bounded_env(
-    args: &[&str],
-    cwd: &Path,
-    env: &[(&str, &str)],
-) -> (ExitStatus, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
-    for var in SERVER_ENV {
-        command.env_remove(var);
-    }
-    let mut child = command
-        .envs(env.iter().copied())
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start herd");
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut out = Vec::new();
-            let _ = pipe.read_to_end(&mut out);
-            String::from_utf8_lossy(&out).into_owned()
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
-    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("herd {args:?} did not exit within 10 s");
-            }
-        }
-    };
-    (
-        status,
-        stdout.join().expect("stdout reader"),
-        stderr.join().expect("stderr reader"),
-    )
-}
-
 /// `herd serve NAME --config CONFIG` exits with 2 and one line on stderr that contains each of
 /// `needles`.
 fn assert_startup_error(config: &Path, name: &str, needles: &[&str]) {
@@ -212,7 +162,7 @@ fn assert_startup_error_env(config: &Path, name: &str, env: &[(&str, &str)], nee
     let config_arg = config.to_str().expect("UTF-8 path");
     let cwd = config.parent().expect("a directory");
     let args = ["serve", name, "--config", config_arg];
-    let (status, stdout, stderr) = run_bounded_env(&args, cwd, env);
+    let (status, stdout, stderr) = run_to_exit(&args, cwd, env);
     let config_text = std::fs::read_to_string(config).unwrap_or_default();
     assert_eq!(
         status.code(),
@@ -615,11 +565,11 @@ fn herd_up_passes_sighup_on_and_every_server_opens_its_log_again() {
 #[test]
 fn a_missing_name_or_configuration_is_said_plainly() {
     let dir = TestDir::new("plain-errors");
-    let (status, _, stderr) = run_bounded_env(&["serve"], &dir.path, &[]);
+    let (status, _, stderr) = run_to_exit(&["serve"], &dir.path, &[]);
     assert_eq!(status.code(), Some(2));
     assert!(stderr.contains("serve needs the NAME"), "{stderr:?}");
     // No herd.toml here (the test binary's directory has none either): a name cannot be found.
-    let (status, _, stderr) = run_bounded_env(&["iamat", "Bailey", "kiwi", "+1+1"], &dir.path, &[]);
+    let (status, _, stderr) = run_to_exit(&["iamat", "Bailey", "kiwi", "+1+1"], &dir.path, &[]);
     assert_eq!(status.code(), Some(2));
     assert!(
         stderr.contains("no herd.toml here or beside the program"),
@@ -636,8 +586,8 @@ fn a_port_in_use_exits_2_under_serve_and_under_up() {
     let config = write_config(&dir, &[member("Bailey", port, &[])], "");
     let config_arg = config.to_str().expect("UTF-8 path");
     let (serve, _, serve_err) =
-        run_bounded_env(&["serve", "Bailey", "--config", config_arg], &dir.path, &[]);
-    let (up, _, up_err) = run_bounded_env(&["up", "--config", config_arg], &dir.path, &[]);
+        run_to_exit(&["serve", "Bailey", "--config", config_arg], &dir.path, &[]);
+    let (up, _, up_err) = run_to_exit(&["up", "--config", config_arg], &dir.path, &[]);
     assert_eq!(serve.code(), Some(2), "{serve_err}");
     assert_eq!(up.code(), Some(2), "{up_err}");
     assert!(serve_err.contains("cannot listen") && up_err.contains("cannot listen"));

@@ -752,3 +752,52 @@ pub fn newline_rules(body: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// Runs `herd ARGS` to its exit, at most 10 s (then kills it and panics), with `env` in the
+/// environment (the variables the server reads otherwise removed). Returns the status, stdout
+/// and stderr.
+pub fn run_to_exit(
+    args: &[&str],
+    cwd: &Path,
+    env: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
+    for var in SERVER_ENV {
+        command.env_remove(var);
+    }
+    let mut child = command
+        .envs(env.iter().copied())
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start herd");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = pipe.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("herd {args:?} did not exit within 10 s");
+            }
+        }
+    };
+    (
+        status,
+        stdout.join().expect("stdout reader"),
+        stderr.join().expect("stderr reader"),
+    )
+}
