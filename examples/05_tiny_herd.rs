@@ -6,20 +6,14 @@
 //! echo 'GET kiwi' | nc -q1 127.0.0.1 7007                          # C answers +34.068930-118.445127
 //! ```
 //!
-//! `--servers N` starts N servers, A, B, C..., in a ring, each linked to the next and the one
-//! before; `--port P` gives them ports P, P+1, ... (`--port 0`: free ports; the lines printed say
-//! which). Each is a thread with its own poll loop, sharing nothing with the others but sockets,
-//! as processes would. A client sends `SET key value` (answered `OK`) or `GET key` (answered
-//! with the value); anything else is answered `? ` and the line.
-//!
-//! A server sends each record it keeps, `AT time key value`, on its links to its neighbours.
-//! They keep it only if it is newer than the one they hold for its key, and send on only what
-//! they keep: so a flood dies out instead of circling the ring for ever, as stderr shows. (For
-//! brevity, the only bound kept is the length of a line; `02_poll` shows back-pressure.)
-//!
-//! The asyncio equivalent is the classic Python herd: `asyncio.start_server` for clients and
-//! neighbours, `asyncio.open_connection` to each neighbour, and a `flood` that writes each new
-//! record to every neighbour's `StreamWriter`.
+//! `--servers N`: N servers, A, B, C..., in a ring; `--port P`: ports P, P+1, ... (0: free ports,
+//! printed). Each is a thread with its own poll loop, sharing nothing but sockets, as processes
+//! would. Clients send `SET key value` (`OK`) or `GET key` (the value); anything else gets `? `
+//! and the line. A server sends each record it keeps, `AT time key value`, to its neighbours,
+//! which keep it only if it is newer than theirs and send on only what they keep: so a flood
+//! dies out instead of circling for ever, as stderr shows. (The only bound kept is a line's
+//! length; `02_poll` shows back-pressure.) In asyncio: `start_server`, `open_connection` to each
+//! neighbour, and a `flood` that writes each new record to every neighbour's `StreamWriter`.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -150,20 +144,20 @@ impl Server {
 
     /// Gives a new connection a free slot, registered under that slot's token.
     fn insert(&mut self, mut stream: TcpStream, kind: Kind) -> io::Result<()> {
-        let slot = self.conns.iter().position(Option::is_none);
-        let slot = slot.unwrap_or(self.conns.len());
+        let slot = (self.conns.iter().position(Option::is_none)).unwrap_or(self.conns.len());
         let interest = Interest::READABLE | Interest::WRITABLE;
-        let registry = self.poll.registry();
-        registry.register(&mut stream, Token(slot + 1), interest)?;
+        self.poll
+            .registry()
+            .register(&mut stream, Token(slot + 1), interest)?;
         self.conns
             .resize_with(self.conns.len().max(slot + 1), || None);
-        let (input, output, done) = (Vec::new(), Vec::new(), false);
+        let (input, output) = (Vec::new(), Vec::new());
         self.conns[slot] = Some(Conn {
             stream,
             kind,
             input,
             output,
-            done,
+            done: false,
         });
         Ok(())
     }
@@ -191,8 +185,10 @@ impl Server {
             }
         }
         for line in lines {
-            if let Some(reply) = self.on_line(&line) {
-                self.say(slot, &reply);
+            let reply = self.on_line(&line);
+            if let (Some(reply), Some(Some(conn))) = (reply, self.conns.get_mut(slot)) {
+                conn.output
+                    .extend_from_slice(format!("{reply}\n").as_bytes());
             }
         }
     }
@@ -241,14 +237,6 @@ impl Server {
         }
     }
 
-    /// Queues a reply for connection `slot`; `before_sleep` writes it.
-    fn say(&mut self, slot: usize, line: &str) {
-        if let Some(Some(conn)) = self.conns.get_mut(slot) {
-            conn.output.extend_from_slice(line.as_bytes());
-            conn.output.push(b'\n');
-        }
-    }
-
     /// End of the turn: writes what the turn produced, one write per connection, and frees the
     /// connections that are done. One that is done with output left waits for WRITABLE.
     fn before_sleep(&mut self) {
@@ -256,27 +244,20 @@ impl Server {
             let Some(conn) = &mut self.conns[slot] else {
                 continue;
             };
-            let written = write_some(&mut conn.stream, &mut conn.output);
-            if written.is_err() || (conn.done && conn.output.is_empty()) {
+            // Written until it is all out or the socket would block; what is left waits.
+            let mut failed = false;
+            while !conn.output.is_empty() && !failed {
+                match conn.stream.write(&conn.output) {
+                    Ok(n) if n > 0 => drop(conn.output.drain(..n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    _ => failed = true,
+                }
+            }
+            if failed || (conn.done && conn.output.is_empty()) {
                 let _ = self.poll.registry().deregister(&mut conn.stream);
                 self.conns[slot] = None;
             }
         }
     }
-}
-
-/// Writes `output` until it is empty or the socket would block; keeps what is left.
-fn write_some(stream: &mut TcpStream, output: &mut Vec<u8>) -> io::Result<()> {
-    while !output.is_empty() {
-        match stream.write(output) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                output.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
