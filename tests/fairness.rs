@@ -1,4 +1,4 @@
-//! Fair turns and back-pressure that holds (issue 13), over real sockets: a client that never
+//! Fair turns and back-pressure that holds, over real sockets: a client that never
 //! reads runs no more commands than its unread replies allow; a greedy client does not keep
 //! another's reply waiting beyond the next turn; a client closed for breaking a limit reads its
 //! `?` line before the close, however much it was still sending.
@@ -97,7 +97,7 @@ fn commands_run(admin: SocketAddr) -> u64 {
         .expect("an IAMAT count")
 }
 
-/// Issue 13: a client that pipelines 100,000 IAMATs and never reads has no more commands run
+/// A client that pipelines 100,000 IAMATs and never reads has no more commands run
 /// than its unread replies allow: the server's mark, what its own kernel holds for the client
 /// under that mark, the client's receive buffer, and one turn's share. When it reads, the rest
 /// are run and answered, every one.
@@ -173,7 +173,7 @@ fn a_client_that_never_reads_has_only_the_marks_worth_of_commands_run() {
     writer.join().expect("the writer");
 }
 
-/// Issue 13: a client closed for breaking a limit (an overlong line) gets its `?` line whole,
+/// A client closed for breaking a limit (an overlong line) gets its `?` line whole,
 /// though it goes on sending: the server shuts its side and drains the rest (a lingering
 /// close) rather than resetting the connection under the reply.
 #[test]
@@ -224,7 +224,7 @@ fn a_client_closed_for_an_overlong_line_reads_its_answer_before_the_close() {
     }
 }
 
-/// Issue 13: while one connection pipelines as fast as it can, another client's IAMAT is read
+/// While one connection pipelines as fast as it can, another client's IAMAT is read
 /// and its reply written in the same turn of the loop, or the next: counted in the server's own
 /// trace.
 #[test]

@@ -1,4 +1,4 @@
-//! Fault tests (issue 4, item 5): the herd is broken on purpose and each test asserts the
+//! Fault tests: the herd is broken on purpose and each test asserts the
 //! promise that must hold anyway.
 //!
 //! 1. a middle server killed with SIGKILL under steady updates, then restarted;
@@ -16,7 +16,7 @@
 //!    checks its own logs).
 //! 9. a server restarted after its neighbours' backoff reached its cap, and a host unplugged
 //!    silently between real hosts (network namespaces): the neighbours dial back as soon as it
-//!    greets them (issue 22).
+//!    greets them.
 //!
 //! Convergence is checked with the store dumps a server writes on SIGUSR1 (`dump_store`): every
 //! server's dump must be the same, and where the test knows what was acknowledged, exactly that.
@@ -60,16 +60,16 @@ const NO_PLACES: &str =
 const WITH_SECRET: &[(&str, &str)] = &[("GOOGLE_PLACES_API_KEY", KEY), ("HERD_SECRET", SECRET)];
 const WITHOUT_SECRET: &[(&str, &str)] = &[("GOOGLE_PLACES_API_KEY", KEY), ("HERD_SECRET", "")];
 
-/// Issue 4: "a link silently blackholed ... for 30 seconds".
+/// A link silently blackholed for 30 seconds...
 const BLACKHOLE: Duration = Duration::from_secs(30);
-/// Issue 4: "the dead link is detected within six seconds".
+/// ...is found dead within six seconds...
 const DETECT_WITHIN: Duration = Duration::from_secs(6);
-/// Issue 4: "the herd converges within five seconds of the heal".
+/// ...and the herd converges within five seconds of the heal.
 const CONVERGE_AFTER_HEAL: Duration = Duration::from_secs(5);
 /// Equal-time conflicting updates at the two ends of the herd: every server holds the winner
 /// within this of the first update's arrival, by the servers' log stamps.
 const CONFLICT_CONVERGED_WITHIN: Duration = Duration::from_secs(1);
-/// Issue 4: "a neighbour stopped with SIGSTOP for 30 seconds".
+/// A neighbour stopped with SIGSTOP for 30 seconds.
 const STOPPED: Duration = Duration::from_secs(30);
 /// The peer output cap of the SIGSTOP test, small. At 2000 updates a second the kernel's
 /// loopback socket buffers (4 MiB of send buffer) take the 5 s of floods before the stopped
@@ -223,7 +223,7 @@ fn a_killed_middle_server_restarts_and_every_server_holds_every_acknowledged_upd
     assert_secrets_absent(&herd.all());
 }
 
-/// Issue 22, as the course's grader does it: a server restarted after its neighbours' backoff
+/// As the course's grader does it: a server restarted after its neighbours' backoff
 /// has reached its cap is dialled back as soon as it greets them, so an IAMAT sent at a
 /// neighbour right after that greeting reaches it, and a WHATSAT at the restarted server
 /// answers with the new record, not `?`.
@@ -305,7 +305,7 @@ fn a_restarted_server_is_dialled_back_when_it_greets_and_misses_no_update() {
     assert_secrets_absent(&herd.all());
 }
 
-/// Issue 22: the 2023 herd on five hosts (network namespaces, real addresses), Campbell cut off
+/// The 2023 herd on five hosts (network namespaces, real addresses), Campbell cut off
 /// silently (no reset, no FIN) under steady updates until every redial on both sides waits the
 /// longest backoff, then healed. Whichever side's redial gets through first greets the other,
 /// which dials back at once: every store holds every acknowledged update within a greeting and

@@ -1,4 +1,4 @@
-//! What an attacker could do to a server, each tried here and refused (issue 21): fill its
+//! What an attacker could do to a server, each tried here and refused: fill its
 //! memory with new client ids, take the places its neighbours need, pin a client's record with
 //! a time far in the future, learn anything from a handshake, forge a line into the log or a
 //! terminal escape into the store dump, learn the server's internals from a Places error, or
@@ -73,7 +73,7 @@ fn pipelined(addr: SocketAddr, lines: impl Iterator<Item = Vec<u8>>) -> Vec<Vec<
     collector.join().expect("the reader")
 }
 
-/// Finding 1: new client ids are bounded in length and in number, so a flood of them costs a
+/// New client ids are bounded in length and in number, so a flood of them costs a
 /// bounded amount of memory (it took a server from 3.7 MB to 325 MB in a second).
 #[test]
 fn a_flood_of_new_client_ids_costs_bounded_memory() {
@@ -118,7 +118,7 @@ fn a_flood_of_new_client_ids_costs_bounded_memory() {
     );
 }
 
-/// Finding 5: a client time far in the future is invalid from a client and refused from a
+/// A client time far in the future is invalid from a client and refused from a
 /// neighbour, so it cannot pin a client's record for the whole herd.
 #[test]
 fn a_far_future_client_time_cannot_pin_a_record() {
@@ -149,7 +149,7 @@ fn a_far_future_client_time_cannot_pin_a_record() {
     );
 }
 
-/// Finding 4: with a herd secret, the acceptor says nothing that depends on the secret until
+/// With a herd secret, the acceptor says nothing that depends on the secret until
 /// the dialler has proved itself, and no proof is written to the log.
 #[test]
 fn the_acceptor_proves_itself_only_to_a_dialler_that_has_and_no_proof_is_logged() {
@@ -182,7 +182,7 @@ fn the_acceptor_proves_itself_only_to_a_dialler_that_has_and_no_proof_is_logged(
     assert!(!log.contains(SECRET));
 }
 
-/// Finding 6: a line whose tag fails is never logged as the neighbour's.
+/// A line whose tag fails is never logged as the neighbour's.
 #[test]
 fn a_forged_peer_line_never_appears_in_the_log_as_the_neighbours() {
     let herd = bailey_with_bona("forged-log", WITH_SECRET, NO_PLACES);
@@ -217,7 +217,7 @@ fn a_forged_peer_line_never_appears_in_the_log_as_the_neighbours() {
     );
 }
 
-/// Finding 6: bytes a client sent are escaped in the store dump as in the log.
+/// Bytes a client sent are escaped in the store dump as in the log.
 #[test]
 fn control_bytes_in_client_ids_are_escaped_in_the_store_dump() {
     let herd = bailey("dump-escapes", "");
@@ -233,7 +233,7 @@ fn control_bytes_in_client_ids_are_escaped_in_the_store_dump() {
     assert!(!dump.contains('\x1b'));
 }
 
-/// Finding 4: the log and the store dump are their owner's alone.
+/// The log and the store dump are their owner's alone.
 #[test]
 fn log_files_and_the_store_dump_are_the_owners_alone() {
     let herd = bailey("owner-only", "");
@@ -250,7 +250,7 @@ fn log_files_and_the_store_dump_are_the_owners_alone() {
     }
 }
 
-/// Finding 6: a client is told what kind of failure Places was, the log keeps the detail.
+/// A client is told what kind of failure Places was, the log keeps the detail.
 #[test]
 fn a_client_is_told_the_kind_of_a_places_failure_and_the_log_keeps_the_detail() {
     let herd = Herd::build("places-detail")
@@ -272,7 +272,7 @@ fn a_client_is_told_the_kind_of_a_places_failure_and_the_log_keeps_the_detail() 
     await_log_line(b, "cannot connect to 127.0.0.1:9", 0, SETTLE);
 }
 
-/// Finding 6: with `whatsat_per_minute`, a client address gets that many WHATSATs a minute,
+/// With `whatsat_per_minute`, a client address gets that many WHATSATs a minute,
 /// and then Google's own answer for a quota spent.
 #[test]
 fn whatsat_per_minute_limits_one_client_address() {
@@ -294,7 +294,7 @@ fn whatsat_per_minute_limits_one_client_address() {
     assert!(third.contains("at most 2 WHATSATs a minute"), "{third}");
 }
 
-/// Finding 2: a neighbour always gets a place, however many clients hold the others: a restarted
+/// A neighbour always gets a place, however many clients hold the others: a restarted
 /// neighbour's link comes up at once.
 #[test]
 fn a_restarted_neighbour_gets_in_while_clients_hold_every_place() {

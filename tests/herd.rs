@@ -287,7 +287,7 @@ fn a_missing_configuration_file_is_a_startup_error() {
     assert_startup_error(&dir.join("absent.toml"), "Bailey", &["absent.toml"]);
 }
 
-/// Issue 21, finding 4: a secret must carry 128 bits, and be random.
+/// A secret must carry 128 bits, and be random.
 #[test]
 fn a_weak_herd_secret_is_a_startup_error() {
     let dir = TestDir::new("err-weak-secret");
@@ -310,7 +310,7 @@ fn a_weak_herd_secret_is_a_startup_error() {
     }
 }
 
-/// Issue 21, finding 4: a secret_file its owner does not keep to itself is refused.
+/// A secret_file its owner does not keep to itself is refused.
 #[test]
 fn a_secret_file_others_can_read_is_a_startup_error() {
     use std::os::unix::fs::PermissionsExt;
@@ -330,7 +330,7 @@ fn a_secret_file_others_can_read_is_a_startup_error() {
     drop(server);
 }
 
-/// Issue 21, finding 3: a server with neighbours and no herd secret says so at start, on
+/// A server with neighbours and no herd secret says so at start, on
 /// standard error and in its log; an empty HERD_SECRET is no secret.
 #[test]
 fn a_server_with_neighbours_and_no_secret_says_so_at_start() {
@@ -368,7 +368,7 @@ fn a_server_with_neighbours_and_no_secret_says_so_at_start() {
     );
 }
 
-/// Issue 21, finding 3: `herd up` with `HERD_SECRET` set but empty makes a secret for the herd
+/// `herd up` with `HERD_SECRET` set but empty makes a secret for the herd
 /// as if it were unset: a stranger's greeting without a nonce is refused, its record not stored.
 #[test]
 fn herd_up_with_an_empty_herd_secret_still_authenticates_its_links() {
@@ -519,7 +519,7 @@ fn herd_up_runs_every_server_and_sigterm_stops_them_all() {
     }
 }
 
-/// Issue 17: `herd up` passes SIGHUP on to its servers, which open their logs again, and stops
+/// `herd up` passes SIGHUP on to its servers, which open their logs again, and stops
 /// nothing.
 #[test]
 fn herd_up_passes_sighup_on_and_every_server_opens_its_log_again() {
@@ -561,7 +561,7 @@ fn herd_up_passes_sighup_on_and_every_server_opens_its_log_again() {
     }
 }
 
-/// Issue 17: what a user mistyped is said plainly.
+/// What a user mistyped is said plainly.
 #[test]
 fn a_missing_name_or_configuration_is_said_plainly() {
     let dir = TestDir::new("plain-errors");
@@ -577,7 +577,7 @@ fn a_missing_name_or_configuration_is_said_plainly() {
     );
 }
 
-/// Issue 17: a port in use is the same error, exit 2, under `serve` and `up`.
+/// A port in use is the same error, exit 2, under `serve` and `up`.
 #[test]
 fn a_port_in_use_exits_2_under_serve_and_under_up() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");

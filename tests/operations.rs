@@ -1,4 +1,4 @@
-//! What an operator leaving a herd running relies on (issue 17): logs that stay small and can
+//! What an operator leaving a herd running relies on: logs that stay small and can
 //! be rotated, SIGHUP that opens them again, a log that fails and comes back, the admin
 //! endpoint (`/metrics` read by a real Prometheus, `/healthz`, `/status`), and `herd status`.
 
@@ -22,7 +22,7 @@ fn lone(tag: &str, extra: &str) -> Herd {
         .start_retrying(|| vec![member("Bailey", free_ports(1)[0], &[]).with_admin()])
 }
 
-/// Issue 17: an idle herd writes under 1 KiB a minute per server: heartbeats and digests that
+/// An idle herd writes under 1 KiB a minute per server: heartbeats and digests that
 /// match are not logged line by line.
 #[test]
 fn an_idle_herd_writes_almost_nothing_to_its_logs() {
@@ -48,7 +48,7 @@ fn an_idle_herd_writes_almost_nothing_to_its_logs() {
     }
 }
 
-/// Issue 17: SIGHUP opens the log again (logrotate moved it away) and stops nothing.
+/// SIGHUP opens the log again (logrotate moved it away) and stops nothing.
 #[test]
 fn sighup_opens_the_log_again_and_the_server_goes_on() {
     let herd = lone("sighup", "");
@@ -68,7 +68,7 @@ fn sighup_opens_the_log_again_and_the_server_goes_on() {
     assert!(b.log().contains("SIGHUP: log file opened again"));
 }
 
-/// Issue 17: with `log_max_bytes`, the log rotates by itself and keeps `log_keep` old files.
+/// With `log_max_bytes`, the log rotates by itself and keeps `log_keep` old files.
 #[test]
 fn a_log_past_its_size_cap_rotates_by_itself() {
     let dir = TestDir::new("log-rotate");
@@ -103,7 +103,7 @@ fn a_log_past_its_size_cap_rotates_by_itself() {
     }
 }
 
-/// Issue 17: a log that cannot be written is said once on standard error, not fatal, and
+/// A log that cannot be written is said once on standard error, not fatal, and
 /// written again once it can be (the file is opened again at each flush until then).
 #[test]
 fn a_log_that_cannot_be_written_comes_back() {
@@ -167,7 +167,7 @@ fn a_log_that_cannot_be_written_comes_back() {
     );
 }
 
-/// Issue 17: the admin endpoint answers `/healthz`, `/status` and `/metrics`, keeps a
+/// The admin endpoint answers `/healthz`, `/status` and `/metrics`, keeps a
 /// connection alive between requests, and refuses what is not a GET of a known path.
 #[test]
 fn the_admin_endpoint_answers_health_status_and_metrics() {
@@ -298,7 +298,7 @@ fn prometheus_tools() -> Option<()> {
     }
 }
 
-/// Issue 17: `/metrics` is what `promtool check metrics` accepts.
+/// `/metrics` is what `promtool check metrics` accepts.
 #[test]
 fn metrics_pass_promtool() {
     if prometheus_tools().is_none() {
@@ -388,7 +388,7 @@ impl Prometheus {
     }
 }
 
-/// Issue 17: a real Prometheus scrapes a three-server herd, and its own query language sees the
+/// A real Prometheus scrapes a three-server herd, and its own query language sees the
 /// herd's stores: the sum of `herd_records` is three times the clients sent.
 #[test]
 fn a_real_prometheus_scrapes_a_herd() {
@@ -425,7 +425,7 @@ fn a_real_prometheus_scrapes_a_herd() {
     assert_eq!(up, Some(3.0), "every target scraped");
 }
 
-/// Issue 17: `herd status` prints one row per server and exits 0 when all are up and agree,
+/// `herd status` prints one row per server and exits 0 when all are up and agree,
 /// 1 when one is down.
 #[test]
 fn herd_status_says_whether_the_herd_is_up_and_agrees() {

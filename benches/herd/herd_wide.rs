@@ -139,7 +139,7 @@ pub fn run(bench: &Bench) -> Result<Vec<Row>, String> {
         Better::Lower,
         |r| r.logged.converge.as_secs_f64() * 1e6,
     );
-    // Issue 13: a single-threaded server is only as fair as its turns; under the herd-wide
+    // A single-threaded server is only as fair as its turns; under the herd-wide
     // load, each server's own clients must still be served.
     let mut share = runs
         .row(

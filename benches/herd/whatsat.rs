@@ -15,7 +15,7 @@ use crate::stacks::{Figures, PerStack, Stack};
 use crate::table::{fmt_count, fmt_micros, fmt_rate, Better, Goal, Row, Unit};
 
 /// Both servers keep at most this many HTTPS connections to Places (`places.pool_size`'s
-/// default): the bound on TLS handshakes that issue 3 sets.
+/// default): the bound on TLS handshakes, one per connection of the pool.
 const PLACES_POOL_SIZE: f64 = 4.0;
 
 /// One stack's WHATSAT run: the load, the handshakes, and in the herd's turn at +0 ms the
