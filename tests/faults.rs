@@ -1505,7 +1505,7 @@ fn a_dialling_server_refuses_a_malformed_or_forged_challenge_and_a_wrong_proof()
             "a challenge line over 1,024 bytes",
             format!("CHALLENGE {}", "a".repeat(1100)),
             None,
-            not_a_challenge,
+            "the neighbour sent a line longer than 1024 bytes",
         ),
         (
             "a proof made with another secret",
