@@ -327,6 +327,7 @@ pub fn parse_fsync(text: &str) -> Option<Fsync> {
 /// The longest `limits.max_line_bytes` accepted.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
+/// Nearby Search: the default `url` with `api = "legacy"`.
 pub const LEGACY_URL: &str = "https://maps.googleapis.com/maps/api/place/nearbysearch/json";
 /// Places API (New) `searchNearby`: the default `url` with `api = "new"`.
 pub const NEW_URL: &str = "https://places.googleapis.com/v1/places:searchNearby";

@@ -210,10 +210,14 @@ impl fmt::Display for CloseReason {
 
 /// Where an accepted connection is in its life.
 pub enum State {
-    /// Nothing but blank lines yet: the first line decides what it is, and must come by
-    /// `until`. `peers_only` when it took one of the places kept for neighbours (the client
-    /// places were all taken): then only a neighbour's greeting is welcome.
-    Undecided { until: Instant, peers_only: bool },
+    /// Nothing but blank lines yet: the first line decides what it is.
+    Undecided {
+        /// When its first line must have come ([`crate::config::Limits::first_line_timeout`]).
+        until: Instant,
+        /// It took one of the places kept for neighbours (the client places were all taken):
+        /// only a neighbour's greeting is welcome.
+        peers_only: bool,
+    },
     /// A client: its commands run, its replies go out in command order.
     Client,
     /// Neighbour `neighbour` greeted with its nonce `nd`; we answered with our challenge `na`
@@ -240,7 +244,12 @@ pub enum State {
     Draining(CloseReason),
     /// Closed for breaking a limit, its last reply written and its write side shut: what it
     /// still sends is read and dropped until it closes too, or until `until`.
-    Lingering { reason: CloseReason, until: Instant },
+    Lingering {
+        /// Why it was closed, logged when it goes.
+        reason: CloseReason,
+        /// The end of the linger, [`LINGER`] after its last reply was written.
+        until: Instant,
+    },
     /// Done: the loop frees it at the end of the turn.
     Closed(CloseReason),
 }

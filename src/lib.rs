@@ -5,6 +5,9 @@
 // The guide walks through the loop's private parts, and the docs are always built with them
 // (.cargo/config.toml: --document-private-items), so its links to private items resolve.
 #![allow(rustdoc::private_intra_doc_links)]
+// Every public item says what it is: the code is meant to be read (clippy -D warnings in CI
+// makes a missing doc an error).
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod aof;

@@ -275,7 +275,12 @@ pub enum PeerLine<'a> {
     /// A heartbeat: the link is alive.
     Ping,
     /// The sender's store: how many records, and their order-independent digest.
-    Digest { count: u64, digest: u64 },
+    Digest {
+        /// The records the sender holds.
+        count: u64,
+        /// The wrapping sum of their hashes ([`crate::store::record_hash`]).
+        digest: u64,
+    },
     /// The digests of parts `first ..first + PARTS_PER_LINE` of the sender's store.
     Parts {
         /// The first part on the line: a multiple of [`PARTS_PER_LINE`].
