@@ -84,8 +84,8 @@ pub struct Server {
     /// Connections with something to write or to decide at the end of the turn. A slot may be
     /// listed twice; the second time finds nothing to do.
     to_flush: Vec<usize>,
-    /// Connections whose share of the turn ran out with work left: served again in the next
-    /// turn, which then comes without sleeping.
+    /// Connections whose share of the turn ran out with work left, or whose lines held back by
+    /// unread replies may run again: served in the next turn, which then comes without sleeping.
     again: Vec<Source>,
     scratch: Vec<u8>,
     herd: Herd,
@@ -721,8 +721,14 @@ impl Server {
         match conn.flush(self.herd.now, &self.herd.limits, mark) {
             Flushed::Open => {}
             // Written, but lines wait behind the back-pressure: no event will come for bytes
-            // already held, so run them now (they are flushed again after).
-            Flushed::Resume => self.serve_conn(slot, Readiness::HELD),
+            // already held, so they run in the next turn, which then comes at once. Not now:
+            // this turn's records have already gone to the links and the disk, and an update
+            // run now would be acknowledged before it reached either.
+            Flushed::Resume => {
+                if !self.again.contains(&Source::Conn(slot)) {
+                    self.again.push(Source::Conn(slot));
+                }
+            }
             Flushed::Closed(reason) => {
                 self.herd.log.event(
                     format_args!("c{}", conn.id),

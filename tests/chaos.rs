@@ -71,8 +71,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::herds::{
-    await_converged, describe_dumps, dump_store, free_ports, herd_2023, lone_bailey, records, Herd,
-    MEMORY_ONLY,
+    await_converged, describe_dumps, dump_store, free_ports, herd_2023, lone_bailey, records,
+    write_config_with, Herd, MEMORY_ONLY,
 };
 use common::load::{latest_records, Updater};
 use common::netns::{Host, Net};
@@ -284,17 +284,6 @@ fn a_wall_clock_jump_breaks_no_link() {
         acked.values().map(|(n, _)| n + 1).max().unwrap_or(0),
         took.as_secs_f64()
     );
-}
-
-/// How many lines of the file at `path` hold `needle`.
-fn lines_with(path: &std::path::Path, needle: &[u8]) -> usize {
-    let Ok(file) = std::fs::File::open(path) else {
-        return 0;
-    };
-    std::io::BufRead::split(std::io::BufReader::new(file), b'\n')
-        .map_while(Result::ok)
-        .filter(|line| line.windows(needle.len()).any(|w| w == needle))
-        .count()
 }
 
 /// How many lines of the file at `path` hold `needle`.
