@@ -112,7 +112,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const FIXED_SEED: u64 = 18;
 /// Length of the runs of `cargo test`.
 const RUN_SECS: u64 = 60;
-const MEMORY_RUN_SECS: u64 = 30;
+const MEMORY_RUN_SECS: u64 = 20;
 /// The bound the checker asserts between the last heal and five identical stores. Among the
 /// last faults may be a server stopped for 12 s: its neighbours found it silent and are waiting
 /// out a backoff (2 s at most) or a connect (2 s), and it finds its own links silent on waking.
