@@ -132,8 +132,9 @@ pub struct Server {
     /// Connections with something to write or to decide at the end of the turn. A slot may be
     /// listed twice; the second time finds nothing to do.
     to_flush: Vec<usize>,
-    /// Connections whose share of the turn ran out with work left: served again in the next
-    /// turn, which then comes without sleeping. Each at most once ([`Server::serve_later`]).
+    /// Connections whose share of the turn ran out with work left, or whose lines held back by
+    /// unread replies may run again: served in the next turn, which then comes without
+    /// sleeping. Each at most once ([`Server::serve_later`]).
     again: Vec<Source>,
     /// What `again` holds, so that a connection served twice in a turn is not listed twice
     /// (listed twice, it would be served twice a turn from then on, and more with each event).
@@ -1022,12 +1023,10 @@ impl Server {
             // more replies, brings it back here).
             Flushed::Open => {}
             // Written, but lines wait behind the back-pressure: no event will come for bytes
-            // already held, so they run in the next turn, which comes at once. Not in this one:
-            // its records are in the file already, and the records of those lines must be too
-            // before their replies leave.
-            Flushed::Resume => {
-                self.serve_later(Source::Conn(slot));
-            }
+            // already held, so they run in the next turn, which then comes at once. Not now:
+            // this turn's records have already gone to the links and the disk, and an update
+            // run now would be acknowledged before it reached either.
+            Flushed::Resume => self.serve_later(Source::Conn(slot)),
             // Closed (by its own lines, by a deadline of the sweep, or by this write): counted,
             // logged, freed. Dropping the socket takes it out of the poll.
             Flushed::Closed(reason) => {

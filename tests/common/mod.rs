@@ -56,8 +56,31 @@ pub struct TestDir {
 
 static DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// Removes, once per test process, the directories of this naming left by test processes that
+/// no longer run: a test killed outright (SIGKILL, a timeout) never drops its directories, and a
+/// long storm's logs are large.
+fn remove_leftover_dirs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("herd-test-")) else {
+                continue;
+            };
+            let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+}
+
 impl TestDir {
     pub fn new(tag: &str) -> TestDir {
+        remove_leftover_dirs();
         let tag: String = tag
             .chars()
             .map(|c| {

@@ -36,6 +36,14 @@ pub struct Host {
     port: String,
 }
 
+impl Host {
+    /// Moves the calling thread into this host's namespace until the guard is dropped (see
+    /// [`Net::enter`]); for threads that outlive a borrow of the [`Net`].
+    pub fn enter(&self) -> Entered {
+        Entered::new(&self.ns)
+    }
+}
+
 /// A network of hosts on one bridge, removed when dropped.
 pub struct Net {
     /// The namespace that holds the bridges.
