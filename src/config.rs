@@ -217,7 +217,7 @@ pub struct Limits {
 /// them (with 512 commands a share, that was 7 ms at the median; with 64, half a millisecond).
 /// A neighbour's inbound link carries the updates of every client of the herd, and it must keep
 /// up or its sender's output grows until the link is dropped and resynchronised: its share is
-/// thirty-two clients'.
+/// sixty-four clients'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Turn {
     /// `turn_lines`, default [`Turn::LINES`]: lines a client's connection runs per turn; 0: no
@@ -234,7 +234,7 @@ impl Turn {
     /// The default bytes read per turn: 16 KiB, about 270 IAMATs.
     pub const READ_BYTES: usize = 16 * 1024;
     /// A neighbour's inbound link gets this many clients' share.
-    pub const PEER_SHARE: usize = 32;
+    pub const PEER_SHARE: usize = 64;
 
     /// A neighbour's inbound link's share: [`Turn::PEER_SHARE`] times this, a limit of 0 still
     /// none.

@@ -85,9 +85,10 @@ struct Allowance {
     buckets: HashMap<IpAddr, (f64, Instant)>,
 }
 
-/// Addresses remembered before the full buckets are forgotten. Not a hard cap: while every
-/// address remembered is still drawing on its bucket (this many addresses within a minute),
-/// none is forgotten, the map grows past it, and each WHATSAT counted scans the map.
+/// Addresses remembered at most. At this many the full buckets are forgotten; if every one is
+/// still drawing on its bucket, all are (each then starts again with a full bucket, which an
+/// address new to the server gets anyway). Either way the map stays this size and the scan
+/// comes once per this many new addresses.
 const ALLOWANCE_ADDRESSES: usize = 65_536;
 
 impl Allowance {
@@ -105,8 +106,14 @@ impl Allowance {
         // one anyway.
         if self.buckets.len() >= ALLOWANCE_ADDRESSES {
             self.buckets.retain(|_, bucket| refill(*bucket) < full);
+            if self.buckets.len() >= ALLOWANCE_ADDRESSES / 2 {
+                self.buckets.clear();
+            }
         }
-        let bucket = self.buckets.entry(addr).or_insert((full, now));
+        let bucket = self
+            .buckets
+            .entry(allowance_key(addr))
+            .or_insert((full, now));
         let tokens = refill(*bucket);
         // Spent if there was a whole token; a refusal spends nothing, so an address that keeps
         // asking is not pushed further behind.
@@ -116,6 +123,19 @@ impl Allowance {
         } else {
             bucket.0 = tokens;
             false
+        }
+    }
+}
+
+/// Whose bucket a WHATSAT draws on: the address itself, or for IPv6 its /64, which one host
+/// is usually given whole (a bucket per IPv6 address would let it ask from as many addresses as
+/// it likes).
+fn allowance_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
         }
     }
 }
@@ -416,4 +436,32 @@ pub fn whatsat_reply(record: &[u8], body: &[u8]) -> Vec<u8> {
     reply.extend_from_slice(body);
     reply.extend_from_slice(b"\n\n");
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_host_draws_on_one_bucket_for_its_whole_64() {
+        let mut allowance = Allowance::default();
+        let now = Instant::now();
+        let host =
+            |last: u16| IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, last));
+        assert!(allowance.take(host(1), 2, now));
+        assert!(allowance.take(host(2), 2, now));
+        assert!(!allowance.take(host(3), 2, now), "the /64's two are spent");
+        let other = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 3, 0, 0, 0, 1));
+        assert!(allowance.take(other, 2, now), "another /64 has its own");
+    }
+
+    #[test]
+    fn the_addresses_remembered_stay_bounded_however_many_draw_at_once() {
+        let mut allowance = Allowance::default();
+        let now = Instant::now();
+        for i in 0..3 * ALLOWANCE_ADDRESSES as u32 {
+            let _ = allowance.take(IpAddr::V4(i.into()), 10, now);
+            assert!(allowance.buckets.len() <= ALLOWANCE_ADDRESSES);
+        }
+    }
 }
