@@ -273,8 +273,7 @@ fn api_key(config: &Config) -> Result<Option<String>, String> {
     let Some(path) = &config.places.key_file else {
         return Ok(None);
     };
-    let key = std::fs::read_to_string(path)
-        .map_err(|e| format!("places.key_file {}: {e}", path.display()))?;
+    let key = read_owner_only(path, "places.key_file")?;
     check_key(key.trim().to_owned()).map(Some)
 }
 
@@ -285,7 +284,7 @@ fn herd_secret(config: &Config) -> Result<Option<Secret>, String> {
     let text = match herd::peer::secret_from_env() {
         Some(text) => text,
         None => match &config.secret_file {
-            Some(path) => read_secret_file(path)?,
+            Some(path) => read_owner_only(path, "secret_file")?,
             None => return Ok(None),
         },
     };
@@ -294,22 +293,23 @@ fn herd_secret(config: &Config) -> Result<Option<Secret>, String> {
     Ok(Some(Secret::new(text.as_bytes())))
 }
 
-/// The secret in `path`, which only its owner may read: like ssh with a private key, a secret
-/// others can read is refused rather than used.
-fn read_secret_file(path: &Path) -> Result<String, String> {
+/// The text of `path` (the configuration's `key`: `secret_file` or `places.key_file`), which
+/// only its owner may read: like ssh with a private key, a secret others can read is refused
+/// rather than used.
+fn read_owner_only(path: &Path, key: &str) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
     let mode = std::fs::metadata(path)
-        .map_err(|e| format!("secret_file {shown}: {e}"))?
+        .map_err(|e| format!("{key} {shown}: {e}"))?
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
         return Err(format!(
-            "secret_file {shown} can be read or written by others (mode {:o}): chmod 600 it",
+            "{key} {shown} can be read or written by others (mode {:o}): chmod 600 it",
             mode & 0o777
         ));
     }
-    std::fs::read_to_string(path).map_err(|e| format!("secret_file {shown}: {e}"))
+    std::fs::read_to_string(path).map_err(|e| format!("{key} {shown}: {e}"))
 }
 
 /// A key goes into a request line and a header: it must be one printable token. Neither `&`

@@ -330,6 +330,32 @@ fn a_secret_file_others_can_read_is_a_startup_error() {
     drop(server);
 }
 
+/// A places.key_file its owner does not keep to itself is refused, as a secret_file is.
+#[test]
+fn a_key_file_others_can_read_is_a_startup_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("err-key-mode");
+    let key = dir.join("places.key");
+    std::fs::write(&key, "AIzaSyExampleKey0123456789\n").expect("write");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let p = free_ports(1);
+    let places = format!("[places]\nkey_file = {:?}\n", key.display().to_string());
+    let config = write_config_with(
+        &dir,
+        &[member("Bailey", p[0], &[])],
+        "data_dir = \"\"\n",
+        &places,
+    );
+    assert_startup_error(
+        &config,
+        "Bailey",
+        &["places.key_file", "mode 640", "chmod 600"],
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let server = spawn_server(&config, "Bailey", &[]);
+    drop(server);
+}
+
 /// A server with neighbours and no herd secret says so at start, on
 /// standard error and in its log; an empty HERD_SECRET is no secret.
 #[test]
