@@ -159,8 +159,8 @@ impl<S: Transport> Inbound<S> {
     /// allows; `hangup` when the event said the neighbour closed its side. Returns the reason
     /// if the link closed.
     ///
-    /// Called on the link's events, right after the loop hands the connection over (what it
-    /// read after the proof gets no event of its own), and in the next turn when it returned
+    /// Called on the link's events, in the turn after the loop hands the connection over (what
+    /// it read after the proof gets no event of its own), and in the next turn when it returned
     /// [`Served::More`]. It always reads: unlike a client's, its input waits on nothing but its
     /// share.
     pub fn serve(

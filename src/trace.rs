@@ -20,7 +20,8 @@
 //!
 //! What is traced: what woke each turn; bytes read; every line parsed, on a client's connection
 //! or a link either way; every record stored; every line sent on a link; every reply written;
-//! every state transition (old -> new), which the loop ([`crate::server`]) finds by comparing a
+//! every state transition (old -> new; `c3: Undecided -> Client` above is a client that stays
+//! connected: `herd iamat`, which half-closes at once, shows `Undecided -> Draining`), which the loop ([`crate::server`]) finds by comparing a
 //! machine's state name before and after it handles an event. Off by default, and then free:
 //! every trace point is one check of the `log` crate's maximum level, and nothing is formatted.
 

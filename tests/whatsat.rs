@@ -300,6 +300,26 @@ fn every_framing_gives_the_same_reply() {
     bailey.assert_key_absent();
 }
 
+/// A body read to the end of the stream ends only with TLS's close_notify: a TCP close without
+/// it could come from anyone on the path, cutting the body short, so the answer is
+/// UNKNOWN_ERROR, never the body as far as it came (docs/protocol.md section 4). Whole bodies
+/// are then answered again on a new connection.
+#[test]
+fn a_body_read_to_a_close_without_close_notify_is_not_taken() {
+    let fake = FakePlaces::start(Behaviour::framed(legacy_ok(), Framing::CloseCut));
+    let mut bailey = Bailey::start(&fake, "legacy", 2000);
+    bailey.expect_unknown_error("Connection: close, TCP closed without close_notify", 5);
+    fake.set(Behaviour::framed(legacy_ok(), Framing::Close));
+    let body = expected("legacy_cut_5.json");
+    bailey.expect_body("Connection: close, then close_notify", 5, &body);
+    let log = String::from_utf8_lossy(&bailey.server().log_bytes()).into_owned();
+    assert!(
+        log.contains("without TLS close_notify"),
+        "the log does not say why the first answer was refused:\n{log}"
+    );
+    bailey.assert_key_absent();
+}
+
 #[test]
 fn runs_of_newlines_are_collapsed_and_trailing_ones_removed() {
     // Every newline of Google's body doubled, and more at the end: the reply must be the same

@@ -189,8 +189,11 @@ enum Transfer {
     Blocked,
     /// [`TRANSFER_STEP`] bytes were read and the socket may hold more: call again.
     More,
-    /// The stream ended.
+    /// The stream ended with TLS's close_notify.
     Ended,
+    /// The TCP stream ended with no close_notify before it. Anyone on the path can close a TCP
+    /// connection, so what came may have been cut short: it ends no body.
+    Cut,
 }
 
 /// A TCP connection with TLS on it.
@@ -674,6 +677,12 @@ impl<S: Transport> PlacesPool<S> {
                 (_, Some(Err(e))) | (Err(e), None) => break Some(Err(e)),
                 // The end of the stream: it ends a body read to the close, and cuts any other.
                 (Ok(Transfer::Ended), None) => break Some(response.push_eof()),
+                // A TCP close alone ends nothing: a body read to the close may be cut short.
+                (Ok(Transfer::Cut), None) => {
+                    let cut = "Places closed the connection without TLS close_notify, before \
+                               the answer was whole";
+                    break Some(response.push_eof().and_then(|_| Err(cut.into())));
+                }
                 // All read: the next event brings more.
                 (Ok(Transfer::Blocked), None) => break None,
                 // The socket may hold more, and no event will say so: again, at once.
@@ -857,7 +866,8 @@ impl<S: Transport> Tls<S> {
                 break Transfer::More;
             }
             let mut fresh = match self.stream.read(&mut self.wire) {
-                Ok(0) => break Transfer::Ended,
+                // A close_notify already read ended the loop below.
+                Ok(0) => break Transfer::Cut,
                 Ok(n) => {
                     taken += n;
                     &self.wire[..n]
@@ -866,8 +876,8 @@ impl<S: Transport> Tls<S> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("reading from Places failed: {e}")),
             };
-            let mut closed = false;
-            while !fresh.is_empty() && !closed {
+            let mut closed = None;
+            while !fresh.is_empty() && closed.is_none() {
                 // rustls takes at most 4 KiB from the slice per call, and the plaintext is
                 // drained after each call, so its buffers keep room; a record too large to fit is
                 // a TLS error, answered like any other.
@@ -879,8 +889,8 @@ impl<S: Transport> Tls<S> {
                     .map_err(|e| format!("TLS with Places failed: {e}"))?;
                 closed = read_plain(&mut self.tls, &mut deliver)?;
             }
-            if closed {
-                break Transfer::Ended;
+            if let Some(end) = closed {
+                break end;
             }
         };
         self.write_tls()?;
@@ -904,22 +914,25 @@ impl<S: Transport> Tls<S> {
 }
 
 /// Hands what `tls` has decrypted to `deliver`, in rustls's own pieces (no copy on the way).
-/// `Ok(true)` when the server sent close_notify.
-fn read_plain(tls: &mut ClientConnection, mut deliver: impl FnMut(&[u8])) -> Result<bool, String> {
+/// `Ok(Some(how))` when the stream has ended.
+fn read_plain(
+    tls: &mut ClientConnection,
+    mut deliver: impl FnMut(&[u8]),
+) -> Result<Option<Transfer>, String> {
     let mut reader = tls.reader();
     loop {
         match reader.fill_buf() {
             // Nothing, and no error: the server's close_notify has been read.
-            Ok([]) => return Ok(true),
+            Ok([]) => return Ok(Some(Transfer::Ended)),
             Ok(plain) => {
                 let n = plain.len();
                 deliver(plain);
                 reader.consume(n);
             }
             // Every byte decrypted so far is delivered.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            // Closed without close_notify: the end of a read-to-close body is still the end.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            // rustls saw the end of the stream with no close_notify before it.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(Transfer::Cut)),
             Err(e) => return Err(format!("TLS with Places failed: {e}")),
         }
     }

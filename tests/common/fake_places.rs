@@ -50,6 +50,9 @@ pub enum Framing {
     /// `Connection: close` and no length: the body ends when the fake closes the connection
     /// (after a TLS close_notify, as Google's front ends do).
     Close,
+    /// As [`Framing::Close`], but the TCP connection is closed with no close_notify first: as
+    /// anyone on the path could close it, cutting the body short.
+    CloseCut,
 }
 
 /// How the fake answers the next requests.
@@ -627,13 +630,16 @@ fn respond(
                     stream.flush()?;
                     Ok(Next::KeepAlive)
                 }
-                Framing::Close => {
+                Framing::Close | Framing::CloseCut => {
                     head.push_str("Connection: close\r\n\r\n");
                     let mut response = head.into_bytes();
                     response.extend_from_slice(&body);
                     stream.write_all(&response)?;
                     stream.flush()?;
-                    Ok(Next::Close)
+                    match framing {
+                        Framing::CloseCut => Ok(Next::Abort),
+                        _ => Ok(Next::Close),
+                    }
                 }
             }
         }
