@@ -202,7 +202,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Busy => write!(f, "every place is taken: told the server is busy"),
             CloseReason::Evicted => write!(
                 f,
-                "it held a place kept for neighbours and said nothing: told the server is busy"
+                "it held a place kept for neighbours and had not proved itself one: told the server is busy"
             ),
         }
     }
@@ -417,10 +417,20 @@ impl<S: Transport> Conn<S> {
     }
 
     /// Whether, in a place kept for neighbours, it is a stranger who can be made to give the
-    /// place up: it has not greeted as a neighbour (it is silent, or it spoke and was told the
-    /// server is busy, and is closing). A stranger that spoke is not let linger in the place.
+    /// place up: it has not proved itself a neighbour. It is silent; or it spoke, was told the
+    /// server is busy, and is closing; or it greeted as a neighbour and has not answered the
+    /// challenge yet. Anyone can send a greeting, so a claim not yet proved holds no place
+    /// against a newcomer: a real neighbour proves itself within a round trip, and so is among
+    /// the newest, which are evicted last.
     pub fn is_stranger(&self) -> bool {
-        !matches!(self.state, State::Challenged { .. } | State::Peer { .. })
+        !matches!(self.state, State::Peer { .. })
+    }
+
+    /// The bytes of replies it is owed: in the output, and made but held in line behind a
+    /// Places answer. Back-pressure and the output caps count both: a client that asks one
+    /// slow WHATSAT and then pipelines without reading is held at the mark all the same.
+    fn owed(&self) -> usize {
+        self.wire.out.pending() + self.replies.held_bytes()
     }
 
     /// Whether its lines are read and run: before it drains, lingers, closes or is handed over.
@@ -563,7 +573,7 @@ impl<S: Transport> Conn<S> {
             // turn that writes them under it releases it. `in_kernel` is measured once per
             // serve: nothing is written to the client before the end of the turn, so the
             // kernel's part can only shrink meanwhile.
-            if self.wire.out.pending() + in_kernel >= mark {
+            if self.owed() + in_kernel >= mark {
                 self.held = Some(Held::Output);
                 return;
             }
@@ -739,13 +749,14 @@ impl<S: Transport> Conn<S> {
         // commands long before; what passes the cap is mostly WHATSATs' answers, which come
         // whatever the mark.
         let pending = self.wire.out.pending();
-        if pending > limits.client_output_bytes {
+        let owed = self.owed();
+        if owed > limits.client_output_bytes {
             let cap = CloseReason::OutputCap(limits.client_output_bytes);
             self.set_state(State::Closed(cap));
         }
         // Over the soft limit: `on_timeout` closes it if it stays over for
         // `client_output_soft_time`.
-        self.unread_since = match pending > limits.client_output_soft_bytes {
+        self.unread_since = match owed > limits.client_output_soft_bytes {
             true => self.unread_since.or(Some(now)),
             false => None,
         };
@@ -773,7 +784,7 @@ impl<S: Transport> Conn<S> {
                     0 => 0,
                     _ => self.wire.stream.queued().unwrap_or(0),
                 };
-                match pending + in_kernel < mark {
+                match owed + in_kernel < mark {
                     true => Flushed::Resume,
                     false => Flushed::Open,
                 }
@@ -973,6 +984,9 @@ pub struct Replies {
     queue: VecDeque<Reply>,
     /// How many of them await Places, for the `pending_replies` limit.
     waiting: usize,
+    /// The bytes of the replies made and held in line: owed to the client as much as those in
+    /// the output, and counted with them against the mark and the caps.
+    held_bytes: usize,
 }
 
 /// One reply held in line.
@@ -990,6 +1004,7 @@ impl Replies {
         if self.queue.is_empty() {
             out.push(bytes);
         } else {
+            self.held_bytes += bytes.len();
             self.queue.push_back(Reply::Ready(bytes.to_vec()));
         }
     }
@@ -1035,6 +1050,19 @@ impl Replies {
                 out.push(&bytes);
             }
         }
+        // Only the replies made while it waited were counted: the answer itself comes whatever
+        // the mark, as the output's caps say.
+        self.held_bytes = (self.queue.iter())
+            .map(|r| match r {
+                Reply::Ready(bytes) => bytes.len(),
+                Reply::AwaitingPlaces(_) => 0,
+            })
+            .sum();
+    }
+
+    /// The bytes of the replies made and held in line behind a Places answer.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// Replies still waiting on Places.
@@ -1102,6 +1130,13 @@ mod tests {
         let now = Instant::now();
         let first_line = Limits::default().first_line_timeout;
         Conn::new(8, Script::reading(steps), addr, now, now + first_line, true)
+    }
+
+    /// A hundred IAMATs for as many clients, each reply as long as the others.
+    fn hundred_iamats() -> String {
+        (0..100)
+            .map(|i| format!("IAMAT c{i:02} +1+1 100\n"))
+            .collect()
     }
 
     fn data(bytes: &str) -> Step {
@@ -1341,10 +1376,7 @@ mod tests {
     fn client_at_the_high_water_mark_runs_no_more_until_its_replies_go_out() {
         let mut herd = herd(None);
         herd.limits.client_output_bytes = 4096; // a mark of 1 KiB
-        let hundred: String = (0..100)
-            .map(|i| format!("IAMAT c{i:02} +1+1 100\n"))
-            .collect();
-        let mut c = conn(&[data(&hundred)]);
+        let mut c = conn(&[data(&hundred_iamats())]);
         c.wire.stream.room = Some(0); // the kernel takes nothing
         let _ = serve(&mut c, &mut herd);
         let reply_len = "AT Test +0.000000000 c00 +1+1 100\n".len();
@@ -1377,14 +1409,45 @@ mod tests {
     }
 
     #[test]
+    fn replies_held_behind_a_places_answer_count_against_the_mark() {
+        let mut herd = herd(None);
+        herd.limits.client_output_bytes = 4096; // a mark of 1 KiB
+        let mut c = conn(&[data(&hundred_iamats())]);
+        // A WHATSAT asked before, still waiting on Places: every reply after it is held in line.
+        c.set_state(State::Client);
+        c.replies.push_awaiting(7);
+        let _ = serve(&mut c, &mut herd);
+        let reply_len = "AT Test +0.000000000 c00 +1+1 100\n".len();
+        assert_eq!(
+            c.wire.out.pending(),
+            0,
+            "nothing can go out before the answer"
+        );
+        assert_eq!(
+            c.replies.held_bytes() / reply_len,
+            1024_usize.div_ceil(reply_len),
+            "lines run up to the mark, held replies counted"
+        );
+        assert_eq!(flush(&mut c, &herd), Flushed::Open, "still held");
+        // The answer comes: it and the replies behind it go out, and the rest may run.
+        c.deliver(7, b"{}\n\n".to_vec());
+        assert_eq!(c.replies.held_bytes(), 0);
+        assert_eq!(flush(&mut c, &herd), Flushed::Resume);
+        next_turn(&mut herd);
+        let _ = c.serve(Readiness::HELD, &mut [0; 8], &mut herd, 0);
+        let _ = flush(&mut c, &herd);
+        assert_eq!(
+            written(&c).lines().count(),
+            2 + 2 * 1024_usize.div_ceil(reply_len)
+        );
+    }
+
+    #[test]
     fn client_held_by_the_mark_with_input_left_waits_for_its_replies_to_go_not_the_next_turn() {
         let mut herd = herd(None);
         herd.limits.client_output_bytes = 4096; // a mark of 1 KiB
         herd.limits.turn.read_bytes = 64; // its read share spent at once, bytes left behind
-        let hundred: String = (0..100)
-            .map(|i| format!("IAMAT c{i:02} +1+1 100\n"))
-            .collect();
-        let mut c = conn(&[data(&hundred)]);
+        let mut c = conn(&[data(&hundred_iamats())]);
         c.wire.stream.room = Some(0); // the kernel takes nothing
                                       // Input is left in the buffer and the socket, and the share read is spent: but the
                                       // mark holds it, so the next turn would find it held still. Only its replies going out
@@ -1576,6 +1639,7 @@ mod tests {
         replies.push(&mut out, b"3");
         replies.push_awaiting(8);
         assert_eq!(out.pending(), 1);
+        assert_eq!(replies.held_bytes(), 1, "\"3\" is held in line");
         replies.complete(&mut out, 8, b"4".to_vec());
         assert_eq!(out.pending(), 1);
         replies.complete(&mut out, 7, b"2".to_vec());
@@ -1584,5 +1648,6 @@ mod tests {
         assert_eq!(sent, b"1234");
         assert!(replies.is_empty());
         assert_eq!(replies.waiting(), 0);
+        assert_eq!(replies.held_bytes(), 0);
     }
 }

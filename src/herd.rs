@@ -110,10 +110,7 @@ impl Allowance {
                 self.buckets.clear();
             }
         }
-        let bucket = self
-            .buckets
-            .entry(allowance_key(addr))
-            .or_insert((full, now));
+        let bucket = self.buckets.entry(host_key(addr)).or_insert((full, now));
         let tokens = refill(*bucket);
         // Spent if there was a whole token; a refusal spends nothing, so an address that keeps
         // asking is not pushed further behind.
@@ -127,12 +124,13 @@ impl Allowance {
     }
 }
 
-/// Whose bucket a WHATSAT draws on: the address itself, or for IPv6 its /64, which one host
-/// is usually given whole (a bucket per IPv6 address would let it ask from as many addresses as
-/// it likes).
-fn allowance_key(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V4(_) => addr,
+/// The address that stands for one host, for the limits counted per address (the WHATSAT
+/// allowance, the connections open at once): an IPv4 address as itself, also when a dual-stack
+/// listener sees it as `::ffff:a.b.c.d`; an IPv6 address by its /64, which one host is usually
+/// given whole (a count per IPv6 address would let it ask from as many addresses as it likes).
+pub fn host_key(addr: IpAddr) -> IpAddr {
+    match addr.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => {
             let s = v6.segments();
             IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
@@ -453,6 +451,28 @@ mod tests {
         assert!(!allowance.take(host(3), 2, now), "the /64's two are spent");
         let other = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 3, 0, 0, 0, 1));
         assert!(allowance.take(other, 2, now), "another /64 has its own");
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_each_draw_on_their_own_bucket() {
+        // A listener on `[::]` sees IPv4 clients as `::ffff:a.b.c.d`: all in the /64 `::`,
+        // which must not make them one host.
+        let mut allowance = Allowance::default();
+        let now = Instant::now();
+        let mapped =
+            |last: u8| IpAddr::V6(std::net::Ipv4Addr::new(127, 0, 0, last).to_ipv6_mapped());
+        assert!(allowance.take(mapped(1), 1, now));
+        assert!(
+            !allowance.take(mapped(1), 1, now),
+            "127.0.0.1's one is spent"
+        );
+        assert!(allowance.take(mapped(2), 1, now), "127.0.0.2 has its own");
+        assert!(
+            !allowance.take(IpAddr::V4([127, 0, 0, 2].into()), 1, now),
+            "the same host"
+        );
+        assert!(allowance.take(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 1, now));
+        assert_eq!(host_key(mapped(3)), IpAddr::V4([127, 0, 0, 3].into()));
     }
 
     #[test]

@@ -606,12 +606,15 @@ impl Server {
             let id = self.next_conn_id;
             self.next_conn_id += 1;
             let limits = &self.herd.limits;
-            let from_there = self.per_address.get(&addr.ip()).copied().unwrap_or(0);
+            let host = crate::herd::host_key(addr.ip());
+            let from_there = self.per_address.get(&host).copied().unwrap_or(0);
             let over_address = limits.max_connections_per_address != 0
                 && from_there >= limits.max_connections_per_address;
             // Clients may share a neighbour's address (a herd on one machine, or behind one
             // NAT): past the cap from there, the newcomer may still be the neighbour itself.
-            let neighbour_there = (self.herd.links.iter()).any(|l| l.addr().ip() == addr.ip());
+            let there = addr.ip().to_canonical();
+            let neighbour_there =
+                (self.herd.links.iter()).any(|l| l.addr().ip().to_canonical() == there);
             // Every client place is taken (here, or for its address): this one can only have a
             // place kept for neighbours.
             let full = self.open_conns >= limits.max_connections || over_address;
@@ -671,17 +674,18 @@ impl Server {
             self.herd.metrics.accepted += 1;
             self.open_conns += 1;
             self.reserved_conns += usize::from(full);
-            *self.per_address.entry(addr.ip()).or_default() += 1;
+            *self.per_address.entry(host).or_default() += 1;
         }
     }
 
-    /// Every place kept for neighbours is taken: the connection in one of them that has said
-    /// nothing for the longest is told the server is busy and closed, to make room. A neighbour
-    /// greets as soon as it connects, so it is silent only while its greeting is on the way,
-    /// and then it is among the newest; strangers who take the places and say nothing cannot keep a
-    /// neighbour out. A stranger that speaks is answered busy at once, but holds its place while
-    /// its answer drains and the connection lingers ([`crate::conn::LINGER`]); it cannot be
-    /// evicted meanwhile. Returns whether a place was made.
+    /// Every place kept for neighbours is taken: the oldest connection in one of them that has
+    /// not proved itself a neighbour ([`Conn::is_stranger`]: silent, told the server is busy, or
+    /// greeted as a neighbour without a proof yet) is told the server is busy and closed, to
+    /// make room. A neighbour greets as soon as it connects and proves itself a round trip
+    /// later, so until then it is among the newest; strangers who take the places, whether they
+    /// say nothing or claim a neighbour's name, cannot keep a neighbour out unless they open
+    /// as many connections as there are places within its round trip. Returns whether a place
+    /// was made.
     ///
     /// Called from [`Server::accept`], in the middle of a batch of events: hence [`Self::evict`].
     fn evict_a_stranger(&mut self) -> bool {
@@ -693,8 +697,8 @@ impl Server {
                 continue; // gone: its slot holds another
             }
             if !conn.is_stranger() {
-                // A neighbour proving itself: it keeps its place and its turn at the front;
-                // the oldest stranger behind it goes.
+                // A proved neighbour, handed over at the end of this turn: it keeps its place
+                // and its turn at the front; the oldest stranger behind it goes.
                 self.reserved_order.push_front((slot, id));
                 let silent = (self.reserved_order.iter().skip(1)).position(|&(s, i)| {
                     matches!(self.conns.get(s), Some(Some(c)) if c.id == i && c.is_stranger())
@@ -1055,11 +1059,11 @@ impl Server {
         self.free_slots.push(slot);
         self.open_conns -= 1;
         self.reserved_conns -= usize::from(conn.reserved);
-        let ip = conn.addr.ip();
-        if let Some(count) = self.per_address.get_mut(&ip) {
+        let host = crate::herd::host_key(conn.addr.ip());
+        if let Some(count) = self.per_address.get_mut(&host) {
             *count -= 1;
             if *count == 0 {
-                self.per_address.remove(&ip);
+                self.per_address.remove(&host);
             }
         }
         Some(conn)

@@ -294,12 +294,10 @@ fn whatsat_per_minute_limits_one_client_address() {
     assert!(third.contains("at most 2 WHATSATs a minute"), "{third}");
 }
 
-/// A neighbour always gets a place, however many clients hold the others: a restarted
-/// neighbour's link comes up at once.
-#[test]
-fn a_restarted_neighbour_gets_in_while_clients_hold_every_place() {
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut herd = Herd::build("peer-places")
+/// Bailey and Bona, linked with a secret, and Bailey's `max_connections` (10) held by clients
+/// that each sent an IAMAT: only the places kept for Bona are left.
+fn full_bailey_with_bona(tag: &str) -> (Herd, Vec<Client>) {
+    let herd = Herd::build(tag)
         .env(WITH_SECRET)
         .extra(&format!("{NO_PLACES}\n[limits]\nmax_connections = 10\n"))
         .start_retrying(|| {
@@ -311,7 +309,7 @@ fn a_restarted_neighbour_gets_in_while_clients_hold_every_place() {
         });
     herd.wait_linked();
     let addr = herd.get("Bailey").addr;
-    let held: Vec<Client> = (0..10)
+    let held = (0..10)
         .map(|i| {
             let mut c = Client::connect(addr);
             c.send(format!("IAMAT held-{i} {LOCATION} {}\n", now_secs_string()).as_bytes());
@@ -319,10 +317,12 @@ fn a_restarted_neighbour_gets_in_while_clients_hold_every_place() {
             c
         })
         .collect();
-    // Strangers who say nothing take what is left, and are refused once it is gone.
-    let strangers: Vec<TcpStream> = (0..4)
-        .filter_map(|_| TcpStream::connect(addr).ok())
-        .collect();
+    (herd, held)
+}
+
+/// Kills and restarts Bona, and asserts that its link to Bailey is up within 3 s; returns
+/// where Bailey's log stood before.
+fn bona_restarted_gets_in(herd: &mut Herd) -> usize {
     let mark = herd.get("Bailey").log_bytes().len();
     herd.get_mut("Bona").kill();
     herd.restart("Bona");
@@ -338,8 +338,51 @@ fn a_restarted_neighbour_gets_in_while_clients_hold_every_place() {
         took < Duration::from_secs(3),
         "the restarted Bona's link came up {took:?} after its restart"
     );
+    mark
+}
+
+/// A neighbour always gets a place, however many clients hold the others: a restarted
+/// neighbour's link comes up at once.
+#[test]
+fn a_restarted_neighbour_gets_in_while_clients_hold_every_place() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut herd, held) = full_bailey_with_bona("peer-places");
+    let addr = herd.get("Bailey").addr;
+    // Strangers who say nothing take what is left, and are refused once it is gone.
+    let strangers: Vec<TcpStream> = (0..4)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
+    bona_restarted_gets_in(&mut herd);
     drop(strangers);
     drop(held);
+}
+
+/// Strangers that greet as the neighbour, and can never prove it, hold the places kept for it
+/// only until someone needs them: a claim not yet proved is evicted like silence, oldest
+/// first, and the real neighbour, which proves itself within a round trip, gets in.
+#[test]
+fn strangers_claiming_to_be_the_neighbour_cannot_keep_it_out() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut herd, held) = full_bailey_with_bona("peer-places-claims");
+    let addr = herd.get("Bailey").addr;
+    // Both places kept for Bona, taken by strangers greeting as Bona: each is challenged, and
+    // waits with no proof to give.
+    let claims: Vec<Client> = (0..2)
+        .map(|_| {
+            let mut c = Client::connect(addr);
+            c.send(b"PEER herd/1 Bona 000102030405060708090a0b0c0d0e0f\n");
+            let challenge = c.read_line();
+            assert!(challenge.starts_with(b"CHALLENGE "), "{}", show(&challenge));
+            c
+        })
+        .collect();
+    let mark = bona_restarted_gets_in(&mut herd);
+    let log = String::from_utf8_lossy(&herd.get("Bailey").log_bytes()[mark..]).into_owned();
+    assert!(
+        log.contains("held a place kept for neighbours"),
+        "no claim was evicted:\n{log}"
+    );
+    drop((claims, held));
 }
 
 /// A neighbour that shares its address with clients (here, the whole herd on 127.0.0.1) gets in
