@@ -4,7 +4,8 @@
 //! - `GET /metrics`: the server's counts and state in Prometheus's text format
 //!   ([`render_metrics`]);
 //! - `GET /healthz`: `200 ok` while the loop turns and nothing is failing, else `503` and the
-//!   reason (the store's file or the log cannot be written, or the server is stopping);
+//!   reason (the store's file cannot be synced by the `everysec` helper, the log cannot be
+//!   written, or the server is stopping; a store's file that cannot be written stops the server);
 //! - `GET /status`: one line of JSON for `herd status` ([`crate::tools::status`]).
 //!
 //! Being in the loop, it reads what a scrape shows (the counts of [`crate::metrics`], the

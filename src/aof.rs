@@ -412,10 +412,9 @@ impl Aof {
     /// syncs them with `always`, and moves a compaction on by a slice. Called before the turn's
     /// replies are written. Returns what the log should say, if anything.
     ///
-    /// A failed write keeps `pending`, to be written again at the next turn's end, while the
-    /// loop says the failure once and goes on serving from memory. A write that failed part way
-    /// may have put the first bytes of a record in the file: the file is cut back to its last
-    /// whole record first, so the retry leaves no damage in its middle. A failure on a
+    /// A failed write is returned, and the loop stops without sending the turn's replies. A
+    /// write that failed part way may have put the first bytes of a record in the file: the file
+    /// is cut back to its last whole record first, so the next start replays it whole. A failure on a
     /// compaction's new file, or in any step of the compaction, gives the compaction up: the old
     /// file has every record.
     pub fn end_turn(&mut self, store: &Store) -> Result<Option<String>, String> {

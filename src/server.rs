@@ -145,8 +145,9 @@ pub struct Server {
     herd: Herd,
     /// Where SIGUSR1 writes the store.
     dump_path: PathBuf,
-    /// The store's file could not be written at the last try (said once, until it works again).
-    disk_failing: bool,
+    /// Why the store's file could not take a turn's records: the server stops at once, before
+    /// that turn's replies leave ([`Server::end_turn_on_disk`]).
+    disk_failed: Option<String>,
     /// When the `everysec` helper last said a sync failed: it tries once a second while there is
     /// something to sync, so a failure in the last [`SYNC_FAILING_FOR`] means it is failing now.
     sync_failed_at: Option<Instant>,
@@ -315,7 +316,7 @@ impl Server {
             scratch: vec![0; READ_CHUNK],
             herd,
             dump_path: config.log_dir.join(format!("{name}.store")),
-            disk_failing: false,
+            disk_failed: None,
             sync_failed_at: None,
             stopping: false,
         })
@@ -381,6 +382,10 @@ impl Server {
             let took = Instant::now().saturating_duration_since(self.turn_began);
             self.herd.metrics.turns += 1;
             self.herd.metrics.turn_seconds.observe(took.as_secs_f64());
+        }
+        if let Some(why) = self.disk_failed.take() {
+            self.stop_on_disk_failure(&why);
+            return Err(format!("{why}: stopped before this turn's answers left"));
         }
         self.shut_down();
         Ok(())
@@ -958,8 +963,12 @@ impl Server {
             }
         }
         // The turn's records reach the file (and the disk, with fsync = "always") before the
-        // replies that acknowledge them leave.
+        // replies that acknowledge them leave; if they cannot, no reply leaves.
         self.end_turn_on_disk();
+        if self.disk_failed.is_some() {
+            self.stopping = true;
+            return;
+        }
         // A connection that runs lines here lists itself again, and is written again before
         // the list is empty.
         while let Some(slot) = self.to_flush.pop() {
@@ -980,11 +989,13 @@ impl Server {
         self.herd.log.flush();
     }
 
-    /// Writes the turn's records to the store's file. A disk that fails is said once in the
-    /// log (and again each time it fails after working), and the server goes on from memory.
-    /// Such a failure also makes `/healthz` answer 503 ([`Server::unhealthy`]). A failed sync
-    /// that the `everysec` helper reports is logged each time it comes, and leaves the health
-    /// as it is.
+    /// Writes the turn's records to the store's file. A write that fails (a full disk), or with
+    /// `fsync = "always"` a sync that fails, sets [`Server::disk_failed`]: the loop then stops
+    /// before the turn's replies leave, since each one says its record is kept, and Redis stops
+    /// for the same reason. The neighbours have the records already, and give them back when
+    /// the server starts again. A failed sync that the `everysec` helper reports is logged each
+    /// time it comes, and makes `/healthz` answer 503 for a while ([`Server::unhealthy`]): the
+    /// records are in the kernel's cache, and survive the server.
     fn end_turn_on_disk(&mut self) {
         let herd = &mut self.herd;
         let Some(aof) = &mut herd.aof else {
@@ -997,16 +1008,8 @@ impl Server {
         match aof.end_turn(&herd.store) {
             // Written (and news for the log: a compaction begun, finished or given up); a
             // failure after this is news again.
-            Ok(what) => {
-                self.disk_failing = false;
-                said.extend(what);
-            }
-            Err(e) if !self.disk_failing => {
-                self.disk_failing = true;
-                log::error!("{e}");
-                said.push(e);
-            }
-            Err(_) => {}
+            Ok(what) => said.extend(what),
+            Err(e) => self.disk_failed = Some(e),
         }
         for what in said {
             herd.log
@@ -1106,6 +1109,25 @@ impl Server {
         }
     }
 
+    /// Stops after the store's file failed (`why`): the log says so and is written, and nothing
+    /// else is; the turn's replies, unsent, go with the connections when the server is dropped.
+    fn stop_on_disk_failure(&mut self, why: &str) {
+        self.say_stopped(format_args!(
+            "stopped: {why}; no answer of this turn was sent"
+        ));
+    }
+
+    /// The last of a stop: the log's `stopped` line, the log written, the admin file removed.
+    fn say_stopped(&mut self, how: std::fmt::Arguments) {
+        let herd = &mut self.herd;
+        herd.log
+            .event(format_args!("server {}", herd.name), format_args!("{how}"));
+        herd.log.flush();
+        if let Some(path) = &self.admin_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
     /// SIGTERM or SIGINT: stop accepting, write what is pending once, write the log.
     ///
     /// Once: a socket that would block is not waited for, so a client or neighbour that reads
@@ -1133,14 +1155,7 @@ impl Server {
         for conn in self.conns.iter_mut().flatten() {
             let _ = conn.flush(herd.now, &limits, usize::MAX);
         }
-        herd.log.event(
-            format_args!("server {}", herd.name),
-            format_args!("stopped"),
-        );
-        herd.log.flush();
-        if let Some(path) = &self.admin_file {
-            let _ = std::fs::remove_file(path);
-        }
+        self.say_stopped(format_args!("stopped"));
     }
 
     /// Accepts admin connections into free slots. The slots are few and fixed because each has
@@ -1202,9 +1217,8 @@ impl Server {
     fn unhealthy(&self) -> Option<&'static str> {
         if self.stopping {
             Some("stopping")
-        } else if self.disk_failing
-            || (self.sync_failed_at)
-                .is_some_and(|at| self.herd.now.saturating_duration_since(at) < SYNC_FAILING_FOR)
+        } else if (self.sync_failed_at)
+            .is_some_and(|at| self.herd.now.saturating_duration_since(at) < SYNC_FAILING_FOR)
         {
             Some("the store's file cannot be written")
         } else if self.herd.log.failing() {

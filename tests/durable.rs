@@ -27,7 +27,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::herds::{
-    await_converged, await_log_line, dump_store, free_ports, herd_2023, lone_bailey, records, Herd,
+    await_converged, await_log_line, dump_store, free_ports, herd_2023, lone_bailey, member,
+    records, write_config_with, Herd,
 };
 use common::load::{latest_records, Updater};
 use common::*;
@@ -857,9 +858,9 @@ fn limit_file_size(server: &ServerProc, bytes: Option<u64>) {
 }
 
 /// A write of the turn's records that fails part way (the file may grow no further) leaves
-/// part of a record at the end of the file; the server goes on from memory and writes the
-/// records at a later turn. They must follow the last whole record, not the piece: the file
-/// then holds every record whole, and the next start loads it.
+/// part of a record at the end of the file: the server cuts it back to its last whole record
+/// and stops (exit 1) without answering the IAMAT whose record failed. The next start loads
+/// the file, and appends after its last whole record.
 #[test]
 fn a_write_that_fails_part_way_leaves_a_file_that_loads() {
     // A write past the limit fails with EFBIG instead of killing the server with SIGXFSZ; the
@@ -876,13 +877,33 @@ fn a_write_that_fails_part_way_leaves_a_file_that_loads() {
         .collect();
     let size = std::fs::metadata(&path).expect("the record file").len();
     limit_file_size(herd.get("Bailey"), Some(size + 40));
-    lines.push(iamat_at(herd.get("Bailey"), "while-full"));
-    limit_file_size(herd.get("Bailey"), None);
+    let addr = herd.get("Bailey").addr;
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let line = format!("IAMAT while-full {LOCATION} {}\n", now_secs_string());
+    stream.write_all(line.as_bytes()).expect("send");
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    assert_eq!(
+        show(&reply),
+        "",
+        "an IAMAT whose record failed was answered"
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = herd.get_mut("Bailey").try_status() {
+            break status;
+        }
+        assert!(started.elapsed() < LOG_WAIT, "Bailey did not stop");
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(1), "Bailey's exit");
     assert_eq!(
         show(&std::fs::read(&path).expect("read")),
-        show(&file_of(&lines[..2])),
+        show(&file_of(&lines)),
         "after a write that failed part way, the file ends with its last whole record"
     );
+    restart(&mut herd, "Bailey", "after a write that failed part way");
     lines.push(iamat_at(herd.get("Bailey"), "after"));
     stop(&mut herd, "Bailey");
     assert_eq!(
@@ -893,4 +914,161 @@ fn a_write_that_fails_part_way_leaves_a_file_that_loads() {
     restart(&mut herd, "Bailey", "after a write that failed part way");
     let want: BTreeSet<String> = lines.into_iter().collect();
     assert_eq!(records(&dump_store(herd.get("Bailey"))), want);
+}
+
+/// A full disk: with `fsync = "always"`, the server whose store's file cannot take a turn's
+/// records stops with exit 1 and one line naming the file, before that turn's answers leave, so
+/// every IAMAT it answered is in the file. The file is on a 64 KiB tmpfs, mounted in a mount
+/// namespace of the server's own (`unshare --mount`): nothing outside the test sees it, and it
+/// goes when the server does; the file is copied out first. That needs root, as CI has; without
+/// it the test says so and passes, unless `HERD_REQUIRE_NETNS` is set (CI sets it for every
+/// test that needs root).
+#[test]
+fn a_server_whose_file_cannot_be_written_stops_before_answering() {
+    let dir = TestDir::new("full-disk");
+    let small = dir.join("small");
+    let out = dir.join("out");
+    for d in [&small, &out] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let port = free_ports(1)[0];
+    let top = format!("data_dir = {:?}\n", small.display().to_string());
+    let config = write_config_with(&dir, &[member("Bailey", port, &[])], &top, ALWAYS);
+    let script = "mount -t tmpfs -o size=65536,mode=0700 herd-test-full \"$1\" || exit 97; \
+                  \"$2\" serve Bailey --config \"$3\"; rc=$?; cp \"$1\"/Bailey.aof \"$4\"/; exit $rc";
+    let mut command = std::process::Command::new("unshare");
+    command
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&small)
+        .arg(env!("CARGO_BIN_EXE_herd"))
+        .arg(&config)
+        .arg(&out)
+        .current_dir(&dir.path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // A group of its own: the server is the shell's child, and goes with it if the test fails.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    for var in SERVER_ENV {
+        command.env_remove(var);
+    }
+    let child = command.spawn().expect("cannot run unshare");
+    let mut child = KillGroupOnDrop(Some(child));
+    let child_ref = child.0.as_mut().expect("spawned");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // Listening, or gone: without root the mount fails (97) or unshare does (1).
+    let started = Instant::now();
+    let listening = loop {
+        if TcpStream::connect(addr).is_ok() {
+            break true;
+        }
+        if let Ok(Some(_)) = child_ref.try_wait() {
+            break false;
+        }
+        assert!(started.elapsed() < LOG_WAIT, "the server did not listen");
+        thread::sleep(Duration::from_millis(20));
+    };
+    if !listening {
+        let output = child.take().wait_with_output().expect("wait");
+        let why = String::from_utf8_lossy(&output.stderr).into_owned();
+        if std::env::var_os("HERD_REQUIRE_NETNS").is_some() {
+            panic!("cannot mount a small file system in a mount namespace: {why}");
+        }
+        eprintln!(
+            "SKIPPED: cannot mount a small file system in a mount namespace ({why}); run as root"
+        );
+        return;
+    }
+    // One IAMAT per connection, each for a client of its own, until one goes unanswered.
+    let mut answered = Vec::new();
+    let mut unanswered = 0;
+    for i in 0..5_000 {
+        let line = format!("IAMAT full-{i:04} {LOCATION} {}\n", now_secs_string());
+        let mut stream = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(_) => break, // stopped: the port is closed
+        };
+        let _ = stream.set_read_timeout(Some(LOG_WAIT));
+        let mut reply = Vec::new();
+        let sent = stream.write_all(line.as_bytes()).is_ok();
+        let _ = stream.shutdown(Shutdown::Write);
+        let _ = stream.read_to_end(&mut reply);
+        if sent && reply.starts_with(b"AT Bailey ") && reply.ends_with(b"\n") {
+            answered.push(String::from_utf8_lossy(&reply[..reply.len() - 1]).into_owned());
+        } else {
+            unanswered += 1;
+            break;
+        }
+    }
+    // It must have stopped by itself (the group is killed on the way out if not).
+    let stopped = Instant::now();
+    while child_ref.try_wait().ok().flatten().is_none() {
+        assert!(
+            stopped.elapsed() < LOG_WAIT,
+            "the server still runs after {} answers to a full disk",
+            answered.len()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.take().wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "exit status; stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("cannot write data file") && stderr.contains("Bailey.aof"),
+        "stderr does not name the file that failed:\n{stderr}"
+    );
+    assert!(
+        answered.len() > 100 && unanswered == 1,
+        "{} answered, {unanswered} unanswered before the server stopped",
+        answered.len()
+    );
+    let file = std::fs::read_to_string(out.join("Bailey.aof")).expect("the copied file");
+    let kept: BTreeSet<&str> = file.lines().filter_map(|l| l.get(9..)).collect();
+    let lost: Vec<&String> = answered
+        .iter()
+        .filter(|a| !kept.contains(a.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} answered IAMATs are not in the file, the first: {:?}",
+        lost.len(),
+        answered.len(),
+        lost.first()
+    );
+    let log = std::fs::read_to_string(dir.join("logs").join("Bailey.log")).unwrap_or_default();
+    assert!(
+        log.contains("stopped: cannot write data file"),
+        "the log does not say why it stopped:\n{log}"
+    );
+}
+
+/// A child process whose whole process group is killed when it is dropped still running.
+struct KillGroupOnDrop(Option<std::process::Child>);
+
+impl KillGroupOnDrop {
+    fn take(&mut self) -> std::process::Child {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // SAFETY: a signal to the group this test made for the child; no memory is touched.
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = child.wait();
+        }
+    }
 }
