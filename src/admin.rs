@@ -223,7 +223,8 @@ impl AdminConn {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut headers);
         let length = match request.parse(&self.input) {
-            Ok(httparse::Status::Complete(length)) => length,
+            // Whole, and within its limit however it arrived (one read may bring more).
+            Ok(httparse::Status::Complete(length)) if length <= MAX_HEAD_BYTES => length,
             // Not yet whole, and still within its limit: wait for more (or the deadline), unless
             // no more can come.
             Ok(httparse::Status::Partial) if self.input.len() <= MAX_HEAD_BYTES => {

@@ -16,7 +16,7 @@ Usage:
   herd serve NAME [--config PATH] [--admin HOST:PORT]
                                     run the server NAME of the configuration
   herd up [--config PATH]           run every server of the configuration on this machine,
-                                    until Ctrl-C or SIGTERM (SIGHUP: every log opened again)
+                                    until Ctrl-C or SIGTERM (SIGHUP, SIGUSR1: passed on)
   herd status [--config PATH]       ask every server of the configuration how it is; exit 0
                                     when all are up and every store agrees
   herd iamat SERVER CLIENT LOCATION  send IAMAT with the current time; print the reply
@@ -195,6 +195,13 @@ fn talk(server: &str, line: &str, config_path: &Option<PathBuf>) -> Result<(), F
     };
     let addr = herd::tools::client::server_address(server, config.as_ref()).map_err(usage)?;
     let reply = herd::tools::client::exchange(addr, line).map_err(|e| Failure(1, e))?;
+    // Every line but a blank one is owed a reply (docs/protocol.md section 2).
+    if reply.is_empty() && !line.trim().is_empty() {
+        return Err(Failure(
+            1,
+            format!("{addr} closed the connection without a reply"),
+        ));
+    }
     std::io::stdout()
         .write_all(&reply)
         .and_then(|()| std::io::stdout().flush())

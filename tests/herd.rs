@@ -545,10 +545,10 @@ fn herd_up_runs_every_server_and_sigterm_stops_them_all() {
     }
 }
 
-/// `herd up` passes SIGHUP on to its servers, which open their logs again, and stops
-/// nothing.
+/// `herd up` passes SIGHUP on to its servers, which open their logs again, and SIGUSR1, which
+/// makes each write its store; it stops nothing.
 #[test]
-fn herd_up_passes_sighup_on_and_every_server_opens_its_log_again() {
+fn herd_up_passes_sighup_and_sigusr1_on_and_stops_nothing() {
     let mut attempt = 1;
     let (dir, specs, mut up) = loop {
         match try_start_up(&[]) {
@@ -577,6 +577,20 @@ fn herd_up_passes_sighup_on_and_every_server_opens_its_log_again() {
         matches!(up.child.try_wait(), Ok(None)),
         "herd up stopped on SIGHUP"
     );
+    signal(up.child.id() as libc::pid_t, libc::SIGUSR1);
+    for spec in &specs {
+        let dump = dir.path.join(format!("logs/{}.store", spec.name));
+        assert!(
+            eventually(Duration::from_secs(5), || std::fs::read_to_string(&dump)
+                .is_ok_and(|t| t.starts_with("# "))),
+            "{} was not written",
+            dump.display()
+        );
+    }
+    assert!(
+        matches!(up.child.try_wait(), Ok(None)),
+        "herd up stopped on SIGUSR1"
+    );
     for spec in &specs {
         let addr = SocketAddr::from(([127, 0, 0, 1], spec.port));
         let reply = exchange(
@@ -601,6 +615,29 @@ fn a_missing_name_or_configuration_is_said_plainly() {
         stderr.contains("no herd.toml here or beside the program"),
         "{stderr:?}"
     );
+}
+
+/// A client command whose line is owed a reply and gets none (the other end read it and
+/// closed) exits 1 and says so; a blank line, owed nothing, exits 0.
+#[test]
+fn a_client_command_without_a_reply_exits_1() {
+    let dir = TestDir::new("no-reply");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = listener.local_addr().expect("its address").to_string();
+    let mute = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut line = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut s, &mut line);
+        }
+    });
+    let (status, stdout, stderr) =
+        run_to_exit(&["send", &addr, "IAMAT kiwi +1+1 1"], &dir.path, &[]);
+    assert_eq!(status.code(), Some(1), "{stdout:?} {stderr:?}");
+    assert!(stderr.contains("without a reply"), "{stderr:?}");
+    let (status, _, stderr) = run_to_exit(&["send", &addr, " "], &dir.path, &[]);
+    assert_eq!(status.code(), Some(0), "{stderr:?}");
+    mute.join().expect("the mute server");
 }
 
 /// A port in use is the same error, exit 2, under `serve` and `up`.

@@ -248,6 +248,23 @@ fn the_admin_endpoint_answers_pipelined_half_closed_and_queued_requests() {
     assert_eq!(answers(&got), 3, "{got}");
     assert!(got.ends_with("Connection: close\r\n\r\nok\n"), "{got}");
 
+    // A head of 8 KiB is answered; one past it is a 400, also when it comes whole in one read.
+    let padded = |total: usize| {
+        let head = "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Pad: \r\n\r\n";
+        let pad = "a".repeat(total - head.len());
+        head.replace("X-Pad: ", &format!("X-Pad: {pad}"))
+    };
+    for (total, want) in [
+        (herd::admin::MAX_HEAD_BYTES, "HTTP/1.1 200 OK\r\n"),
+        (herd::admin::MAX_HEAD_BYTES + 1, "HTTP/1.1 400 "),
+    ] {
+        let mut s = connect();
+        s.write_all(padded(total).as_bytes()).expect("send");
+        let mut got = String::new();
+        s.read_to_string(&mut got).expect("read to the end");
+        assert!(got.starts_with(want), "a head of {total} bytes: {got}");
+    }
+
     // A request, then the client's side closed: answered, then closed.
     let mut s = connect();
     s.write_all(one.as_bytes()).expect("send");

@@ -13,7 +13,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::config::Config;
@@ -61,7 +61,8 @@ pub fn run(config_path: &Path, config: &Config, tracing: &Tracing) -> Result<i32
 }
 
 /// Starts every server, waits for each one's ready line, then waits for a signal: Ctrl-C or
-/// SIGTERM stops the herd, SIGHUP is passed on, and a server that exits stops the rest.
+/// SIGTERM stops the herd, SIGHUP and SIGUSR1 are passed on, and a server that exits stops
+/// the rest.
 fn run_herd(
     config_path: &Path,
     config: &Config,
@@ -70,7 +71,7 @@ fn run_herd(
 ) -> Result<i32, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     // Registered before any child exists, so no SIGCHLD is missed.
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD, SIGHUP])
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGCHLD, SIGHUP, SIGUSR1])
         .map_err(|e| format!("cannot catch signals: {e}"))?;
     // The servers of a local herd authenticate each other with a secret made for this run,
     // unless one is configured.
@@ -166,13 +167,14 @@ fn run_herd(
     println!("herd up: {} servers running; Ctrl-C stops them", herd.len());
     let _ = std::io::stdout().flush();
     for signal in signals.forever() {
-        if signal == SIGHUP {
-            // logrotate's convention, passed on: every server opens its log file again.
+        if signal == SIGHUP || signal == SIGUSR1 {
+            // Passed on: SIGHUP, logrotate's convention, makes every server open its log file
+            // again; SIGUSR1 makes each write its store to <log_dir>/NAME.store.
             for running in &herd {
                 if let Ok(pid) = i32::try_from(running.child.id()) {
                     // SAFETY: kill(2) on our own child's pid has no memory effects.
                     unsafe {
-                        libc::kill(pid, libc::SIGHUP);
+                        libc::kill(pid, signal);
                     }
                 }
             }
