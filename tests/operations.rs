@@ -478,6 +478,15 @@ fn herd_status_says_whether_the_herd_is_up_and_agrees() {
         2,
         "{text}"
     );
+    // Stopped, its port still takes connections (the kernel's), but its loop answers nothing:
+    // not up.
+    herd.get("Bona").signal(libc::SIGSTOP);
+    let (code, text) = status(&herd);
+    herd.get("Bona").signal(libc::SIGCONT);
+    assert_eq!(code, Some(1), "{text}");
+    let bona = text.lines().find(|l| l.starts_with("Bona ")).unwrap_or("");
+    assert!(bona.contains(" no "), "a stopped Bona is up:\n{text}");
+    assert!(text.contains("not every server is up"), "{text}");
     herd.get_mut("Bona").kill();
     let (code, text) = status(&herd);
     assert_eq!(code, Some(1), "{text}");

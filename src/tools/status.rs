@@ -1,8 +1,12 @@
 //! `herd status`: asks every server of the configuration how it is, and prints one table:
-//! whether it answers on its port, its records and their digest (and whether every server's
-//! agrees), its links up of those configured, its clients connected, and its Places errors.
-//! It exits 0 when every server is up and every store agrees, 1 otherwise, for scripts and
-//! systemd.
+//! whether it is up, its records and their digest (and whether every server's agrees), its
+//! links up of those configured, its clients connected, and its Places errors. It exits 0 when
+//! every server is up and every store agrees, 1 otherwise, for scripts and systemd.
+//!
+//! Up means its port takes a connection and, when it has an admin endpoint, the endpoint
+//! answers: the kernel accepts connections for a server that is stopped (SIGSTOP) or stuck, its
+//! loop does not answer. A server with no admin endpoint can say nothing of its store, so the
+//! stores cannot be known to agree. A name that does not resolve is a server that is not up.
 //!
 //! A server's figures come from its admin endpoint's `/status`, at the address the server writes
 //! beside its log while it runs (`<log_dir>/<NAME>.admin`: also for a herd of `herd up`, which
@@ -30,8 +34,21 @@ struct Seen {
 pub fn run(config: &Config) -> Result<i32, String> {
     let mut rows = Vec::new();
     for server in &config.servers {
-        let addr = resolve(&server.host, Some(server.port))?;
-        rows.push((server, addr, ask(config, server, addr)));
+        let (addr, seen) = match resolve(&server.host, Some(server.port)) {
+            Ok(addr) => (addr.to_string(), ask(config, server, addr)),
+            Err(why) => {
+                let addr = format!("{}:{}", server.host, server.port);
+                let why = Some(why);
+                (
+                    addr,
+                    Seen {
+                        why,
+                        ..Seen::default()
+                    },
+                )
+            }
+        };
+        rows.push((server, addr, seen));
     }
     let digests: Vec<&str> = rows
         .iter()
@@ -57,7 +74,7 @@ pub fn run(config: &Config) -> Result<i32, String> {
         println!(
             "{:<12} {:<22} {:<5} {:>9} {:<17} {:>6} {:>8} {:>7}{}",
             server.name,
-            addr.to_string(),
+            addr,
             if seen.up { "yes" } else { "no" },
             field("records"),
             field("digest"),
@@ -69,9 +86,8 @@ pub fn run(config: &Config) -> Result<i32, String> {
                 .map_or(String::new(), |w| format!("  ({w})"))
         );
     }
-    let all_up = rows
-        .iter()
-        .all(|(_, _, seen)| seen.up && seen.status.is_some());
+    let all_up = rows.iter().all(|(_, _, seen)| seen.up);
+    let all_said = digests.len() == rows.len();
     println!(
         "{}; {}",
         if all_up {
@@ -79,44 +95,57 @@ pub fn run(config: &Config) -> Result<i32, String> {
         } else {
             "not every server is up"
         },
-        if agree {
-            "every store agrees"
-        } else {
-            "the stores differ (or a server did not say)"
+        match (agree, all_said) {
+            (true, _) => "every store agrees",
+            (false, true) => "the stores differ",
+            (false, false) => "not every server said what its store holds",
         }
     );
     Ok(if all_up && agree { 0 } else { 1 })
 }
 
-/// Whether `server` answers at `addr`, and its `/status`.
+/// Whether `server` is up at `addr` (see the module's docs), and its `/status`.
 fn ask(config: &Config, server: &ServerConfig, addr: SocketAddr) -> Seen {
     let status = ask_admin(config, server);
     // Its port is tried after its count of clients was read, so the try is not counted.
-    let up = TcpStream::connect_timeout(&addr, WAIT).is_ok();
+    let port_open = TcpStream::connect_timeout(&addr, WAIT).is_ok();
     match status {
         Ok(status) => Seen {
-            up,
+            up: port_open,
             status: Some(status),
             why: None,
         },
-        Err(why) => Seen {
-            up,
+        Err(Unanswered::NoEndpoint) => Seen {
+            up: port_open,
+            status: None,
+            why: Some("no admin endpoint configured: its store is not known".into()),
+        },
+        Err(Unanswered::NoAnswer(why)) => Seen {
+            up: false,
             status: None,
             why: Some(why),
         },
     }
 }
 
+/// Why a server's `/status` was not read.
+enum Unanswered {
+    /// It has no admin endpoint to ask.
+    NoEndpoint,
+    /// Its endpoint did not answer, or not with a status.
+    NoAnswer(String),
+}
+
 /// `server`'s `/status`, from its admin endpoint.
-fn ask_admin(config: &Config, server: &ServerConfig) -> Result<serde_json::Value, String> {
+fn ask_admin(config: &Config, server: &ServerConfig) -> Result<serde_json::Value, Unanswered> {
     // The file holds the address the server bound (the configuration may ask for port 0).
     let written = std::fs::read_to_string(config.log_dir.join(format!("{}.admin", server.name)))
         .ok()
         .map(|text| text.trim().to_owned());
     let admin = written.or_else(|| server.admin.clone());
     match admin {
-        Some(admin) => get_status(&admin),
-        None => Err("no admin endpoint configured".into()),
+        Some(admin) => get_status(&admin).map_err(Unanswered::NoAnswer),
+        None => Err(Unanswered::NoEndpoint),
     }
 }
 
