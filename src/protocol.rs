@@ -166,12 +166,19 @@ impl Coordinate<'_> {
     }
 }
 
+/// The longest location, and the longest client time, in bytes (docs/protocol.md section 3):
+/// some thirty digits of a coordinate's fraction, and fifty of a time's, far past any clock or
+/// receiver. With the client id's limit, they bound a record, which every server keeps and
+/// floods: without them a record could take a whole line, some 4 KiB, in every store.
+pub const MAX_FIELD_BYTES: usize = 64;
+
 /// Parses `[+-]DIGITS[.DIGITS][+-]DIGITS[.DIGITS]` with latitude in [-90, 90] and longitude in
-/// [-180, 180], compared exactly (`90.0000000000000001` is out of range, though not as an f64).
+/// [-180, 180], compared exactly (`90.0000000000000001` is out of range, though not as an f64),
+/// at most [`MAX_FIELD_BYTES`] long.
 pub fn parse_location(text: &[u8]) -> Option<(Coordinate<'_>, Coordinate<'_>)> {
     let sign = |b: u8| b == b'+' || b == b'-';
     // The shortest location is `+0+0`.
-    if text.len() < 4 || !sign(text[0]) {
+    if text.len() < 4 || text.len() > MAX_FIELD_BYTES || !sign(text[0]) {
         return None;
     }
     // The longitude begins at the next sign.
@@ -192,9 +199,13 @@ fn coordinate(part: &[u8], limit: u32) -> Option<Coordinate<'_>> {
     })
 }
 
-/// Parses a client time, `DIGITS[.DIGITS]`, into nanoseconds since the epoch. Fraction digits
-/// past the ninth are truncated. A time too large for `i128` nanoseconds is invalid.
+/// Parses a client time, `DIGITS[.DIGITS]` of at most [`MAX_FIELD_BYTES`], into nanoseconds
+/// since the epoch. Fraction digits past the ninth are truncated. A time too large for `i128`
+/// nanoseconds is invalid.
 pub fn parse_time_ns(text: &[u8]) -> Option<i128> {
+    if text.len() > MAX_FIELD_BYTES {
+        return None;
+    }
     let (int, frac) = split_decimal(text)?;
     let digit = |d: u8| u64::from(d - b'0');
     // Every record from a peer comes through here. Eighteen digits cannot overflow a u64, so
@@ -413,6 +424,13 @@ mod tests {
         assert!(parse_location(b"+0090.0+0").is_some());
         assert!(parse_location(b"+90.0000000000000001+0").is_none());
         assert!(parse_location(b"+89.999999999+179.99999").is_some());
+        // Sixty-four bytes at most, for the location and for the time.
+        let long = |n: usize| format!("+1.{}+2", "0".repeat(n - 5));
+        assert!(parse_location(long(MAX_FIELD_BYTES).as_bytes()).is_some());
+        assert!(parse_location(long(MAX_FIELD_BYTES + 1).as_bytes()).is_none());
+        let time = |n: usize| format!("1.{}", "5".repeat(n - 2));
+        assert!(parse_time_ns(time(MAX_FIELD_BYTES).as_bytes()).is_some());
+        assert!(parse_time_ns(time(MAX_FIELD_BYTES + 1).as_bytes()).is_none());
         assert!(parse_location(b"+34.068930-118.445127").is_some());
     }
 

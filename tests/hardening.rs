@@ -118,6 +118,48 @@ fn a_flood_of_new_client_ids_costs_bounded_memory() {
     );
 }
 
+/// The largest record a client can make (an id of `max_client_id_bytes`, a location and a time
+/// of 64 bytes each) costs a server at most 900 bytes of memory: the README's bound on a store,
+/// about 0.8 GB at the default `max_clients`. A location or a time one byte longer is invalid.
+#[test]
+fn the_largest_records_cost_a_bounded_amount_of_memory() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const N: usize = 40_000;
+    let herd = bailey("largest-records", "");
+    let b = herd.get("Bailey");
+    let now = now_secs();
+    let location = format!("+1.{}+2", "0".repeat(59));
+    let time = |n: usize| format!("{now}.{}", "1".repeat(n - 11));
+    assert_eq!((location.len(), time(64).len()), (64, 64));
+    for line in [
+        format!("IAMAT one {location}0 {}\n", time(64)),
+        format!("IAMAT one {location} {}\n", time(65)),
+    ] {
+        let reply = exchange(b.addr, line.as_bytes());
+        assert_eq!(show(&reply), show(format!("? {line}").as_bytes()));
+    }
+    let before = rss_kb(b.pid());
+    let replies = pipelined(
+        b.addr,
+        (0..N).map(|i| {
+            let id = format!("{i:06}{}", "x".repeat(250));
+            format!("IAMAT {id} {location} {}\n", time(64)).into_bytes()
+        }),
+    );
+    let stored = replies
+        .iter()
+        .filter(|r| r.starts_with(b"AT Bailey "))
+        .count();
+    assert_eq!(stored, N);
+    let after = rss_kb(b.pid());
+    let per_client = (after.saturating_sub(before) * 1024) as f64 / N as f64;
+    println!("{N} of the largest records: {per_client:.0} bytes each");
+    assert!(
+        per_client <= 900.0,
+        "the largest records cost {per_client:.0} bytes each"
+    );
+}
+
 /// A client time far in the future is invalid from a client and refused from a
 /// neighbour, so it cannot pin a client's record for the whole herd.
 #[test]
