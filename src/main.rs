@@ -118,12 +118,13 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
     };
     match matches.free.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["serve", name] => {
-            let (_, config) = load()?;
+            let (_, mut config) = load()?;
             let key = api_key(&config).map_err(usage)?;
             let secret = herd_secret(&config).map_err(usage)?;
             // Before `bind`, which may start the fsync helper: `mallopt` must come before any
             // thread does.
-            raise_descriptor_limit();
+            let descriptors = raise_descriptor_limit();
+            fit_connections_to(descriptors, &mut config, name).map_err(usage)?;
             keep_freed_heap();
             let admin = matches.opt_str("admin");
             let mut server =
@@ -332,20 +333,57 @@ fn check_key(key: String) -> Result<String, String> {
     }
 }
 
-/// Lifts the soft limit on open descriptors to the hard limit: every client is one.
-fn raise_descriptor_limit() {
+/// Lifts the soft limit on open descriptors to the hard limit: every client is one. Returns
+/// the limit now in force, if there is one.
+fn raise_descriptor_limit() -> Option<u64> {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
     unsafe {
         let mut limit = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
         }
+        if limit.rlim_cur < limit.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        }
+        (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
     }
+}
+
+/// Lowers `max_connections` to what `descriptors` leave for clients, as Redis lowers its
+/// `maxclients`, saying so once: a client past the descriptors would wait in the kernel's
+/// queue, unanswered, where one past `max_connections` is told `? server busy`. The server's
+/// own descriptors come first: standard I/O, the poll, its waker and signal pipe, the
+/// listeners, the admin endpoint's 8, the log and the store's files, two links and two kept
+/// places per neighbour, and the Places pool.
+fn fit_connections_to(
+    descriptors: Option<u64>,
+    config: &mut Config,
+    name: &str,
+) -> Result<(), String> {
+    let Some(descriptors) = descriptors else {
+        return Ok(());
+    };
+    let neighbours = config.server(name)?.neighbors.len();
+    let own = 32 + 4 * neighbours + config.places.pool_size;
+    let room = usize::try_from(descriptors)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(own);
+    let wanted = config.limits.max_connections;
+    if room == 0 {
+        return Err(format!(
+            "the descriptor limit ({descriptors}) leaves no room for a client: raise it (ulimit -n, LimitNOFILE)"
+        ));
+    }
+    if wanted > room {
+        log::warn!(
+            "the descriptor limit ({descriptors}) leaves room for {room} clients: max_connections lowered from {wanted} to {room} (raise it with ulimit -n or LimitNOFILE)"
+        );
+        config.limits.max_connections = room;
+    }
+    Ok(())
 }
 
 /// Keeps up to 8 MiB of freed memory at the top of the heap for reuse instead of handing it

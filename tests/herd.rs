@@ -394,6 +394,74 @@ fn a_server_with_neighbours_and_no_secret_says_so_at_start() {
     );
 }
 
+/// Under a descriptor limit that leaves room for fewer clients than `max_connections`, the
+/// server says so at start and lowers it: a client past the room is told `? server busy` and
+/// closed, not left unanswered in the kernel's queue.
+#[test]
+fn a_descriptor_limit_below_max_connections_lowers_it_and_says_so() {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    const DESCRIPTORS: u64 = 100;
+    let dir = TestDir::new("descriptor-limit");
+    let p = free_ports(1);
+    let config = write_config(&dir, &[member("Bailey", p[0], &[])], "");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
+    command
+        .args(["serve", "Bailey", "--config"])
+        .arg(&config)
+        .current_dir(&dir.path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe, and only reads the struct passed in.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: DESCRIPTORS,
+                rlim_max: DESCRIPTORS,
+            };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let mut child = command.spawn().expect("cannot start herd serve");
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+    let mut first = String::new();
+    let _ = stderr.read_line(&mut first);
+    let room: usize = first
+        .split("leaves room for ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no word of the descriptor limit: {first:?}"));
+    assert!(
+        first.contains("max_connections lowered from 16384 to") && room < 100,
+        "{first:?}"
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], p[0]));
+    assert!(eventually(Duration::from_secs(10), || TcpStream::connect(
+        addr
+    )
+    .is_ok()));
+    let held: Vec<TcpStream> = (0..room)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    // Each taken (its first-line deadline is a minute away): the next one is told.
+    assert!(eventually(Duration::from_secs(10), || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        reply == b"? server busy\n"
+    }));
+    drop(held);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// `herd up` with `HERD_SECRET` set but empty makes a secret for the herd
 /// as if it were unset: a stranger's greeting without a nonce is refused, its record not stored.
 #[test]
