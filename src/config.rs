@@ -113,7 +113,7 @@ pub struct PlacesConfig {
     /// request, from the turn the command ran in to the last byte of Google's answer, time
     /// spent waiting for a connection included; past it the reply is `UNKNOWN_ERROR`.
     pub timeout: Duration,
-    /// `pool_size`, default 4 (0 is taken as 1): the most HTTPS connections open to Places at
+    /// `pool_size`, default 4 (at least 1): the most HTTPS connections open to Places at
     /// once, each with its own token; requests beyond them wait in the queue.
     pub pool_size: usize,
     /// `max_queue`, default 1024: most requests waiting for a connection; past it a WHATSAT is
@@ -138,7 +138,7 @@ pub struct PlacesConfig {
 /// connection and nothing else.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// `max_line_bytes`, in bytes, default 4096, at least 64 (smaller is raised): the longest
+    /// `max_line_bytes`, in bytes, default 4096, at least 64: the longest
     /// line a client may send, its `\n` not counted. A longer one is answered
     /// `? <its first 64 bytes>... (line longer than N bytes)` and the connection closed. A
     /// neighbour's lines may be twice as long and 1024 bytes more (a record is longer than the
@@ -530,9 +530,9 @@ fn parse_places(mut t: Table, base: &Path) -> Result<PlacesConfig, String> {
             .map_err(|e| format!("places.ca_file {}: {e}", ca.display()))?;
     }
     let key_file = file(&mut t, "key_file")?;
-    let timeout = take_ms(&mut t, "timeout_ms", at, Duration::from_millis(5000))?;
+    let timeout = Duration::from_millis(take_least(&mut t, "timeout_ms", at, 5000, 1)? as u64);
     // A pool of no connections would hold every request in the queue until its deadline.
-    let pool_size = take_uint(&mut t, "pool_size", at, 4)?.max(1);
+    let pool_size = take_least(&mut t, "pool_size", at, 4, 1)?;
     let max_queue = take_uint(&mut t, "max_queue", at, 1024)?;
     let max_body_bytes = take_uint(&mut t, "max_body_bytes", at, 1 << 20)?;
     let field_mask = take_str(&mut t, "field_mask", at)?.unwrap_or(DEFAULT_FIELD_MASK.into());
@@ -601,8 +601,14 @@ fn parse_limits(mut t: Table) -> Result<Limits, String> {
     let at = "limits.";
     let d = Limits::default();
     let limits = Limits {
-        max_line_bytes: take_uint(&mut t, "max_line_bytes", at, d.max_line_bytes)?.max(64),
-        line_timeout: take_ms(&mut t, "line_timeout_ms", at, d.line_timeout)?,
+        max_line_bytes: take_least(&mut t, "max_line_bytes", at, d.max_line_bytes, 64)?,
+        line_timeout: Duration::from_millis(take_least(
+            &mut t,
+            "line_timeout_ms",
+            at,
+            d.line_timeout.as_millis() as usize,
+            1,
+        )? as u64),
         idle_timeout: take_ms(&mut t, "idle_timeout_ms", at, d.idle_timeout)?,
         client_output_bytes: take_uint(&mut t, "client_output_bytes", at, d.client_output_bytes)?,
         client_output_soft_bytes: take_uint(
@@ -617,16 +623,21 @@ fn parse_limits(mut t: Table) -> Result<Limits, String> {
             at,
             d.client_output_soft_time,
         )?,
-        pending_replies: take_uint(&mut t, "pending_replies", at, d.pending_replies)?.max(1),
-        max_connections: take_uint(&mut t, "max_connections", at, d.max_connections)?,
+        pending_replies: take_least(&mut t, "pending_replies", at, d.pending_replies, 1)?,
+        max_connections: take_least(&mut t, "max_connections", at, d.max_connections, 1)?,
         peer_output_bytes: take_uint(&mut t, "peer_output_bytes", at, d.peer_output_bytes)?,
         turn: Turn {
             lines: take_uint(&mut t, "turn_lines", at, d.turn.lines)?,
             read_bytes: take_uint(&mut t, "turn_read_bytes", at, d.turn.read_bytes)?,
         },
-        max_client_id_bytes: take_uint(&mut t, "max_client_id_bytes", at, d.max_client_id_bytes)?
-            .max(1),
-        max_clients: take_uint(&mut t, "max_clients", at, d.max_clients)?,
+        max_client_id_bytes: take_least(
+            &mut t,
+            "max_client_id_bytes",
+            at,
+            d.max_client_id_bytes,
+            1,
+        )?,
+        max_clients: take_least(&mut t, "max_clients", at, d.max_clients, 1)?,
         client_time_ahead: take_ms(&mut t, "client_time_ahead_ms", at, d.client_time_ahead)?,
         first_line_timeout: take_ms(&mut t, "first_line_timeout_ms", at, d.first_line_timeout)?,
         max_connections_per_address: take_uint(
@@ -668,6 +679,22 @@ fn take_str(t: &mut Table, key: &str, at: &str) -> Result<Option<String>, String
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(format!("{at}{key} must be a string")),
+    }
+}
+
+/// [`take_uint`] for a key below whose `least` the server could not work (no connection, no
+/// client, no line): such a value is refused at start, not quietly raised.
+fn take_least(
+    t: &mut Table,
+    key: &str,
+    at: &str,
+    default: usize,
+    least: usize,
+) -> Result<usize, String> {
+    let n = take_uint(t, key, at, default)?;
+    match n >= least {
+        true => Ok(n),
+        false => Err(format!("{at}{key} is {n}: it must be at least {least}")),
     }
 }
 
@@ -759,6 +786,27 @@ mod tests {
             .contains("two servers are named \"A\""));
         let dup_port = "[[server]]\nname = \"A\"\nport = 1\n[[server]]\nname = \"B\"\nport = 1\n";
         assert!(parse(dup_port).unwrap_err().contains("port 1"));
+        // A value the server could not work with is refused, not raised.
+        for (table, key, least) in [
+            ("limits", "max_connections", 1),
+            ("limits", "max_clients", 1),
+            ("limits", "max_line_bytes", 64),
+            ("limits", "line_timeout_ms", 1),
+            ("limits", "pending_replies", 1),
+            ("limits", "max_client_id_bytes", 1),
+            ("places", "pool_size", 1),
+            ("places", "timeout_ms", 1),
+        ] {
+            let low = format!("{PAIR}[{table}]\n{key} = {}\n", least - 1);
+            let why = parse(&low).unwrap_err();
+            assert!(
+                why.contains(&format!(
+                    "{table}.{key} is {}: it must be at least {least}",
+                    least - 1
+                )),
+                "{why}"
+            );
+        }
         let typo = format!("{PAIR}[places]\ntimeout = 5\n");
         assert!(parse(&typo)
             .unwrap_err()
