@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::fake_places::{Behaviour, FakePlaces};
 use common::herds::{admin_addr, free_ports, http_get, member, Herd};
 use common::traced::{find, turn_of, Traced};
 use common::*;
@@ -97,6 +98,47 @@ fn commands_run(admin: SocketAddr) -> u64 {
         .expect("an IAMAT count")
 }
 
+/// A thread that pipelines `total` IAMATs (`greedy-000000` and on, at client time `time`) on
+/// `stream`, reading nothing, until all are sent or the connection fails.
+fn pipeline_greedy(stream: &TcpStream, total: usize, time: &str) -> thread::JoinHandle<()> {
+    let mut stream = stream.try_clone().expect("clone");
+    let time = time.to_owned();
+    thread::spawn(move || {
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, &mut stream);
+        for i in 0..total {
+            let line = format!("IAMAT greedy-{i:06} {LOCATION} {time}\n");
+            if out.write_all(line.as_bytes()).is_err() {
+                return;
+            }
+        }
+        let _ = out.flush();
+    })
+}
+
+/// Reads the replies to [`pipeline_greedy`]'s IAMATs: every one, in order.
+fn read_greedy_replies(reader: &mut BufReader<&TcpStream>, total: usize, time: &str) {
+    let mut got = 0;
+    let mut reply = Vec::new();
+    while got < total {
+        reply.clear();
+        match reader.read_until(b'\n', &mut reply) {
+            Ok(0) => break,
+            Ok(_) => {
+                assert!(
+                    reply.starts_with(b"AT Bailey ")
+                        && reply
+                            .ends_with(format!("greedy-{got:06} {LOCATION} {time}\n").as_bytes()),
+                    "reply {got}: {}",
+                    show(&reply)
+                );
+                got += 1;
+            }
+            Err(e) => panic!("after {got} replies: {e}"),
+        }
+    }
+    assert_eq!(got, total);
+}
+
 /// A client that pipelines 100,000 IAMATs and never reads has no more commands run
 /// than its unread replies allow: the server's mark, what its own kernel holds for the client
 /// under that mark, the client's receive buffer, and one turn's share. When it reads, the rest
@@ -109,24 +151,9 @@ fn a_client_that_never_reads_has_only_the_marks_worth_of_commands_run() {
     let admin = admin_addr(b);
     let (stream, rcvbuf) = small_receiver(b.addr);
     let time = now_secs_string();
-    let line = {
-        let time = time.clone();
-        move |i: usize| format!("IAMAT greedy-{i:06} {LOCATION} {time}\n")
-    };
     let reply_len = format!("AT Bailey +0.000000000 greedy-000000 {LOCATION} {time}\n").len();
     let total = 100_000;
-    let writer = {
-        let mut stream = stream.try_clone().expect("clone");
-        thread::spawn(move || {
-            let mut out = std::io::BufWriter::with_capacity(1 << 16, &mut stream);
-            for i in 0..total {
-                if out.write_all(line(i).as_bytes()).is_err() {
-                    return;
-                }
-            }
-            let _ = out.flush();
-        })
-    };
+    let writer = pipeline_greedy(&stream, total, &time);
     // Long enough for the server to have run all it would: it stops at once, at the mark.
     thread::sleep(Duration::from_secs(2));
     let run = commands_run(admin) as usize;
@@ -150,26 +177,58 @@ fn a_client_that_never_reads_has_only_the_marks_worth_of_commands_run() {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("a read timeout");
-    let mut got = 0;
+    read_greedy_replies(&mut reader, total, &time);
+    writer.join().expect("the writer");
+}
+
+/// The same client, but its first command a WHATSAT that Places takes 3 s to answer: every
+/// reply after it is held in line behind the answer, and those held replies count against the
+/// mark as much as unread ones, so the same bound holds while Places keeps it waiting.
+#[test]
+fn a_client_behind_a_slow_whatsat_has_only_the_marks_worth_of_commands_run() {
+    let body = br#"{"html_attributions" : [], "results" : [], "status" : "ZERO_RESULTS"}"#;
+    let fake = FakePlaces::start(Behaviour::ok(&body[..]).delayed(Duration::from_secs(3)));
+    let herd = Herd::build("back-pressure-places")
+        .env(&[("GOOGLE_PLACES_API_KEY", "fairness-test-key")])
+        .extra(&fake.places_toml("legacy", 10_000))
+        .start_retrying(|| vec![member("Bailey", free_ports(1)[0], &[]).with_admin()]);
+    let b = herd.get("Bailey");
+    let admin = admin_addr(b);
+    let time = now_secs_string();
+    let mut stream = TcpStream::connect(b.addr).expect("connect");
+    let first = format!("IAMAT slow {LOCATION} {time}\nWHATSAT slow 10 1\n");
+    stream.write_all(first.as_bytes()).expect("send");
+    let reply_len = format!("AT Bailey +0.000000000 greedy-000000 {LOCATION} {time}\n").len();
+    let total = 100_000;
+    let writer = pipeline_greedy(&stream, total, &time);
+    // Well inside Places' 3 s: nothing can have left for the client yet but the first AT.
+    thread::sleep(Duration::from_millis(1500));
+    let run = commands_run(admin) as usize - 1;
+    let bound = MARK / reply_len + TURN_LINES;
+    println!("behind a slow WHATSAT: {run} of {total} IAMATs run after 1.5 s (bound {bound})");
+    assert!(
+        run <= bound,
+        "{run} commands were run behind a WHATSAT waiting on Places"
+    );
+    // Places answers; the client reads: every reply comes, in order.
+    let mut reader = BufReader::new(&stream);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("a read timeout");
     let mut reply = Vec::new();
-    while got < total {
-        reply.clear();
-        match reader.read_until(b'\n', &mut reply) {
-            Ok(0) => break,
-            Ok(_) => {
-                assert!(
-                    reply.starts_with(b"AT Bailey ")
-                        && reply
-                            .ends_with(format!("greedy-{got:06} {LOCATION} {time}\n").as_bytes()),
-                    "reply {got}: {}",
-                    show(&reply)
-                );
-                got += 1;
-            }
-            Err(e) => panic!("after {got} replies: {e}"),
-        }
+    reader
+        .read_until(b'\n', &mut reply)
+        .expect("the IAMAT's reply");
+    assert!(reply.starts_with(b"AT Bailey "), "{}", show(&reply));
+    let mut whatsat = Vec::new();
+    while !whatsat.ends_with(b"}\n\n") {
+        let before = whatsat.len();
+        reader
+            .read_until(b'\n', &mut whatsat)
+            .expect("the WHATSAT's reply");
+        assert!(whatsat.len() > before, "the WHATSAT's reply ended early");
     }
-    assert_eq!(got, total);
+    read_greedy_replies(&mut reader, total, &time);
     writer.join().expect("the writer");
 }
 
