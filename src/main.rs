@@ -68,7 +68,9 @@ fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, message)) => {
-            eprintln!("herd: {message}");
+            // Not `eprintln!`, which panics when standard error cannot be written (closed, or
+            // a file past the process's size limit): the exit code must still say why.
+            let _ = writeln!(std::io::stderr(), "herd: {message}");
             ExitCode::from(code)
         }
     }

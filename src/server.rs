@@ -282,14 +282,19 @@ impl Server {
             let _ = std::fs::write(&path, format!("{}\n", admin.addr));
             path
         });
-        println!(
+        // Said on standard output for whoever started it (`herd up` waits for it), and not
+        // `println!`, which panics when standard output is closed: a daemon's may be.
+        let mut stdout = io::stdout().lock();
+        let _ = writeln!(
+            stdout,
             "{name} listening on {bound}, logging to {}",
             log_path.display()
         );
         if let Some(admin) = &admin {
-            println!("{name} admin endpoint on http://{}", admin.addr);
+            let _ = writeln!(stdout, "{name} admin endpoint on http://{}", admin.addr);
         }
-        let _ = io::stdout().flush();
+        let _ = stdout.flush();
+        drop(stdout);
         Ok(Server {
             reactor,
             listener: Some(listener),

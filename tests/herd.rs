@@ -708,6 +708,75 @@ fn a_client_command_without_a_reply_exits_1() {
     mute.join().expect("the mute server");
 }
 
+/// A server whose standard output and error cannot be written (here a file already past the
+/// process's file size limit, where each write fails with EFBIG) still serves, and a failure
+/// still ends with its own exit code, not a panic's.
+#[test]
+fn unwritable_standard_output_and_error_change_nothing_but_what_is_said() {
+    use std::os::unix::process::CommandExt;
+    let dir = TestDir::new("unwritable-stdio");
+    let p = free_ports(1);
+    let config = write_config_with(
+        &dir,
+        &[member("Bailey", p[0], &[])],
+        "data_dir = \"\"\n",
+        "",
+    );
+    let full = dir.join("full.out");
+    std::fs::write(&full, vec![b'.'; 64 * 1024]).expect("write");
+    let unwritable = |args: &[&str]| {
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&full)
+            .expect("open");
+        let err = out.try_clone().expect("clone");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_herd"));
+        command
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .current_dir(&dir.path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: signal and setrlimit are async-signal-safe; neither touches memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let limit = libc::rlimit {
+                    rlim_cur: 4096,
+                    rlim_max: 4096,
+                };
+                libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+                Ok(())
+            });
+        }
+        command
+    };
+    let status = unwritable(&["serve", "Nobody"]).status().expect("run herd");
+    assert_eq!(status.code(), Some(2), "a name not in the configuration");
+    let mut child = unwritable(&["serve", "Bailey"])
+        .spawn()
+        .expect("start herd");
+    let addr = SocketAddr::from(([127, 0, 0, 1], p[0]));
+    let up = eventually(Duration::from_secs(10), || {
+        TcpStream::connect(addr).is_ok() || matches!(child.try_wait(), Ok(Some(_)))
+    });
+    let exited = child.try_wait();
+    assert!(
+        up && matches!(exited, Ok(None)),
+        "Bailey did not come up: {exited:?}"
+    );
+    let reply = exchange(
+        addr,
+        format!("IAMAT kiwi {LOCATION} {}\n", now_secs_string()).as_bytes(),
+    );
+    assert!(reply.starts_with(b"AT Bailey "), "{}", show(&reply));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A port in use is the same error, exit 2, under `serve` and `up`.
 #[test]
 fn a_port_in_use_exits_2_under_serve_and_under_up() {
