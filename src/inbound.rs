@@ -308,13 +308,22 @@ impl<S: Transport> Inbound<S> {
     }
 
     /// Writes what waits (heartbeats, `SYNC`, and after a hand-over our `PROOF`). Called at the
-    /// end of every turn, and right after a hand-over. Returns the reason if the write failed.
-    pub fn flush(&mut self) -> Result<(), CloseReason> {
-        match &mut self.state {
-            State::Up { wire, .. } => (wire.out)
-                .write_to(&mut wire.stream)
-                .map_err(|e| CloseReason::WriteFailed(e.to_string())),
-            State::Absent => Ok(()),
+    /// end of every turn, and right after a hand-over. Returns the reason if the write failed,
+    /// or if more than `cap` (`peer_output_bytes`) is left unsent: a neighbour that does not read
+    /// what its own link is sent is not let grow this server's memory; its link closes, and it
+    /// dials again.
+    pub fn flush(&mut self, cap: usize) -> Result<(), CloseReason> {
+        let State::Up { wire, .. } = &mut self.state else {
+            return Ok(());
+        };
+        (wire.out)
+            .write_to(&mut wire.stream)
+            .map_err(|e| CloseReason::WriteFailed(e.to_string()))?;
+        match wire.out.pending() > cap {
+            true => Err(CloseReason::PeerProtocol(format!(
+                "over {cap} bytes unsent: the neighbour does not read its link"
+            ))),
+            false => Ok(()),
         }
     }
 
@@ -348,6 +357,8 @@ fn on_line(
         Some(PeerLine::Ping) => {}
         // Kept until the `DIGEST` that follows them decides what differs.
         Some(PeerLine::Parts { first, digests }) => comparison.parts(first, &digests),
+        // Digests faster than a correct neighbour sends them are not compared (or answered).
+        Some(PeerLine::Digest { .. }) if comparison.too_soon(now) => {}
         Some(PeerLine::Digest { count, digest }) => {
             // While our link is still copying our store to the neighbour, its store lacks some
             // of ours: not a difference to act on.
@@ -432,7 +443,7 @@ mod tests {
     }
 
     fn written(inbound: &mut Inbound<Script>) -> String {
-        let _ = inbound.flush();
+        let _ = inbound.flush(usize::MAX);
         let out = inbound
             .socket()
             .map(|s| s.output.clone())
@@ -492,18 +503,24 @@ mod tests {
         );
     }
 
+    /// The `PARTS` and `DIGEST` lines of Bona's store holding one record `k`, which ours has not.
+    fn digests_of_a_store_that_differs() -> String {
+        let mut theirs = Store::default();
+        theirs.merge(b"k", 5, b"AT Bona +0.000000001 k +1+1 5");
+        peer::store_lines(&theirs)
+            .iter()
+            .map(|l| format!("{}\n", String::from_utf8_lossy(l)))
+            .collect()
+    }
+
     #[test]
     fn stores_that_keep_differing_are_resynchronised_by_asking_for_the_parts_that_differ() {
         let mut herd = herd();
-        let mut theirs = Store::default();
-        theirs.merge(b"k", 5, b"AT Bona +0.000000001 k +1+1 5");
-        let digests: String = peer::store_lines(&theirs)
-            .iter()
-            .map(|l| format!("{}\n", String::from_utf8_lossy(l)))
-            .collect();
+        let digests = digests_of_a_store_that_differs();
         let mut inbound = adopted(&herd, &[lines(&digests)], None);
         let _ = serve(&mut inbound, &mut herd);
         assert_eq!(written(&mut inbound), "", "once may be updates in flight");
+        herd.now += peer::DIGEST_INTERVAL;
         inbound
             .socket()
             .expect("up")
@@ -521,6 +538,32 @@ mod tests {
         assert_eq!(
             text, want,
             "twice in a row: the part that differs, asked for"
+        );
+    }
+
+    #[test]
+    fn digests_faster_than_a_neighbour_sends_them_are_not_compared_and_unread_output_is_capped() {
+        let mut herd = herd();
+        let digests = digests_of_a_store_that_differs();
+        // Ten rounds of differing digests at once: the first is compared, the rest come too
+        // soon, so nothing is asked for.
+        let mut inbound = adopted(&herd, &[lines(&digests.repeat(10))], None);
+        let _ = serve(&mut inbound, &mut herd);
+        assert_eq!(written(&mut inbound), "", "compared once: no SYNC yet");
+        // As many again, once a correct neighbour's interval has passed: one SYNC, no more.
+        herd.now += peer::DIGEST_INTERVAL;
+        herd.turn += 1;
+        let socket = inbound.socket().expect("up");
+        socket.input.push_back(lines(&digests.repeat(10)));
+        socket.room = Some(0); // and the neighbour reads nothing
+        let _ = serve(&mut inbound, &mut herd);
+        let mut set = peer::PartSet::default();
+        set.insert(crate::store::part_of(b"k"));
+        let sync = peer::sync_line(Some(&set)).len() + 1;
+        assert!(inbound.flush(sync).is_ok(), "one SYNC waits, no more");
+        assert!(
+            matches!(inbound.flush(sync - 1), Err(CloseReason::PeerProtocol(_))),
+            "more unsent than the cap closes the link"
         );
     }
 

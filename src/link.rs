@@ -137,6 +137,8 @@ pub struct Link<S = TcpStream> {
     /// Failed attempts since the link was last up.
     failures: u32,
     state: LinkState<S>,
+    /// When the neighbour's last `SYNC` was acted on ([`peer::ACT_AT_MOST_EVERY`]).
+    sync_asked_at: Option<Instant>,
     /// What it has done, for the metrics.
     pub counts: LinkCounts,
 }
@@ -168,6 +170,7 @@ impl<S: Transport> Link<S> {
             addr,
             failures: 0,
             state: LinkState::Down { retry_at: now },
+            sync_asked_at: None,
             counts: LinkCounts::default(),
         }
     }
@@ -580,7 +583,13 @@ impl<S: Transport> Link<S> {
                 *last_heard = now;
                 match peer::parse_line(payload) {
                     Some(PeerLine::Ping) => {}
+                    // Asked again sooner than a correct neighbour would ask: not copied again.
+                    // If its store still differs, its next digests ask once more.
+                    Some(PeerLine::Sync(_))
+                        if (self.sync_asked_at)
+                            .is_some_and(|at| now < at + peer::ACT_AT_MOST_EVERY) => {}
                     Some(PeerLine::Sync(parts)) => {
+                        self.sync_asked_at = Some(now);
                         let what = match &parts {
                             None => format!("the whole store: syncing {} records", cx.store.len()),
                             Some(set) => format!(
@@ -832,6 +841,17 @@ mod tests {
         link
     }
 
+    /// [`up`] at `t0`, with a store holding one record `k`, whose copy at link-up is written.
+    fn up_with_k(t0: Instant) -> (Around, Link<Script>) {
+        let mut around = Around::new(None);
+        around
+            .store
+            .merge(b"k", 5, b"AT Test +0.000000001 k +1+1 5");
+        let mut link = up(&mut around, t0);
+        link.flush(t0, &around.store, &mut around.log);
+        (around, link)
+    }
+
     #[test]
     fn down_at_its_retry_time_dials_and_asks_for_registration() {
         let t0 = Instant::now();
@@ -878,12 +898,7 @@ mod tests {
     #[test]
     fn connected_without_a_secret_greets_is_up_and_copies_the_store() {
         let t0 = Instant::now();
-        let mut around = Around::new(None);
-        around
-            .store
-            .merge(b"k", 5, b"AT Test +0.000000001 k +1+1 5");
-        let mut link = up(&mut around, t0);
-        link.flush(t0, &around.store, &mut around.log);
+        let (mut around, mut link) = up_with_k(t0);
         assert_eq!(
             written(&mut link),
             "PEER herd/1 Test\nAT Test +0.000000001 k +1+1 5\n"
@@ -897,6 +912,28 @@ mod tests {
         );
         link.flush(t0, &around.store, &mut around.log);
         assert!(written(&mut link).ends_with("j +1+1 6\n"));
+    }
+
+    #[test]
+    fn a_sync_asked_sooner_than_a_correct_neighbour_would_is_not_copied_again() {
+        let t0 = Instant::now();
+        let (mut around, mut link) = up_with_k(t0);
+        let mut ask = |link: &mut Link<Script>, now: Instant, times: usize| {
+            let line = [&peer::sync_line(None)[..], b"\n"].concat();
+            let socket = link.socket().expect("up");
+            socket.input.push_back(Step::Data(line.repeat(times)));
+            link.on_ready(now, false, &mut [0; 1024], &mut around.cx());
+            link.flush(now, &around.store, &mut around.log);
+        };
+        // Five at once: one copy.
+        ask(&mut link, t0, 5);
+        assert_eq!(link.counts.resyncs, 1);
+        ask(&mut link, t0 + peer::ACT_AT_MOST_EVERY / 2, 1);
+        assert_eq!(link.counts.resyncs, 1, "too soon after the last");
+        // Once a correct neighbour could ask again: copied again.
+        ask(&mut link, t0 + peer::ACT_AT_MOST_EVERY, 1);
+        assert_eq!(link.counts.resyncs, 2);
+        assert_eq!(link.state_name(), "Up");
     }
 
     #[test]

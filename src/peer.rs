@@ -35,7 +35,7 @@
 //! the lines of one direction from 0. A line from another connection, a line played twice, a
 //! line out of order or altered fails its tag, and the connection is closed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -50,6 +50,13 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEAD_AFTER: Duration = Duration::from_secs(5);
 /// How often the dialler sends the digest of its store.
 pub const DIGEST_INTERVAL: Duration = Duration::from_secs(3);
+/// The least time between two requests a neighbour's lines may make this server act on: two
+/// `DIGEST`s it compares, two `SYNC`s it copies the store for. A correct neighbour sends its
+/// digests [`DIGEST_INTERVAL`] apart, and asks for a copy only after two of them differ, so it
+/// never comes this close; one that sends them faster (a bug, or a herd member gone bad) is
+/// heard no more often, and cannot make the server copy its store, or log, without end.
+pub const ACT_AT_MOST_EVERY: Duration = Duration::from_millis(1500);
+
 /// Digests that differ this many times in a row ask for a resynchronisation of what differs: one
 /// difference is usually just updates in flight.
 pub const MISMATCHES_BEFORE_SYNC: u32 = 2;
@@ -464,6 +471,8 @@ pub struct Comparison {
     parts: Option<Box<PartsCompared>>,
     /// Digests in a row that differed, for a dialler that sends no parts.
     mismatches: u32,
+    /// When the last `DIGEST` was compared ([`ACT_AT_MOST_EVERY`]).
+    compared_at: Option<Instant>,
 }
 
 struct PartsCompared {
@@ -484,6 +493,19 @@ fn starts_a_line(first: usize) -> bool {
 }
 
 impl Comparison {
+    /// Whether a `DIGEST` at `now` comes too soon after the last one compared to be compared
+    /// ([`ACT_AT_MOST_EVERY`]); if not, `now` is the last from here on.
+    pub fn too_soon(&mut self, now: Instant) -> bool {
+        if self
+            .compared_at
+            .is_some_and(|at| now < at + ACT_AT_MOST_EVERY)
+        {
+            return true;
+        }
+        self.compared_at = Some(now);
+        false
+    }
+
     /// A `PARTS` line.
     pub fn parts(&mut self, first: usize, digests: &[u64; PARTS_PER_LINE]) {
         if !starts_a_line(first) {

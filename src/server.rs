@@ -962,8 +962,9 @@ impl Server {
         for link in &mut herd.links {
             link.flush(herd.now, &herd.store, &mut herd.log);
         }
+        let cap = herd.limits.peer_output_bytes;
         for i in 0..self.inbound.len() {
-            if let Err(reason) = self.inbound[i].flush() {
+            if let Err(reason) = self.inbound[i].flush(cap) {
                 self.close_inbound(i, reason);
             }
         }
@@ -1109,7 +1110,7 @@ impl Server {
         // records merged now would wait a whole turn to be flooded and stored.
         self.serve_later(Source::Inbound(neighbour));
         // Written now: this turn's inbound writes (step 2 of `before_sleep`) are already past.
-        if let Err(reason) = self.inbound[neighbour].flush() {
+        if let Err(reason) = self.inbound[neighbour].flush(self.herd.limits.peer_output_bytes) {
             self.close_inbound(neighbour, reason);
         }
     }
@@ -1146,7 +1147,7 @@ impl Server {
             link.flush(herd.now, &herd.store, &mut herd.log);
         }
         for inbound in &mut self.inbound {
-            let _ = inbound.flush();
+            let _ = inbound.flush(usize::MAX);
         }
         if let Some(aof) = &mut herd.aof {
             if let Err(e) = aof.close(&herd.store) {
