@@ -92,6 +92,9 @@ pub struct AdminConn {
     input: Vec<u8>,
     /// The client closed its side: the requests whole in `input` are the last.
     ended: bool,
+    /// `input` ends in part of a head, and the socket had no more: only a new event (or the
+    /// deadline) can change that, so the loop is not brought back for it.
+    partial: bool,
     state: State,
 }
 
@@ -137,6 +140,7 @@ impl AdminConn {
             stream,
             input: Vec::new(),
             ended: false,
+            partial: false,
             state: State::Reading {
                 until: now + REQUEST_TIME,
             },
@@ -156,7 +160,8 @@ impl AdminConn {
     /// Whether it is reading with a request possibly waiting in what it already holds: the
     /// loop must call [`AdminConn::on_readable`] again, as no event will come for those bytes.
     pub fn has_input(&self) -> bool {
-        matches!(self.state, State::Reading { .. }) && (!self.input.is_empty() || self.ended)
+        matches!(self.state, State::Reading { .. })
+            && ((!self.input.is_empty() && !self.partial) || self.ended)
     }
 
     /// When the connection next needs the loop.
@@ -199,7 +204,10 @@ impl AdminConn {
             match self.stream.read(scratch) {
                 Ok(0) => self.ended = true,
                 Ok(_) if lingering => {}
-                Ok(n) => self.input.extend_from_slice(&scratch[..n]),
+                Ok(n) => {
+                    self.input.extend_from_slice(&scratch[..n]);
+                    self.partial = false;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 // A reset, or another error: nothing can be answered.
@@ -228,6 +236,7 @@ impl AdminConn {
             // Not yet whole, and still within its limit: wait for more (or the deadline), unless
             // no more can come.
             Ok(httparse::Status::Partial) if self.input.len() <= MAX_HEAD_BYTES => {
+                self.partial = true;
                 if self.ended {
                     // Nothing, or half a request, before the end: nothing to answer.
                     self.state = State::Closed;

@@ -265,6 +265,23 @@ fn the_admin_endpoint_answers_pipelined_half_closed_and_queued_requests() {
         assert!(got.starts_with(want), "a head of {total} bytes: {got}");
     }
 
+    // Part of a head, then nothing: the server waits for the rest without spinning.
+    let mut s = connect();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n").expect("send");
+    let pid = herd.get("Bailey").pid();
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_seconds(pid) - before;
+    assert!(
+        spent < 0.2,
+        "{spent:.2} s of CPU in 1 s waiting for the rest of a head"
+    );
+    s.write_all(b"Host: t\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("read to the end");
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+
     // A request, then the client's side closed: answered, then closed.
     let mut s = connect();
     s.write_all(one.as_bytes()).expect("send");
@@ -292,6 +309,18 @@ fn the_admin_endpoint_answers_pipelined_half_closed_and_queued_requests() {
         assert_eq!(answers(&got), 1, "{got}");
     }
     drop(silent);
+}
+
+/// The CPU time process `pid` has used, user and system, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("its stat");
+    // The fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    // SAFETY: sysconf reads a constant of the system.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// Where `promtool` and `prometheus` are: CI installs them; elsewhere the tests that need them
