@@ -403,6 +403,7 @@ impl Server {
     fn has_work(&self) -> bool {
         !self.again.is_empty()
             || self.places_done()
+            || self.herd.places.as_ref().is_some_and(PlacesPool::has_more)
             || self.herd.links.iter().any(Link::wants_turn)
             || self.herd.aof.as_ref().is_some_and(Aof::wants_turn)
     }
@@ -819,7 +820,13 @@ impl Server {
                 _ => {}
             }
         }
-        // Answers finished at the end of the last turn, after its deliveries.
+        // Places exchanges that read their step of the last turn, with more perhaps waiting.
+        if let Some(pool) = &mut self.herd.places {
+            for i in pool.take_more() {
+                pool.on_ready(i, self.herd.now, &mut self.herd.log);
+            }
+        }
+        // Answers finished at the end of the last turn (or just now), after its deliveries.
         if self.places_done() {
             self.after_places();
         }

@@ -174,12 +174,12 @@ pub struct Done {
 
 /// The most bytes read from a Places socket per system call: a whole answer of Google's, or most.
 const WIRE_READ: usize = 64 * 1024;
-/// The bytes one call of [`Tls::transfer`] reads from the socket before it returns (give or take
-/// one read), so that an answer over the size cap is refused soon after the cap, not after
-/// Places has sent it all, and a server sending records without end, empty ones included,
-/// cannot keep one call going. The pump calls again at once while the response is incomplete
-/// ([`PlacesPool::pump`]): across calls, what bounds an exchange is the response reader's cap
-/// on a response's bytes, which counts plaintext only.
+/// The bytes one exchange reads from its socket in one turn of the loop (give or take one
+/// read), so that an answer over the size cap is refused soon after the cap, not after Places
+/// has sent it all, and a server sending TLS records without end (empty ones, session tickets:
+/// nothing the response reader counts) cannot hold the loop: the rest is read next turn
+/// ([`PlacesPool::take_more`]), after the turn has served everyone else and checked the job's
+/// deadline.
 const TRANSFER_STEP: usize = 256 * 1024;
 
 /// Where one call of [`Tls::transfer`] stopped.
@@ -282,6 +282,9 @@ pub struct PlacesPool<S = TcpStream> {
     connections_made: u64,
     /// Finished jobs, for the loop to hand to their connections.
     pub done: Vec<Done>,
+    /// Slots whose exchange read its [`TRANSFER_STEP`] with the socket perhaps holding more:
+    /// the loop serves them again next turn ([`PlacesPool::take_more`]), as no event will come.
+    more: Vec<usize>,
 }
 
 impl<S: Transport> PlacesPool<S> {
@@ -326,6 +329,7 @@ impl<S: Transport> PlacesPool<S> {
             next_job: 1,
             connections_made: 0,
             done: Vec::new(),
+            more: Vec::new(),
         })
     }
 
@@ -648,45 +652,50 @@ impl<S: Transport> PlacesPool<S> {
 
     /// Moves bytes for the exchange in slot `i` and finishes it when the response is whole.
     ///
-    /// Transfers until the socket would block, the stream ends, or the response is whole or
-    /// refused: an exchange left with bytes in the kernel would get no event for them. A
+    /// Transfers until the socket would block, the stream ends, the response is whole or
+    /// refused, or this turn's [`TRANSFER_STEP`] is read; an exchange left with bytes in the
+    /// kernel gets no event for them, so the last is listed to be served next turn. A
     /// finished job is handed over ([`Self::finish`]), and the connection kept only if HTTP
     /// allows it and nothing follows the response.
     fn pump(&mut self, i: usize, now: Instant, log: &mut Log) {
         let Slot::Exchanging { conn, response, .. } = &mut self.slots[i] else {
             return;
         };
-        let outcome = loop {
-            // Plaintext goes from rustls straight to the response; once it is whole or
-            // refused, what follows only counts.
-            let mut outcome = None;
-            let mut after = false;
-            let transferred = conn.transfer(|plain| match outcome {
-                Some(_) => after = true,
-                None => outcome = response.push(plain).transpose(),
-            });
-            let drained = !after && matches!(transferred, Ok(Transfer::Blocked));
-            match (transferred, outcome) {
-                (_, Some(Ok(mut done))) => {
-                    // Bytes may follow the response, still in the socket or in rustls: a
-                    // connection that is not known to be drained is not kept.
-                    done.keep_alive &= drained;
-                    break Some(Ok(done));
+        // Plaintext goes from rustls straight to the response; once it is whole or refused,
+        // what follows only counts.
+        let mut outcome = None;
+        let mut after = false;
+        let transferred = conn.transfer(|plain| match outcome {
+            Some(_) => after = true,
+            None => outcome = response.push(plain).transpose(),
+        });
+        let drained = !after && matches!(transferred, Ok(Transfer::Blocked));
+        let outcome = match (transferred, outcome) {
+            (_, Some(Ok(mut done))) => {
+                // Bytes may follow the response, still in the socket or in rustls: a
+                // connection that is not known to be drained is not kept.
+                done.keep_alive &= drained;
+                Some(Ok(done))
+            }
+            // The response refused, or the connection failed, before it was whole.
+            (_, Some(Err(e))) | (Err(e), None) => Some(Err(e)),
+            // The end of the stream: it ends a body read to the close, and cuts any other.
+            (Ok(Transfer::Ended), None) => Some(response.push_eof()),
+            // A TCP close alone ends nothing: a body read to the close may be cut short.
+            (Ok(Transfer::Cut), None) => {
+                let cut = "Places closed the connection without TLS close_notify, before the \
+                           answer was whole";
+                Some(response.push_eof().and_then(|_| Err(cut.into())))
+            }
+            // All read: the next event brings more.
+            (Ok(Transfer::Blocked), None) => None,
+            // The socket may hold more, and no event will say so: again next turn, which comes
+            // at once, so that one exchange takes no more than its step of a turn.
+            (Ok(Transfer::More), None) => {
+                if !self.more.contains(&i) {
+                    self.more.push(i);
                 }
-                // The response refused, or the connection failed, before it was whole.
-                (_, Some(Err(e))) | (Err(e), None) => break Some(Err(e)),
-                // The end of the stream: it ends a body read to the close, and cuts any other.
-                (Ok(Transfer::Ended), None) => break Some(response.push_eof()),
-                // A TCP close alone ends nothing: a body read to the close may be cut short.
-                (Ok(Transfer::Cut), None) => {
-                    let cut = "Places closed the connection without TLS close_notify, before \
-                               the answer was whole";
-                    break Some(response.push_eof().and_then(|_| Err(cut.into())));
-                }
-                // All read: the next event brings more.
-                (Ok(Transfer::Blocked), None) => break None,
-                // The socket may hold more, and no event will say so: again, at once.
-                (Ok(Transfer::More), None) => {}
+                None
             }
         };
         let Some(outcome) = outcome else {
@@ -753,6 +762,16 @@ impl<S: Transport> PlacesPool<S> {
             }
             Err(why) => self.fail(job, log, Failure::Failed, &why),
         }
+    }
+
+    /// The slots to serve again next turn ([`PlacesPool::more`]), taken.
+    pub fn take_more(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.more)
+    }
+
+    /// Whether a slot is to be served again next turn, with no event.
+    pub fn has_more(&self) -> bool {
+        !self.more.is_empty()
     }
 
     /// Fires deadlines; safe to call when none has passed.
@@ -985,8 +1004,11 @@ mod tests {
             let (config, response, silent) = SERVER
                 .with(|s| s.borrow().clone())
                 .ok_or(io::ErrorKind::ConnectionRefused)?;
+            let mut server = ServerConnection::new(config).map_err(io::Error::other)?;
+            // The answer is queued whole, behind whatever the handshake sent.
+            server.set_buffer_limit(None);
             Ok(Pipe {
-                server: ServerConnection::new(config).map_err(io::Error::other)?,
+                server,
                 response,
                 silent,
                 received: Vec::new(),
@@ -1048,6 +1070,14 @@ mod tests {
                 false => Err(io::ErrorKind::WouldBlock.into()),
             }
         }
+    }
+
+    /// An HTTP answer carrying `body`, framed by its length.
+    fn answer_of(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
     }
 
     /// A certificate for 127.0.0.1, the client's one root; a server that answers `response`.
@@ -1116,11 +1146,7 @@ mod tests {
 
     #[test]
     fn a_job_connects_shakes_hands_asks_and_keeps_the_connection_for_the_next() {
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
-            BODY.len()
-        );
-        let (mut pool, _poll) = pool(serve(&response, false));
+        let (mut pool, _poll) = pool(serve(&answer_of(BODY), false));
         let mut log = Log::discard();
         let now = Instant::now();
         CONNECTS.with(|c| *c.borrow_mut() = 0);
@@ -1144,6 +1170,36 @@ mod tests {
             (second, CUT.into())
         );
         assert_eq!(CONNECTS.with(|c| *c.borrow()), 1);
+    }
+
+    #[test]
+    fn an_exchange_reads_no_more_than_its_step_in_a_turn_however_much_places_sends() {
+        // An answer of some 900 KB (white space inside the JSON): more than three steps.
+        let body = BODY.replacen('{', &format!("{{{}", " ".repeat(900_000)), 1);
+        let (mut pool, _poll) = pool(serve(&answer_of(&body), false));
+        let mut log = Log::discard();
+        let now = Instant::now();
+        let job = submit(&mut pool, now, &mut log);
+        let (mut turns_with_more, mut calls) = (0, 0);
+        let done = loop {
+            pool.on_ready(0, now, &mut log);
+            if let Some(done) = pool.done.pop() {
+                break done;
+            }
+            // Its step read, the rest for the next turn: listed, as no event would come.
+            if pool.take_more() == [0] {
+                turns_with_more += 1;
+            }
+            calls += 1;
+            assert!(calls < 100, "no answer");
+        };
+        assert_eq!(done.job, job);
+        let answer = String::from_utf8_lossy(&done.body).into_owned();
+        assert!(answer.ends_with(&CUT[1..]), "the answer cut to its bound");
+        assert!(
+            turns_with_more >= 3,
+            "900 KB read in {turns_with_more} turns past the first"
+        );
     }
 
     #[test]
