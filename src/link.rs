@@ -69,6 +69,14 @@ const SYNC_LOW_WATER: usize = 64 * 1024;
 /// store is copied. A copy with more to send asks for the next turn at once
 /// ([`Link::wants_turn`]).
 const SYNC_TURN_BYTES: usize = 256 * 1024;
+/// What a server with no place left answers a connection (the client's `? server busy`), also
+/// one of ours whose handshake it had begun: it needed the place for a newcomer.
+const BUSY_ANSWER: &[u8] = b"? server busy";
+/// What the log says then: not a wrong secret, which the line after the greeting would
+/// otherwise be taken for.
+const BUSY_WHY: &str =
+    "the neighbour answered `? server busy`: every place there is taken (strangers may be holding them)";
+
 /// Longest line a neighbour may write on this link (its lines are short: PING, SYNC, CHALLENGE).
 /// A longer one takes the link down ([`Link::next_line`]).
 const MAX_LINE_BYTES: usize = 1024;
@@ -522,6 +530,9 @@ impl<S: Transport> Link<S> {
             LinkState::Authenticating { nd, .. } => {
                 cx.log.bytes(Who::Link(&self.name), '<', line);
                 let secret = cx.secret.ok_or("no secret")?;
+                if line == BUSY_ANSWER {
+                    return Err(BUSY_WHY.into());
+                }
                 let na = peer::parse_challenge(line)
                     .ok_or("the neighbour did not answer with a challenge: is the herd secret set on both?")?;
                 let mut proof = b"PROOF ".to_vec();
@@ -549,6 +560,10 @@ impl<S: Transport> Link<S> {
             // The session key comes from both nonces, new for this connection.
             LinkState::Proving { nd, na, .. } => {
                 let secret = cx.secret.ok_or("no secret")?;
+                if line == BUSY_ANSWER {
+                    cx.log.bytes(Who::Link(&self.name), '<', line);
+                    return Err(BUSY_WHY.into());
+                }
                 let proved = peer::parse_proof(line)
                     .is_some_and(|proof| secret.verify(proof, b"accept", me, them, nd, na));
                 if !proved {
@@ -831,6 +846,18 @@ mod tests {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// A link that has dialled and connected at `t0` with a secret: its greeting sent, it
+    /// waits for the neighbour's challenge.
+    fn authenticating(t0: Instant) -> (Around, Link<Script>) {
+        let mut around = Around::new(Some("0123456789abcdef0123"));
+        let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
+        dials(Script::reading(&[]));
+        let _ = link.on_timeout(t0, &mut around.cx());
+        link.on_ready(t0, false, &mut [0; 1024], &mut around.cx());
+        assert_eq!(link.state_name(), "Authenticating");
+        (around, link)
+    }
+
     /// A link that has dialled and connected at `t0`, without a secret: up.
     fn up(around: &mut Around, t0: Instant) -> Link<Script> {
         let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
@@ -997,12 +1024,7 @@ mod tests {
     #[test]
     fn with_a_secret_the_link_proves_itself_first_and_is_up_once_the_neighbour_has() {
         let t0 = Instant::now();
-        let mut around = Around::new(Some("0123456789abcdef0123"));
-        let mut link: Link<Script> = Link::new(NEIGHBOUR.into(), addr(), t0);
-        dials(Script::reading(&[]));
-        let _ = link.on_timeout(t0, &mut around.cx());
-        link.on_ready(t0, false, &mut [0; 1024], &mut around.cx());
-        assert_eq!(link.state_name(), "Authenticating");
+        let (mut around, mut link) = authenticating(t0);
         link.flush(t0, &around.store, &mut around.log);
         let greeting = written(&mut link);
         let nd = greeting
@@ -1032,6 +1054,16 @@ mod tests {
         );
         link.on_ready(t0, false, &mut [0; 1024], &mut around.cx());
         assert_eq!(link.state_name(), "Up");
+    }
+
+    #[test]
+    fn a_neighbour_with_no_place_left_is_said_to_be_busy_not_to_have_another_secret() {
+        let t0 = Instant::now();
+        let (mut around, mut link) = authenticating(t0);
+        let why = link.on_line(t0, b"? server busy", &mut around.cx());
+        assert_eq!(why, Err(BUSY_WHY.to_string()));
+        let why = link.on_line(t0, b"CHALLENGE nonsense", &mut around.cx());
+        assert!(why.is_err_and(|w| w.contains("herd secret set on both")));
     }
 
     #[test]
