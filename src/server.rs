@@ -56,7 +56,7 @@ use crate::link::Link;
 use crate::log::{Log, Who};
 use crate::metrics::LinkCounts;
 use crate::peer::{self, Secret};
-use crate::places::pool::{tls_config, PlacesPool};
+use crate::places::pool::{tls_config, Owner, PlacesPool};
 use crate::reactor::{Reactor, Source, Want};
 use crate::store::Store;
 use crate::trace::{self, trace_loop};
@@ -1072,6 +1072,9 @@ impl Server {
     /// it back ([`Server::evict`]).
     fn free(&mut self, slot: usize) -> Option<Conn> {
         let conn = self.conns.get_mut(slot)?.take()?;
+        if let Some(pool) = &mut self.herd.places {
+            pool.forget(Owner { slot, id: conn.id });
+        }
         self.free_slots.push(slot);
         self.open_conns -= 1;
         self.reserved_conns -= usize::from(conn.reserved);

@@ -769,6 +769,16 @@ impl<S: Transport> PlacesPool<S> {
         std::mem::take(&mut self.more)
     }
 
+    /// Drops the jobs of `owner`, a connection gone, that still wait in the queue: asking
+    /// Places for an answer no one will read costs a request (Google bills each one) and a
+    /// place in the queue others wait for. A job already sent is let finish; its answer finds
+    /// no one, and is dropped.
+    pub fn forget(&mut self, owner: Owner) {
+        if !self.queue.is_empty() {
+            self.queue.retain(|job| job.owner != owner);
+        }
+    }
+
     /// Whether a slot is to be served again next turn, with no event.
     pub fn has_more(&self) -> bool {
         !self.more.is_empty()
@@ -1200,6 +1210,22 @@ mod tests {
             turns_with_more >= 3,
             "900 KB read in {turns_with_more} turns past the first"
         );
+    }
+
+    #[test]
+    fn the_queued_jobs_of_a_connection_gone_are_not_sent() {
+        let (mut pool, _poll) = pool(serve(&answer_of(BODY), false));
+        let mut log = Log::discard();
+        let now = Instant::now();
+        // One slot: the first job takes it, the second waits.
+        let _ = submit(&mut pool, now, &mut log);
+        let _ = submit(&mut pool, now, &mut log);
+        assert_eq!(pool.queue.len(), 1);
+        pool.forget(Owner { slot: 0, id: 2 });
+        assert_eq!(pool.queue.len(), 1, "another connection's job stays");
+        pool.forget(Owner { slot: 0, id: 1 });
+        assert_eq!(pool.queue.len(), 0);
+        assert_eq!(pool.slot_states().collect::<Vec<_>>(), ["Connecting"]);
     }
 
     #[test]
