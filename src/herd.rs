@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::aof::Aof;
 use crate::config::Limits;
@@ -57,6 +57,10 @@ pub struct Herd {
     pub aof: Option<Aof>,
     /// What the server counts, for its admin endpoint.
     pub metrics: Metrics,
+    /// When a neighbour's record refused for a full store was last logged, and how many were
+    /// refused unsaid since ([`REFUSALS_SAID_EVERY`]).
+    refusal_said_at: Option<Instant>,
+    refusals_unsaid: u64,
     /// Whether peer housekeeping (heartbeats, digests) is logged line by line.
     pub log_housekeeping: bool,
     /// The server's log file, buffered for the turn and written at its end.
@@ -90,6 +94,9 @@ struct Allowance {
 /// address new to the server gets anyway). Either way the map stays this size and the scan
 /// comes once per this many new addresses.
 const ALLOWANCE_ADDRESSES: usize = 65_536;
+
+/// How often the log may say that a neighbour's record was refused for a full store.
+const REFUSALS_SAID_EVERY: Duration = Duration::from_secs(60);
 
 impl Allowance {
     /// Takes one WHATSAT from `addr`'s bucket; `false` if it is empty.
@@ -174,6 +181,8 @@ impl Herd {
             places,
             aof: None,
             metrics: Metrics::new(),
+            refusal_said_at: None,
+            refusals_unsaid: 0,
             log_housekeeping: false,
             log,
             limits,
@@ -375,9 +384,29 @@ impl Herd {
             }
             Some(Merge::LongId) => "refused a record whose client id is too long",
         };
+        // A full store is said once a minute at most: the copy of a neighbour's store that
+        // keeps being refused would otherwise write a line per record per copy. The metrics
+        // count every one. (Every other refusal is said each time: the checker of the fault
+        // tests reads them.)
+        let full = matches!(merged, Some(Merge::Full));
+        if full && (self.refusal_said_at).is_some_and(|at| self.now < at + REFUSALS_SAID_EVERY) {
+            self.refusals_unsaid += 1;
+            return;
+        }
+        let unsaid = match full {
+            true => std::mem::take(&mut self.refusals_unsaid),
+            false => 0,
+        };
+        if full {
+            self.refusal_said_at = Some(self.now);
+        }
+        let more = match unsaid {
+            0 => String::new(),
+            n => format!(" ({n} more refused since the last such line)"),
+        };
         self.log.event(
             format_args!("peer {}", self.links[from].name),
-            format_args!("{why}"),
+            format_args!("{why}{more}"),
         );
     }
 

@@ -60,6 +60,11 @@ pub const MAX_RETRY: Duration = Duration::from_secs(2);
 /// retransmit its SYN only 1 s after the first, then 3 s later. Loopback and LAN connects end
 /// in well under a millisecond; a connect younger than this is left to finish.
 pub const STALE_CONNECT: Duration = Duration::from_millis(250);
+/// A handshake still unfinished this long after it began, when the neighbour's own connection
+/// has just got through, is presumed lost (the connection taken by a middlebox that drops its
+/// bytes, or cut with no reset): a handshake takes a round trip or two, and this allows for
+/// round trips of half a second.
+pub const STALE_HANDSHAKE: Duration = Duration::from_secs(1);
 /// The store is copied into a link's output only while less than this is waiting, so a sync
 /// of a large store never trips the output cap. A copy of some parts passes over the other
 /// parts' records at a byte each: a few milliseconds for a million.
@@ -246,10 +251,12 @@ impl<S: Transport> Link<S> {
 
     /// The neighbour has just greeted us on a connection it dialled (and proved it knows the
     /// secret, when the herd has one): it is up and reachable now. A link waiting out its
-    /// backoff, or stuck on a connect presumed lost ([`STALE_CONNECT`]), is made due at once, so
+    /// backoff, or stuck on a connect or a handshake presumed lost ([`STALE_CONNECT`],
+    /// [`STALE_HANDSHAKE`]), is made due at once, so
     /// that both directions come up together and no update skips the neighbour for the length
     /// of a backoff. The dial itself happens in this turn's deadlines. A link that is up, or
-    /// connecting or authenticating afresh, is left alone.
+    /// connecting or authenticating afresh, is left alone: a neighbour that greets us while our
+    /// own handshake with it is young is one whose dial crossed ours.
     ///
     /// This cannot loop: a greeting arrives only when the neighbour's own dial connects, and it
     /// dials only on its timer or on our greeting while its link is down. Our dial's greeting
@@ -267,6 +274,16 @@ impl<S: Transport> Link<S> {
                     return;
                 }
                 format!("a connect unanswered for {} ms", age.as_millis())
+            }
+            // A handshake on a connection that a middlebox took and then dropped, or that the
+            // partition cut, waits out its 5 s; the neighbour's greeting says the way is open.
+            LinkState::Authenticating { deadline, .. } | LinkState::Proving { deadline, .. } => {
+                let began = *deadline - peer::HANDSHAKE_TIMEOUT;
+                let age = now.saturating_duration_since(began);
+                if age < STALE_HANDSHAKE {
+                    return;
+                }
+                format!("a handshake unanswered for {} ms", age.as_millis())
             }
             _ => return,
         };
@@ -293,7 +310,7 @@ impl<S: Transport> Link<S> {
                 format!("no answer within {} ms", PEER_CONNECT_TIMEOUT.as_millis())
             }
             LinkState::Authenticating { deadline, .. } if *deadline <= now => format!(
-                "no challenge within {} s: is the herd secret set on both?",
+                "no challenge within {} s: is the herd secret set on both, and does the way there carry our bytes?",
                 peer::HANDSHAKE_TIMEOUT.as_secs()
             ),
             LinkState::Proving { deadline, .. } if *deadline <= now => format!(
@@ -1122,6 +1139,20 @@ mod tests {
             (link.deadline(), link.failures),
             (Some(t1 + FIRST_RETRY), 1)
         );
+    }
+
+    #[test]
+    fn a_greeting_cuts_short_a_handshake_that_has_waited_long_but_not_a_young_one() {
+        let t0 = Instant::now();
+        let (mut around, mut link) = authenticating(t0);
+        // The neighbour's own dial got through while ours is a round trip old: crossed dials.
+        link.on_neighbour_greeted(t0 + Duration::from_millis(5), &mut around.log);
+        assert_eq!(link.state_name(), "Authenticating");
+        // A second after ours began, its greeting says the way is open and ours is lost.
+        let t1 = t0 + STALE_HANDSHAKE;
+        link.on_neighbour_greeted(t1, &mut around.log);
+        assert_eq!(link.state_name(), "Down");
+        assert_eq!(link.deadline(), Some(t1));
     }
 
     #[test]

@@ -157,15 +157,27 @@ impl Store {
     pub fn merge(&mut self, client: &[u8], time_ns: i128, line: &[u8]) -> Merge {
         match self.index.get(client) {
             Some(&at) => self.replace_if_newer(at, time_ns, line),
-            None => self.insert_new(client, time_ns, line),
+            None => self.insert_new(client, time_ns, line, self.max_clients),
         }
+    }
+
+    /// How many clients a neighbour's records (and the store's file, which holds them) may
+    /// bring: `max_clients` and an eighth more. Servers that take new clients at the same
+    /// moment, each just under `max_clients`, together pass it; if each then refused the
+    /// others' records, their stores would differ for good, and every comparison of digests
+    /// would copy the difference again, to be refused again. The margin takes those records
+    /// in; new clients from clients stop at `max_clients` everywhere, so only such races use it.
+    fn records_limit(&self) -> usize {
+        self.max_clients
+            .saturating_add(self.max_clients / 8)
+            .saturating_add(64)
     }
 
     /// Room for `additional` more clients (at most up to `max_clients`), made at once: a replay
     /// that knows how many records are coming grows the index once instead of rehashing every
     /// key at each doubling.
     pub fn reserve(&mut self, additional: usize) {
-        let room = additional.min(self.max_clients.saturating_sub(self.records.len()));
+        let room = additional.min(self.records_limit().saturating_sub(self.records.len()));
         self.index.reserve(room);
         self.records.reserve(room);
         self.part_at.reserve(room);
@@ -173,8 +185,8 @@ impl Store {
 
     /// Stores the first record of `client`, which the caller has just looked up and not found
     /// (so the index is searched once, not twice, for a new client).
-    fn insert_new(&mut self, client: &[u8], time_ns: i128, line: &[u8]) -> Merge {
-        if self.records.len() >= self.max_clients {
+    fn insert_new(&mut self, client: &[u8], time_ns: i128, line: &[u8], limit: usize) -> Merge {
+        if self.records.len() >= limit {
             return Merge::Full;
         }
         self.index.insert(client.into(), self.records.len());
@@ -233,7 +245,12 @@ impl Store {
                 return Some(Merge::Ahead);
             }
             // The client looked up above is the record's: it is new.
-            return Some(self.insert_new(record.client, record.time_ns, line));
+            return Some(self.insert_new(
+                record.client,
+                record.time_ns,
+                line,
+                self.records_limit(),
+            ));
         };
         if *self.records[at].line == *line {
             return Some(Merge::Stale);
@@ -339,6 +356,18 @@ mod tests {
         assert_eq!(store.len(), 2);
         // A client already held is still updated.
         assert_eq!(store.merge(b"a", 2, b"AT A +0 a +1+1 2"), Merge::Stored);
+        // A neighbour's record of a new client has a margin past the cap (an eighth, and 64).
+        let none = Bounds::NONE;
+        for i in 0..64 {
+            let line = format!("AT B +0.000000000 n{i} +1+1 1");
+            assert_eq!(
+                store.merge_record(line.as_bytes(), &none),
+                Some(Merge::Stored)
+            );
+        }
+        let past = b"AT B +0.000000000 past +1+1 1";
+        assert_eq!(store.merge_record(past, &none), Some(Merge::Full));
+        assert_eq!(store.len(), 66);
         let bounds = Bounds {
             max_id_bytes: 3,
             latest_ns: 10_000_000_000,

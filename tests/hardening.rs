@@ -13,7 +13,9 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::herds::{await_log_line, dump_store, free_ports, member, Herd};
+use common::herds::{
+    await_converged, await_log_line, dump_store, free_ports, member, records, Herd,
+};
 use common::load::rss_kb;
 use common::*;
 use herd::peer::{self, Secret, Session};
@@ -116,6 +118,42 @@ fn a_flood_of_new_client_ids_costs_bounded_memory() {
         after <= before + 16 * 1024,
         "the flood grew the server from {before} kB to {after} kB"
     );
+}
+
+/// Two servers that each took a new client while apart, both at `max_clients`, take each
+/// other's when they meet again (a neighbour's records have a margin past the bound), so their
+/// stores agree, instead of each refusing the other's for good and copying the difference
+/// again at every comparison.
+#[test]
+fn servers_full_at_once_take_each_others_new_clients_and_agree() {
+    let mut herd = linked_pair("full-at-once", "data_dir = \"data\"\n", "max_clients = 10");
+    for i in 0..9 {
+        iamat_at(herd.get("Bailey"), &format!("held-{i}"));
+    }
+    let both = |herd: &Herd| {
+        let servers = [herd.get("Bailey"), herd.get("Bona")];
+        await_converged(&servers, None, Instant::now(), SETTLE, "the two servers")
+    };
+    both(&herd);
+    // Apart: each takes its tenth client, its last place.
+    let _ = herd.get_mut("Bona").terminate();
+    iamat_at(herd.get("Bailey"), "tenth-at-bailey");
+    let _ = herd.get_mut("Bailey").terminate();
+    herd.restart("Bona");
+    iamat_at(herd.get("Bona"), "tenth-at-bona");
+    let refused = exchange(
+        herd.get("Bona").addr,
+        format!("IAMAT eleventh {LOCATION} {}\n", now_secs_string()).as_bytes(),
+    );
+    assert!(
+        refused.starts_with(b"? IAMAT "),
+        "a client past max_clients: {}",
+        show(&refused)
+    );
+    // Together again: eleven clients each, the same.
+    herd.restart("Bailey");
+    both(&herd);
+    assert_eq!(records(&dump_store(herd.get("Bailey"))).len(), 11);
 }
 
 /// The largest record a client can make (an id of `max_client_id_bytes`, a location and a time
@@ -336,12 +374,13 @@ fn whatsat_per_minute_limits_one_client_address() {
     assert!(third.contains("at most 2 WHATSATs a minute"), "{third}");
 }
 
-/// Bailey and Bona, linked with a secret, and Bailey's `max_connections` (10) held by clients
-/// that each sent an IAMAT: only the places kept for Bona are left.
-fn full_bailey_with_bona(tag: &str) -> (Herd, Vec<Client>) {
+/// Bailey and Bona, linked with a secret and no Places, with `top` at the head of their
+/// configuration and `limit` in its `[limits]`.
+fn linked_pair(tag: &str, top: &str, limit: &str) -> Herd {
     let herd = Herd::build(tag)
         .env(WITH_SECRET)
-        .extra(&format!("{NO_PLACES}\n[limits]\nmax_connections = 10\n"))
+        .top(top)
+        .extra(&format!("{NO_PLACES}\n[limits]\n{limit}\n"))
         .start_retrying(|| {
             let p = free_ports(2);
             vec![
@@ -350,6 +389,13 @@ fn full_bailey_with_bona(tag: &str) -> (Herd, Vec<Client>) {
             ]
         });
     herd.wait_linked();
+    herd
+}
+
+/// Bailey and Bona, linked with a secret, and Bailey's `max_connections` (10) held by clients
+/// that each sent an IAMAT: only the places kept for Bona are left.
+fn full_bailey_with_bona(tag: &str) -> (Herd, Vec<Client>) {
+    let herd = linked_pair(tag, "", "max_connections = 10");
     let addr = herd.get("Bailey").addr;
     let held = (0..10)
         .map(|i| {
