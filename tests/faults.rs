@@ -2286,6 +2286,9 @@ fn the_api_key_never_appears_in_any_log_whatever_fails() {
     let dir = TestDir::new("key-file");
     let key_file = dir.join("places.key");
     std::fs::write(&key_file, format!("{KEY}\n")).expect("key file");
+    // Owner-only, as the server requires of a key file.
+    let owner_only = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+    std::fs::set_permissions(&key_file, owner_only).expect("chmod 600");
     let places = format!(
         "{}key_file = \"{}\"\n",
         fake.places_toml("new", PLACES_TIMEOUT.as_millis() as u64),
