@@ -989,8 +989,9 @@ fn a_part_that_differs_at_two_digests_in_a_row_is_copied_again_and_nothing_else(
     all.sort();
     assert_eq!(seen, all, "Bailey's records on its link to Bona");
 
-    // Bona's link to Bailey: twice the digests of Bailey's own store, then twice those of a
-    // store without the last record.
+    // Bona's link to Bailey: the digests of Bailey's own store, then twice those of a store
+    // without the last record, each round a little more than the 1.5 s apart that a server
+    // heeds (a correct dialler sends them 3 s apart).
     let last = records.last().expect("records");
     let mut lacking = Store::default();
     for record in &records[..records.len() - 1] {
@@ -998,8 +999,12 @@ fn a_part_that_differs_at_two_digests_in_a_row_is_copied_again_and_nothing_else(
     }
     let mut to_bailey = Client::connect(addr);
     to_bailey.send(b"PEER herd/1 Bona\n");
-    to_bailey.send(&[digest_lines(&held), digest_lines(&held)].concat());
-    to_bailey.send(&[digest_lines(&lacking), digest_lines(&lacking)].concat());
+    let heeded = peer::ACT_AT_MOST_EVERY + Duration::from_millis(100);
+    to_bailey.send(&digest_lines(&held));
+    for _ in 0..2 {
+        thread::sleep(heeded);
+        to_bailey.send(&digest_lines(&lacking));
+    }
     let client = last.split(|&b| b == b' ').nth(3).expect("a client field");
     let mut part = PartSet::default();
     part.insert(part_of(client));
