@@ -77,11 +77,6 @@ pub const LINGER: Duration = Duration::from_secs(5);
 /// ...and how much of its input is dropped at most before it is closed anyway.
 pub const LINGER_BYTES: usize = 1 << 20;
 
-/// What a connection in a place kept for neighbours is told when its first line is a
-/// client's: every place for clients is taken. (The loop writes the same line itself when it
-/// refuses or evicts a connection.)
-pub const BUSY: &[u8] = b"? server busy\n";
-
 /// Why a connection closed: printed in the log's `closed:` line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
@@ -641,8 +636,8 @@ impl<S: Transport> Conn<S> {
                                 // full.
                                 None if *peers_only => {
                                     herd.log.bytes(Who::Conn(self.id), '<', line);
-                                    herd.log.bytes(Who::Conn(self.id), '>', BUSY);
-                                    self.replies.push(&mut self.wire.out, BUSY);
+                                    herd.log.bytes(Who::Conn(self.id), '>', protocol::BUSY);
+                                    self.replies.push(&mut self.wire.out, protocol::BUSY);
                                     State::Draining(CloseReason::Busy)
                                 }
                                 None => {

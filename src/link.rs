@@ -41,6 +41,7 @@ use mio::net::TcpStream;
 use crate::log::{Log, Who};
 use crate::metrics::LinkCounts;
 use crate::peer::{self, PartSet, PeerLine, Secret, Session};
+use crate::protocol;
 use crate::reactor::Want;
 use crate::store::{Store, DIGEST_PARTS};
 use crate::trace::{self, trace_loop};
@@ -74,11 +75,8 @@ const SYNC_LOW_WATER: usize = 64 * 1024;
 /// store is copied. A copy with more to send asks for the next turn at once
 /// ([`Link::wants_turn`]).
 const SYNC_TURN_BYTES: usize = 256 * 1024;
-/// What a server with no place left answers a connection (the client's `? server busy`), also
-/// one of ours whose handshake it had begun: it needed the place for a newcomer.
-const BUSY_ANSWER: &[u8] = b"? server busy";
-/// What the log says then: not a wrong secret, which the line after the greeting would
-/// otherwise be taken for.
+/// What the log says when the neighbour answers our greeting with [`protocol::BUSY`] (it needed
+/// the place for a newcomer): not a wrong secret, which that line would otherwise be taken for.
 const BUSY_WHY: &str =
     "the neighbour answered `? server busy`: every place there is taken (strangers may be holding them)";
 
@@ -547,7 +545,7 @@ impl<S: Transport> Link<S> {
             LinkState::Authenticating { nd, .. } => {
                 cx.log.bytes(Who::Link(&self.name), '<', line);
                 let secret = cx.secret.ok_or("no secret")?;
-                if line == BUSY_ANSWER {
+                if protocol::BUSY.strip_suffix(b"\n") == Some(line) {
                     return Err(BUSY_WHY.into());
                 }
                 let na = peer::parse_challenge(line)
@@ -577,7 +575,7 @@ impl<S: Transport> Link<S> {
             // The session key comes from both nonces, new for this connection.
             LinkState::Proving { nd, na, .. } => {
                 let secret = cx.secret.ok_or("no secret")?;
-                if line == BUSY_ANSWER {
+                if protocol::BUSY.strip_suffix(b"\n") == Some(line) {
                     cx.log.bytes(Who::Link(&self.name), '<', line);
                     return Err(BUSY_WHY.into());
                 }

@@ -172,6 +172,11 @@ impl Coordinate<'_> {
 /// floods: without them a record could take a whole line, some 4 KiB, in every store.
 pub const MAX_FIELD_BYTES: usize = 64;
 
+/// What a connection is told when every place is taken: by the loop when it refuses or evicts
+/// one, and by a connection in a place kept for neighbours whose first line is a client's. A
+/// dialling neighbour may read it instead of the challenge it waits for.
+pub const BUSY: &[u8] = b"? server busy\n";
+
 /// Parses `[+-]DIGITS[.DIGITS][+-]DIGITS[.DIGITS]` with latitude in [-90, 90] and longitude in
 /// [-180, 180], compared exactly (`90.0000000000000001` is out of range, though not as an f64),
 /// at most [`MAX_FIELD_BYTES`] long.

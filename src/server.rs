@@ -57,6 +57,7 @@ use crate::log::{Log, Who};
 use crate::metrics::LinkCounts;
 use crate::peer::{self, Secret};
 use crate::places::pool::{tls_config, Owner, PlacesPool};
+use crate::protocol;
 use crate::reactor::{Reactor, Source, Want};
 use crate::store::Store;
 use crate::trace::{self, trace_loop};
@@ -1345,7 +1346,7 @@ impl Server {
 /// (closing a socket with unread input would reset it, and the reset would take the line with
 /// it). Input still to come may yet reset it; a refused connection gets no slot to linger in.
 fn refuse(stream: &mut mio::net::TcpStream, scratch: &mut [u8]) {
-    let _ = stream.write(b"? server busy\n");
+    let _ = stream.write(protocol::BUSY);
     let _ = stream.shutdown(std::net::Shutdown::Write);
     // A few reads at most: a client that keeps sending cannot hold the loop here.
     for _ in 0..4 {
