@@ -979,8 +979,9 @@ pub struct Replies {
     queue: VecDeque<Reply>,
     /// How many of them await Places, for the `pending_replies` limit.
     waiting: usize,
-    /// The bytes of the replies made and held in line: owed to the client as much as those in
-    /// the output, and counted with them against the mark and the caps.
+    /// The bytes of the ready replies in `queue` (those made while a Places answer ahead of
+    /// them waits, and answers that came before one ahead of them): owed to the client as much
+    /// as those in the output, and counted with them against the mark and the caps.
     held_bytes: usize,
 }
 
@@ -1035,6 +1036,7 @@ impl Replies {
         // Job numbers are unique: the first match is the only one.
         for reply in self.queue.iter_mut() {
             if matches!(reply, Reply::AwaitingPlaces(j) if *j == job) {
+                self.held_bytes += bytes.len();
                 *reply = Reply::Ready(bytes);
                 self.waiting -= 1;
                 break;
@@ -1042,17 +1044,10 @@ impl Replies {
         }
         while let Some(Reply::Ready(_)) = self.queue.front() {
             if let Some(Reply::Ready(bytes)) = self.queue.pop_front() {
+                self.held_bytes -= bytes.len();
                 out.push(&bytes);
             }
         }
-        // Only the replies made while it waited were counted: the answer itself comes whatever
-        // the mark, as the output's caps say.
-        self.held_bytes = (self.queue.iter())
-            .map(|r| match r {
-                Reply::Ready(bytes) => bytes.len(),
-                Reply::AwaitingPlaces(_) => 0,
-            })
-            .sum();
     }
 
     /// The bytes of the replies made and held in line behind a Places answer.
