@@ -40,7 +40,7 @@ use mio::net::TcpStream;
 
 use crate::log::{Log, Who};
 use crate::metrics::LinkCounts;
-use crate::peer::{self, PartSet, PeerLine, Secret, Session};
+use crate::peer::{self, Heeded, PartSet, PeerLine, Secret, Session};
 use crate::protocol;
 use crate::reactor::Want;
 use crate::store::{Store, DIGEST_PARTS};
@@ -148,8 +148,8 @@ pub struct Link<S = TcpStream> {
     /// Failed attempts since the link was last up.
     failures: u32,
     state: LinkState<S>,
-    /// When the neighbour's last `SYNC` was acted on ([`peer::ACT_AT_MOST_EVERY`]).
-    sync_asked_at: Option<Instant>,
+    /// The neighbour's `SYNC`s acted on.
+    sync_asked: Heeded,
     /// What it has done, for the metrics.
     pub counts: LinkCounts,
 }
@@ -181,7 +181,7 @@ impl<S: Transport> Link<S> {
             addr,
             failures: 0,
             state: LinkState::Down { retry_at: now },
-            sync_asked_at: None,
+            sync_asked: Heeded::default(),
             counts: LinkCounts::default(),
         }
     }
@@ -615,11 +615,8 @@ impl<S: Transport> Link<S> {
                     Some(PeerLine::Ping) => {}
                     // Asked again sooner than a correct neighbour would ask: not copied again.
                     // If its store still differs, its next digests ask once more.
-                    Some(PeerLine::Sync(_))
-                        if (self.sync_asked_at)
-                            .is_some_and(|at| now < at + peer::ACT_AT_MOST_EVERY) => {}
+                    Some(PeerLine::Sync(_)) if self.sync_asked.too_soon(now) => {}
                     Some(PeerLine::Sync(parts)) => {
-                        self.sync_asked_at = Some(now);
                         let what = match &parts {
                             None => format!("the whole store: syncing {} records", cx.store.len()),
                             Some(set) => format!(

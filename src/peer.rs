@@ -471,8 +471,27 @@ pub struct Comparison {
     parts: Option<Box<PartsCompared>>,
     /// Digests in a row that differed, for a dialler that sends no parts.
     mismatches: u32,
-    /// When the last `DIGEST` was compared ([`ACT_AT_MOST_EVERY`]).
-    compared_at: Option<Instant>,
+    /// The `DIGEST`s compared.
+    compared: Heeded,
+}
+
+/// When a neighbour's request of one kind (a `DIGEST` to compare, a `SYNC` to copy for) was
+/// last acted on: the next is acted on no sooner than [`ACT_AT_MOST_EVERY`] after it.
+#[derive(Default)]
+pub struct Heeded {
+    at: Option<Instant>,
+}
+
+impl Heeded {
+    /// Whether a request at `now` comes too soon after the last one acted on to be acted on;
+    /// if not, it is the last from here on.
+    pub fn too_soon(&mut self, now: Instant) -> bool {
+        if self.at.is_some_and(|at| now < at + ACT_AT_MOST_EVERY) {
+            return true;
+        }
+        self.at = Some(now);
+        false
+    }
 }
 
 struct PartsCompared {
@@ -494,16 +513,9 @@ fn starts_a_line(first: usize) -> bool {
 
 impl Comparison {
     /// Whether a `DIGEST` at `now` comes too soon after the last one compared to be compared
-    /// ([`ACT_AT_MOST_EVERY`]); if not, `now` is the last from here on.
+    /// ([`Heeded`]).
     pub fn too_soon(&mut self, now: Instant) -> bool {
-        if self
-            .compared_at
-            .is_some_and(|at| now < at + ACT_AT_MOST_EVERY)
-        {
-            return true;
-        }
-        self.compared_at = Some(now);
-        false
+        self.compared.too_soon(now)
     }
 
     /// A `PARTS` line.
