@@ -413,10 +413,10 @@ impl Aof {
     /// replies are written. Returns what the log should say, if anything.
     ///
     /// A failed write is returned, and the loop stops without sending the turn's replies. A
-    /// write that failed part way may have put the first bytes of a record in the file: the file
-    /// is cut back to its last whole record first, so the next start replays it whole. A failure on a
-    /// compaction's new file, or in any step of the compaction, gives the compaction up: the old
-    /// file has every record.
+    /// write that failed part way may have put the first bytes of a record in the file: the
+    /// file is cut back to its last whole record first, so the next start replays it whole. A
+    /// failure on a compaction's new file, or in any step of the compaction, gives the
+    /// compaction up: the old file has every record.
     pub fn end_turn(&mut self, store: &Store) -> Result<Option<String>, String> {
         let mut said = None;
         if !self.pending.is_empty() {

@@ -388,22 +388,18 @@ impl Herd {
         // keeps being refused would otherwise write a line per record per copy. The metrics
         // count every one. (Every other refusal is said each time: the checker of the fault
         // tests reads them.)
-        let full = matches!(merged, Some(Merge::Full));
-        if full && (self.refusal_said_at).is_some_and(|at| self.now < at + REFUSALS_SAID_EVERY) {
-            self.refusals_unsaid += 1;
-            return;
-        }
-        let unsaid = match full {
-            true => std::mem::take(&mut self.refusals_unsaid),
-            false => 0,
-        };
-        if full {
+        let mut more = String::new();
+        if matches!(merged, Some(Merge::Full)) {
+            if (self.refusal_said_at).is_some_and(|at| self.now < at + REFUSALS_SAID_EVERY) {
+                self.refusals_unsaid += 1;
+                return;
+            }
             self.refusal_said_at = Some(self.now);
+            match std::mem::take(&mut self.refusals_unsaid) {
+                0 => {}
+                n => more = format!(" ({n} more refused since the last such line)"),
+            }
         }
-        let more = match unsaid {
-            0 => String::new(),
-            n => format!(" ({n} more refused since the last such line)"),
-        };
         self.log.event(
             format_args!("peer {}", self.links[from].name),
             format_args!("{why}{more}"),

@@ -389,8 +389,12 @@ impl Server {
             self.herd.metrics.turns += 1;
             self.herd.metrics.turn_seconds.observe(took.as_secs_f64());
         }
+        // The store's file failed: the log says so and is written, and nothing else is; the
+        // turn's replies, unsent, go with the connections when the server is dropped.
         if let Some(why) = self.disk_failed.take() {
-            self.stop_on_disk_failure(&why);
+            self.say_stopped(format_args!(
+                "stopped: {why}; no answer of this turn was sent"
+            ));
             return Err(format!("{why}: stopped before this turn's answers left"));
         }
         self.shut_down();
@@ -1020,8 +1024,7 @@ impl Server {
             self.sync_failed_at = Some(herd.now);
         }
         match aof.end_turn(&herd.store) {
-            // Written (and news for the log: a compaction begun, finished or given up); a
-            // failure after this is news again.
+            // Written (and news for the log: a compaction begun, finished or given up).
             Ok(what) => said.extend(what),
             Err(e) => self.disk_failed = Some(e),
         }
@@ -1124,14 +1127,6 @@ impl Server {
         if let Err(reason) = self.inbound[neighbour].flush(self.herd.limits.peer_output_bytes) {
             self.close_inbound(neighbour, reason);
         }
-    }
-
-    /// Stops after the store's file failed (`why`): the log says so and is written, and nothing
-    /// else is; the turn's replies, unsent, go with the connections when the server is dropped.
-    fn stop_on_disk_failure(&mut self, why: &str) {
-        self.say_stopped(format_args!(
-            "stopped: {why}; no answer of this turn was sent"
-        ));
     }
 
     /// The last of a stop: the log's `stopped` line, the log written, the admin file removed.
