@@ -38,8 +38,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::fake_places::{toml_basic, Behaviour, Dribble, DribblePlaces, FakePlaces, Framing};
 use common::herds::{
     assert_absent, assert_key_absent, await_converged, await_log_line, await_log_past,
-    await_stored, conn_id, dump_store, free_ports, herd_2023, log_stamp, member, records,
-    seconds_between, stored_clients, Env, Herd,
+    await_stored, bailey_and_bona_on_free_ports, conn_id, dump_store, free_ports, herd_2023,
+    log_stamp, member, records, seconds_between, stored_clients, Env, Herd,
 };
 use common::links::{small_receive_buffer, Proxy, SlowNeighbour};
 use common::load::{latest_records, rss_kb, summary, Load, Pinger, Updater, PROMPT};
@@ -1052,13 +1052,7 @@ fn bailey_and_bona(tag: &str, env: Env) -> Herd {
         .env(env)
         .extra(NO_PLACES)
         .only(&["Bailey"])
-        .start_retrying(|| {
-            let p = free_ports(2);
-            vec![
-                member("Bailey", p[0], &["Bona"]),
-                member("Bona", p[1], &["Bailey"]),
-            ]
-        })
+        .start_retrying(bailey_and_bona_on_free_ports)
 }
 
 /// Bailey, with neighbour Bona configured but not running: the test plays Bona, or a forger
@@ -1633,13 +1627,7 @@ fn neighbours_with_different_secrets_never_link_and_a_shared_secret_file_links_t
         .top(&top)
         .extra(NO_PLACES)
         .only(&["Bailey"])
-        .start_retrying(|| {
-            let p = free_ports(2);
-            vec![
-                member("Bailey", p[0], &["Bona"]),
-                member("Bona", p[1], &["Bailey"]),
-            ]
-        });
+        .start_retrying(bailey_and_bona_on_free_ports);
     let bailey = herd.get("Bailey");
     let env = [
         ("GOOGLE_PLACES_API_KEY", KEY),

@@ -14,7 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::herds::{
-    await_converged, await_log_line, dump_store, free_ports, member, records, Herd,
+    await_converged, await_log_line, bailey_and_bona_on_free_ports, dump_store, free_ports, member,
+    records, Herd, MEMORY_ONLY,
 };
 use common::load::rss_kb;
 use common::*;
@@ -40,13 +41,7 @@ fn bailey_with_bona(tag: &str, env: common::herds::Env, extra: &str) -> Herd {
         .env(env)
         .extra(extra)
         .only(&["Bailey"])
-        .start_retrying(|| {
-            let p = free_ports(2);
-            vec![
-                member("Bailey", p[0], &["Bona"]),
-                member("Bona", p[1], &["Bailey"]),
-            ]
-        })
+        .start_retrying(bailey_and_bona_on_free_ports)
 }
 
 /// Sends `lines` on one connection while a thread reads the replies; returns them.
@@ -381,13 +376,7 @@ fn linked_pair(tag: &str, top: &str, limit: &str) -> Herd {
         .env(WITH_SECRET)
         .top(top)
         .extra(&format!("{NO_PLACES}\n[limits]\n{limit}\n"))
-        .start_retrying(|| {
-            let p = free_ports(2);
-            vec![
-                member("Bailey", p[0], &["Bona"]),
-                member("Bona", p[1], &["Bailey"]),
-            ]
-        });
+        .start_retrying(bailey_and_bona_on_free_ports);
     herd.wait_linked();
     herd
 }
@@ -395,7 +384,7 @@ fn linked_pair(tag: &str, top: &str, limit: &str) -> Herd {
 /// Bailey and Bona, linked with a secret, and Bailey's `max_connections` (10) held by clients
 /// that each sent an IAMAT: only the places kept for Bona are left.
 fn full_bailey_with_bona(tag: &str) -> (Herd, Vec<Client>) {
-    let herd = linked_pair(tag, "", "max_connections = 10");
+    let herd = linked_pair(tag, MEMORY_ONLY, "max_connections = 10");
     let addr = herd.get("Bailey").addr;
     let held = (0..10)
         .map(|i| {
@@ -482,19 +471,8 @@ fn strangers_claiming_to_be_the_neighbour_cannot_keep_it_out() {
 fn a_neighbour_gets_in_past_the_per_address_cap_its_clients_reached() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const CAP: usize = 6;
-    let mut herd = Herd::build("per-address-neighbour")
-        .env(WITH_SECRET)
-        .extra(&format!(
-            "{NO_PLACES}\n[limits]\nmax_connections_per_address = {CAP}\n"
-        ))
-        .start_retrying(|| {
-            let p = free_ports(2);
-            vec![
-                member("Bailey", p[0], &["Bona"]),
-                member("Bona", p[1], &["Bailey"]),
-            ]
-        });
-    herd.wait_linked();
+    let limit = format!("max_connections_per_address = {CAP}");
+    let mut herd = linked_pair("per-address-neighbour", MEMORY_ONLY, &limit);
     let addr = herd.get("Bailey").addr;
     let client = |i: usize| {
         let mut c = Client::connect(addr);

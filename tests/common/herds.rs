@@ -102,6 +102,16 @@ pub fn lone_bailey() -> Vec<Member> {
     vec![member("Bailey", 0, &[])]
 }
 
+/// Bailey and Bona, each the other's neighbour, on two ports free a moment ago: for
+/// [`HerdBuilder::start_retrying`], which calls it again for new ports when one was taken.
+pub fn bailey_and_bona_on_free_ports() -> Vec<Member> {
+    let p = free_ports(2);
+    vec![
+        member("Bailey", p[0], &["Bona"]),
+        member("Bona", p[1], &["Bailey"]),
+    ]
+}
+
 /// Ports that were free a moment ago: `n` listeners are bound at once (so the ports differ),
 /// read, and closed. Another process may take one in between: [`HerdBuilder::start_retrying`]
 /// makes a herd again on new ports when that happens.
