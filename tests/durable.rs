@@ -147,24 +147,6 @@ fn assert_holds(server: &ServerProc, acks: &Acks, what: &str) {
     );
 }
 
-/// A small generator of random numbers (splitmix64): the kills' moments from a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `range`.
-    fn within(&mut self, range: std::ops::Range<u64>) -> u64 {
-        range.start + self.next() % (range.end - range.start)
-    }
-}
-
 /// `HERD_TEST_SEED`, or one from the clock; printed, so that a failure can be run again.
 fn seed(what: &str) -> u64 {
     let seed = match std::env::var("HERD_TEST_SEED") {
@@ -537,7 +519,7 @@ fn kill_9_under_load_with_fsync_always_loses_nothing_acknowledged() {
 fn kill_9_at_random_moments_of_writes_and_compactions_loses_nothing() {
     const KILLS: usize = 50;
     let seed = seed("kill -9 at random moments");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let store = format!("{ALWAYS}compact_min_bytes = 65536\n");
     let mut herd = lone("durable-kill-moments", &store);
     let compact = data_dir(&herd).join("Bailey.aof.compact");
@@ -559,11 +541,11 @@ fn kill_9_at_random_moments_of_writes_and_compactions_loses_nothing() {
             .collect();
         await_replies(&pipelines, 1, &what);
         if kill % 2 == 0 {
-            thread::sleep(Duration::from_micros(rng.within(0..40_000)));
+            thread::sleep(Duration::from_micros(rng.below(40_000)));
         } else {
             let begun = await_file(&compact, Duration::from_secs(10));
             assert!(begun, "{what}: no compaction began within 10 s");
-            thread::sleep(Duration::from_micros(rng.within(0..1_000)));
+            thread::sleep(Duration::from_micros(rng.below(1_000)));
         }
         herd.get_mut("Bailey").kill();
         in_compaction += usize::from(compact.exists());

@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -26,64 +25,9 @@ const TURN_LINES: usize = 512;
 /// A connection whose kernel receive buffer is as small as the kernel allows, so that what the
 /// server's replies fill is the server's, not the test's.
 fn small_receiver(addr: SocketAddr) -> (TcpStream, usize) {
-    let socket = socket_with_small_buffer();
-    let stream = connect_socket(socket, addr);
-    let mut size: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one int through valid pointers.
-    unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut size as *mut libc::c_int).cast(),
-            &mut len,
-        );
-    }
-    (stream, usize::try_from(size).unwrap_or(0))
-}
-
-fn socket_with_small_buffer() -> libc::c_int {
-    // SAFETY: plain system calls; the descriptor is owned by the stream made from it.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let size: libc::c_int = 4096;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        fd
-    }
-}
-
-fn connect_socket(fd: libc::c_int, addr: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let SocketAddr::V4(v4) = addr else {
-        panic!("an IPv4 address")
-    };
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(v4.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: connect reads a sockaddr_in of the size given; the descriptor is ours.
-    let done = unsafe {
-        libc::connect(
-            fd,
-            (&sin as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(done, 0, "connect: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a connected socket that nothing else owns.
-    unsafe { TcpStream::from_raw_fd(fd) }
+    let stream = connect_with_small_receive_buffer(addr);
+    let size = receive_buffer(&stream);
+    (stream, size)
 }
 
 /// The IAMATs the server has run, from its admin endpoint.

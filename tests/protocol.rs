@@ -638,26 +638,6 @@ fn unread_bytes(stream: &std::net::TcpStream) -> usize {
     usize::try_from(n).expect("a count")
 }
 
-/// The size of `stream`'s kernel receive buffer (`SO_RCVBUF`).
-fn receive_buffer(stream: &std::net::TcpStream) -> usize {
-    use std::os::fd::AsRawFd;
-    let mut size: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes through the pointer, which is valid for
-    // them, and the length through the other.
-    let result = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut size as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(result, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
-    usize::try_from(size).expect("a size")
-}
-
 /// `n` IAMATs and a WHATSAT in one stream, all answered in order. With `fill`, the client first
 /// reads nothing until the server's output is full: replies wait unread in the client's socket
 /// and no more arrive, while most are still owed.

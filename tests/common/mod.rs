@@ -824,3 +824,99 @@ pub fn run_to_exit(
         stderr.join().expect("stderr reader"),
     )
 }
+
+/// A connection to `addr` whose kernel receive buffer is small (set before it connects, so the
+/// window it offers is small from the start).
+pub fn connect_with_small_receive_buffer(addr: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("an IPv4 address: {addr}");
+    };
+    let size: libc::c_int = 4096;
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a socket this function owns until it hands it to the TcpStream; setsockopt and
+    // connect read only the live values they are given, for the sizes given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let set = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(set, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let connected = libc::connect(
+            fd,
+            (&to as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(
+            connected,
+            0,
+            "connect to {addr}: {}",
+            std::io::Error::last_os_error()
+        );
+        stream
+    }
+}
+
+/// The size of `stream`'s kernel receive buffer (`SO_RCVBUF`).
+pub fn receive_buffer(stream: &std::net::TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut size: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes through the pointer, which is valid for
+    // them, and the length through the other.
+    let result = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut size as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(result, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    usize::try_from(size).expect("a size")
+}
+
+/// A small generator of random numbers (splitmix64), the same in every test that draws
+/// moments or choices from a seed, so that a seed printed by a failure runs it again.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Uniform in `[lo, hi)`.
+    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * ((self.next() >> 11) as f64 / (1u64 << 53) as f64)
+    }
+
+    pub fn secs(&mut self, lo: f64, hi: f64) -> Duration {
+        Duration::from_secs_f64(self.uniform(lo, hi))
+    }
+}
