@@ -530,7 +530,7 @@ fn parse_places(mut t: Table, base: &Path) -> Result<PlacesConfig, String> {
             .map_err(|e| format!("places.ca_file {}: {e}", ca.display()))?;
     }
     let key_file = file(&mut t, "key_file")?;
-    let timeout = Duration::from_millis(take_least(&mut t, "timeout_ms", at, 5000, 1)? as u64);
+    let timeout = take_ms_least(&mut t, "timeout_ms", at, Duration::from_millis(5000), 1)?;
     // A pool of no connections would hold every request in the queue until its deadline.
     let pool_size = take_least(&mut t, "pool_size", at, 4, 1)?;
     let max_queue = take_uint(&mut t, "max_queue", at, 1024)?;
@@ -602,13 +602,7 @@ fn parse_limits(mut t: Table) -> Result<Limits, String> {
     let d = Limits::default();
     let limits = Limits {
         max_line_bytes: take_least(&mut t, "max_line_bytes", at, d.max_line_bytes, 64)?,
-        line_timeout: Duration::from_millis(take_least(
-            &mut t,
-            "line_timeout_ms",
-            at,
-            d.line_timeout.as_millis() as usize,
-            1,
-        )? as u64),
+        line_timeout: take_ms_least(&mut t, "line_timeout_ms", at, d.line_timeout, 1)?,
         idle_timeout: take_ms(&mut t, "idle_timeout_ms", at, d.idle_timeout)?,
         client_output_bytes: take_uint(&mut t, "client_output_bytes", at, d.client_output_bytes)?,
         client_output_soft_bytes: take_uint(
@@ -662,7 +656,18 @@ fn parse_limits(mut t: Table) -> Result<Limits, String> {
 }
 
 fn take_ms(t: &mut Table, key: &str, at: &str, default: Duration) -> Result<Duration, String> {
-    let ms = take_uint(t, key, at, default.as_millis() as usize)?;
+    take_ms_least(t, key, at, default, 0)
+}
+
+/// [`take_ms`] for a key of at least `least` milliseconds ([`take_least`]).
+fn take_ms_least(
+    t: &mut Table,
+    key: &str,
+    at: &str,
+    default: Duration,
+    least: usize,
+) -> Result<Duration, String> {
+    let ms = take_least(t, key, at, default.as_millis() as usize, least)?;
     Ok(Duration::from_millis(ms as u64))
 }
 
